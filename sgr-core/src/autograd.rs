@@ -1,0 +1,72 @@
+//! Second-order autodiff in candle.
+//!
+//! candle keeps the graph of gradients only when `CANDLE_GRAD_DO_NOT_DETACH` is set, and each
+//! thread reads that variable once, at its first `backward()`, and caches it (candle-notes.md).
+//! A thread that cached "on" keeps the graph of every gradient, which multiplies the memory of
+//! plain backward passes. So second-order work runs on a short-lived thread of its own, whose
+//! cache is set "on" while a global lock holds the environment variable; every other thread keeps
+//! candle's default.
+
+use std::sync::Mutex;
+
+use candle_core::{Device, Tensor, Var};
+
+use crate::{Error, Result};
+
+const FLAG: &str = "CANDLE_GRAD_DO_NOT_DETACH";
+static ENV_LOCK: Mutex<()> = Mutex::new(());
+
+/// Whether gradients computed on the current thread carry a graph (so can be differentiated
+/// again). Calling it initialises the thread's cached flag if it was not yet.
+pub fn thread_keeps_gradient_graph() -> Result<bool> {
+    let x = Var::from_tensor(&Tensor::new(&[1.5f32], &Device::Cpu)?)?;
+    let y = x.as_tensor().sqr()?.sum_all()?;
+    let g = y.backward()?;
+    let gx = g
+        .get(x.as_tensor())
+        .ok_or_else(|| Error::InvalidConfig("autograd lost a trivial gradient".into()))?;
+    Ok(gx.track_op())
+}
+
+/// Runs `f` on a thread where candle's backward keeps gradient graphs, and returns its result.
+/// Keep and return only detached tensors from `f`.
+pub fn with_second_order<R, F>(f: F) -> Result<R>
+where
+    R: Send,
+    F: FnOnce() -> Result<R> + Send,
+{
+    let (tx, rx) = std::sync::mpsc::channel::<Result<bool>>();
+    std::thread::scope(|s| {
+        let guard = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = std::env::var_os(FLAG);
+        std::env::set_var(FLAG, "1");
+        let handle = s.spawn(move || {
+            let on = thread_keeps_gradient_graph();
+            let ok = matches!(on, Ok(true));
+            let _ = tx.send(on);
+            if !ok {
+                return Err(Error::InvalidConfig(
+                    "candle did not enable second-order gradients on the worker thread".into(),
+                ));
+            }
+            f()
+        });
+        let init = rx.recv();
+        match previous {
+            Some(v) => std::env::set_var(FLAG, v),
+            None => std::env::remove_var(FLAG),
+        }
+        drop(guard);
+        let joined = handle
+            .join()
+            .map_err(|_| Error::InvalidConfig("second-order worker thread panicked".into()))?;
+        match init {
+            Ok(Ok(true)) => joined,
+            Ok(Ok(false)) => Err(Error::InvalidConfig(
+                "candle did not enable second-order gradients on the worker thread".into(),
+            )),
+            Ok(Err(e)) => Err(e),
+            Err(_) => joined,
+        }
+    })
+}

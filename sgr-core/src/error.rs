@@ -1,0 +1,47 @@
+//! Typed errors of `sgr-core`.
+
+use std::path::PathBuf;
+
+/// Every fallible operation of `sgr-core` returns this error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A tensor operation failed inside candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    /// A configuration value is outside what the library supports.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+
+    /// The requested number of modules (or split) is not supported for a model.
+    #[error("unsupported split for {model}: {requested}; supported: {supported}")]
+    UnsupportedSplit {
+        model: String,
+        requested: String,
+        supported: String,
+    },
+
+    /// An I/O operation on a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A checkpoint or state file is corrupt or does not match the model.
+    #[error("{path}: {problem}")]
+    Checkpoint { path: PathBuf, problem: String },
+
+    /// Training produced a non-finite loss.
+    #[error("non-finite loss {value} in module {module} at step {step}")]
+    NonFiniteLoss {
+        module: usize,
+        step: usize,
+        value: f32,
+    },
+}
+
+/// Result alias of `sgr-core`.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,30 @@
+//! # sgr-core
+//!
+//! Local learning for deep networks: a network is cut into gradient-isolated modules, each
+//! trained by its own local loss, optionally with the Successive Gradient Reconciliation (SGR)
+//! term of Yang et al., ICML 2024.
+//!
+//! * [`network`]: stages, split plans and the [`network::LocalNetwork`].
+//! * [`sgr`]: the local step of a module and the SGR term (finite-difference or exact
+//!   parameter gradient), usable by any local loss through [`sgr::LocalProblem`].
+//! * [`trainer`]: `bp`, `greedy` and `sgr` side by side, with per-boundary diagnostics.
+//! * [`optim`]: SGD (momentum, Nesterov, weight decay) and AdamW with savable state, schedules.
+//! * [`nn`]: layers from candle primitives (differentiable twice), the forward context.
+//!
+//! candle-nn's fused layers (`BatchNorm`, `LayerNorm`, `softmax_last_dim`) are not used: they
+//! update statistics on every call or cut the autodiff graph silently (see candle-notes.md), and
+//! the SGR term needs control of both. Libraries here never print: see [`events`] and `tracing`.
+
+pub mod autograd;
+pub mod checkpoint;
+mod error;
+pub mod events;
+pub mod loss;
+pub mod memory;
+pub mod network;
+pub mod nn;
+pub mod optim;
+pub mod sgr;
+pub mod trainer;
+
+pub use error::{Error, Result};

@@ -1,0 +1,230 @@
+//! A network as an ordered list of stages, cut into K gradient-isolated modules by a
+//! [`SplitPlan`]; every module but the last carries an auxiliary head.
+
+use candle_core::{Tensor, Var};
+
+use crate::nn::{Ctx, Param, ParamKind};
+use crate::{Error, Result};
+
+/// One piece of a network: a residual block, a stem, a classifier, an auxiliary head.
+pub trait Stage: Send + Sync + std::fmt::Debug {
+    /// Forward pass.
+    fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor>;
+    /// Named tensors of the stage (full names).
+    fn params(&self) -> Vec<Param>;
+}
+
+/// Groups `units` body stages into K contiguous modules: module `j` ends after unit `ends[j]`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SplitPlan {
+    units: usize,
+    ends: Vec<usize>,
+}
+
+impl SplitPlan {
+    /// A plan from the last unit index of each module (strictly increasing, last = `units - 1`).
+    pub fn new(units: usize, ends: Vec<usize>) -> Result<Self> {
+        let ok = !ends.is_empty()
+            && ends.windows(2).all(|w| w[0] < w[1])
+            && ends.last() == Some(&(units.saturating_sub(1)));
+        if !ok || units == 0 {
+            return Err(Error::InvalidConfig(format!(
+                "split ends {ends:?} do not cut {units} units into contiguous non-empty modules"
+            )));
+        }
+        Ok(Self { units, ends })
+    }
+
+    /// End-to-end: one module.
+    pub fn single(units: usize) -> Result<Self> {
+        Self::new(units, vec![units.saturating_sub(1)])
+    }
+
+    /// `k` modules as equal in unit count as possible (the first modules get the extra unit).
+    pub fn uniform(units: usize, k: usize) -> Result<Self> {
+        if k == 0 || k > units {
+            return Err(Error::UnsupportedSplit {
+                model: format!("a network of {units} blocks"),
+                requested: format!("K={k}"),
+                supported: format!("uniform splits with 1 <= K <= {units}"),
+            });
+        }
+        let base = units / k;
+        let extra = units % k;
+        let mut ends = Vec::with_capacity(k);
+        let mut end = 0usize;
+        for j in 0..k {
+            end += base + usize::from(j < extra);
+            ends.push(end - 1);
+        }
+        Self::new(units, ends)
+    }
+
+    /// Number of modules K.
+    pub fn num_modules(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Number of body units.
+    pub fn units(&self) -> usize {
+        self.units
+    }
+
+    /// Last unit (inclusive) of each module.
+    pub fn ends(&self) -> &[usize] {
+        &self.ends
+    }
+
+    /// Unit range of module `k`.
+    pub fn range(&self, k: usize) -> std::ops::Range<usize> {
+        let start = if k == 0 { 0 } else { self.ends[k - 1] + 1 };
+        start..self.ends[k] + 1
+    }
+}
+
+/// A network cut into modules: body units, the final classifier, one aux head per boundary.
+#[derive(Debug)]
+pub struct LocalNetwork {
+    name: String,
+    units: Vec<Box<dyn Stage>>,
+    classifier: Box<dyn Stage>,
+    heads: Vec<Box<dyn Stage>>,
+    plan: SplitPlan,
+    num_classes: usize,
+}
+
+impl LocalNetwork {
+    /// Assembles a network. `heads.len()` must be `plan.num_modules() - 1`.
+    pub fn new(
+        name: impl Into<String>,
+        units: Vec<Box<dyn Stage>>,
+        classifier: Box<dyn Stage>,
+        heads: Vec<Box<dyn Stage>>,
+        plan: SplitPlan,
+        num_classes: usize,
+    ) -> Result<Self> {
+        if plan.units() != units.len() || heads.len() + 1 != plan.num_modules() {
+            return Err(Error::InvalidConfig(format!(
+                "network with {} units and {} heads does not match a plan of {} units and K={}",
+                units.len(),
+                heads.len(),
+                plan.units(),
+                plan.num_modules()
+            )));
+        }
+        Ok(Self {
+            name: name.into(),
+            units,
+            classifier,
+            heads,
+            plan,
+            num_classes,
+        })
+    }
+
+    /// Model name, e.g. `resnet32`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The split plan.
+    pub fn plan(&self) -> &SplitPlan {
+        &self.plan
+    }
+
+    /// Number of modules K.
+    pub fn num_modules(&self) -> usize {
+        self.plan.num_modules()
+    }
+
+    /// Number of classes of the classifier.
+    pub fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    /// Whole-network forward pass to logits (end-to-end BP and evaluation).
+    pub fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let mut h = x.clone();
+        for u in &self.units {
+            h = u.forward(&h, ctx)?;
+        }
+        self.classifier.forward(&h, ctx)
+    }
+
+    /// The body of module `k`: its units, plus the classifier for the last module (so the last
+    /// module's body returns logits).
+    pub fn module_body(&self, k: usize, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let mut h = x.clone();
+        for u in &self.units[self.plan.range(k)] {
+            h = u.forward(&h, ctx)?;
+        }
+        if k + 1 == self.num_modules() {
+            h = self.classifier.forward(&h, ctx)?;
+        }
+        Ok(h)
+    }
+
+    /// The auxiliary head of module `k < K-1`.
+    pub fn module_head(&self, k: usize, h: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let head = self.heads.get(k).ok_or_else(|| {
+            Error::InvalidConfig(format!("module {k} is the last module and has no aux head"))
+        })?;
+        head.forward(h, ctx)
+    }
+
+    /// Named tensors of module `k` (body units, classifier for the last, aux head otherwise).
+    pub fn module_params(&self, k: usize) -> Vec<Param> {
+        let mut p: Vec<Param> = self.units[self.plan.range(k)]
+            .iter()
+            .flat_map(|u| u.params())
+            .collect();
+        if k + 1 == self.num_modules() {
+            p.extend(self.classifier.params());
+        } else {
+            p.extend(self.heads[k].params());
+        }
+        p
+    }
+
+    /// Trainable variables of module `k`.
+    pub fn module_trainable(&self, k: usize) -> Vec<Param> {
+        self.module_params(k)
+            .into_iter()
+            .filter(|p| p.kind == ParamKind::Trainable)
+            .collect()
+    }
+
+    /// Every named tensor: backbone first (torchvision order), then aux heads.
+    pub fn params(&self) -> Vec<Param> {
+        let mut p: Vec<Param> = self.units.iter().flat_map(|u| u.params()).collect();
+        p.extend(self.classifier.params());
+        for h in &self.heads {
+            p.extend(h.params());
+        }
+        p
+    }
+
+    /// Every trainable variable.
+    pub fn trainable(&self) -> Vec<Param> {
+        self.params()
+            .into_iter()
+            .filter(|p| p.kind == ParamKind::Trainable)
+            .collect()
+    }
+
+    /// Number of trainable scalars.
+    pub fn num_trainable(&self) -> usize {
+        self.trainable().iter().map(|p| p.var.elem_count()).sum()
+    }
+}
+
+/// Collects the gradients of `vars` from a gradient store; a variable the graph did not reach
+/// gets zeros (the all-parameters-get-gradients test catches such silent cuts).
+pub fn collect_grads(store: &candle_core::backprop::GradStore, vars: &[Var]) -> Result<Vec<Tensor>> {
+    vars.iter()
+        .map(|v| match store.get(v.as_tensor()) {
+            Some(g) => Ok(g.detach()),
+            None => Ok(v.as_tensor().zeros_like()?),
+        })
+        .collect()
+}

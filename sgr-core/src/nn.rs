@@ -1,0 +1,427 @@
+//! Building blocks written from candle primitives, so that every one of them is differentiable
+//! twice (candle-notes.md: several fused candle-nn ops cut the graph silently).
+//!
+//! * [`Ctx`] carries the forward mode: training or evaluation, whether BatchNorm updates its
+//!   running statistics, and whether ReLU masks are recorded or replayed (the finite-difference
+//!   SGR gradient replays the masks of the base point in its perturbed passes).
+//! * Layers own their parameters as [`candle_core::Var`]s and list them with
+//!   [`Layer::params`] under torchvision-style names.
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::Result;
+
+/// Whether a named tensor is trained or is a buffer (BatchNorm running statistics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamKind {
+    /// Updated by the optimizer.
+    Trainable,
+    /// Saved with the model, never receives a gradient.
+    Buffer,
+}
+
+/// A named tensor of a model.
+#[derive(Debug, Clone)]
+pub struct Param {
+    /// torchvision/timm-style name, e.g. `layer1.0.conv1.weight`.
+    pub name: String,
+    /// The storage, shared with the layer that owns it.
+    pub var: Var,
+    /// Trainable parameter or buffer.
+    pub kind: ParamKind,
+}
+
+/// Anything with named parameters.
+pub trait Layer {
+    /// The layer's tensors, prefixed with the layer's name.
+    fn params(&self) -> Vec<Param>;
+}
+
+/// How ReLUs behave in a forward pass.
+#[derive(Debug, Default)]
+enum ReluMode {
+    #[default]
+    Plain,
+    /// Record the mask `x >= 0` of every ReLU, in call order.
+    Record(Vec<Tensor>),
+    /// Multiply by the recorded masks instead of thresholding.
+    Replay { masks: Vec<Tensor>, pos: usize },
+}
+
+/// Forward context threaded through every layer.
+#[derive(Debug)]
+pub struct Ctx {
+    train: bool,
+    update_bn_stats: bool,
+    relu: ReluMode,
+}
+
+impl Ctx {
+    /// Training mode: BatchNorm uses batch statistics and updates its running statistics.
+    pub fn train() -> Self {
+        Self {
+            train: true,
+            update_bn_stats: true,
+            relu: ReluMode::Plain,
+        }
+    }
+
+    /// Evaluation mode: BatchNorm uses its running statistics.
+    pub fn eval() -> Self {
+        Self {
+            train: false,
+            update_bn_stats: false,
+            relu: ReluMode::Plain,
+        }
+    }
+
+    /// Training mode that records every ReLU mask (the base point of a finite difference).
+    pub fn train_recording() -> Self {
+        Self {
+            relu: ReluMode::Record(Vec::new()),
+            ..Self::train()
+        }
+    }
+
+    /// Training-mode batch statistics, running statistics left untouched, ReLU masks replayed.
+    pub fn train_replaying(masks: Vec<Tensor>) -> Self {
+        Self {
+            train: true,
+            update_bn_stats: false,
+            relu: ReluMode::Replay { masks, pos: 0 },
+        }
+    }
+
+    /// Training-mode forward that leaves BatchNorm running statistics untouched.
+    pub fn train_frozen_stats() -> Self {
+        Self {
+            update_bn_stats: false,
+            ..Self::train()
+        }
+    }
+
+    /// Whether layers run in training mode.
+    pub fn is_train(&self) -> bool {
+        self.train
+    }
+
+    /// Takes the masks recorded so far (empty unless recording).
+    pub fn take_masks(&mut self) -> Vec<Tensor> {
+        match &mut self.relu {
+            ReluMode::Record(m) => std::mem::take(m),
+            ReluMode::Replay { masks, .. } => std::mem::take(masks),
+            ReluMode::Plain => Vec::new(),
+        }
+    }
+
+    /// Number of masks consumed by a replaying context.
+    pub fn replay_position(&self) -> Option<usize> {
+        match &self.relu {
+            ReluMode::Replay { pos, .. } => Some(*pos),
+            _ => None,
+        }
+    }
+
+    /// ReLU following the context's mode. The derivative at 0 is 1, as in candle's `relu`.
+    pub fn relu(&mut self, x: &Tensor) -> Result<Tensor> {
+        match &mut self.relu {
+            ReluMode::Plain => Ok(x.relu()?),
+            ReluMode::Record(masks) => {
+                masks.push(x.ge(0.0)?.to_dtype(x.dtype())?.detach());
+                Ok(x.relu()?)
+            }
+            ReluMode::Replay { masks, pos } => {
+                let mask = masks.get(*pos).ok_or_else(|| {
+                    crate::Error::InvalidConfig(format!(
+                        "ReLU replay ran out of recorded masks after {pos}"
+                    ))
+                })?;
+                *pos += 1;
+                Ok(x.mul(mask)?)
+            }
+        }
+    }
+}
+
+/// Deterministic parameter initialisation (ChaCha8 seeded; identical on every platform).
+#[derive(Debug)]
+pub struct Init {
+    rng: ChaCha8Rng,
+    device: Device,
+    dtype: DType,
+}
+
+impl Init {
+    /// A new initialiser.
+    pub fn new(seed: u64, device: &Device, dtype: DType) -> Self {
+        Self {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            device: device.clone(),
+            dtype,
+        }
+    }
+
+    /// Device of the created tensors.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Dtype of the created tensors.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn normal(&mut self) -> f64 {
+        // Box-Muller; u1 in (0, 1].
+        let u1: f64 = 1.0 - self.rng.gen::<f64>();
+        let u2: f64 = self.rng.gen::<f64>();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+
+    /// N(0, std²) entries.
+    pub fn randn(&mut self, shape: &[usize], std: f64) -> Result<Var> {
+        let n: usize = shape.iter().product();
+        let data: Vec<f64> = (0..n).map(|_| self.normal() * std).collect();
+        self.var(data, shape)
+    }
+
+    /// U(-bound, bound) entries.
+    pub fn uniform(&mut self, shape: &[usize], bound: f64) -> Result<Var> {
+        let n: usize = shape.iter().product();
+        let data: Vec<f64> = (0..n)
+            .map(|_| (self.rng.gen::<f64>() * 2.0 - 1.0) * bound)
+            .collect();
+        self.var(data, shape)
+    }
+
+    /// A constant.
+    pub fn constant(&mut self, shape: &[usize], value: f64) -> Result<Var> {
+        let n: usize = shape.iter().product();
+        self.var(vec![value; n], shape)
+    }
+
+    fn var(&self, data: Vec<f64>, shape: &[usize]) -> Result<Var> {
+        let t = Tensor::from_vec(data, shape, &self.device)?.to_dtype(self.dtype)?;
+        Ok(Var::from_tensor(&t)?)
+    }
+}
+
+fn param(name: String, var: &Var, kind: ParamKind) -> Param {
+    Param {
+        name,
+        var: var.clone(),
+        kind,
+    }
+}
+
+/// 2-D convolution without bias (ResNet style), Kaiming-normal (fan-out) initialisation.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    name: String,
+    weight: Var,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    /// `k`×`k` convolution `cin → cout`.
+    pub fn new(
+        name: impl Into<String>,
+        init: &mut Init,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let std = (2.0 / (cout * k * k) as f64).sqrt();
+        Ok(Self {
+            name: name.into(),
+            weight: init.randn(&[cout, cin, k, k], std)?,
+            stride,
+            padding,
+        })
+    }
+
+    /// Forward pass on NCHW input.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.conv2d(self.weight.as_tensor(), self.padding, self.stride, 1, 1)?)
+    }
+
+    /// The weight, shape `(cout, cin, k, k)`.
+    pub fn weight(&self) -> &Var {
+        &self.weight
+    }
+}
+
+impl Layer for Conv2d {
+    fn params(&self) -> Vec<Param> {
+        vec![param(
+            format!("{}.weight", self.name),
+            &self.weight,
+            ParamKind::Trainable,
+        )]
+    }
+}
+
+/// BatchNorm over the channel axis of NCHW (or NC) input, from primitives.
+///
+/// Training mode normalises with the batch mean and the biased batch variance and, when the
+/// context allows, updates the running statistics as PyTorch does (momentum 0.1, unbiased
+/// variance). Evaluation mode uses the running statistics.
+#[derive(Debug, Clone)]
+pub struct BatchNorm {
+    name: String,
+    weight: Var,
+    bias: Var,
+    running_mean: Var,
+    running_var: Var,
+    num_batches_tracked: Var,
+    eps: f64,
+    momentum: f64,
+}
+
+impl BatchNorm {
+    /// BatchNorm with `c` channels, γ = 1, β = 0.
+    pub fn new(name: impl Into<String>, init: &mut Init, c: usize) -> Result<Self> {
+        Ok(Self {
+            name: name.into(),
+            weight: init.constant(&[c], 1.0)?,
+            bias: init.constant(&[c], 0.0)?,
+            running_mean: init.constant(&[c], 0.0)?,
+            running_var: init.constant(&[c], 1.0)?,
+            num_batches_tracked: init.constant(&[1], 0.0)?,
+            eps: 1e-5,
+            momentum: 0.1,
+        })
+    }
+
+    /// Forward pass.
+    pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let rank = x.rank();
+        let c = x.dim(1)?;
+        let mut shape = vec![1usize; rank];
+        shape[1] = c;
+        let reduce: Vec<usize> = (0..rank).filter(|&d| d != 1).collect();
+        let (mean, var) = if ctx.train {
+            let mean = x.mean_keepdim(reduce.as_slice())?;
+            let centred = x.broadcast_sub(&mean)?;
+            let var = centred.sqr()?.mean_keepdim(reduce.as_slice())?;
+            if ctx.update_bn_stats {
+                let n = x.elem_count() / c;
+                let unbiased = if n > 1 { n as f64 / (n - 1) as f64 } else { 1.0 };
+                let m = self.momentum;
+                let bm = mean.detach().flatten_all()?;
+                let bv = var.detach().flatten_all()?.affine(unbiased, 0.0)?;
+                let rm = ((self.running_mean.as_tensor() * (1.0 - m))? + (bm * m)?)?;
+                let rv = ((self.running_var.as_tensor() * (1.0 - m))? + (bv * m)?)?;
+                self.running_mean.set(&rm)?;
+                self.running_var.set(&rv)?;
+                let nb = (self.num_batches_tracked.as_tensor() + 1.0)?;
+                self.num_batches_tracked.set(&nb)?;
+            }
+            let xhat = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+            return self.affine(&xhat, &shape);
+        } else {
+            (
+                self.running_mean.as_tensor().reshape(shape.as_slice())?,
+                self.running_var.as_tensor().reshape(shape.as_slice())?,
+            )
+        };
+        let xhat = x
+            .broadcast_sub(&mean)?
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        self.affine(&xhat, &shape)
+    }
+
+    fn affine(&self, xhat: &Tensor, shape: &[usize]) -> Result<Tensor> {
+        let g = self.weight.as_tensor().reshape(shape)?;
+        let b = self.bias.as_tensor().reshape(shape)?;
+        Ok(xhat.broadcast_mul(&g)?.broadcast_add(&b)?)
+    }
+}
+
+impl Layer for BatchNorm {
+    fn params(&self) -> Vec<Param> {
+        let n = &self.name;
+        vec![
+            param(format!("{n}.weight"), &self.weight, ParamKind::Trainable),
+            param(format!("{n}.bias"), &self.bias, ParamKind::Trainable),
+            param(format!("{n}.running_mean"), &self.running_mean, ParamKind::Buffer),
+            param(format!("{n}.running_var"), &self.running_var, ParamKind::Buffer),
+            param(
+                format!("{n}.num_batches_tracked"),
+                &self.num_batches_tracked,
+                ParamKind::Buffer,
+            ),
+        ]
+    }
+}
+
+/// Fully connected layer, PyTorch's default initialisation (U(±1/√fan_in)).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    name: String,
+    weight: Var,
+    bias: Var,
+}
+
+impl Linear {
+    /// `cin → cout` with bias.
+    pub fn new(name: impl Into<String>, init: &mut Init, cin: usize, cout: usize) -> Result<Self> {
+        let bound = 1.0 / (cin as f64).sqrt();
+        Ok(Self {
+            name: name.into(),
+            weight: init.uniform(&[cout, cin], bound)?,
+            bias: init.uniform(&[cout], bound)?,
+        })
+    }
+
+    /// Forward pass on `(batch, cin)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x
+            .matmul(&self.weight.as_tensor().t()?)?
+            .broadcast_add(self.bias.as_tensor())?)
+    }
+}
+
+impl Layer for Linear {
+    fn params(&self) -> Vec<Param> {
+        vec![
+            param(
+                format!("{}.weight", self.name),
+                &self.weight,
+                ParamKind::Trainable,
+            ),
+            param(
+                format!("{}.bias", self.name),
+                &self.bias,
+                ParamKind::Trainable,
+            ),
+        ]
+    }
+}
+
+/// Global average pooling NCHW → NC.
+pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    Ok(x.mean(D::Minus1)?.mean(D::Minus1)?)
+}
+
+/// Option-A ResNet shortcut: subsample by 2 in H and W, zero-pad channels to `cout`.
+pub fn option_a_shortcut(x: &Tensor, cout: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if h % 2 != 0 || w % 2 != 0 {
+        return Err(crate::Error::InvalidConfig(format!(
+            "option-A shortcut needs even spatial size, got {h}x{w}"
+        )));
+    }
+    let sub = x
+        .reshape((b, c, h / 2, 2, w / 2, 2))?
+        .narrow(3, 0, 1)?
+        .narrow(5, 0, 1)?
+        .reshape((b, c, h / 2, w / 2))?;
+    let extra = cout.saturating_sub(c);
+    Ok(sub.pad_with_zeros(1, extra / 2, extra - extra / 2)?)
+}

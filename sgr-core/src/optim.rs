@@ -1,0 +1,326 @@
+//! Optimizers with savable state (SGD with momentum/Nesterov/weight decay, AdamW) and
+//! learning-rate schedules (cosine with linear warm-up, step).
+
+use std::collections::HashMap;
+
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::nn::Param;
+use crate::{Error, Result};
+
+/// Optimizer settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum OptimizerConfig {
+    /// SGD, PyTorch semantics (L2 weight decay added to the gradient).
+    Sgd {
+        /// Momentum coefficient (0: plain SGD).
+        momentum: f64,
+        /// Nesterov momentum.
+        nesterov: bool,
+        /// L2 weight decay.
+        weight_decay: f64,
+    },
+    /// AdamW (decoupled weight decay).
+    AdamW {
+        /// β1.
+        beta1: f64,
+        /// β2.
+        beta2: f64,
+        /// ε.
+        eps: f64,
+        /// Decoupled weight decay.
+        weight_decay: f64,
+    },
+}
+
+impl Default for OptimizerConfig {
+    /// InfoPro's CIFAR setting: SGD, Nesterov momentum 0.9, weight decay 1e-4.
+    fn default() -> Self {
+        OptimizerConfig::Sgd {
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 1e-4,
+        }
+    }
+}
+
+impl OptimizerConfig {
+    /// An optimizer over `params` (buffers are skipped).
+    pub fn build(&self, params: Vec<Param>) -> Result<Box<dyn Optimizer>> {
+        let params: Vec<Param> = params
+            .into_iter()
+            .filter(|p| p.kind == crate::nn::ParamKind::Trainable)
+            .collect();
+        Ok(match *self {
+            OptimizerConfig::Sgd {
+                momentum,
+                nesterov,
+                weight_decay,
+            } => {
+                if nesterov && momentum <= 0.0 {
+                    return Err(Error::InvalidConfig(
+                        "Nesterov momentum requires momentum > 0".into(),
+                    ));
+                }
+                Box::new(Sgd {
+                    params,
+                    momentum,
+                    nesterov,
+                    weight_decay,
+                    buffers: HashMap::new(),
+                })
+            }
+            OptimizerConfig::AdamW {
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            } => Box::new(AdamW {
+                params,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                step: 0,
+                m: HashMap::new(),
+                v: HashMap::new(),
+            }),
+        })
+    }
+}
+
+/// An optimizer over a fixed list of parameters.
+pub trait Optimizer: Send + std::fmt::Debug {
+    /// Applies one update; `grads[i]` belongs to the i-th trainable parameter.
+    fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()>;
+    /// The parameters, in gradient order.
+    fn params(&self) -> &[Param];
+    /// The state as named tensors (`<param>.<slot>`), for checkpoints.
+    fn state(&self) -> Result<HashMap<String, Tensor>>;
+    /// Restores a state produced by [`Optimizer::state`].
+    fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()>;
+}
+
+fn check_len(params: &[Param], grads: &[Tensor]) -> Result<()> {
+    if params.len() != grads.len() {
+        return Err(Error::InvalidConfig(format!(
+            "optimizer got {} gradients for {} parameters",
+            grads.len(),
+            params.len()
+        )));
+    }
+    Ok(())
+}
+
+fn set(var: &Var, value: &Tensor) -> Result<()> {
+    var.set(value)?;
+    Ok(())
+}
+
+/// SGD with momentum, Nesterov and L2 weight decay (PyTorch's `torch.optim.SGD`).
+#[derive(Debug)]
+pub struct Sgd {
+    params: Vec<Param>,
+    momentum: f64,
+    nesterov: bool,
+    weight_decay: f64,
+    buffers: HashMap<String, Tensor>,
+}
+
+impl Optimizer for Sgd {
+    fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        check_len(&self.params, grads)?;
+        for (p, g) in self.params.iter().zip(grads) {
+            let w = p.var.as_tensor();
+            let mut d = if self.weight_decay != 0.0 {
+                (g + (w * self.weight_decay)?)?
+            } else {
+                g.clone()
+            };
+            if self.momentum != 0.0 {
+                let buf = match self.buffers.get(&p.name) {
+                    Some(b) => ((b * self.momentum)? + &d)?,
+                    None => d.clone(),
+                };
+                d = if self.nesterov {
+                    (&d + (&buf * self.momentum)?)?
+                } else {
+                    buf.clone()
+                };
+                self.buffers.insert(p.name.clone(), buf);
+            }
+            set(&p.var, &(w - (d * lr)?)?)?;
+        }
+        Ok(())
+    }
+
+    fn params(&self) -> &[Param] {
+        &self.params
+    }
+
+    fn state(&self) -> Result<HashMap<String, Tensor>> {
+        Ok(self
+            .buffers
+            .iter()
+            .map(|(k, v)| (format!("{k}.momentum_buffer"), v.clone()))
+            .collect())
+    }
+
+    fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        self.buffers.clear();
+        for p in &self.params {
+            if let Some(t) = state.get(&format!("{}.momentum_buffer", p.name)) {
+                check_shape(&p.name, p.var.as_tensor(), t)?;
+                self.buffers.insert(p.name.clone(), t.clone());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_shape(name: &str, want: &Tensor, got: &Tensor) -> Result<()> {
+    if want.dims() != got.dims() {
+        return Err(Error::InvalidConfig(format!(
+            "optimizer state for {name} has shape {:?}, the parameter has {:?}",
+            got.dims(),
+            want.dims()
+        )));
+    }
+    Ok(())
+}
+
+/// AdamW (Loshchilov & Hutter), PyTorch's `torch.optim.AdamW` semantics.
+#[derive(Debug)]
+pub struct AdamW {
+    params: Vec<Param>,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    step: u64,
+    m: HashMap<String, Tensor>,
+    v: HashMap<String, Tensor>,
+}
+
+impl Optimizer for AdamW {
+    fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        check_len(&self.params, grads)?;
+        self.step += 1;
+        let t = self.step as i32;
+        let bc1 = 1.0 - self.beta1.powi(t);
+        let bc2 = 1.0 - self.beta2.powi(t);
+        for (p, g) in self.params.iter().zip(grads) {
+            let w = p.var.as_tensor();
+            let m_prev = match self.m.get(&p.name) {
+                Some(m) => m.clone(),
+                None => g.zeros_like()?,
+            };
+            let v_prev = match self.v.get(&p.name) {
+                Some(v) => v.clone(),
+                None => g.zeros_like()?,
+            };
+            let m = ((m_prev * self.beta1)? + (g * (1.0 - self.beta1))?)?;
+            let v = ((v_prev * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+            let denom = ((&v / bc2)?.sqrt()? + self.eps)?;
+            let upd = ((&m / bc1)?.div(&denom)? * lr)?;
+            let decayed = (w * (1.0 - lr * self.weight_decay))?;
+            set(&p.var, &(decayed - upd)?)?;
+            self.m.insert(p.name.clone(), m);
+            self.v.insert(p.name.clone(), v);
+        }
+        Ok(())
+    }
+
+    fn params(&self) -> &[Param] {
+        &self.params
+    }
+
+    fn state(&self) -> Result<HashMap<String, Tensor>> {
+        let mut s = HashMap::new();
+        for (k, t) in &self.m {
+            s.insert(format!("{k}.exp_avg"), t.clone());
+        }
+        for (k, t) in &self.v {
+            s.insert(format!("{k}.exp_avg_sq"), t.clone());
+        }
+        let dev = self
+            .params
+            .first()
+            .map(|p| p.var.device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
+        s.insert("step".into(), Tensor::new(&[self.step as f64], &dev)?);
+        Ok(s)
+    }
+
+    fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        self.m.clear();
+        self.v.clear();
+        for p in &self.params {
+            if let Some(t) = state.get(&format!("{}.exp_avg", p.name)) {
+                check_shape(&p.name, p.var.as_tensor(), t)?;
+                self.m.insert(p.name.clone(), t.clone());
+            }
+            if let Some(t) = state.get(&format!("{}.exp_avg_sq", p.name)) {
+                check_shape(&p.name, p.var.as_tensor(), t)?;
+                self.v.insert(p.name.clone(), t.clone());
+            }
+        }
+        self.step = match state.get("step") {
+            Some(t) => t.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?[0] as u64,
+            None => 0,
+        };
+        Ok(())
+    }
+}
+
+/// Learning-rate schedule over optimizer steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Schedule {
+    /// Constant learning rate.
+    Constant,
+    /// Linear warm-up from 0 over `warmup_epochs`, then cosine decay to 0 at the last step.
+    Cosine {
+        /// Warm-up length in epochs (may be fractional).
+        warmup_epochs: f64,
+    },
+    /// Multiply by `gamma` at each epoch in `milestones`.
+    Step {
+        /// Epochs at which the rate drops.
+        milestones: Vec<usize>,
+        /// Factor per milestone.
+        gamma: f64,
+    },
+}
+
+impl Default for Schedule {
+    fn default() -> Self {
+        Schedule::Cosine { warmup_epochs: 0.0 }
+    }
+}
+
+impl Schedule {
+    /// Learning rate at `step` (0-based) of `total_steps`, with `steps_per_epoch`.
+    pub fn lr(&self, base: f64, step: usize, steps_per_epoch: usize, total_steps: usize) -> f64 {
+        let spe = steps_per_epoch.max(1) as f64;
+        match self {
+            Schedule::Constant => base,
+            Schedule::Cosine { warmup_epochs } => {
+                let warm = (warmup_epochs * spe).round() as usize;
+                if step < warm {
+                    return base * (step + 1) as f64 / warm as f64;
+                }
+                let span = total_steps.saturating_sub(warm).max(1) as f64;
+                let t = ((step - warm) as f64 / span).min(1.0);
+                0.5 * base * (1.0 + (std::f64::consts::PI * t).cos())
+            }
+            Schedule::Step { milestones, gamma } => {
+                let epoch = (step as f64 / spe).floor() as usize;
+                let drops = milestones.iter().filter(|&&m| epoch >= m).count();
+                base * gamma.powi(drops as i32)
+            }
+        }
+    }
+}

@@ -1,0 +1,465 @@
+//! The local step of one module and the Successive Gradient Reconciliation (SGR) term.
+//!
+//! For modules k ≥ 2 SGR adds λ·D(b_k, stopgrad(a_{k-1})) to the local loss L_k, where
+//! a_{k-1} = ∂L_{k-1}/∂h_{k-1} is the previous module's gradient at its output and
+//! b_k = ∂L_k/∂ĥ_{k-1} is module k's gradient at its (detached) input (`forward` direction, as
+//! specified in method.md). The `backward` direction instead adds λ·D(a_{k-1}, stopgrad(b_k)) to
+//! module k-1's objective.
+//!
+//! With v = ∂D/∂s (s the regularised gradient), the parameter gradient of the term is the
+//! Hessian-vector product ∇_θ(v·s) = d/dε ∇_θ L(site + ε v) at ε = 0, where `site` is the
+//! module's input (forward) or output (backward). [`SgrGrad::Exact`] computes it by double
+//! backward; [`SgrGrad::FiniteDifference`] by a central difference with the ReLU masks of the
+//! base point replayed and BatchNorm running statistics untouched.
+//!
+//! Everything here works on a [`LocalProblem`], so other local losses (InfoPro, DGL) can add the
+//! same term.
+
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::autograd::with_second_order;
+use crate::loss::cross_entropy;
+use crate::network::{collect_grads, LocalNetwork};
+use crate::nn::Ctx;
+use crate::{Error, Result};
+
+/// One module's local learning problem: its trainable variables and a scalar loss of its input.
+pub trait LocalProblem: Sync {
+    /// Trainable variables (the module's body and loss head), in a fixed order.
+    fn vars(&self) -> Vec<Var>;
+    /// Runs the module on `x`. `output_shift`, when given, is added to the module's output
+    /// before the loss head.
+    fn forward(
+        &self,
+        x: &Tensor,
+        output_shift: Option<&Tensor>,
+        ctx: &mut Ctx,
+    ) -> Result<LocalForward>;
+}
+
+/// What a local forward pass produced.
+#[derive(Debug)]
+pub struct LocalForward {
+    /// Scalar local loss.
+    pub loss: Tensor,
+    /// The module's output h_k (for the last module: the logits).
+    pub output: Tensor,
+    /// Logits of the loss head.
+    pub logits: Tensor,
+}
+
+/// Module `k` of a [`LocalNetwork`] trained by cross-entropy on its head (Greedy SL; the last
+/// module uses the network's classifier).
+#[derive(Debug, Clone, Copy)]
+pub struct CrossEntropyModule<'a> {
+    /// The network.
+    pub net: &'a LocalNetwork,
+    /// Module index (0-based).
+    pub k: usize,
+    /// Integer labels of the batch.
+    pub labels: &'a Tensor,
+}
+
+impl LocalProblem for CrossEntropyModule<'_> {
+    fn vars(&self) -> Vec<Var> {
+        self.net
+            .module_trainable(self.k)
+            .into_iter()
+            .map(|p| p.var)
+            .collect()
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        output_shift: Option<&Tensor>,
+        ctx: &mut Ctx,
+    ) -> Result<LocalForward> {
+        let last = self.k + 1 == self.net.num_modules();
+        let output = self.net.module_body(self.k, x, ctx)?;
+        let logits = if last {
+            if output_shift.is_some() {
+                return Err(Error::InvalidConfig(
+                    "the last module has no head to shift the output for".into(),
+                ));
+            }
+            output.clone()
+        } else {
+            match output_shift {
+                Some(s) => self.net.module_head(self.k, &(&output + s)?, ctx)?,
+                None => self.net.module_head(self.k, &output, ctx)?,
+            }
+        };
+        let loss = cross_entropy(&logits, self.labels)?;
+        Ok(LocalForward {
+            loss,
+            output,
+            logits,
+        })
+    }
+}
+
+/// Result of the plain local forward/backward of a module.
+#[derive(Debug)]
+pub struct BasePass {
+    /// Local loss value.
+    pub loss: f64,
+    /// Logits of the loss head, detached.
+    pub logits: Tensor,
+    /// ∇ of the local loss for each of [`LocalProblem::vars`].
+    pub grads: Vec<Tensor>,
+    /// The module's output, detached (the next module's input).
+    pub output: Tensor,
+    /// a_k = ∂L_k/∂h_k, the gradient at the module's output.
+    pub output_grad: Option<Tensor>,
+    /// b_k = ∂L_k/∂ĥ, the gradient at the module's input (when requested).
+    pub input_grad: Option<Tensor>,
+    /// ReLU masks of this point (when requested).
+    pub masks: Vec<Tensor>,
+}
+
+/// Forward and backward of a module's local loss at `x` (treated as detached: nothing flows
+/// back into whatever produced `x`). Updates BatchNorm running statistics.
+pub fn base_pass(
+    p: &dyn LocalProblem,
+    x: &Tensor,
+    want_input_grad: bool,
+    record_masks: bool,
+) -> Result<BasePass> {
+    let input_var = if want_input_grad {
+        Some(Var::from_tensor(&x.detach())?)
+    } else {
+        None
+    };
+    let x_in = match &input_var {
+        Some(v) => v.as_tensor().clone(),
+        None => x.detach(),
+    };
+    let mut ctx = if record_masks {
+        Ctx::train_recording()
+    } else {
+        Ctx::train()
+    };
+    let f = p.forward(&x_in, None, &mut ctx)?;
+    let loss = f.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    let store = f.loss.backward()?;
+    let vars = p.vars();
+    let grads = collect_grads(&store, &vars)?;
+    let output_grad = store.get(&f.output).map(|g| g.detach());
+    let input_grad = input_var
+        .as_ref()
+        .and_then(|v| store.get(v.as_tensor()).map(|g| g.detach()));
+    Ok(BasePass {
+        loss,
+        grads,
+        logits: f.logits.detach(),
+        output: f.output.detach(),
+        output_grad,
+        input_grad,
+        masks: ctx.take_masks(),
+    })
+}
+
+/// The distance D between the regularised gradient and its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Distance {
+    /// mean over samples of ||B·(s_i − t_i)||² = B·Σ_i ||s_i − t_i||² (B = batch size), so
+    /// per-sample gradients of a mean-reduced loss are compared at a scale independent of B.
+    #[default]
+    SquaredL2,
+    /// 1 − cos(vec s, vec t) over the whole batch.
+    Cosine,
+    /// mean over samples of 1 − cos(s_i, t_i).
+    CosinePerSample,
+}
+
+impl Distance {
+    /// All variants with their configuration names.
+    pub const NAMES: [(&'static str, Distance); 3] = [
+        ("squared-l2", Distance::SquaredL2),
+        ("cosine", Distance::Cosine),
+        ("cosine-per-sample", Distance::CosinePerSample),
+    ];
+
+    /// D(s, t) as a scalar tensor, differentiable in `s` (and twice through `s`'s graph).
+    pub fn eval(&self, s: &Tensor, t: &Tensor) -> Result<Tensor> {
+        const TINY: f64 = 1e-30;
+        let b = s.dim(0)?;
+        match self {
+            Distance::SquaredL2 => Ok(((s - t)?.sqr()?.sum_all()? * b as f64)?),
+            Distance::Cosine => {
+                let dot = (s * t)?.sum_all()?;
+                let ns = (s.sqr()?.sum_all()? + TINY)?.sqrt()?;
+                let nt = (t.sqr()?.sum_all()? + TINY)?.sqrt()?;
+                Ok((1.0 - dot.div(&(ns * nt)?)?)?)
+            }
+            Distance::CosinePerSample => {
+                let s2 = s.flatten_from(1)?;
+                let t2 = t.flatten_from(1)?;
+                let dot = (&s2 * &t2)?.sum(1)?;
+                let ns = (s2.sqr()?.sum(1)? + TINY)?.sqrt()?;
+                let nt = (t2.sqr()?.sum(1)? + TINY)?.sqrt()?;
+                Ok((1.0 - dot.div(&(ns * nt)?)?.mean_all()?)?)
+            }
+        }
+    }
+
+    /// (D(s, t), ∂D/∂s) by first-order autodiff.
+    pub fn value_and_grad(&self, s: &Tensor, t: &Tensor) -> Result<(f64, Tensor)> {
+        let sv = Var::from_tensor(&s.detach())?;
+        let d = self.eval(sv.as_tensor(), &t.detach())?;
+        let value = d.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let g = d.backward()?;
+        let v = g
+            .get(sv.as_tensor())
+            .map(|t| t.detach())
+            .ok_or_else(|| Error::InvalidConfig("distance does not depend on its input".into()))?;
+        Ok((value, v))
+    }
+}
+
+/// Which gradient SGR regularises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Direction {
+    /// As specified: module k's input gradient b_k is pulled toward stopgrad(a_{k-1}).
+    #[default]
+    Forward,
+    /// Module k-1's output gradient a_{k-1} is pulled toward stopgrad(b_k), same step.
+    Backward,
+}
+
+/// How the parameter gradient of the SGR term is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SgrGrad {
+    /// Central difference with frozen ReLU masks (≈ the cost of two extra passes).
+    #[default]
+    FiniteDifference,
+    /// Double backward (the oracle; slow and memory-hungry).
+    Exact,
+}
+
+/// Configuration of the SGR term.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SgrConfig {
+    /// Weight λ of the term (after warm-up).
+    pub lambda: f64,
+    /// Distance D.
+    pub distance: Distance,
+    /// Which side of a boundary is regularised.
+    pub direction: Direction,
+    /// How the parameter gradient is computed.
+    pub grad: SgrGrad,
+    /// Finite-difference step ε (along the unit-RMS direction).
+    pub fd_epsilon: f64,
+    /// λ rises linearly from 0 over this many epochs (0: no warm-up).
+    pub warmup_epochs: f64,
+}
+
+impl Default for SgrConfig {
+    fn default() -> Self {
+        Self {
+            lambda: DEFAULT_LAMBDA,
+            distance: Distance::SquaredL2,
+            direction: Direction::Forward,
+            grad: SgrGrad::FiniteDifference,
+            fd_epsilon: 5e-3,
+            warmup_epochs: 0.0,
+        }
+    }
+}
+
+/// Default λ for `squared-l2` (see the README's "Choosing λ" for the sweep behind it).
+pub const DEFAULT_LAMBDA: f64 = 1.0;
+
+impl SgrConfig {
+    /// λ at a fractional epoch, after warm-up.
+    pub fn lambda_at(&self, epoch_progress: f64) -> f64 {
+        if self.warmup_epochs > 0.0 && epoch_progress < self.warmup_epochs {
+            self.lambda * (epoch_progress / self.warmup_epochs).max(0.0)
+        } else {
+            self.lambda
+        }
+    }
+
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.lambda.is_finite() && self.lambda >= 0.0) {
+            return Err(Error::InvalidConfig(format!(
+                "sgr lambda must be finite and >= 0, got {}",
+                self.lambda
+            )));
+        }
+        if !(self.fd_epsilon.is_finite() && self.fd_epsilon > 0.0) {
+            return Err(Error::InvalidConfig(format!(
+                "sgr fd_epsilon must be > 0, got {}",
+                self.fd_epsilon
+            )));
+        }
+        if !(self.warmup_epochs.is_finite() && self.warmup_epochs >= 0.0) {
+            return Err(Error::InvalidConfig(format!(
+                "sgr warmup_epochs must be >= 0, got {}",
+                self.warmup_epochs
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Where the regularised gradient lives in a module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Site {
+    /// The module's input (b_k; forward direction).
+    Input,
+    /// The module's output, before its head (a_{k-1}; backward direction).
+    Output,
+}
+
+/// The SGR term's parameter gradient ∇_θ D(s(θ), t) for one module, with its value D.
+#[derive(Debug)]
+pub struct SgrTermGrad {
+    /// D at the base point.
+    pub distance: f64,
+    /// ∇_θ D for each of [`LocalProblem::vars`] (not yet multiplied by λ).
+    pub grads: Vec<Tensor>,
+}
+
+/// Computes ∇_θ D(s(θ), t) where s is the local gradient at `site` of module `p` at input `x`.
+///
+/// `site_grad` is s at the base point and `masks` the ReLU masks recorded there (both from
+/// [`base_pass`]; the exact way needs neither and recomputes s with its graph). Only the
+/// distance, gradient way and ε of `cfg` are used; λ is applied by the caller.
+pub fn sgr_term_grad(
+    p: &dyn LocalProblem,
+    x: &Tensor,
+    site: Site,
+    site_grad: &Tensor,
+    target: &Tensor,
+    masks: &[Tensor],
+    cfg: &SgrConfig,
+) -> Result<SgrTermGrad> {
+    match cfg.grad {
+        SgrGrad::FiniteDifference => fd_term_grad(
+            p,
+            x,
+            site,
+            site_grad,
+            target,
+            masks,
+            cfg.distance,
+            cfg.fd_epsilon,
+        ),
+        SgrGrad::Exact => exact_term_grad(p, x, site, target, cfg.distance),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fd_term_grad(
+    p: &dyn LocalProblem,
+    x: &Tensor,
+    site: Site,
+    site_grad: &Tensor,
+    target: &Tensor,
+    masks: &[Tensor],
+    distance: Distance,
+    eps: f64,
+) -> Result<SgrTermGrad> {
+    let (value, v) = distance.value_and_grad(site_grad, target)?;
+    let vars = p.vars();
+    let rms = v
+        .sqr()?
+        .mean_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()?
+        .sqrt();
+    if rms == 0.0 || !rms.is_finite() {
+        let grads = vars
+            .iter()
+            .map(|v| Ok(v.as_tensor().zeros_like()?))
+            .collect::<Result<Vec<_>>>()?;
+        return Ok(SgrTermGrad {
+            distance: value,
+            grads,
+        });
+    }
+    let step = (v * (eps / rms))?;
+    let x = x.detach();
+    let mut losses = Vec::with_capacity(2);
+    for sign in [1.0, -1.0] {
+        let shift = (&step * sign)?;
+        let mut ctx = Ctx::train_replaying(masks.to_vec());
+        let f = match site {
+            Site::Input => p.forward(&(&x + &shift)?, None, &mut ctx)?,
+            Site::Output => p.forward(&x, Some(&shift), &mut ctx)?,
+        };
+        if ctx.replay_position() != Some(masks.len()) {
+            return Err(Error::InvalidConfig(format!(
+                "finite-difference pass used {:?} of {} recorded ReLU masks",
+                ctx.replay_position(),
+                masks.len()
+            )));
+        }
+        losses.push(f.loss);
+    }
+    let diff = (&losses[0] - &losses[1])?;
+    let store = diff.backward()?;
+    let scale = rms / (2.0 * eps);
+    let grads = collect_grads(&store, &vars)?
+        .into_iter()
+        .map(|g| Ok((g * scale)?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(SgrTermGrad {
+        distance: value,
+        grads,
+    })
+}
+
+fn exact_term_grad(
+    p: &dyn LocalProblem,
+    x: &Tensor,
+    site: Site,
+    target: &Tensor,
+    distance: Distance,
+) -> Result<SgrTermGrad> {
+    let target = target.detach();
+    with_second_order(|| {
+        let xv = Var::from_tensor(&x.detach())?;
+        let mut ctx = Ctx::train_frozen_stats();
+        let f = p.forward(xv.as_tensor(), None, &mut ctx)?;
+        let first = f.loss.backward()?;
+        let s = match site {
+            Site::Input => first.get(xv.as_tensor()),
+            Site::Output => first.get(&f.output),
+        }
+        .ok_or_else(|| Error::InvalidConfig("local loss does not depend on the site".into()))?;
+        let d = distance.eval(s, &target)?;
+        let value = d.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let second = d.backward()?;
+        let grads = collect_grads(&second, &p.vars())?;
+        Ok(SgrTermGrad {
+            distance: value,
+            grads,
+        })
+    })
+}
+
+/// Cosine and relative distance of two gradients: (cos(a, b), ||a − b|| / ||a||).
+pub fn boundary_stats(a: &Tensor, b: &Tensor) -> Result<(f64, f64)> {
+    let a = a.to_dtype(candle_core::DType::F64)?;
+    let b = b.to_dtype(candle_core::DType::F64)?;
+    let dot = (&a * &b)?.sum_all()?.to_scalar::<f64>()?;
+    let na = a.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let nb = b.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let nd = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let cos = if na > 0.0 && nb > 0.0 {
+        dot / (na * nb)
+    } else {
+        0.0
+    };
+    let rel = if na > 0.0 { nd / na } else { f64::NAN };
+    Ok((cos, rel))
+}

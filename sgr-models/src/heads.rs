@@ -1,0 +1,107 @@
+//! Auxiliary heads of local modules (method.md).
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use sgr_core::network::Stage;
+use sgr_core::nn::{global_avg_pool, BatchNorm, Conv2d, Ctx, Init, Layer, Linear, Param};
+use sgr_core::Result;
+
+/// Which auxiliary head a module carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum HeadKind {
+    /// Greedy SL's head: global average pool + Linear(C → classes).
+    #[serde(rename = "0c1f")]
+    ZeroConvOneFc,
+    /// InfoPro's head: conv3×3 (no bias) + BN + ReLU + GAP + Linear(→128) + ReLU +
+    /// Linear(128 → classes); the conv maps 16→32 and 32→64 with stride 2, 64→64 with stride 1.
+    #[default]
+    #[serde(rename = "1c2f")]
+    OneConvTwoFc,
+}
+
+impl HeadKind {
+    /// Configuration names.
+    pub const NAMES: [(&'static str, HeadKind); 2] = [
+        ("0c1f", HeadKind::ZeroConvOneFc),
+        ("1c2f", HeadKind::OneConvTwoFc),
+    ];
+
+    /// The configuration name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            HeadKind::ZeroConvOneFc => "0c1f",
+            HeadKind::OneConvTwoFc => "1c2f",
+        }
+    }
+
+    /// Builds the head for a feature map of `channels` channels, named `prefix.*`.
+    pub fn build(
+        &self,
+        prefix: &str,
+        init: &mut Init,
+        channels: usize,
+        classes: usize,
+    ) -> Result<Box<dyn Stage>> {
+        Ok(match self {
+            HeadKind::ZeroConvOneFc => Box::new(Head0c1f {
+                fc: Linear::new(format!("{prefix}.fc"), init, channels, classes)?,
+            }),
+            HeadKind::OneConvTwoFc => {
+                let (cout, stride) = if channels < 64 {
+                    (channels * 2, 2)
+                } else {
+                    (channels, 1)
+                };
+                Box::new(Head1c2f {
+                    conv: Conv2d::new(format!("{prefix}.conv"), init, channels, cout, 3, stride, 1)?,
+                    bn: BatchNorm::new(format!("{prefix}.bn"), init, cout)?,
+                    fc1: Linear::new(format!("{prefix}.fc1"), init, cout, 128)?,
+                    fc2: Linear::new(format!("{prefix}.fc2"), init, 128, classes)?,
+                })
+            }
+        })
+    }
+}
+
+/// GAP + Linear.
+#[derive(Debug)]
+pub struct Head0c1f {
+    fc: Linear,
+}
+
+impl Stage for Head0c1f {
+    fn forward(&self, x: &Tensor, _ctx: &mut Ctx) -> Result<Tensor> {
+        self.fc.forward(&global_avg_pool(x)?)
+    }
+
+    fn params(&self) -> Vec<Param> {
+        self.fc.params()
+    }
+}
+
+/// conv-BN-ReLU, GAP, Linear-ReLU-Linear.
+#[derive(Debug)]
+pub struct Head1c2f {
+    conv: Conv2d,
+    bn: BatchNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Stage for Head1c2f {
+    fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let h = self.bn.forward(&self.conv.forward(x)?, ctx)?;
+        let h = ctx.relu(&h)?;
+        let h = ctx.relu(&self.fc1.forward(&global_avg_pool(&h)?)?)?;
+        self.fc2.forward(&h)
+    }
+
+    fn params(&self) -> Vec<Param> {
+        let mut p = self.conv.params();
+        p.extend(self.bn.params());
+        p.extend(self.fc1.params());
+        p.extend(self.fc2.params());
+        p
+    }
+}

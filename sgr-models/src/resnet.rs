@@ -1,0 +1,466 @@
+//! CIFAR ResNets (He et al. 2016, §4.2): depth 6n+2, three stages of n basic blocks with 16, 32
+//! and 64 channels, option-A (parameter-free) shortcuts, torchvision-style parameter names
+//! (`conv1`, `bn1`, `layer1.0.conv1`, ..., `fc`). Auxiliary heads live under `aux.<k>`.
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use sgr_core::network::{LocalNetwork, SplitPlan, Stage};
+use sgr_core::nn::{global_avg_pool, option_a_shortcut, BatchNorm, Conv2d, Ctx, Init, Layer, Linear, Param};
+use sgr_core::{Error, Result};
+
+use crate::heads::HeadKind;
+
+/// Architecture of a CIFAR ResNet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResNetConfig {
+    /// 6n+2 (20, 32, 44, 56, 110, ...).
+    pub depth: usize,
+    /// Input channels (3 for RGB, 1 for grey).
+    pub in_channels: usize,
+    /// Output classes.
+    pub num_classes: usize,
+}
+
+impl ResNetConfig {
+    /// The named presets (`resnet20`, `resnet32`, `resnet44`, `resnet56`, `resnet110`, plus the
+    /// small `resnet8` and `resnet14`).
+    pub const PRESETS: [(&'static str, usize); 7] = [
+        ("resnet8", 8),
+        ("resnet14", 14),
+        ("resnet20", 20),
+        ("resnet32", 32),
+        ("resnet44", 44),
+        ("resnet56", 56),
+        ("resnet110", 110),
+    ];
+
+    /// A preset by name.
+    pub fn preset(name: &str, in_channels: usize, num_classes: usize) -> Result<Self> {
+        let depth = Self::PRESETS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, d)| *d)
+            .ok_or_else(|| {
+                Error::InvalidConfig(format!(
+                    "unknown model `{name}`; available: {}",
+                    Self::PRESETS.map(|(n, _)| n).join(", ")
+                ))
+            })?;
+        let cfg = Self {
+            depth,
+            in_channels,
+            num_classes,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Blocks per stage, n = (depth − 2) / 6.
+    pub fn blocks_per_stage(&self) -> usize {
+        (self.depth - 2) / 6
+    }
+
+    /// Splittable units: the stem plus 3n residual blocks.
+    pub fn units(&self) -> usize {
+        1 + 3 * self.blocks_per_stage()
+    }
+
+    /// Model name, `resnet<depth>`.
+    pub fn name(&self) -> String {
+        format!("resnet{}", self.depth)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.depth < 8 || (self.depth - 2) % 6 != 0 {
+            return Err(Error::InvalidConfig(format!(
+                "CIFAR ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...), got {}",
+                self.depth
+            )));
+        }
+        if self.in_channels == 0 || self.num_classes < 2 {
+            return Err(Error::InvalidConfig(format!(
+                "in_channels must be >= 1 and num_classes >= 2, got {} and {}",
+                self.in_channels, self.num_classes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Unit index of InfoPro's `[stage, block]` (stage 0 block 0 = the stem).
+    pub fn unit_of(&self, stage: usize, block: usize) -> Option<usize> {
+        let n = self.blocks_per_stage();
+        match stage {
+            0 if block == 0 => Some(0),
+            1..=3 if block < n => Some(1 + (stage - 1) * n + block),
+            _ => None,
+        }
+    }
+
+    /// Channels of the output of a unit.
+    pub fn unit_channels(&self, unit: usize) -> usize {
+        if unit == 0 {
+            16
+        } else {
+            16 << ((unit - 1) / self.blocks_per_stage())
+        }
+    }
+}
+
+/// How a ResNet is cut into K modules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SplitStrategy {
+    /// InfoPro's table when the model has one for K, otherwise uniform by block.
+    #[default]
+    Auto,
+    /// InfoPro's published split points (ResNet-32, ResNet-110); one module per block is also
+    /// accepted (ResNet-32 K=16, ResNet-110 K=55, the AugLocal/MAN/HPFF protocol).
+    Infopro,
+    /// InfoPro*'s memory-balanced splits (ResNet-110, K = 2, 3, 4).
+    InfoproBalanced,
+    /// K contiguous groups of blocks, as equal as possible (the stem counts as a block).
+    Uniform,
+}
+
+impl SplitStrategy {
+    /// Configuration names.
+    pub const NAMES: [(&'static str, SplitStrategy); 4] = [
+        ("auto", SplitStrategy::Auto),
+        ("infopro", SplitStrategy::Infopro),
+        ("infopro-balanced", SplitStrategy::InfoproBalanced),
+        ("uniform", SplitStrategy::Uniform),
+    ];
+}
+
+type Table = &'static [(usize, &'static [(usize, usize)])];
+
+/// InfoPro (Wang et al., ICLR 2021), `networks/resnet.py` split configuration, as transcribed
+/// in method.md: `[stage, block]` pairs after which a module ends (the final module's end is
+/// implicit). K=16 for ResNet-32 is one module per block.
+const INFOPRO_RESNET32: Table = &[
+    (2, &[(2, 1)]),
+    (3, &[(1, 4), (2, 4)]),
+    (4, &[(1, 2), (2, 1), (3, 0)]),
+    (8, &[(1, 0), (1, 2), (1, 4), (2, 1), (2, 3), (3, 0), (3, 2)]),
+    (
+        16,
+        &[
+            (0, 0),
+            (1, 0),
+            (1, 1),
+            (1, 2),
+            (1, 3),
+            (1, 4),
+            (2, 0),
+            (2, 1),
+            (2, 2),
+            (2, 3),
+            (2, 4),
+            (3, 0),
+            (3, 1),
+            (3, 2),
+            (3, 3),
+        ],
+    ),
+];
+
+/// InfoPro's ResNet-110 splits (method.md).
+const INFOPRO_RESNET110: Table = &[
+    (2, &[(2, 8)]),
+    (3, &[(1, 17), (2, 17)]),
+    (4, &[(1, 11), (2, 7), (3, 3)]),
+    (8, &[(1, 4), (1, 11), (2, 0), (2, 7), (2, 14), (3, 3), (3, 10)]),
+    (
+        16,
+        &[
+            (1, 1),
+            (1, 4),
+            (1, 7),
+            (1, 10),
+            (1, 13),
+            (1, 16),
+            (2, 1),
+            (2, 4),
+            (2, 7),
+            (2, 11),
+            (2, 15),
+            (3, 1),
+            (3, 5),
+            (3, 9),
+            (3, 13),
+        ],
+    ),
+];
+
+/// InfoPro*'s memory-balanced ResNet-110 splits for CIFAR-10 (method.md).
+const INFOPRO_BALANCED_RESNET110: Table = &[
+    (2, &[(1, 14)]),
+    (3, &[(1, 9), (2, 2)]),
+    (4, &[(1, 6), (1, 14), (2, 8)]),
+];
+
+fn table_for(depth: usize, strategy: SplitStrategy) -> Option<Table> {
+    match (depth, strategy) {
+        (32, SplitStrategy::Infopro | SplitStrategy::Auto) => Some(INFOPRO_RESNET32),
+        (110, SplitStrategy::Infopro | SplitStrategy::Auto) => Some(INFOPRO_RESNET110),
+        (110, SplitStrategy::InfoproBalanced) => Some(INFOPRO_BALANCED_RESNET110),
+        _ => None,
+    }
+}
+
+/// The split plan of `cfg` into `k` modules with `strategy`; unsupported values are an error
+/// naming the supported ones.
+pub fn split_plan(cfg: &ResNetConfig, k: usize, strategy: SplitStrategy) -> Result<SplitPlan> {
+    cfg.validate()?;
+    let units = cfg.units();
+    if k == 1 {
+        return SplitPlan::single(units);
+    }
+    let table = table_for(cfg.depth, strategy);
+    if let Some(entry) = table.and_then(|t| t.iter().find(|(kk, _)| *kk == k)) {
+        let mut ends = Vec::with_capacity(k);
+        for &(s, b) in entry.1 {
+            ends.push(cfg.unit_of(s, b).ok_or_else(|| {
+                Error::InvalidConfig(format!("split point [{s},{b}] is not in {}", cfg.name()))
+            })?);
+        }
+        ends.push(units - 1);
+        return SplitPlan::new(units, ends);
+    }
+    match strategy {
+        SplitStrategy::Uniform | SplitStrategy::Auto => {
+            if k == 0 || k > units {
+                return Err(Error::UnsupportedSplit {
+                    model: cfg.name(),
+                    requested: format!("K={k}"),
+                    supported: format!("K from 1 to {units} (one module per block)"),
+                });
+            }
+            SplitPlan::uniform(units, k)
+        }
+        SplitStrategy::Infopro if k == units => SplitPlan::uniform(units, k),
+        SplitStrategy::Infopro | SplitStrategy::InfoproBalanced => {
+            let supported = match table {
+                Some(t) => {
+                    let mut ks: Vec<String> = vec!["1".into()];
+                    ks.extend(t.iter().map(|(kk, _)| kk.to_string()));
+                    if strategy == SplitStrategy::Infopro {
+                        ks.push(format!("{units} (one module per block)"));
+                    }
+                    format!("K in {{{}}}", ks.join(", "))
+                }
+                None => format!(
+                    "{} has no InfoPro table (InfoPro: resnet32, resnet110; balanced: resnet110); use --split uniform",
+                    cfg.name()
+                ),
+            };
+            Err(Error::UnsupportedSplit {
+                model: cfg.name(),
+                requested: format!("K={k} with the {strategy:?} split"),
+                supported,
+            })
+        }
+    }
+}
+
+/// Stem: conv3×3(in → 16) + BN + ReLU.
+#[derive(Debug)]
+struct Stem {
+    conv: Conv2d,
+    bn: BatchNorm,
+}
+
+impl Stage for Stem {
+    fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let h = self.bn.forward(&self.conv.forward(x)?, ctx)?;
+        ctx.relu(&h)
+    }
+
+    fn params(&self) -> Vec<Param> {
+        let mut p = self.conv.params();
+        p.extend(self.bn.params());
+        p
+    }
+}
+
+/// Basic block with an option-A shortcut.
+#[derive(Debug)]
+struct BasicBlock {
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    conv2: Conv2d,
+    bn2: BatchNorm,
+    cout: usize,
+    downsample: bool,
+}
+
+impl Stage for BasicBlock {
+    fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let h = self.bn1.forward(&self.conv1.forward(x)?, ctx)?;
+        let h = ctx.relu(&h)?;
+        let h = self.bn2.forward(&self.conv2.forward(&h)?, ctx)?;
+        let sc = if self.downsample {
+            option_a_shortcut(x, self.cout)?
+        } else {
+            x.clone()
+        };
+        ctx.relu(&(h + sc)?)
+    }
+
+    fn params(&self) -> Vec<Param> {
+        let mut p = self.conv1.params();
+        p.extend(self.bn1.params());
+        p.extend(self.conv2.params());
+        p.extend(self.bn2.params());
+        p
+    }
+}
+
+/// Global average pool + `fc`.
+#[derive(Debug)]
+struct Classifier {
+    fc: Linear,
+}
+
+impl Stage for Classifier {
+    fn forward(&self, x: &Tensor, _ctx: &mut Ctx) -> Result<Tensor> {
+        self.fc.forward(&global_avg_pool(x)?)
+    }
+
+    fn params(&self) -> Vec<Param> {
+        self.fc.params()
+    }
+}
+
+/// Builder of CIFAR ResNets as [`LocalNetwork`]s.
+#[derive(Debug, Clone)]
+pub struct CifarResNet {
+    /// Architecture.
+    pub config: ResNetConfig,
+    /// Number of modules K.
+    pub modules: usize,
+    /// How to cut.
+    pub split: SplitStrategy,
+    /// Aux head of modules 1..K-1.
+    pub head: HeadKind,
+    /// Initialisation seed (the backbone's weights do not depend on K or the head).
+    pub seed: u64,
+}
+
+impl CifarResNet {
+    /// Builds the network on `device` in `dtype`.
+    pub fn build(&self, device: &Device, dtype: DType) -> Result<LocalNetwork> {
+        let cfg = &self.config;
+        cfg.validate()?;
+        let plan = split_plan(cfg, self.modules, self.split)?;
+        let n = cfg.blocks_per_stage();
+        let mut init = Init::new(self.seed, device, dtype);
+        let mut units: Vec<Box<dyn Stage>> = Vec::with_capacity(cfg.units());
+        units.push(Box::new(Stem {
+            conv: Conv2d::new("conv1", &mut init, cfg.in_channels, 16, 3, 1, 1)?,
+            bn: BatchNorm::new("bn1", &mut init, 16)?,
+        }));
+        let mut cin = 16;
+        for stage in 1..=3 {
+            let cout = 16 << (stage - 1);
+            for b in 0..n {
+                let stride = if stage > 1 && b == 0 { 2 } else { 1 };
+                let name = format!("layer{stage}.{b}");
+                units.push(Box::new(BasicBlock {
+                    conv1: Conv2d::new(format!("{name}.conv1"), &mut init, cin, cout, 3, stride, 1)?,
+                    bn1: BatchNorm::new(format!("{name}.bn1"), &mut init, cout)?,
+                    conv2: Conv2d::new(format!("{name}.conv2"), &mut init, cout, cout, 3, 1, 1)?,
+                    bn2: BatchNorm::new(format!("{name}.bn2"), &mut init, cout)?,
+                    cout,
+                    downsample: stride != 1 || cin != cout,
+                }));
+                cin = cout;
+            }
+        }
+        let classifier = Box::new(Classifier {
+            fc: Linear::new("fc", &mut init, 64, cfg.num_classes)?,
+        });
+        let mut head_init = Init::new(self.seed.wrapping_add(0x9E37_79B9_7F4A_7C15), device, dtype);
+        let heads = plan.ends()[..plan.num_modules() - 1]
+            .iter()
+            .enumerate()
+            .map(|(k, &end)| {
+                self.head.build(
+                    &format!("aux.{k}"),
+                    &mut head_init,
+                    cfg.unit_channels(end),
+                    cfg.num_classes,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        LocalNetwork::new(cfg.name(), units, classifier, heads, plan, cfg.num_classes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(depth: usize) -> ResNetConfig {
+        ResNetConfig {
+            depth,
+            in_channels: 3,
+            num_classes: 10,
+        }
+    }
+
+    #[test]
+    fn infopro_tables_map_to_units() {
+        let p = split_plan(&cfg(32), 4, SplitStrategy::Infopro).unwrap();
+        // [1,2] -> 3, [2,1] -> 7, [3,0] -> 11, end 15.
+        assert_eq!(p.ends(), &[3, 7, 11, 15]);
+        let p = split_plan(&cfg(32), 16, SplitStrategy::Infopro).unwrap();
+        assert_eq!(p.ends(), (0..16).collect::<Vec<_>>().as_slice());
+        let p = split_plan(&cfg(110), 55, SplitStrategy::Infopro).unwrap();
+        assert_eq!(p.num_modules(), 55);
+        let p = split_plan(&cfg(110), 2, SplitStrategy::InfoproBalanced).unwrap();
+        assert_eq!(p.ends(), &[15, 54]);
+        for (k, _) in INFOPRO_RESNET110 {
+            assert_eq!(split_plan(&cfg(110), *k, SplitStrategy::Infopro).unwrap().num_modules(), *k);
+        }
+    }
+
+    #[test]
+    fn unsupported_k_names_supported_values() {
+        let e = split_plan(&cfg(32), 5, SplitStrategy::Infopro).unwrap_err().to_string();
+        assert!(e.contains("K in {1, 2, 3, 4, 8, 16, 16 (one module per block)}") || e.contains("K in {1, 2, 3, 4, 8, 16"), "{e}");
+        let e = split_plan(&cfg(20), 11, SplitStrategy::Uniform).unwrap_err().to_string();
+        assert!(e.contains("K from 1 to 10"), "{e}");
+        let e = split_plan(&cfg(20), 2, SplitStrategy::Infopro).unwrap_err().to_string();
+        assert!(e.contains("no InfoPro table"), "{e}");
+        assert!(ResNetConfig::preset("resnet33", 3, 10).is_err());
+    }
+
+    #[test]
+    fn uniform_split_is_balanced() {
+        let p = split_plan(&cfg(20), 4, SplitStrategy::Uniform).unwrap();
+        assert_eq!(p.ends(), &[2, 5, 7, 9]);
+        let p = split_plan(&cfg(20), 4, SplitStrategy::Auto).unwrap();
+        assert_eq!(p.ends(), &[2, 5, 7, 9]);
+    }
+
+    #[test]
+    fn torchvision_names_and_counts() {
+        let net = CifarResNet {
+            config: cfg(32),
+            modules: 1,
+            split: SplitStrategy::Auto,
+            head: HeadKind::OneConvTwoFc,
+            seed: 0,
+        }
+        .build(&Device::Cpu, DType::F32)
+        .unwrap();
+        let names: Vec<String> = net.params().into_iter().map(|p| p.name).collect();
+        assert_eq!(names[0], "conv1.weight");
+        assert!(names.contains(&"layer3.4.bn2.running_var".to_string()));
+        assert!(names.contains(&"fc.bias".to_string()));
+        // ResNet-32 for CIFAR-10 has 464,154 trainable parameters (He et al.: 0.46M).
+        assert_eq!(net.num_trainable(), 464_154);
+    }
+}
