@@ -1,1 +1,492 @@
-fn main() {}
+//! `sgr`: train networks with end-to-end back-propagation or local learning with SGR.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::{Deserialize, Serialize};
+use sgr_core::checkpoint::{save_params, write_atomic};
+use sgr_core::events::{EpochMetrics, EvalMetrics, Event};
+use sgr_core::optim::{OptimizerConfig, Schedule};
+use sgr_core::sgr::{Direction, Distance, SgrConfig, SgrGrad, DEFAULT_LAMBDA};
+use sgr_core::trainer::{Method, Trainer, TrainerConfig};
+use sgr_data::{CifarKind, ImageDataset, Loader, Normalize};
+use sgr_models::{CifarResNet, HeadKind, ResNetConfig, SplitStrategy};
+
+#[derive(Parser, Debug)]
+#[command(name = "sgr", version, about = "Local learning with Successive Gradient Reconciliation")]
+struct Cli {
+    /// More log output (-v: info, -vv: debug, -vvv: trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a model (default: SGR on the embedded 8x8 digits).
+    Train(Box<TrainArgs>),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+enum DatasetArg {
+    /// Embedded 8x8 handwritten digits (1438 train / 359 test).
+    Digits,
+    /// CIFAR-10 binary files in --data-dir.
+    Cifar10,
+    /// CIFAR-100 binary files (fine labels) in --data-dir.
+    Cifar100,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum MethodArg {
+    Bp,
+    Greedy,
+    Sgr,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DistanceArg {
+    SquaredL2,
+    Cosine,
+    CosinePerSample,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum GradArg {
+    FiniteDifference,
+    Exact,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DirectionArg {
+    Forward,
+    Backward,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SplitArg {
+    Auto,
+    Infopro,
+    InfoproBalanced,
+    Uniform,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum HeadArg {
+    #[value(name = "0c1f")]
+    ZeroConv,
+    #[value(name = "1c2f")]
+    OneConv,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum OptimArg {
+    Sgd,
+    Adamw,
+}
+
+#[derive(Args, Debug)]
+struct TrainArgs {
+    /// Model: resnet8, resnet14, resnet20, resnet32, resnet44, resnet56, resnet110.
+    #[arg(long, default_value = "resnet20")]
+    model: String,
+    /// Data set.
+    #[arg(long, value_enum, default_value = "digits")]
+    dataset: DatasetArg,
+    /// Folder with the data set's files (CIFAR: the extracted binary archive or its parent).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Training method.
+    #[arg(long, value_enum, default_value = "sgr")]
+    method: MethodArg,
+    /// Number of gradient-isolated modules K (bp: 1).
+    #[arg(long = "modules", short = 'k')]
+    modules: Option<usize>,
+    /// How to cut the network into modules.
+    #[arg(long, value_enum, default_value = "auto")]
+    split: SplitArg,
+    /// Auxiliary head of modules 1..K-1.
+    #[arg(long, value_enum, default_value = "1c2f")]
+    aux_head: HeadArg,
+    /// SGR weight lambda.
+    #[arg(long, default_value_t = DEFAULT_LAMBDA)]
+    sgr_lambda: f64,
+    /// SGR distance.
+    #[arg(long, value_enum, default_value = "squared-l2")]
+    sgr_distance: DistanceArg,
+    /// How the SGR parameter gradient is computed.
+    #[arg(long, value_enum, default_value = "finite-difference")]
+    sgr_grad: GradArg,
+    /// Which gradient of a boundary SGR pulls toward the other.
+    #[arg(long, value_enum, default_value = "forward")]
+    sgr_direction: DirectionArg,
+    /// Epochs over which lambda rises linearly from 0.
+    #[arg(long, default_value_t = 0.0)]
+    sgr_warmup: f64,
+    /// Finite-difference step.
+    #[arg(long, default_value_t = 5e-3)]
+    sgr_fd_epsilon: f64,
+    /// Epochs.
+    #[arg(long, default_value_t = 6)]
+    epochs: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Base learning rate.
+    #[arg(long, default_value_t = 0.05)]
+    lr: f64,
+    /// Optimizer (SGD: Nesterov momentum 0.9; AdamW: betas 0.9/0.999).
+    #[arg(long, value_enum, default_value = "sgd")]
+    optimizer: OptimArg,
+    /// Weight decay.
+    #[arg(long, default_value_t = 5e-4)]
+    weight_decay: f64,
+    /// Linear learning-rate warm-up (epochs) before the cosine decay.
+    #[arg(long, default_value_t = 0.0)]
+    warmup_epochs: f64,
+    /// Seed of initialisation and shuffling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output folder (config.json, metrics.jsonl, model.safetensors, summary.json).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Use only the first N training samples.
+    #[arg(long)]
+    train_limit: Option<usize>,
+    /// Stop after N optimisation steps in total.
+    #[arg(long)]
+    max_steps: Option<usize>,
+}
+
+/// The effective configuration of a run, written as `config.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunConfig {
+    model: String,
+    dataset: DatasetArg,
+    data_dir: Option<PathBuf>,
+    modules: usize,
+    split: SplitStrategy,
+    aux_head: HeadKind,
+    batch_size: usize,
+    seed: u64,
+    train_limit: Option<usize>,
+    max_steps: Option<usize>,
+    trainer: TrainerConfig,
+}
+
+#[derive(Debug, Serialize)]
+struct EpochRecord<'a> {
+    #[serde(flatten)]
+    train: &'a EpochMetrics,
+    test_loss: f64,
+    test_accuracy: f64,
+    test_top5: Option<f64>,
+    elapsed_seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Summary {
+    method: String,
+    model: String,
+    dataset: String,
+    modules: usize,
+    epochs: usize,
+    steps: usize,
+    train_samples: usize,
+    test_samples: usize,
+    test_accuracy: f64,
+    test_error: f64,
+    test_top5: Option<f64>,
+    train_seconds: f64,
+    peak_memory_bytes: Option<u64>,
+    final_boundary_cos: Vec<f64>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    let result = match cli.command {
+        Command::Train(a) => train(*a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    let level = if quiet {
+        "error"
+    } else {
+        match verbose {
+            0 => "warn",
+            1 => "info",
+            2 => "debug",
+            _ => "trace",
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SGR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn load_data(cfg: &RunConfig) -> Result<(ImageDataset, ImageDataset)> {
+    let need_dir = || -> Result<&Path> {
+        cfg.data_dir
+            .as_deref()
+            .with_context(|| format!("--dataset {:?} needs --data-dir", cfg.dataset))
+    };
+    Ok(match cfg.dataset {
+        DatasetArg::Digits => (sgr_data::digits(true)?, sgr_data::digits(false)?),
+        DatasetArg::Cifar10 => {
+            let d = need_dir()?;
+            (
+                sgr_data::load_cifar(d, CifarKind::Cifar10, true)?,
+                sgr_data::load_cifar(d, CifarKind::Cifar10, false)?,
+            )
+        }
+        DatasetArg::Cifar100 => {
+            let d = need_dir()?;
+            (
+                sgr_data::load_cifar(d, CifarKind::Cifar100Fine, true)?,
+                sgr_data::load_cifar(d, CifarKind::Cifar100Fine, false)?,
+            )
+        }
+    })
+}
+
+fn dataset_name(d: DatasetArg) -> &'static str {
+    match d {
+        DatasetArg::Digits => "digits",
+        DatasetArg::Cifar10 => "cifar10",
+        DatasetArg::Cifar100 => "cifar100",
+    }
+}
+
+fn run_config(a: &TrainArgs) -> Result<RunConfig> {
+    let method = match a.method {
+        MethodArg::Bp => Method::Bp,
+        MethodArg::Greedy => Method::Greedy,
+        MethodArg::Sgr => Method::Sgr,
+    };
+    let modules = match (method, a.modules) {
+        (Method::Bp, None | Some(1)) => 1,
+        (Method::Bp, Some(k)) => bail!("--method bp trains end to end: --modules must be 1, got {k}"),
+        (_, Some(k)) => k,
+        (_, None) => 4,
+    };
+    let sgr = SgrConfig {
+        lambda: a.sgr_lambda,
+        distance: match a.sgr_distance {
+            DistanceArg::SquaredL2 => Distance::SquaredL2,
+            DistanceArg::Cosine => Distance::Cosine,
+            DistanceArg::CosinePerSample => Distance::CosinePerSample,
+        },
+        direction: match a.sgr_direction {
+            DirectionArg::Forward => Direction::Forward,
+            DirectionArg::Backward => Direction::Backward,
+        },
+        grad: match a.sgr_grad {
+            GradArg::FiniteDifference => SgrGrad::FiniteDifference,
+            GradArg::Exact => SgrGrad::Exact,
+        },
+        fd_epsilon: a.sgr_fd_epsilon,
+        warmup_epochs: a.sgr_warmup,
+    };
+    let optimizer = match a.optimizer {
+        OptimArg::Sgd => OptimizerConfig::Sgd {
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: a.weight_decay,
+        },
+        OptimArg::Adamw => OptimizerConfig::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: a.weight_decay,
+        },
+    };
+    if a.batch_size == 0 || a.epochs == 0 {
+        bail!("--batch-size and --epochs must be >= 1");
+    }
+    Ok(RunConfig {
+        model: a.model.clone(),
+        dataset: a.dataset,
+        data_dir: a.data_dir.clone(),
+        modules,
+        split: match a.split {
+            SplitArg::Auto => SplitStrategy::Auto,
+            SplitArg::Infopro => SplitStrategy::Infopro,
+            SplitArg::InfoproBalanced => SplitStrategy::InfoproBalanced,
+            SplitArg::Uniform => SplitStrategy::Uniform,
+        },
+        aux_head: match a.aux_head {
+            HeadArg::ZeroConv => HeadKind::ZeroConvOneFc,
+            HeadArg::OneConv => HeadKind::OneConvTwoFc,
+        },
+        batch_size: a.batch_size,
+        seed: a.seed,
+        train_limit: a.train_limit,
+        max_steps: a.max_steps,
+        trainer: TrainerConfig {
+            method,
+            sgr,
+            optimizer,
+            lr: a.lr,
+            schedule: Schedule::Cosine {
+                warmup_epochs: a.warmup_epochs,
+            },
+            epochs: a.epochs,
+            steps_per_epoch: 0,
+        },
+    })
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let mut s = serde_json::to_string_pretty(value)?;
+    s.push('\n');
+    write_atomic(path, s.as_bytes())?;
+    Ok(())
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let mut cfg = run_config(&a)?;
+    let device = Device::Cpu;
+    let (mut train_set, test_set) = load_data(&cfg)?;
+    if let Some(n) = cfg.train_limit {
+        if n == 0 {
+            bail!("--train-limit must be >= 1");
+        }
+        train_set = train_set.take(n);
+    }
+    let norm = Normalize::from_dataset(&train_set);
+    let train_loader = Loader::new(&train_set, cfg.batch_size, true, cfg.seed, norm.clone(), &device)?;
+    let test_loader = Loader::new(&test_set, 256, false, 0, norm, &device)?;
+    cfg.trainer.steps_per_epoch = train_loader.batches_per_epoch();
+
+    let arch = ResNetConfig::preset(&cfg.model, train_set.channels, train_set.num_classes)?;
+    let net = CifarResNet {
+        config: arch,
+        modules: cfg.modules,
+        split: cfg.split,
+        head: cfg.aux_head,
+        seed: cfg.seed,
+    }
+    .build(&device, DType::F32)?;
+    let plan = net.plan().clone();
+    let out = a.out.clone().unwrap_or_else(|| {
+        PathBuf::from("runs").join(format!(
+            "{}-{}-{}-k{}",
+            dataset_name(cfg.dataset),
+            cfg.model,
+            cfg.trainer.method.name(),
+            cfg.modules
+        ))
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    write_json(&out.join("config.json"), &cfg)?;
+
+    println!(
+        "sgr train: {} on {} ({} train / {} test), method {}, K={} (module ends after blocks {:?}), {} parameters",
+        cfg.model,
+        dataset_name(cfg.dataset),
+        train_set.len(),
+        test_set.len(),
+        cfg.trainer.method.name(),
+        cfg.modules,
+        plan.ends(),
+        net.num_trainable()
+    );
+    let mut trainer = Trainer::new(net, cfg.trainer.clone())?;
+    let metrics_path = out.join("metrics.jsonl");
+    let mut metrics = std::fs::File::create(&metrics_path)
+        .with_context(|| format!("creating {}", metrics_path.display()))?;
+    let start = Instant::now();
+    let mut train_seconds = 0.0;
+    let mut last_eval: Option<EvalMetrics> = None;
+    let mut last_cos = Vec::new();
+    let mut epochs_done = 0;
+    for epoch in 0..cfg.trainer.epochs {
+        let remaining = cfg
+            .max_steps
+            .map(|m| m.saturating_sub(trainer.global_step()))
+            .unwrap_or(usize::MAX);
+        if remaining == 0 {
+            break;
+        }
+        let mut observer = |_e: &Event<'_>| {};
+        let m = trainer.run_epoch(train_loader.epoch(epoch).take(remaining), &mut observer)?;
+        train_seconds += m.seconds;
+        let eval = trainer.evaluate(test_loader.epoch(0))?;
+        let rec = EpochRecord {
+            train: &m,
+            test_loss: eval.loss,
+            test_accuracy: eval.accuracy,
+            test_top5: eval.top5,
+            elapsed_seconds: start.elapsed().as_secs_f64(),
+        };
+        writeln!(metrics, "{}", serde_json::to_string(&rec)?)?;
+        metrics.flush()?;
+        let cos: Vec<String> = m.boundaries.iter().map(|b| format!("{:.2}", b.cos)).collect();
+        println!(
+            "epoch {:>3}/{}  loss {:.4}  train acc {:.4}  test acc {:.4}  time {:.1}s{}",
+            epoch + 1,
+            cfg.trainer.epochs,
+            m.train_loss,
+            m.train_accuracy,
+            eval.accuracy,
+            m.seconds,
+            if cos.is_empty() {
+                String::new()
+            } else {
+                format!("  cos(a,b) [{}]", cos.join(" "))
+            }
+        );
+        last_cos = m.boundaries.iter().map(|b| b.cos).collect();
+        last_eval = Some(eval);
+        epochs_done += 1;
+    }
+    let peak = sgr_core::memory::peak_rss_bytes();
+    let eval = last_eval.context("no epoch was run")?;
+    save_params(&out.join("model.safetensors"), &trainer.network().params())?;
+    let summary = Summary {
+        method: cfg.trainer.method.name().into(),
+        model: cfg.model.clone(),
+        dataset: dataset_name(cfg.dataset).into(),
+        modules: cfg.modules,
+        epochs: epochs_done,
+        steps: trainer.global_step(),
+        train_samples: train_set.len(),
+        test_samples: test_set.len(),
+        test_accuracy: eval.accuracy,
+        test_error: 1.0 - eval.accuracy,
+        test_top5: eval.top5,
+        train_seconds,
+        peak_memory_bytes: peak,
+        final_boundary_cos: last_cos,
+    };
+    write_json(&out.join("summary.json"), &summary)?;
+    println!(
+        "done: test accuracy {:.4} (error {:.2}%), train time {:.1}s, peak memory {} MiB; saved {}",
+        eval.accuracy,
+        100.0 * (1.0 - eval.accuracy),
+        train_seconds,
+        peak.map(|b| (b / (1024 * 1024)).to_string())
+            .unwrap_or_else(|| "?".into()),
+        out.join("model.safetensors").display()
+    );
+    Ok(())
+}

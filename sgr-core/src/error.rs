@@ -34,6 +34,10 @@ pub enum Error {
     #[error("{path}: {problem}")]
     Checkpoint { path: PathBuf, problem: String },
 
+    /// The data source failed to produce a batch.
+    #[error("data: {0}")]
+    Data(#[source] Box<dyn std::error::Error + Send + Sync>),
+
     /// Training produced a non-finite loss.
     #[error("non-finite loss {value} in module {module} at step {step}")]
     NonFiniteLoss {

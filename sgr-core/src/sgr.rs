@@ -28,14 +28,22 @@ use crate::{Error, Result};
 pub trait LocalProblem: Sync {
     /// Trainable variables (the module's body and loss head), in a fixed order.
     fn vars(&self) -> Vec<Var>;
-    /// Runs the module on `x`. `output_shift`, when given, is added to the module's output
-    /// before the loss head.
-    fn forward(
-        &self,
-        x: &Tensor,
-        output_shift: Option<&Tensor>,
-        ctx: &mut Ctx,
-    ) -> Result<LocalForward>;
+    /// Runs the module on `x`; `shift` says what to add to the module's output before the
+    /// loss head.
+    fn forward(&self, x: &Tensor, shift: OutputShift<'_>, ctx: &mut Ctx) -> Result<LocalForward>;
+}
+
+/// What a local forward pass adds to the module's output before the loss head.
+#[derive(Debug, Clone, Copy)]
+pub enum OutputShift<'a> {
+    /// Nothing.
+    None,
+    /// A fixed tensor (the finite-difference perturbation of the backward direction).
+    Add(&'a Tensor),
+    /// A zero-valued variable, returned in [`LocalForward::probe`]: its gradient is the
+    /// gradient at the output (candle drops the gradients of intermediate tensors), and it
+    /// keeps the graph to the module's parameters for double backward.
+    Probe,
 }
 
 /// What a local forward pass produced.
@@ -47,6 +55,8 @@ pub struct LocalForward {
     pub output: Tensor,
     /// Logits of the loss head.
     pub logits: Tensor,
+    /// The zero variable added to the output for [`OutputShift::Probe`].
+    pub probe: Option<Var>,
 }
 
 /// Module `k` of a [`LocalNetwork`] trained by cross-entropy on its head (Greedy SL; the last
@@ -70,32 +80,36 @@ impl LocalProblem for CrossEntropyModule<'_> {
             .collect()
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        output_shift: Option<&Tensor>,
-        ctx: &mut Ctx,
-    ) -> Result<LocalForward> {
+    fn forward(&self, x: &Tensor, shift: OutputShift<'_>, ctx: &mut Ctx) -> Result<LocalForward> {
         let last = self.k + 1 == self.net.num_modules();
         let output = self.net.module_body(self.k, x, ctx)?;
+        let mut probe = None;
         let logits = if last {
-            if output_shift.is_some() {
+            if let OutputShift::Add(_) = shift {
                 return Err(Error::InvalidConfig(
                     "the last module has no head to shift the output for".into(),
                 ));
             }
             output.clone()
         } else {
-            match output_shift {
-                Some(s) => self.net.module_head(self.k, &(&output + s)?, ctx)?,
-                None => self.net.module_head(self.k, &output, ctx)?,
-            }
+            let head_in = match shift {
+                OutputShift::None => output.clone(),
+                OutputShift::Add(s) => (&output + s)?,
+                OutputShift::Probe => {
+                    let z = Var::from_tensor(&output.zeros_like()?)?;
+                    let h = (&output + z.as_tensor())?;
+                    probe = Some(z);
+                    h
+                }
+            };
+            self.net.module_head(self.k, &head_in, ctx)?
         };
         let loss = cross_entropy(&logits, self.labels)?;
         Ok(LocalForward {
             loss,
             output,
             logits,
+            probe,
         })
     }
 }
@@ -141,12 +155,15 @@ pub fn base_pass(
     } else {
         Ctx::train()
     };
-    let f = p.forward(&x_in, None, &mut ctx)?;
+    let f = p.forward(&x_in, OutputShift::Probe, &mut ctx)?;
     let loss = f.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
     let store = f.loss.backward()?;
     let vars = p.vars();
     let grads = collect_grads(&store, &vars)?;
-    let output_grad = store.get(&f.output).map(|g| g.detach());
+    let output_grad = f
+        .probe
+        .as_ref()
+        .and_then(|z| store.get(z.as_tensor()).map(|g| g.detach()));
     let input_grad = input_var
         .as_ref()
         .and_then(|v| store.get(v.as_tensor()).map(|g| g.detach()));
@@ -393,8 +410,8 @@ fn fd_term_grad(
         let shift = (&step * sign)?;
         let mut ctx = Ctx::train_replaying(masks.to_vec());
         let f = match site {
-            Site::Input => p.forward(&(&x + &shift)?, None, &mut ctx)?,
-            Site::Output => p.forward(&x, Some(&shift), &mut ctx)?,
+            Site::Input => p.forward(&(&x + &shift)?, OutputShift::None, &mut ctx)?,
+            Site::Output => p.forward(&x, OutputShift::Add(&shift), &mut ctx)?,
         };
         if ctx.replay_position() != Some(masks.len()) {
             return Err(Error::InvalidConfig(format!(
@@ -429,11 +446,16 @@ fn exact_term_grad(
     with_second_order(|| {
         let xv = Var::from_tensor(&x.detach())?;
         let mut ctx = Ctx::train_frozen_stats();
-        let f = p.forward(xv.as_tensor(), None, &mut ctx)?;
+        let shift = match site {
+            Site::Input => OutputShift::None,
+            Site::Output => OutputShift::Probe,
+        };
+        let f = p.forward(xv.as_tensor(), shift, &mut ctx)?;
         let first = f.loss.backward()?;
-        let s = match site {
-            Site::Input => first.get(xv.as_tensor()),
-            Site::Output => first.get(&f.output),
+        let s = match (site, &f.probe) {
+            (Site::Input, _) => first.get(xv.as_tensor()),
+            (Site::Output, Some(z)) => first.get(z.as_tensor()),
+            (Site::Output, None) => None,
         }
         .ok_or_else(|| Error::InvalidConfig("local loss does not depend on the site".into()))?;
         let d = distance.eval(s, &target)?;

@@ -391,13 +391,14 @@ impl Trainer {
     }
 
     /// Runs one epoch over `batches`, emitting a [`Event::Step`] per step.
-    pub fn run_epoch<I>(&mut self, batches: I, observer: &mut dyn Observer) -> Result<EpochMetrics>
+    pub fn run_epoch<I, E>(&mut self, batches: I, observer: &mut dyn Observer) -> Result<EpochMetrics>
     where
-        I: IntoIterator<Item = Result<(Tensor, Tensor)>>,
+        I: IntoIterator<Item = std::result::Result<(Tensor, Tensor), E>>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let _span = tracing::info_span!("epoch", epoch = self.epoch).entered();
         for b in batches {
-            let (x, y) = b?;
+            let (x, y) = b.map_err(|e| Error::Data(e.into()))?;
             let m = self.train_step(&x, &y)?;
             observer.on_event(&Event::Step(&m));
         }
@@ -405,24 +406,26 @@ impl Trainer {
     }
 
     /// Evaluates the network's classifier (evaluation mode) over `batches`.
-    pub fn evaluate<I>(&self, batches: I) -> Result<EvalMetrics>
+    pub fn evaluate<I, E>(&self, batches: I) -> Result<EvalMetrics>
     where
-        I: IntoIterator<Item = Result<(Tensor, Tensor)>>,
+        I: IntoIterator<Item = std::result::Result<(Tensor, Tensor), E>>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         evaluate(&self.net, batches)
     }
 }
 
 /// Evaluates a network's classifier (evaluation mode) over `batches`.
-pub fn evaluate<I>(net: &LocalNetwork, batches: I) -> Result<EvalMetrics>
+pub fn evaluate<I, E>(net: &LocalNetwork, batches: I) -> Result<EvalMetrics>
 where
-    I: IntoIterator<Item = Result<(Tensor, Tensor)>>,
+    I: IntoIterator<Item = std::result::Result<(Tensor, Tensor), E>>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let _span = tracing::info_span!("evaluate").entered();
     let (mut loss, mut correct, mut top5, mut n) = (0.0, 0usize, 0usize, 0usize);
     let with_top5 = net.num_classes() > 5;
     for b in batches {
-        let (x, y) = b?;
+        let (x, y) = b.map_err(|e| Error::Data(e.into()))?;
         let mut ctx = Ctx::eval();
         let logits = net.forward(&x.detach(), &mut ctx)?.detach();
         let bs = x.dim(0)?;
