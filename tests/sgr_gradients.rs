@@ -4,8 +4,7 @@
 
 use candle_core::{DType, Tensor, Var};
 use sgr_core::sgr::{
-    base_pass, sgr_term_grad, CrossEntropyModule, Distance, LocalProblem, SgrConfig, SgrGrad,
-    Site,
+    base_pass, sgr_term_grad, CrossEntropyModule, Distance, LocalProblem, SgrConfig, SgrGrad, Site,
 };
 use sgr_integration_tests::{flat, labels, randn, rel_err, resnet};
 use sgr_models::HeadKind;
@@ -64,7 +63,12 @@ fn objective(
 
 fn nudge(var: &Var, index: usize, delta: f64) {
     let shape = var.dims().to_vec();
-    let mut v = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let mut v = var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     v[index] += delta;
     var.set(&Tensor::from_vec(v, shape, var.device()).unwrap())
         .unwrap();
@@ -97,11 +101,7 @@ fn exact_sgr_gradient_equals_f64_finite_differences_of_j() {
         let s0 = site_grad(&base, site);
         let t = target_near(&s0, 99 + ci as u64);
         // λ makes both parts of J comparable, so the term is really tested.
-        let d0 = distance
-            .eval(&s0, &t)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let d0 = distance.eval(&s0, &t).unwrap().to_scalar::<f64>().unwrap();
         let lambda = 0.7 * base.loss / d0;
         let term = sgr_term_grad(
             &prob,
@@ -158,10 +158,20 @@ fn finite_difference_sgr_gradient_matches_exact_on_resnet_module() {
     let net = resnet(20, 3, 3, HeadKind::OneConvTwoFc, 7, DType::F32);
     let y = labels(32, 1);
     let cases = [
-        (1usize, Site::Input, Distance::SquaredL2, vec![32, 16, 16, 16]),
+        (
+            1usize,
+            Site::Input,
+            Distance::SquaredL2,
+            vec![32, 16, 16, 16],
+        ),
         (2, Site::Input, Distance::Cosine, vec![32, 32, 8, 8]),
         (0, Site::Output, Distance::SquaredL2, vec![32, 3, 16, 16]),
-        (1, Site::Output, Distance::CosinePerSample, vec![32, 16, 16, 16]),
+        (
+            1,
+            Site::Output,
+            Distance::CosinePerSample,
+            vec![32, 16, 16, 16],
+        ),
     ];
     for (ci, (k, site, distance, shape)) in cases.into_iter().enumerate() {
         let mut x = randn(&shape, 1.0, 40 + ci as u64, DType::F32);
@@ -187,8 +197,16 @@ fn finite_difference_sgr_gradient_matches_exact_on_resnet_module() {
             &cfg(distance, SgrGrad::FiniteDifference),
         )
         .unwrap();
-        let ex = sgr_term_grad(&prob, &x, site, &s0, &t, &[], &cfg(distance, SgrGrad::Exact))
-            .unwrap();
+        let ex = sgr_term_grad(
+            &prob,
+            &x,
+            site,
+            &s0,
+            &t,
+            &[],
+            &cfg(distance, SgrGrad::Exact),
+        )
+        .unwrap();
         let err = rel_err(&flat(&fd.grads), &flat(&ex.grads));
         eprintln!("module {k} {site:?} {distance:?}: FD vs exact relative error {err:.2e}");
         assert!(
@@ -215,15 +233,33 @@ fn replayed_masks_are_what_makes_the_difference_accurate() {
     let s0 = base.input_grad.clone().unwrap();
     let t = target_near(&s0, 5);
     let c = cfg(Distance::SquaredL2, SgrGrad::FiniteDifference);
-    let ex = sgr_term_grad(&prob, &x, Site::Input, &s0, &t, &[], &cfg(Distance::SquaredL2, SgrGrad::Exact)).unwrap();
+    let ex = sgr_term_grad(
+        &prob,
+        &x,
+        Site::Input,
+        &s0,
+        &t,
+        &[],
+        &cfg(Distance::SquaredL2, SgrGrad::Exact),
+    )
+    .unwrap();
     let replayed = sgr_term_grad(&prob, &x, Site::Input, &s0, &t, &base.masks, &c).unwrap();
     let e_rep = rel_err(&flat(&replayed.grads), &flat(&ex.grads));
     assert!(e_rep < 1e-3, "replayed masks: {e_rep:e}");
     // Replaying the wrong masks (from another input) must be detected as a large error.
-    let other = base_pass(&prob, &randn(&[32, 16, 16, 16], 1.0, 4, DType::F32).relu().unwrap(), true, true).unwrap();
+    let other = base_pass(
+        &prob,
+        &randn(&[32, 16, 16, 16], 1.0, 4, DType::F32).relu().unwrap(),
+        true,
+        true,
+    )
+    .unwrap();
     let wrong = sgr_term_grad(&prob, &x, Site::Input, &s0, &t, &other.masks, &c).unwrap();
     let e_wrong = rel_err(&flat(&wrong.grads), &flat(&ex.grads));
-    assert!(e_wrong > 10.0 * e_rep, "wrong masks {e_wrong:e} vs right {e_rep:e}");
+    assert!(
+        e_wrong > 10.0 * e_rep,
+        "wrong masks {e_wrong:e} vs right {e_rep:e}"
+    );
 }
 
 /// Test 5 (gradient level): every trainable parameter of every module receives a non-zero
@@ -242,7 +278,11 @@ fn every_trainable_parameter_gets_a_nonzero_gradient() {
                 k,
                 labels: &y,
             };
-            let names: Vec<String> = net.module_trainable(k).into_iter().map(|p| p.name).collect();
+            let names: Vec<String> = net
+                .module_trainable(k)
+                .into_iter()
+                .map(|p| p.name)
+                .collect();
             let base = base_pass(&prob, &h, true, true).unwrap();
             let mut checks = vec![("local loss".to_string(), base.grads.clone())];
             let mut sites = vec![Site::Input];
@@ -269,8 +309,17 @@ fn every_trainable_parameter_gets_a_nonzero_gradient() {
             for (what, grads) in checks {
                 assert_eq!(grads.len(), names.len());
                 for (g, n) in grads.iter().zip(&names) {
-                    let s = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-                    assert!(s > 0.0 && s.is_finite(), "{head:?} module {k} {what}: `{n}` got {s}");
+                    let s = g
+                        .abs()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    assert!(
+                        s > 0.0 && s.is_finite(),
+                        "{head:?} module {k} {what}: `{n}` got {s}"
+                    );
                 }
             }
             h = base.output;
@@ -284,8 +333,16 @@ fn every_trainable_parameter_gets_a_nonzero_gradient() {
     let loss = sgr_core::loss::cross_entropy(&net.forward(&x, &mut ctx).unwrap(), &y).unwrap();
     let store = loss.backward().unwrap();
     for p in net.trainable() {
-        let g = store.get(p.var.as_tensor()).unwrap_or_else(|| panic!("bp: `{}` got no gradient", p.name));
-        let s = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let g = store
+            .get(p.var.as_tensor())
+            .unwrap_or_else(|| panic!("bp: `{}` got no gradient", p.name));
+        let s = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(s > 0.0, "bp: `{}` got a zero gradient", p.name);
     }
 }
@@ -298,14 +355,20 @@ fn distance_gradients_match_closed_forms() {
     let b = 4.0;
     let (d, v) = Distance::SquaredL2.value_and_grad(&s, &t).unwrap();
     let diff = (&s - &t).unwrap();
-    let want_d = b * diff.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let want_d = b * diff
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     assert!((d - want_d).abs() < 1e-12 * want_d);
     let want_v = (diff * (2.0 * b)).unwrap();
     assert!(rel_err(&flat(&[v]), &flat(&[want_v])) < 1e-12);
     // cosine: ∂/∂s (1 − s·t/(|s||t|)) = −t/(|s||t|) + (s·t) s/(|s|³|t|)
     let (d, v) = Distance::Cosine.value_and_grad(&s, &t).unwrap();
-    let sv = flat(&[s.clone()]);
-    let tv = flat(&[t.clone()]);
+    let sv = flat(std::slice::from_ref(&s));
+    let tv = flat(std::slice::from_ref(&t));
     let dot: f64 = sv.iter().zip(&tv).map(|(a, b)| a * b).sum();
     let ns = sv.iter().map(|a| a * a).sum::<f64>().sqrt();
     let nt = tv.iter().map(|a| a * a).sum::<f64>().sqrt();

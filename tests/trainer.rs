@@ -55,12 +55,17 @@ fn k1_greedy_and_bp_take_the_same_step() {
     let d = max_param_diff(ta.network(), tb.network());
     assert!(d < 1e-6, "bp and greedy K=1 differ by {d}");
     // And the step did move the weights (the comparison is not between two no-ops).
-    let moved = before
-        .iter()
-        .zip(ta.network().params())
-        .any(|((_, t), p)| {
-            (t - p.var.as_tensor()).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 1e-3
-        });
+    let moved = before.iter().zip(ta.network().params()).any(|((_, t), p)| {
+        (t - p.var.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 1e-3
+    });
     assert!(moved);
 }
 
@@ -89,7 +94,10 @@ fn sgr_with_zero_lambda_is_exactly_greedy() {
             ts.train_step(&x, &y).unwrap();
         }
         let d = max_param_diff(tg.network(), ts.network());
-        assert_eq!(d, 0.0, "{grad:?} {direction:?}: sgr(λ=0) differs from greedy by {d}");
+        assert_eq!(
+            d, 0.0,
+            "{grad:?} {direction:?}: sgr(λ=0) differs from greedy by {d}"
+        );
     }
 }
 
@@ -173,8 +181,23 @@ fn no_gradient_from_module_k_reaches_earlier_modules() {
         for (p, g) in reference.module_trainable(0).iter().zip(&bp0.grads) {
             let want = (p.var.as_tensor() - (g * lr).unwrap()).unwrap();
             let got = &trained[&p.name];
-            let d = (got - &want).unwrap().abs().unwrap().max_keepdim(0).unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-            assert!(d < 1e-6, "{method:?}: `{}` moved by more than its own local step ({d})", p.name);
+            let d = (got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_keepdim(0)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                d < 1e-6,
+                "{method:?}: `{}` moved by more than its own local step ({d})",
+                p.name
+            );
         }
     }
     // Graph level: module 1's local pass from an input that carries module 0's graph.
@@ -189,7 +212,10 @@ fn no_gradient_from_module_k_reaches_earlier_modules() {
     };
     // Control: without isolation the earlier module would receive gradients.
     let store = undetached_loss.backward().unwrap();
-    assert!(net.module_trainable(0).iter().any(|p| store.get(p.var.as_tensor()).is_some()));
+    assert!(net
+        .module_trainable(0)
+        .iter()
+        .any(|p| store.get(p.var.as_tensor()).is_some()));
     let prob = CrossEntropyModule {
         net: &net,
         k: 1,
@@ -206,7 +232,11 @@ fn no_gradient_from_module_k_reaches_earlier_modules() {
     .unwrap();
     let store = probe.loss.backward().unwrap();
     for p in net.module_trainable(0) {
-        assert!(store.get(p.var.as_tensor()).is_none(), "`{}` received a gradient from module 1", p.name);
+        assert!(
+            store.get(p.var.as_tensor()).is_none(),
+            "`{}` received a gradient from module 1",
+            p.name
+        );
     }
 }
 
@@ -222,14 +252,26 @@ fn sgd_nesterov_matches_pytorch_rule() {
     }
     .build(vec![p.clone()])
     .unwrap();
-    let w0 = p.var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let w0 = p
+        .var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     let g1 = randn(p.var.dims(), 1.0, 1, DType::F32);
     let g2 = randn(p.var.dims(), 1.0, 2, DType::F32);
     opt.step(std::slice::from_ref(&g1), 0.1).unwrap();
     opt.step(std::slice::from_ref(&g2), 0.05).unwrap();
     let g1 = g1.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let g2 = g2.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let got = p.var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let got = p
+        .var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     for i in 0..w0.len() {
         // torch.optim.SGD: d = g + wd·w; buf = d (first) | μ·buf + d; d = d + μ·buf; w -= lr·d
         let (mu, wd) = (0.9f64, 0.01f64);
@@ -240,7 +282,11 @@ fn sgd_nesterov_matches_pytorch_rule() {
         let d2 = g2[i] as f64 + wd * w;
         let buf2 = mu * buf1 + d2;
         w -= 0.05 * (d2 + mu * buf2);
-        assert!((got[i] as f64 - w).abs() < 1e-5, "element {i}: {} vs {w}", got[i]);
+        assert!(
+            (got[i] as f64 - w).abs() < 1e-5,
+            "element {i}: {} vs {w}",
+            got[i]
+        );
     }
 }
 
@@ -261,15 +307,33 @@ fn optimizer_state_and_weights_round_trip() {
             optimizer: opt.clone(),
             ..tcfg(Method::Greedy, SgrConfig::default())
         };
-        let mut a = Trainer::new(resnet(8, 3, 2, HeadKind::ZeroConvOneFc, 4, DType::F32), cfg.clone()).unwrap();
+        let mut a = Trainer::new(
+            resnet(8, 3, 2, HeadKind::ZeroConvOneFc, 4, DType::F32),
+            cfg.clone(),
+        )
+        .unwrap();
         for s in 0..2 {
             let (x, y) = batch(s);
             a.train_step(&x, &y).unwrap();
         }
-        sgr_core::checkpoint::save_params(&dir.path().join("m.safetensors"), &a.network().params()).unwrap();
+        sgr_core::checkpoint::save_params(&dir.path().join("m.safetensors"), &a.network().params())
+            .unwrap();
         let states: Vec<_> = a.optimizers().iter().map(|o| o.state().unwrap()).collect();
-        let mut b = Trainer::new(resnet(8, 3, 2, HeadKind::ZeroConvOneFc, 99, DType::F32), cfg).unwrap();
-        sgr_core::checkpoint::load_params(&dir.path().join("m.safetensors"), &b.network().params()).unwrap();
+        // State must not hold an autodiff graph: each step's state would keep the previous
+        // step's alive (a leak of the whole training history).
+        for s in &states {
+            assert!(!s.is_empty());
+            for (name, t) in s {
+                assert!(!t.track_op(), "{opt:?}: state `{name}` tracks a graph");
+            }
+        }
+        let mut b = Trainer::new(
+            resnet(8, 3, 2, HeadKind::ZeroConvOneFc, 99, DType::F32),
+            cfg,
+        )
+        .unwrap();
+        sgr_core::checkpoint::load_params(&dir.path().join("m.safetensors"), &b.network().params())
+            .unwrap();
         for (o, s) in b.optimizers_mut().iter_mut().zip(&states) {
             o.load_state(s).unwrap();
         }
@@ -291,22 +355,41 @@ fn corrupt_or_mismatched_checkpoints_are_clear_errors() {
     sgr_core::checkpoint::save_params(&path, &small.params()).unwrap();
     let other = resnet(14, 3, 1, HeadKind::OneConvTwoFc, 2, DType::F32);
     let before = snapshot(&other);
-    let e = sgr_core::checkpoint::load_params(&path, &other.params()).unwrap_err().to_string();
-    assert!(e.contains("model.safetensors") && e.contains("missing"), "{e}");
+    let e = sgr_core::checkpoint::load_params(&path, &other.params())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.safetensors") && e.contains("missing"),
+        "{e}"
+    );
     let wide = resnet(8, 1, 1, HeadKind::OneConvTwoFc, 2, DType::F32);
-    let e = sgr_core::checkpoint::load_params(&path, &wide.params()).unwrap_err().to_string();
+    let e = sgr_core::checkpoint::load_params(&path, &wide.params())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("conv1.weight") && e.contains("shape"), "{e}");
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    let e = sgr_core::checkpoint::load_params(&path, &small.params()).unwrap_err().to_string();
+    let e = sgr_core::checkpoint::load_params(&path, &small.params())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("model.safetensors"), "{e}");
     let after = snapshot(&other);
     for ((n, a), (_, b)) in before.iter().zip(&after) {
-        let d = (a - b).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(d, 0.0, "{n} changed");
     }
     // No temporary files are left next to the checkpoint.
-    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names.len(), 1, "{names:?}");
     let _ = Device::Cpu;
 }
@@ -314,8 +397,11 @@ fn corrupt_or_mismatched_checkpoints_are_clear_errors() {
 /// bp refuses a multi-module network.
 #[test]
 fn bp_needs_one_module() {
-    let e = Trainer::new(resnet(8, 3, 2, HeadKind::OneConvTwoFc, 1, DType::F32), tcfg(Method::Bp, SgrConfig::default()))
-        .unwrap_err()
-        .to_string();
+    let e = Trainer::new(
+        resnet(8, 3, 2, HeadKind::OneConvTwoFc, 1, DType::F32),
+        tcfg(Method::Bp, SgrConfig::default()),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("K=1"), "{e}");
 }

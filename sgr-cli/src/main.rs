@@ -17,7 +17,11 @@ use sgr_data::{CifarKind, ImageDataset, Loader, Normalize};
 use sgr_models::{CifarResNet, HeadKind, ResNetConfig, SplitStrategy};
 
 #[derive(Parser, Debug)]
-#[command(name = "sgr", version, about = "Local learning with Successive Gradient Reconciliation")]
+#[command(
+    name = "sgr",
+    version,
+    about = "Local learning with Successive Gradient Reconciliation"
+)]
 struct Cli {
     /// More log output (-v: info, -vv: debug, -vvv: trace).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -284,7 +288,9 @@ fn run_config(a: &TrainArgs) -> Result<RunConfig> {
     };
     let modules = match (method, a.modules) {
         (Method::Bp, None | Some(1)) => 1,
-        (Method::Bp, Some(k)) => bail!("--method bp trains end to end: --modules must be 1, got {k}"),
+        (Method::Bp, Some(k)) => {
+            bail!("--method bp trains end to end: --modules must be 1, got {k}")
+        }
         (_, Some(k)) => k,
         (_, None) => 4,
     };
@@ -373,7 +379,14 @@ fn train(a: TrainArgs) -> Result<()> {
         train_set = train_set.take(n);
     }
     let norm = Normalize::from_dataset(&train_set);
-    let train_loader = Loader::new(&train_set, cfg.batch_size, true, cfg.seed, norm.clone(), &device)?;
+    let train_loader = Loader::new(
+        &train_set,
+        cfg.batch_size,
+        true,
+        cfg.seed,
+        norm.clone(),
+        &device,
+    )?;
     let test_loader = Loader::new(&test_set, 256, false, 0, norm, &device)?;
     cfg.trainer.steps_per_epoch = train_loader.batches_per_epoch();
 
@@ -440,7 +453,11 @@ fn train(a: TrainArgs) -> Result<()> {
         };
         writeln!(metrics, "{}", serde_json::to_string(&rec)?)?;
         metrics.flush()?;
-        let cos: Vec<String> = m.boundaries.iter().map(|b| format!("{:.2}", b.cos)).collect();
+        let cos: Vec<String> = m
+            .boundaries
+            .iter()
+            .map(|b| format!("{:.2}", b.cos))
+            .collect();
         println!(
             "epoch {:>3}/{}  loss {:.4}  train acc {:.4}  test acc {:.4}  time {:.1}s{}",
             epoch + 1,

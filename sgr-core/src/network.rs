@@ -220,7 +220,10 @@ impl LocalNetwork {
 
 /// Collects the gradients of `vars` from a gradient store; a variable the graph did not reach
 /// gets zeros (the all-parameters-get-gradients test catches such silent cuts).
-pub fn collect_grads(store: &candle_core::backprop::GradStore, vars: &[Var]) -> Result<Vec<Tensor>> {
+pub fn collect_grads(
+    store: &candle_core::backprop::GradStore,
+    vars: &[Var],
+) -> Result<Vec<Tensor>> {
     vars.iter()
         .map(|v| match store.get(v.as_tensor()) {
             Some(g) => Ok(g.detach()),

@@ -311,7 +311,11 @@ impl BatchNorm {
             let var = centred.sqr()?.mean_keepdim(reduce.as_slice())?;
             if ctx.update_bn_stats {
                 let n = x.elem_count() / c;
-                let unbiased = if n > 1 { n as f64 / (n - 1) as f64 } else { 1.0 };
+                let unbiased = if n > 1 {
+                    n as f64 / (n - 1) as f64
+                } else {
+                    1.0
+                };
                 let m = self.momentum;
                 let bm = mean.detach().flatten_all()?;
                 let bv = var.detach().flatten_all()?.affine(unbiased, 0.0)?;
@@ -349,8 +353,16 @@ impl Layer for BatchNorm {
         vec![
             param(format!("{n}.weight"), &self.weight, ParamKind::Trainable),
             param(format!("{n}.bias"), &self.bias, ParamKind::Trainable),
-            param(format!("{n}.running_mean"), &self.running_mean, ParamKind::Buffer),
-            param(format!("{n}.running_var"), &self.running_var, ParamKind::Buffer),
+            param(
+                format!("{n}.running_mean"),
+                &self.running_mean,
+                ParamKind::Buffer,
+            ),
+            param(
+                format!("{n}.running_var"),
+                &self.running_var,
+                ParamKind::Buffer,
+            ),
             param(
                 format!("{n}.num_batches_tracked"),
                 &self.num_batches_tracked,
@@ -381,8 +393,7 @@ impl Linear {
 
     /// Forward pass on `(batch, cin)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x
-            .matmul(&self.weight.as_tensor().t()?)?
+        Ok(x.matmul(&self.weight.as_tensor().t()?)?
             .broadcast_add(self.bias.as_tensor())?)
     }
 }

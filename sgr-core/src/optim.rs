@@ -133,11 +133,14 @@ impl Optimizer for Sgd {
     fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         check_len(&self.params, grads)?;
         for (p, g) in self.params.iter().zip(grads) {
-            let w = p.var.as_tensor();
+            // Detached: a result that tracks the variable would chain every step's state to the
+            // previous one through its op graph and never be freed.
+            let w = &p.var.as_tensor().detach();
+            let g = g.detach();
             let mut d = if self.weight_decay != 0.0 {
-                (g + (w * self.weight_decay)?)?
+                (&g + (w * self.weight_decay)?)?
             } else {
-                g.clone()
+                g
             };
             if self.momentum != 0.0 {
                 let buf = match self.buffers.get(&p.name) {
@@ -212,7 +215,9 @@ impl Optimizer for AdamW {
         let bc1 = 1.0 - self.beta1.powi(t);
         let bc2 = 1.0 - self.beta2.powi(t);
         for (p, g) in self.params.iter().zip(grads) {
-            let w = p.var.as_tensor();
+            // Detached: a result that tracks the variable would chain every step's state to the
+            // previous one through its op graph and never be freed.
+            let w = &p.var.as_tensor().detach();
             let m_prev = match self.m.get(&p.name) {
                 Some(m) => m.clone(),
                 None => g.zeros_like()?,

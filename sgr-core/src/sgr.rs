@@ -156,7 +156,10 @@ pub fn base_pass(
         Ctx::train()
     };
     let f = p.forward(&x_in, OutputShift::Probe, &mut ctx)?;
-    let loss = f.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    let loss = f
+        .loss
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()?;
     let store = f.loss.backward()?;
     let vars = p.vars();
     let grads = collect_grads(&store, &vars)?;

@@ -11,7 +11,10 @@ use crate::loss::{correct_count, cross_entropy, topk_correct_count};
 use crate::network::{collect_grads, LocalNetwork};
 use crate::nn::Ctx;
 use crate::optim::{Optimizer, OptimizerConfig, Schedule};
-use crate::sgr::{base_pass, boundary_stats, sgr_term_grad, CrossEntropyModule, Direction, SgrConfig, SgrGrad, Site};
+use crate::sgr::{
+    base_pass, boundary_stats, sgr_term_grad, CrossEntropyModule, Direction, SgrConfig, SgrGrad,
+    Site,
+};
 use crate::{Error, Result};
 
 /// Training method.
@@ -110,7 +113,10 @@ impl Trainer {
     pub fn new(net: LocalNetwork, cfg: TrainerConfig) -> Result<Self> {
         cfg.sgr.validate()?;
         if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
-            return Err(Error::InvalidConfig(format!("lr must be > 0, got {}", cfg.lr)));
+            return Err(Error::InvalidConfig(format!(
+                "lr must be > 0, got {}",
+                cfg.lr
+            )));
         }
         let k = net.num_modules();
         if cfg.method == Method::Bp && k != 1 {
@@ -288,15 +294,7 @@ impl Trainer {
                                 )))
                             }
                         };
-                        let term = sgr_term_grad(
-                            &prob,
-                            &h,
-                            Site::Input,
-                            b,
-                            a,
-                            &bp.masks,
-                            &sgr,
-                        )?;
+                        let term = sgr_term_grad(&prob, &h, Site::Input, b, a, &bp.masks, &sgr)?;
                         add_scaled(&mut grads, &term.grads, lambda)?;
                         sgr_d = Some((k - 1, term.distance));
                     }
@@ -349,7 +347,11 @@ impl Trainer {
                 s.2 += d;
                 s.4 += 1;
             }
-            prev_a = if k + 1 < k_total { bp.output_grad } else { None };
+            prev_a = if k + 1 < k_total {
+                bp.output_grad
+            } else {
+                None
+            };
             h = bp.output;
         }
         Ok((losses, correct))
@@ -391,7 +393,11 @@ impl Trainer {
     }
 
     /// Runs one epoch over `batches`, emitting a [`Event::Step`] per step.
-    pub fn run_epoch<I, E>(&mut self, batches: I, observer: &mut dyn Observer) -> Result<EpochMetrics>
+    pub fn run_epoch<I, E>(
+        &mut self,
+        batches: I,
+        observer: &mut dyn Observer,
+    ) -> Result<EpochMetrics>
     where
         I: IntoIterator<Item = std::result::Result<(Tensor, Tensor), E>>,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,

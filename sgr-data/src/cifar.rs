@@ -188,10 +188,17 @@ mod tests {
         let mut bytes = record(&[1], 0);
         bytes.extend(&record(&[2], 0)[..100]);
         std::fs::write(&p, &bytes).unwrap();
-        let e = read_cifar_file(&p, CifarKind::Cifar10).unwrap_err().to_string();
-        assert!(e.contains("data_batch_1.bin") && e.contains("truncated"), "{e}");
+        let e = read_cifar_file(&p, CifarKind::Cifar10)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("data_batch_1.bin") && e.contains("truncated"),
+            "{e}"
+        );
         std::fs::write(&p, record(&[12], 0)).unwrap();
-        let e = read_cifar_file(&p, CifarKind::Cifar10).unwrap_err().to_string();
+        let e = read_cifar_file(&p, CifarKind::Cifar10)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("record 0 has label 12"), "{e}");
         let e = load_cifar(&dir.path().join("nowhere"), CifarKind::Cifar10, true)
             .unwrap_err()

@@ -37,7 +37,10 @@ fn parse_digits(gz: &[u8], train: bool) -> Result<ImageDataset> {
         }
         let vals: Vec<&str> = line.split(',').collect();
         if vals.len() != 65 {
-            return Err(bad(format!("row {i} has {} fields, expected 65", vals.len())));
+            return Err(bad(format!(
+                "row {i} has {} fields, expected 65",
+                vals.len()
+            )));
         }
         for (j, v) in vals.iter().enumerate() {
             let x: f64 = v
@@ -83,10 +86,15 @@ mod tests {
     #[test]
     fn corrupt_input_is_an_error() {
         let e = parse_digits(b"not gzip", true).unwrap_err().to_string();
-        assert!(e.contains("embedded digits") && e.contains("decompress"), "{e}");
+        assert!(
+            e.contains("embedded digits") && e.contains("decompress"),
+            "{e}"
+        );
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         std::io::Write::write_all(&mut enc, b"1,2,3\n").unwrap();
-        let e = parse_digits(&enc.finish().unwrap(), true).unwrap_err().to_string();
+        let e = parse_digits(&enc.finish().unwrap(), true)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("row 0 has 3 fields"), "{e}");
     }
 }

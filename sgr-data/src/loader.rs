@@ -158,7 +158,16 @@ mod tests {
             .unwrap()
             .0;
         let mean = all.mean_all().unwrap().to_scalar::<f32>().unwrap();
-        let var = all.sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(mean.abs() < 1e-4 && (var - 1.0).abs() < 1e-3, "{mean} {var}");
+        let var = all
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            mean.abs() < 1e-4 && (var - 1.0).abs() < 1e-3,
+            "{mean} {var}"
+        );
     }
 }

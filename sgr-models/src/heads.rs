@@ -54,7 +54,15 @@ impl HeadKind {
                     (channels, 1)
                 };
                 Box::new(Head1c2f {
-                    conv: Conv2d::new(format!("{prefix}.conv"), init, channels, cout, 3, stride, 1)?,
+                    conv: Conv2d::new(
+                        format!("{prefix}.conv"),
+                        init,
+                        channels,
+                        cout,
+                        3,
+                        stride,
+                        1,
+                    )?,
                     bn: BatchNorm::new(format!("{prefix}.bn"), init, cout)?,
                     fc1: Linear::new(format!("{prefix}.fc1"), init, cout, 128)?,
                     fc2: Linear::new(format!("{prefix}.fc2"), init, 128, classes)?,

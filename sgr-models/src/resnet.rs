@@ -5,7 +5,9 @@
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sgr_core::network::{LocalNetwork, SplitPlan, Stage};
-use sgr_core::nn::{global_avg_pool, option_a_shortcut, BatchNorm, Conv2d, Ctx, Init, Layer, Linear, Param};
+use sgr_core::nn::{
+    global_avg_pool, option_a_shortcut, BatchNorm, Conv2d, Ctx, Init, Layer, Linear, Param,
+};
 use sgr_core::{Error, Result};
 
 use crate::heads::HeadKind;
@@ -72,7 +74,7 @@ impl ResNetConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.depth < 8 || (self.depth - 2) % 6 != 0 {
+        if self.depth < 8 || !(self.depth - 2).is_multiple_of(6) {
             return Err(Error::InvalidConfig(format!(
                 "CIFAR ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...), got {}",
                 self.depth
@@ -170,7 +172,10 @@ const INFOPRO_RESNET110: Table = &[
     (2, &[(2, 8)]),
     (3, &[(1, 17), (2, 17)]),
     (4, &[(1, 11), (2, 7), (3, 3)]),
-    (8, &[(1, 4), (1, 11), (2, 0), (2, 7), (2, 14), (3, 3), (3, 10)]),
+    (
+        8,
+        &[(1, 4), (1, 11), (2, 0), (2, 7), (2, 14), (3, 3), (3, 10)],
+    ),
     (
         16,
         &[
@@ -368,7 +373,15 @@ impl CifarResNet {
                 let stride = if stage > 1 && b == 0 { 2 } else { 1 };
                 let name = format!("layer{stage}.{b}");
                 units.push(Box::new(BasicBlock {
-                    conv1: Conv2d::new(format!("{name}.conv1"), &mut init, cin, cout, 3, stride, 1)?,
+                    conv1: Conv2d::new(
+                        format!("{name}.conv1"),
+                        &mut init,
+                        cin,
+                        cout,
+                        3,
+                        stride,
+                        1,
+                    )?,
                     bn1: BatchNorm::new(format!("{name}.bn1"), &mut init, cout)?,
                     conv2: Conv2d::new(format!("{name}.conv2"), &mut init, cout, cout, 3, 1, 1)?,
                     bn2: BatchNorm::new(format!("{name}.bn2"), &mut init, cout)?,
@@ -422,17 +435,32 @@ mod tests {
         let p = split_plan(&cfg(110), 2, SplitStrategy::InfoproBalanced).unwrap();
         assert_eq!(p.ends(), &[15, 54]);
         for (k, _) in INFOPRO_RESNET110 {
-            assert_eq!(split_plan(&cfg(110), *k, SplitStrategy::Infopro).unwrap().num_modules(), *k);
+            assert_eq!(
+                split_plan(&cfg(110), *k, SplitStrategy::Infopro)
+                    .unwrap()
+                    .num_modules(),
+                *k
+            );
         }
     }
 
     #[test]
     fn unsupported_k_names_supported_values() {
-        let e = split_plan(&cfg(32), 5, SplitStrategy::Infopro).unwrap_err().to_string();
-        assert!(e.contains("K in {1, 2, 3, 4, 8, 16, 16 (one module per block)}") || e.contains("K in {1, 2, 3, 4, 8, 16"), "{e}");
-        let e = split_plan(&cfg(20), 11, SplitStrategy::Uniform).unwrap_err().to_string();
+        let e = split_plan(&cfg(32), 5, SplitStrategy::Infopro)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("K in {1, 2, 3, 4, 8, 16, 16 (one module per block)}")
+                || e.contains("K in {1, 2, 3, 4, 8, 16"),
+            "{e}"
+        );
+        let e = split_plan(&cfg(20), 11, SplitStrategy::Uniform)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("K from 1 to 10"), "{e}");
-        let e = split_plan(&cfg(20), 2, SplitStrategy::Infopro).unwrap_err().to_string();
+        let e = split_plan(&cfg(20), 2, SplitStrategy::Infopro)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no InfoPro table"), "{e}");
         assert!(ResNetConfig::preset("resnet33", 3, 10).is_err());
     }

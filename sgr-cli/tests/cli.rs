@@ -1,0 +1,131 @@
+//! End-to-end tests of the `sgr` binary.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn sgr(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sgr"))
+        .args(args)
+        .output()
+        .expect("run sgr")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn train_writes_a_complete_run_directory_for_every_method() {
+    for method in ["bp", "greedy", "sgr"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run");
+        let o = sgr(&[
+            "train",
+            "--method",
+            method,
+            "--model",
+            "resnet8",
+            "--epochs",
+            "2",
+            "--max-steps",
+            "3",
+            "--train-limit",
+            "64",
+            "--batch-size",
+            "16",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{method}: {}", text(&o));
+        let t = text(&o);
+        assert!(t.contains("epoch   1/2") && t.contains("test acc"), "{t}");
+        let s = json(&out.join("summary.json"));
+        for key in [
+            "method",
+            "model",
+            "dataset",
+            "modules",
+            "epochs",
+            "test_accuracy",
+            "test_error",
+            "train_seconds",
+            "peak_memory_bytes",
+        ] {
+            assert!(!s[key].is_null(), "{method}: summary lacks {key}: {s}");
+        }
+        assert_eq!(s["method"], method);
+        assert_eq!(s["dataset"], "digits");
+        assert_eq!(s["modules"], if method == "bp" { 1 } else { 4 });
+        assert_eq!(s["steps"], 3);
+        assert!(s["peak_memory_bytes"].as_u64().unwrap() > 1_000_000);
+        let acc = s["test_accuracy"].as_f64().unwrap();
+        assert!((s["test_error"].as_f64().unwrap() - (1.0 - acc)).abs() < 1e-12);
+        let cfg = json(&out.join("config.json"));
+        assert_eq!(cfg["trainer"]["method"], method);
+        let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        // 64 samples / 16 = 4 steps per epoch, capped at 3 steps: one epoch.
+        assert_eq!(lines.lines().count(), 1);
+        let m: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+        assert!(m["test_accuracy"].is_number() && m["boundaries"].is_array());
+        if method != "bp" {
+            assert_eq!(m["boundaries"].as_array().unwrap().len(), 3);
+        }
+        let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+        assert!(bytes.len() > 100_000);
+    }
+}
+
+#[test]
+fn bad_arguments_are_clear_errors() {
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["train", "--model", "resnet33"],
+            "unknown model `resnet33`",
+        ),
+        (
+            &["train", "--method", "bp", "--modules", "4"],
+            "--modules must be 1",
+        ),
+        (
+            &[
+                "train",
+                "--model",
+                "resnet32",
+                "--split",
+                "infopro",
+                "--modules",
+                "5",
+            ],
+            "K in {1, 2, 3, 4, 8, 16",
+        ),
+        (
+            &["train", "--model", "resnet8", "--modules", "9"],
+            "K from 1 to 4",
+        ),
+        (
+            &[
+                "train",
+                "--dataset",
+                "cifar10",
+                "--data-dir",
+                "/nonexistent/cifar",
+            ],
+            "cifar-10-batches-bin",
+        ),
+    ];
+    for (args, want) in cases {
+        let o = sgr(args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        let t = text(&o);
+        assert!(t.contains(want), "{args:?}: `{want}` not in: {t}");
+        assert!(!t.contains("panicked"), "{t}");
+    }
+}
