@@ -37,6 +37,54 @@ struct Cli {
 enum Command {
     /// Train a model (default: SGR on the embedded 8x8 digits).
     Train(Box<TrainArgs>),
+    /// Time training steps on random inputs of the model's shape.
+    Bench(Box<BenchArgs>),
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Model.
+    #[arg(long, default_value = "resnet32")]
+    model: String,
+    /// Training method.
+    #[arg(long, value_enum, default_value = "sgr")]
+    method: MethodArg,
+    /// Number of modules K (bp: 1).
+    #[arg(long = "modules", short = 'k')]
+    modules: Option<usize>,
+    /// How to cut the network into modules.
+    #[arg(long, value_enum, default_value = "auto")]
+    split: SplitArg,
+    /// Auxiliary head.
+    #[arg(long, value_enum, default_value = "1c2f")]
+    aux_head: HeadArg,
+    /// How the SGR parameter gradient is computed.
+    #[arg(long, value_enum, default_value = "finite-difference")]
+    sgr_grad: GradArg,
+    /// SGR distance.
+    #[arg(long, value_enum, default_value = "squared-l2")]
+    sgr_distance: DistanceArg,
+    /// Which gradient of a boundary SGR pulls toward the other.
+    #[arg(long, value_enum, default_value = "forward")]
+    sgr_direction: DirectionArg,
+    /// Batch size.
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// Timed steps (after one warm-up step).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Input height and width.
+    #[arg(long, default_value_t = 32)]
+    input_size: usize,
+    /// Input channels.
+    #[arg(long, default_value_t = 3)]
+    in_channels: usize,
+    /// Classes.
+    #[arg(long, default_value_t = 10)]
+    classes: usize,
+    /// Print one JSON object instead of a line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, Serialize, Deserialize, PartialEq, Eq)]
@@ -221,6 +269,7 @@ fn main() {
     init_logging(cli.verbose, cli.quiet);
     let result = match cli.command {
         Command::Train(a) => train(*a),
+        Command::Bench(a) => bench(*a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -506,4 +555,123 @@ fn train(a: TrainArgs) -> Result<()> {
         out.join("model.safetensors").display()
     );
     Ok(())
+}
+
+#[derive(Debug, Serialize)]
+struct BenchReport {
+    model: String,
+    method: String,
+    modules: usize,
+    sgr_grad: Option<String>,
+    batch_size: usize,
+    input: [usize; 3],
+    steps: usize,
+    median_step_seconds: f64,
+    images_per_s: f64,
+    step_seconds: Vec<f64>,
+    peak_memory_bytes: Option<u64>,
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    let train_args = TrainArgs::parse_from_defaults();
+    let mut ta = train_args;
+    ta.model = a.model.clone();
+    ta.method = a.method;
+    ta.modules = a.modules;
+    ta.split = a.split;
+    ta.aux_head = a.aux_head;
+    ta.sgr_grad = a.sgr_grad;
+    ta.sgr_distance = a.sgr_distance;
+    ta.sgr_direction = a.sgr_direction;
+    ta.batch_size = a.batch_size;
+    let mut cfg = run_config(&ta)?;
+    if a.steps == 0 {
+        bail!("--steps must be >= 1");
+    }
+    cfg.trainer.steps_per_epoch = a.steps + 1;
+    cfg.trainer.schedule = Schedule::Constant;
+    let device = Device::Cpu;
+    let arch = ResNetConfig::preset(&cfg.model, a.in_channels, a.classes)?;
+    let net = CifarResNet {
+        config: arch,
+        modules: cfg.modules,
+        split: cfg.split,
+        head: cfg.aux_head,
+        seed: cfg.seed,
+    }
+    .build(&device, DType::F32)?;
+    let mut trainer = Trainer::new(net, cfg.trainer.clone())?;
+    let shape = (a.batch_size, a.in_channels, a.input_size, a.input_size);
+    let x = candle_core::Tensor::randn(0f32, 1.0, shape, &device)?;
+    let labels: Vec<u32> = (0..a.batch_size).map(|i| (i % a.classes) as u32).collect();
+    let y = candle_core::Tensor::from_vec(labels, a.batch_size, &device)?;
+    trainer.train_step(&x, &y)?;
+    let mut times = Vec::with_capacity(a.steps);
+    for _ in 0..a.steps {
+        times.push(trainer.train_step(&x, &y)?.seconds);
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(|p, q| p.total_cmp(q));
+    let median = if sorted.len() % 2 == 1 {
+        sorted[sorted.len() / 2]
+    } else {
+        0.5 * (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2])
+    };
+    let report = BenchReport {
+        model: cfg.model.clone(),
+        method: cfg.trainer.method.name().into(),
+        modules: cfg.modules,
+        sgr_grad: (cfg.trainer.method == Method::Sgr).then(|| {
+            match cfg.trainer.sgr.grad {
+                SgrGrad::FiniteDifference => "finite-difference",
+                SgrGrad::Exact => "exact",
+            }
+            .to_string()
+        }),
+        batch_size: a.batch_size,
+        input: [a.in_channels, a.input_size, a.input_size],
+        steps: a.steps,
+        median_step_seconds: median,
+        images_per_s: a.batch_size as f64 / median,
+        step_seconds: times,
+        peak_memory_bytes: sgr_core::memory::peak_rss_bytes(),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "{} {} K={}{} batch {} input {}x{}x{}: median step {:.3}s, {:.1} images/s, peak memory {} MiB",
+            report.model,
+            report.method,
+            report.modules,
+            report
+                .sgr_grad
+                .as_ref()
+                .map(|g| format!(" ({g})"))
+                .unwrap_or_default(),
+            report.batch_size,
+            a.in_channels,
+            a.input_size,
+            a.input_size,
+            report.median_step_seconds,
+            report.images_per_s,
+            report
+                .peak_memory_bytes
+                .map(|b| (b / (1024 * 1024)).to_string())
+                .unwrap_or_else(|| "?".into())
+        );
+    }
+    Ok(())
+}
+
+impl TrainArgs {
+    /// The train defaults, as clap would fill them with no flags.
+    fn parse_from_defaults() -> Self {
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: TrainArgs,
+        }
+        Wrapper::parse_from(["sgr"]).args
+    }
 }

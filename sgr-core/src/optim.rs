@@ -329,3 +329,43 @@ impl Schedule {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cosine_with_warmup() {
+        let s = Schedule::Cosine { warmup_epochs: 1.0 };
+        // 10 steps per epoch, 5 epochs: steps 0..9 warm up linearly to the base rate.
+        assert!((s.lr(0.1, 0, 10, 50) - 0.01).abs() < 1e-12);
+        assert!((s.lr(0.1, 9, 10, 50) - 0.1).abs() < 1e-12);
+        assert!((s.lr(0.1, 10, 10, 50) - 0.1).abs() < 1e-12);
+        // Half-way through the decay: base / 2.
+        assert!((s.lr(0.1, 30, 10, 50) - 0.05).abs() < 1e-12);
+        assert!(s.lr(0.1, 49, 10, 50) < 0.001);
+        let s = Schedule::Cosine { warmup_epochs: 0.0 };
+        assert!((s.lr(0.1, 0, 10, 50) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn step_schedule_drops_at_milestones() {
+        let s = Schedule::Step {
+            milestones: vec![2, 4],
+            gamma: 0.1,
+        };
+        assert!((s.lr(1.0, 19, 10, 100) - 1.0).abs() < 1e-12);
+        assert!((s.lr(1.0, 20, 10, 100) - 0.1).abs() < 1e-12);
+        assert!((s.lr(1.0, 45, 10, 100) - 0.01).abs() < 1e-12);
+    }
+
+    #[test]
+    fn configs_reject_unknown_fields() {
+        let e = serde_json::from_str::<OptimizerConfig>(
+            r#"{"kind":"sgd","momentum":0.9,"nesterov":true,"weight_decay":0,"lr":1}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown field `lr`"), "{e}");
+    }
+}

@@ -488,3 +488,43 @@ pub fn boundary_stats(a: &Tensor, b: &Tensor) -> Result<(f64, f64)> {
     let rel = if na > 0.0 { nd / na } else { f64::NAN };
     Ok((cos, rel))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lambda_warms_up_linearly() {
+        let c = SgrConfig {
+            lambda: 2.0,
+            warmup_epochs: 2.0,
+            ..SgrConfig::default()
+        };
+        assert_eq!(c.lambda_at(0.0), 0.0);
+        assert!((c.lambda_at(1.0) - 1.0).abs() < 1e-12);
+        assert_eq!(c.lambda_at(2.0), 2.0);
+        assert_eq!(c.lambda_at(7.5), 2.0);
+    }
+
+    #[test]
+    fn config_validation_and_names() {
+        assert!(SgrConfig {
+            lambda: -1.0,
+            ..SgrConfig::default()
+        }
+        .validate()
+        .is_err());
+        assert!(SgrConfig {
+            fd_epsilon: 0.0,
+            ..SgrConfig::default()
+        }
+        .validate()
+        .is_err());
+        let c: SgrConfig =
+            serde_json::from_str(r#"{"distance":"cosine-per-sample","direction":"backward"}"#)
+                .unwrap();
+        assert_eq!(c.distance, Distance::CosinePerSample);
+        assert_eq!(c.direction, Direction::Backward);
+        assert!(serde_json::from_str::<SgrConfig>(r#"{"lambda_":1}"#).is_err());
+    }
+}

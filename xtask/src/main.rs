@@ -114,15 +114,24 @@ fn run(sgr: &Path, out: &Path, args: &[String]) -> Result<RunResult> {
             args.join(" "),
             out.display()
         );
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        let log_path = out.join("train.log");
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
         let status = Command::new(sgr)
             .arg("train")
             .args(args)
             .arg("--out")
             .arg(out)
+            .stdout(log)
             .status()
             .context("running sgr")?;
         if !status.success() {
-            bail!("sgr train {} failed", args.join(" "));
+            bail!(
+                "sgr train {} failed; see {}",
+                args.join(" "),
+                log_path.display()
+            );
         }
     }
     let s: serde_json::Value = serde_json::from_str(
