@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -13,7 +14,10 @@ use sgr_core::events::{EpochMetrics, EvalMetrics, Event};
 use sgr_core::optim::{OptimizerConfig, Schedule};
 use sgr_core::sgr::{Direction, Distance, SgrConfig, SgrGrad, DEFAULT_LAMBDA};
 use sgr_core::trainer::{Method, Trainer, TrainerConfig};
-use sgr_data::{CifarKind, ImageDataset, Loader, Normalize};
+use sgr_data::{
+    CifarKind, ImageDataset, ImageFolder, Loader, LoaderConfig, Normalize, Pipeline, Source,
+    Subset, Transform,
+};
 use sgr_models::{CifarResNet, HeadKind, ResNetConfig, SplitStrategy};
 
 #[derive(Parser, Debug)]
@@ -96,6 +100,16 @@ enum DatasetArg {
     Cifar10,
     /// CIFAR-100 binary files (fine labels) in --data-dir.
     Cifar100,
+    /// MNIST IDX files (raw or .gz) in --data-dir; padded to 32x32, grey repeated to RGB.
+    Mnist,
+    /// Fashion-MNIST IDX files in --data-dir (default: Debian's /usr/share/datasets/fashion-mnist).
+    FashionMnist,
+    /// SVHN train_32x32.mat / test_32x32.mat in --data-dir.
+    Svhn,
+    /// STL-10 binary files (stl10_binary) in --data-dir.
+    Stl10,
+    /// ImageNet-style folders: --data-dir/train/<class>/*.jpg|png and --data-dir/val/<class>/...
+    Imagefolder,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -217,6 +231,24 @@ struct TrainArgs {
     /// Stop after N optimisation steps in total.
     #[arg(long)]
     max_steps: Option<usize>,
+    /// Turn off the data set's standard training augmentation (crop, flip).
+    #[arg(long)]
+    no_augment: bool,
+    /// RandAugment "N,M" (N operations at magnitude M of 30), e.g. 2,9 (DeiT recipe).
+    #[arg(long)]
+    randaugment: Option<String>,
+    /// Random Erasing probability (DeiT recipe: 0.25).
+    #[arg(long)]
+    random_erasing: Option<f32>,
+    /// Image side for imagefolder (train: random-resized-crop; eval: resize + centre crop).
+    #[arg(long, default_value_t = 224)]
+    image_size: usize,
+    /// Class-index file for imagefolder (one class folder name per line).
+    #[arg(long)]
+    class_index: Option<PathBuf>,
+    /// Data-loading worker threads (0: on the training thread).
+    #[arg(long)]
+    workers: Option<usize>,
 }
 
 /// The effective configuration of a run, written as `config.json`.
@@ -233,6 +265,11 @@ struct RunConfig {
     seed: u64,
     train_limit: Option<usize>,
     max_steps: Option<usize>,
+    augment: bool,
+    randaugment: Option<(usize, usize)>,
+    random_erasing: Option<f32>,
+    image_size: usize,
+    class_index: Option<PathBuf>,
     trainer: TrainerConfig,
 }
 
@@ -296,29 +333,182 @@ fn init_logging(verbose: u8, quiet: bool) {
         .try_init();
 }
 
-fn load_data(cfg: &RunConfig) -> Result<(ImageDataset, ImageDataset)> {
-    let need_dir = || -> Result<&Path> {
-        cfg.data_dir
-            .as_deref()
-            .with_context(|| format!("--dataset {:?} needs --data-dir", cfg.dataset))
+/// Training and test data with their transform pipelines.
+struct Data {
+    train: Arc<dyn Source>,
+    test: Arc<dyn Source>,
+    train_pipeline: Pipeline,
+    test_pipeline: Pipeline,
+    channels: usize,
+    classes: usize,
+}
+
+fn load_data(cfg: &RunConfig) -> Result<Data> {
+    let dir = || -> Result<PathBuf> {
+        match (&cfg.data_dir, cfg.dataset) {
+            (Some(d), _) => Ok(d.clone()),
+            (None, DatasetArg::FashionMnist) => {
+                Ok(PathBuf::from("/usr/share/datasets/fashion-mnist"))
+            }
+            (None, d) => bail!("--dataset {} needs --data-dir", dataset_name(d)),
+        }
     };
-    Ok(match cfg.dataset {
-        DatasetArg::Digits => (sgr_data::digits(true)?, sgr_data::digits(false)?),
-        DatasetArg::Cifar10 => {
-            let d = need_dir()?;
-            (
-                sgr_data::load_cifar(d, CifarKind::Cifar10, true)?,
-                sgr_data::load_cifar(d, CifarKind::Cifar10, false)?,
+    let aug = cfg.augment;
+    // In-memory data sets: normalised with the training split's channel statistics.
+    let in_memory = |train: ImageDataset,
+                     test: ImageDataset,
+                     mut train_steps: Vec<Transform>,
+                     pre: Vec<Transform>|
+     -> Data {
+        let to_rgb = pre.contains(&Transform::GreyToRgb);
+        let mut norm = Normalize::from_dataset(&train);
+        let channels = if to_rgb { 3 } else { train.channels };
+        if to_rgb {
+            norm = norm.repeated(3);
+        }
+        let mut tr = pre.clone();
+        if aug {
+            tr.append(&mut train_steps);
+        }
+        tr.push(norm.transform());
+        let mut te = pre;
+        te.push(norm.transform());
+        Data {
+            classes: train.num_classes,
+            channels,
+            train: Arc::new(train),
+            test: Arc::new(test),
+            train_pipeline: Pipeline::new(tr),
+            test_pipeline: Pipeline::new(te),
+        }
+    };
+    let crop_flip = |size: usize, pad: usize, flip: bool| {
+        let mut v = vec![Transform::RandomCrop { size, padding: pad }];
+        if flip {
+            v.push(Transform::HorizontalFlip { p: 0.5 });
+        }
+        v
+    };
+    let mnist_pre = vec![Transform::PadTo { size: 32 }, Transform::GreyToRgb];
+    let mut data = match cfg.dataset {
+        DatasetArg::Digits => in_memory(
+            sgr_data::digits(true)?,
+            sgr_data::digits(false)?,
+            vec![],
+            vec![],
+        ),
+        DatasetArg::Cifar10 | DatasetArg::Cifar100 => {
+            let kind = if cfg.dataset == DatasetArg::Cifar10 {
+                CifarKind::Cifar10
+            } else {
+                CifarKind::Cifar100Fine
+            };
+            let d = dir()?;
+            in_memory(
+                sgr_data::load_cifar(&d, kind, true)?,
+                sgr_data::load_cifar(&d, kind, false)?,
+                crop_flip(32, 4, true),
+                vec![],
             )
         }
-        DatasetArg::Cifar100 => {
-            let d = need_dir()?;
-            (
-                sgr_data::load_cifar(d, CifarKind::Cifar100Fine, true)?,
-                sgr_data::load_cifar(d, CifarKind::Cifar100Fine, false)?,
+        DatasetArg::Mnist | DatasetArg::FashionMnist => {
+            let d = dir()?;
+            let name = dataset_name(cfg.dataset);
+            in_memory(
+                sgr_data::load_mnist_dir(&d, true, name)?,
+                sgr_data::load_mnist_dir(&d, false, name)?,
+                crop_flip(32, 2, cfg.dataset == DatasetArg::FashionMnist),
+                mnist_pre,
             )
         }
-    })
+        DatasetArg::Svhn => {
+            let d = dir()?;
+            in_memory(
+                sgr_data::load_svhn_dir(&d, true)?,
+                sgr_data::load_svhn_dir(&d, false)?,
+                crop_flip(32, 2, false),
+                vec![],
+            )
+        }
+        DatasetArg::Stl10 => {
+            let d = dir()?;
+            in_memory(
+                sgr_data::load_stl10_dir(&d, true)?,
+                sgr_data::load_stl10_dir(&d, false)?,
+                crop_flip(96, 12, true),
+                vec![],
+            )
+        }
+        DatasetArg::Imagefolder => {
+            let d = dir()?;
+            let ci = cfg.class_index.as_deref();
+            let train = ImageFolder::open(&d.join("train"), ci)?;
+            let test = ImageFolder::open(&d.join("val"), ci)?;
+            if train.classes() != test.classes() {
+                bail!(
+                    "{}: the val classes differ from the train classes; pass --class-index",
+                    d.display()
+                );
+            }
+            let norm = Normalize::imagenet();
+            let size = cfg.image_size;
+            let mut tr = if aug {
+                vec![
+                    Transform::RandomResizedCrop {
+                        size,
+                        scale: (0.08, 1.0),
+                        ratio: (0.75, 4.0 / 3.0),
+                    },
+                    Transform::HorizontalFlip { p: 0.5 },
+                ]
+            } else {
+                vec![
+                    Transform::Resize {
+                        size: size * 256 / 224,
+                    },
+                    Transform::CenterCrop { size },
+                ]
+            };
+            tr.push(norm.transform());
+            Data {
+                classes: train.num_classes(),
+                channels: 3,
+                train: Arc::new(train),
+                test: Arc::new(test),
+                train_pipeline: Pipeline::new(tr),
+                test_pipeline: Pipeline::new(vec![
+                    Transform::Resize {
+                        size: size * 256 / 224,
+                    },
+                    Transform::CenterCrop { size },
+                    norm.transform(),
+                ]),
+            }
+        }
+    };
+    // DeiT-style extras: RandAugment before normalisation, Random Erasing after it.
+    if let Some((n, m)) = cfg.randaugment {
+        let at = data.train_pipeline.steps.len().saturating_sub(1);
+        data.train_pipeline.steps.insert(
+            at,
+            Transform::RandAugment {
+                ops: n,
+                magnitude: m,
+            },
+        );
+    }
+    if let Some(p) = cfg.random_erasing {
+        data.train_pipeline
+            .steps
+            .push(Transform::RandomErasing { p });
+    }
+    if let Some(n) = cfg.train_limit {
+        if n == 0 {
+            bail!("--train-limit must be >= 1");
+        }
+        data.train = Arc::new(Subset::first(data.train, n));
+    }
+    Ok(data)
 }
 
 fn dataset_name(d: DatasetArg) -> &'static str {
@@ -326,6 +516,11 @@ fn dataset_name(d: DatasetArg) -> &'static str {
         DatasetArg::Digits => "digits",
         DatasetArg::Cifar10 => "cifar10",
         DatasetArg::Cifar100 => "cifar100",
+        DatasetArg::Mnist => "mnist",
+        DatasetArg::FashionMnist => "fashion-mnist",
+        DatasetArg::Svhn => "svhn",
+        DatasetArg::Stl10 => "stl10",
+        DatasetArg::Imagefolder => "imagefolder",
     }
 }
 
@@ -396,6 +591,28 @@ fn run_config(a: &TrainArgs) -> Result<RunConfig> {
         seed: a.seed,
         train_limit: a.train_limit,
         max_steps: a.max_steps,
+        augment: !a.no_augment,
+        randaugment: match &a.randaugment {
+            None => None,
+            Some(t) => {
+                let parts: Vec<&str> = t.split(',').collect();
+                let parse = |x: &str| x.trim().parse::<usize>().ok();
+                match parts.as_slice() {
+                    [n, m] if parse(n).is_some() && parse(m).is_some_and(|m| m <= 30) => {
+                        Some((parse(n).unwrap_or(2), parse(m).unwrap_or(9)))
+                    }
+                    _ => bail!("--randaugment takes N,M with M <= 30 (e.g. 2,9), got `{t}`"),
+                }
+            }
+        },
+        random_erasing: match a.random_erasing {
+            Some(p) if !(0.0..=1.0).contains(&p) => {
+                bail!("--random-erasing is a probability in [0, 1], got {p}")
+            }
+            p => p,
+        },
+        image_size: a.image_size,
+        class_index: a.class_index.clone(),
         trainer: TrainerConfig {
             method,
             sgr,
@@ -420,26 +637,29 @@ fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
 fn train(a: TrainArgs) -> Result<()> {
     let mut cfg = run_config(&a)?;
     let device = Device::Cpu;
-    let (mut train_set, test_set) = load_data(&cfg)?;
-    if let Some(n) = cfg.train_limit {
-        if n == 0 {
-            bail!("--train-limit must be >= 1");
-        }
-        train_set = train_set.take(n);
-    }
-    let norm = Normalize::from_dataset(&train_set);
+    let data = load_data(&cfg)?;
+    let workers = a.workers.unwrap_or_else(sgr_data::default_workers);
     let train_loader = Loader::new(
-        &train_set,
-        cfg.batch_size,
-        true,
-        cfg.seed,
-        norm.clone(),
+        Arc::clone(&data.train),
+        LoaderConfig {
+            workers,
+            ..LoaderConfig::train(cfg.batch_size, cfg.seed)
+        },
+        data.train_pipeline.clone(),
         &device,
     )?;
-    let test_loader = Loader::new(&test_set, 256, false, 0, norm, &device)?;
+    let test_loader = Loader::new(
+        Arc::clone(&data.test),
+        LoaderConfig {
+            workers,
+            ..LoaderConfig::eval(256)
+        },
+        data.test_pipeline.clone(),
+        &device,
+    )?;
     cfg.trainer.steps_per_epoch = train_loader.batches_per_epoch();
 
-    let arch = ResNetConfig::preset(&cfg.model, train_set.channels, train_set.num_classes)?;
+    let arch = ResNetConfig::preset(&cfg.model, data.channels, data.classes)?;
     let net = CifarResNet {
         config: arch,
         modules: cfg.modules,
@@ -465,8 +685,8 @@ fn train(a: TrainArgs) -> Result<()> {
         "sgr train: {} on {} ({} train / {} test), method {}, K={} (module ends after blocks {:?}), {} parameters",
         cfg.model,
         dataset_name(cfg.dataset),
-        train_set.len(),
-        test_set.len(),
+        data.train.len(),
+        data.test.len(),
         cfg.trainer.method.name(),
         cfg.modules,
         plan.ends(),
@@ -535,8 +755,8 @@ fn train(a: TrainArgs) -> Result<()> {
         modules: cfg.modules,
         epochs: epochs_done,
         steps: trainer.global_step(),
-        train_samples: train_set.len(),
-        test_samples: test_set.len(),
+        train_samples: data.train.len(),
+        test_samples: data.test.len(),
         test_accuracy: eval.accuracy,
         test_error: 1.0 - eval.accuracy,
         test_top5: eval.top5,

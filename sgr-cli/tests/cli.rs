@@ -85,7 +85,7 @@ fn train_writes_a_complete_run_directory_for_every_method() {
 
 #[test]
 fn bad_arguments_are_clear_errors() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 8] = [
         (
             &["train", "--model", "resnet33"],
             "unknown model `resnet33`",
@@ -120,6 +120,15 @@ fn bad_arguments_are_clear_errors() {
             ],
             "cifar-10-batches-bin",
         ),
+        (
+            &["train", "--dataset", "svhn", "--data-dir", "/nonexistent"],
+            "train_32x32.mat",
+        ),
+        (&["train", "--dataset", "stl10"], "needs --data-dir"),
+        (
+            &["train", "--randaugment", "2,40"],
+            "--randaugment takes N,M",
+        ),
     ];
     for (args, want) in cases {
         let o = sgr(args);
@@ -128,4 +137,56 @@ fn bad_arguments_are_clear_errors() {
         assert!(t.contains(want), "{args:?}: `{want}` not in: {t}");
         assert!(!t.contains("panicked"), "{t}");
     }
+}
+
+fn idx(magic: u32, dims: &[u32], data: &[u8]) -> Vec<u8> {
+    let mut b = magic.to_be_bytes().to_vec();
+    for d in dims {
+        b.extend(d.to_be_bytes());
+    }
+    b.extend(data);
+    b
+}
+
+/// MNIST-style IDX data feeds the CIFAR ResNets (padded to 32x32, grey repeated to RGB).
+#[test]
+fn train_on_idx_files() {
+    let dir = tempfile::tempdir().unwrap();
+    for (stem, n) in [("train", 48u32), ("t10k", 16)] {
+        let pixels: Vec<u8> = (0..n * 784).map(|i| ((i * 7) % 256) as u8).collect();
+        let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+        std::fs::write(
+            dir.path().join(format!("{stem}-images-idx3-ubyte")),
+            idx(0x803, &[n, 28, 28], &pixels),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join(format!("{stem}-labels-idx1-ubyte")),
+            idx(0x801, &[n], &labels),
+        )
+        .unwrap();
+    }
+    let out = dir.path().join("run");
+    let o = sgr(&[
+        "train",
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--model",
+        "resnet8",
+        "--modules",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let s = json(&out.join("summary.json"));
+    assert_eq!(s["train_samples"], 48);
+    assert_eq!(s["test_samples"], 16);
+    assert_eq!(s["dataset"], "mnist");
 }

@@ -136,3 +136,31 @@ impl ImageDataset {
         (mean, std)
     }
 }
+
+impl crate::Source for ImageDataset {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    fn label(&self, i: usize) -> u32 {
+        self.labels[i]
+    }
+
+    fn image(&self, i: usize) -> Result<crate::Image> {
+        Ok(crate::Image::from_planar_u8(
+            self.channels,
+            self.height,
+            self.width,
+            ImageDataset::image(self, i),
+            self.pixel_max,
+        ))
+    }
+}

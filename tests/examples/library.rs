@@ -6,16 +6,24 @@ use sgr_core::events::Event;
 use sgr_core::optim::{OptimizerConfig, Schedule};
 use sgr_core::sgr::SgrConfig;
 use sgr_core::trainer::{Method, Trainer, TrainerConfig};
-use sgr_data::{Loader, Normalize};
+use std::sync::Arc;
+
+use sgr_data::{Loader, LoaderConfig, Normalize, Pipeline};
 use sgr_models::{CifarResNet, HeadKind, ResNetConfig, SplitStrategy};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = Device::Cpu;
     let train = sgr_data::digits(true)?;
     let test = sgr_data::digits(false)?;
-    let norm = Normalize::from_dataset(&train);
-    let train_loader = Loader::new(&train, 64, true, 0, norm.clone(), &device)?;
-    let test_loader = Loader::new(&test, 256, false, 0, norm, &device)?;
+    // Normalise with the training split's statistics; decoding/augmentation run on workers.
+    let norm = Pipeline::new(vec![Normalize::from_dataset(&train).transform()]);
+    let train_loader = Loader::new(
+        Arc::new(train),
+        LoaderConfig::train(64, 0),
+        norm.clone(),
+        &device,
+    )?;
+    let test_loader = Loader::new(Arc::new(test), LoaderConfig::eval(256), norm, &device)?;
 
     // ResNet-20 cut into 4 gradient-isolated modules, each with a 1c2f auxiliary head.
     let net = CifarResNet {

@@ -1,0 +1,148 @@
+//! ImageNet-style folders: `root/<class>/<image>` with JPEG or PNG files. Classes are indexed by
+//! sorted folder name, or by an optional class-index file (one class name per line, the line
+//! number being the index). Images are decoded when a sample is requested.
+
+use std::path::{Path, PathBuf};
+
+use crate::image::{decode_rgb, Image, Source};
+use crate::{DataError, Result};
+
+/// File extensions read as images (case-insensitive).
+pub const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
+
+/// An image-folder data set.
+#[derive(Debug, Clone)]
+pub struct ImageFolder {
+    name: String,
+    classes: Vec<String>,
+    samples: Vec<(PathBuf, u32)>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
+    move |source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn is_image(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .map(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        .unwrap_or(false)
+}
+
+fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .map(|e| e.map(|e| e.path()).map_err(io_err(dir)))
+        .collect::<Result<_>>()?;
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            collect_images(&p, out)?;
+        } else if is_image(&p) {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+impl ImageFolder {
+    /// Scans `root`. With `class_index`, every class folder must be listed in it.
+    pub fn open(root: &Path, class_index: Option<&Path>) -> Result<Self> {
+        let mut folders: Vec<String> = std::fs::read_dir(root)
+            .map_err(io_err(root))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        folders.sort();
+        if folders.is_empty() {
+            return Err(DataError::NotFound {
+                what: "class folders".into(),
+                dir: root.to_path_buf(),
+                hint: "expected root/<class>/<image>.jpg|png".into(),
+            });
+        }
+        let classes: Vec<String> = match class_index {
+            None => folders.clone(),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(io_err(p))?;
+                let list: Vec<String> = text
+                    .lines()
+                    .map(|l| l.split_whitespace().next().unwrap_or("").to_string())
+                    .filter(|l| !l.is_empty())
+                    .collect();
+                let mut seen = std::collections::HashSet::new();
+                if let Some(d) = list.iter().find(|c| !seen.insert(c.as_str())) {
+                    return Err(DataError::Format {
+                        path: p.to_path_buf(),
+                        problem: format!("class `{d}` is listed twice"),
+                    });
+                }
+                if let Some(unknown) = folders.iter().find(|f| !list.contains(f)) {
+                    return Err(DataError::Format {
+                        path: root.join(unknown),
+                        problem: format!(
+                            "unknown class folder `{unknown}`: not in the class-index file {}",
+                            p.display()
+                        ),
+                    });
+                }
+                list
+            }
+        };
+        let mut samples = Vec::new();
+        for f in &folders {
+            let label = classes.iter().position(|c| c == f).unwrap_or(0) as u32;
+            let mut files = Vec::new();
+            collect_images(&root.join(f), &mut files)?;
+            samples.extend(files.into_iter().map(|p| (p, label)));
+        }
+        if samples.is_empty() {
+            return Err(DataError::NotFound {
+                what: format!("images ({})", IMAGE_EXTENSIONS.join(", ")),
+                dir: root.to_path_buf(),
+                hint: "expected root/<class>/<image>.jpg|png".into(),
+            });
+        }
+        Ok(Self {
+            name: root.display().to_string(),
+            classes,
+            samples,
+        })
+    }
+
+    /// Class names, by index.
+    pub fn classes(&self) -> &[String] {
+        &self.classes
+    }
+
+    /// Path and label of every sample.
+    pub fn samples(&self) -> &[(PathBuf, u32)] {
+        &self.samples
+    }
+}
+
+impl Source for ImageFolder {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    fn num_classes(&self) -> usize {
+        self.classes.len()
+    }
+
+    fn label(&self, i: usize) -> u32 {
+        self.samples[i].1
+    }
+
+    fn image(&self, i: usize) -> Result<Image> {
+        decode_rgb(&self.samples[i].0)
+    }
+}
