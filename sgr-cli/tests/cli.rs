@@ -190,3 +190,49 @@ fn train_on_idx_files() {
     assert_eq!(s["test_samples"], 16);
     assert_eq!(s["dataset"], "mnist");
 }
+
+/// An ImageNet-style folder of real photos (the CC0 fixtures of sgr-data), with the DeiT extras.
+#[test]
+fn train_on_an_image_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let photos = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sgr-data/tests/fixtures/photos");
+    for split in ["train", "val"] {
+        for (class, file) in [
+            ("cat", "chelsea.png"),
+            ("rocket", "rocket.jpg"),
+            ("camera", "camera.png"),
+        ] {
+            let d = dir.path().join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::copy(photos.join(file), d.join(file)).unwrap();
+        }
+    }
+    let out = dir.path().join("run");
+    let o = sgr(&[
+        "train",
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--image-size",
+        "32",
+        "--model",
+        "resnet8",
+        "--modules",
+        "2",
+        "--epochs",
+        "1",
+        "--randaugment",
+        "2,9",
+        "--random-erasing",
+        "0.25",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let s = json(&out.join("summary.json"));
+    assert_eq!(s["train_samples"], 3);
+    assert_eq!(s["dataset"], "imagefolder");
+    let cfg = json(&out.join("config.json"));
+    assert_eq!(cfg["randaugment"], serde_json::json!([2, 9]));
+}
