@@ -1,7 +1,7 @@
 //! `sgr`: train networks with end-to-end back-propagation or local learning with SGR.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -9,8 +9,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
-use sgr_core::checkpoint::{save_params, write_atomic};
-use sgr_core::events::{EpochMetrics, EvalMetrics, Event};
+use sgr_core::checkpoint::{
+    load_training_checkpoint, save_params, save_training_checkpoint, write_atomic,
+};
+use sgr_core::events::{EpochMetrics, EvalMetrics};
 use sgr_core::optim::{OptimizerConfig, Schedule};
 use sgr_core::sgr::{Direction, Distance, SgrConfig, SgrGrad, DEFAULT_LAMBDA};
 use sgr_core::trainer::{Method, Trainer, TrainerConfig};
@@ -249,6 +251,15 @@ struct TrainArgs {
     /// Data-loading worker threads (0: on the training thread).
     #[arg(long)]
     workers: Option<usize>,
+    /// Continue the run in DIR from its last checkpoint (its config.json is used; only
+    /// --max-steps and --workers may be given with it).
+    #[arg(long, value_name = "DIR", conflicts_with_all = [
+        "model", "dataset", "data_dir", "method", "modules", "split", "aux_head", "sgr_lambda",
+        "sgr_distance", "sgr_grad", "sgr_direction", "sgr_warmup", "sgr_fd_epsilon", "epochs",
+        "batch_size", "lr", "optimizer", "weight_decay", "warmup_epochs", "seed", "out",
+        "train_limit", "no_augment", "randaugment", "random_erasing", "image_size", "class_index",
+    ])]
+    resume: Option<PathBuf>,
 }
 
 /// The effective configuration of a run, written as `config.json`.
@@ -634,8 +645,49 @@ fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     Ok(())
 }
 
+fn read_run_config(dir: &Path) -> Result<RunConfig> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {} (is {} a run directory?)",
+            path.display(),
+            dir.display()
+        )
+    })?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: invalid run configuration", path.display()))
+}
+
+/// Why training stopped before its last epoch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    MaxSteps,
+    Interrupted,
+}
+
 fn train(a: TrainArgs) -> Result<()> {
-    let mut cfg = run_config(&a)?;
+    let (mut cfg, out) = match &a.resume {
+        Some(dir) => {
+            let mut cfg = read_run_config(dir)?;
+            // --max-steps limits one invocation; it is not carried over.
+            cfg.max_steps = a.max_steps;
+            (cfg, dir.clone())
+        }
+        None => {
+            let cfg = run_config(&a)?;
+            let out = a.out.clone().unwrap_or_else(|| {
+                PathBuf::from("runs").join(format!(
+                    "{}-{}-{}-k{}",
+                    dataset_name(cfg.dataset),
+                    cfg.model,
+                    cfg.trainer.method.name(),
+                    cfg.modules
+                ))
+            });
+            (cfg, out)
+        }
+    };
+    let resuming = a.resume.is_some();
     let device = Device::Cpu;
     let data = load_data(&cfg)?;
     let workers = a.workers.unwrap_or_else(sgr_data::default_workers);
@@ -669,18 +721,9 @@ fn train(a: TrainArgs) -> Result<()> {
     }
     .build(&device, DType::F32)?;
     let plan = net.plan().clone();
-    let out = a.out.clone().unwrap_or_else(|| {
-        PathBuf::from("runs").join(format!(
-            "{}-{}-{}-k{}",
-            dataset_name(cfg.dataset),
-            cfg.model,
-            cfg.trainer.method.name(),
-            cfg.modules
-        ))
-    });
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    write_json(&out.join("config.json"), &cfg)?;
-
+    let checkpoint = out.join("checkpoint.safetensors");
+    let metrics_path = out.join("metrics.jsonl");
     println!(
         "sgr train: {} on {} ({} train / {} test), method {}, K={} (module ends after blocks {:?}), {} parameters",
         cfg.model,
@@ -693,25 +736,58 @@ fn train(a: TrainArgs) -> Result<()> {
         net.num_trainable()
     );
     let mut trainer = Trainer::new(net, cfg.trainer.clone())?;
-    let metrics_path = out.join("metrics.jsonl");
-    let mut metrics = std::fs::File::create(&metrics_path)
-        .with_context(|| format!("creating {}", metrics_path.display()))?;
-    let start = Instant::now();
-    let mut train_seconds = 0.0;
-    let mut last_eval: Option<EvalMetrics> = None;
-    let mut last_cos = Vec::new();
-    let mut epochs_done = 0;
-    for epoch in 0..cfg.trainer.epochs {
-        let remaining = cfg
-            .max_steps
-            .map(|m| m.saturating_sub(trainer.global_step()))
-            .unwrap_or(usize::MAX);
-        if remaining == 0 {
-            break;
+    let mut history: Vec<String> = Vec::new();
+    if resuming {
+        load_training_checkpoint(&checkpoint, &mut trainer)?;
+        // Keep the metrics of the epochs the checkpoint has completed.
+        if let Ok(text) = std::fs::read_to_string(&metrics_path) {
+            history = text
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .take(trainer.epoch())
+                .map(str::to_string)
+                .collect();
         }
-        let mut observer = |_e: &Event<'_>| {};
-        let m = trainer.run_epoch(train_loader.epoch(epoch).take(remaining), &mut observer)?;
-        train_seconds += m.seconds;
+        println!(
+            "resuming {} at epoch {}, step {} of the epoch (global step {})",
+            out.display(),
+            trainer.epoch() + 1,
+            trainer.steps_in_epoch(),
+            trainer.global_step()
+        );
+    } else {
+        write_json(&out.join("config.json"), &cfg)?;
+    }
+    let mut metrics_text: String = history.iter().map(|l| format!("{l}\n")).collect();
+    write_atomic(&metrics_path, metrics_text.as_bytes())?;
+
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = Arc::clone(&interrupted);
+        // A second Ctrl-C while saving falls through to the default (immediate exit).
+        let _ = ctrlc::set_handler(move || {
+            if flag.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+        });
+    }
+    let start = Instant::now();
+    let mut last: Option<(EvalMetrics, Vec<f64>)> = None;
+    let mut stop: Option<Stop> = None;
+    'epochs: for epoch in trainer.epoch()..cfg.trainer.epochs {
+        for batch in train_loader.epoch_from(epoch, trainer.steps_in_epoch()) {
+            if cfg.max_steps.is_some_and(|m| trainer.global_step() >= m) {
+                stop = Some(Stop::MaxSteps);
+                break 'epochs;
+            }
+            let (x, y) = batch?;
+            trainer.train_step(&x, &y)?;
+            if interrupted.load(Ordering::SeqCst) {
+                stop = Some(Stop::Interrupted);
+                break 'epochs;
+            }
+        }
+        let m = trainer.finish_epoch(&mut sgr_core::events::NoObserver);
         let eval = trainer.evaluate(test_loader.epoch(0))?;
         let rec = EpochRecord {
             train: &m,
@@ -720,8 +796,10 @@ fn train(a: TrainArgs) -> Result<()> {
             test_top5: eval.top5,
             elapsed_seconds: start.elapsed().as_secs_f64(),
         };
-        writeln!(metrics, "{}", serde_json::to_string(&rec)?)?;
-        metrics.flush()?;
+        metrics_text.push_str(&serde_json::to_string(&rec)?);
+        metrics_text.push('\n');
+        write_atomic(&metrics_path, metrics_text.as_bytes())?;
+        save_training_checkpoint(&checkpoint, &trainer)?;
         let cos: Vec<String> = m
             .boundaries
             .iter()
@@ -741,19 +819,51 @@ fn train(a: TrainArgs) -> Result<()> {
                 format!("  cos(a,b) [{}]", cos.join(" "))
             }
         );
-        last_cos = m.boundaries.iter().map(|b| b.cos).collect();
-        last_eval = Some(eval);
-        epochs_done += 1;
+        last = Some((eval, m.boundaries.iter().map(|b| b.cos).collect()));
+        if interrupted.load(Ordering::SeqCst) {
+            stop = Some(Stop::Interrupted);
+            break;
+        }
     }
-    let peak = sgr_core::memory::peak_rss_bytes();
-    let eval = last_eval.context("no epoch was run")?;
+    if stop.is_some() {
+        save_training_checkpoint(&checkpoint, &trainer)?;
+    }
     save_params(&out.join("model.safetensors"), &trainer.network().params())?;
+    if stop == Some(Stop::Interrupted) {
+        println!(
+            "interrupted at epoch {}, step {} of the epoch: checkpoint saved; continue with `sgr train --resume {}`",
+            trainer.epoch() + 1,
+            trainer.steps_in_epoch(),
+            out.display()
+        );
+        std::process::exit(130);
+    }
+    let (eval, last_cos) = match last {
+        Some(l) if trainer.steps_in_epoch() == 0 => l,
+        prev => {
+            let eval = trainer.evaluate(test_loader.epoch(0))?;
+            println!(
+                "stopped after {} steps (--max-steps), in epoch {}: test acc {:.4}",
+                trainer.global_step(),
+                trainer.epoch() + 1,
+                eval.accuracy
+            );
+            (eval, prev.map(|p| p.1).unwrap_or_default())
+        }
+    };
+    let peak = sgr_core::memory::peak_rss_bytes();
+    let train_seconds: f64 = metrics_text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["seconds"].as_f64())
+        .sum::<f64>()
+        + trainer.state().epoch_progress.seconds();
     let summary = Summary {
         method: cfg.trainer.method.name().into(),
         model: cfg.model.clone(),
         dataset: dataset_name(cfg.dataset).into(),
         modules: cfg.modules,
-        epochs: epochs_done,
+        epochs: trainer.epoch(),
         steps: trainer.global_step(),
         train_samples: data.train.len(),
         test_samples: data.test.len(),
@@ -765,6 +875,10 @@ fn train(a: TrainArgs) -> Result<()> {
         final_boundary_cos: last_cos,
     };
     write_json(&out.join("summary.json"), &summary)?;
+    write_atomic(
+        &out.join("README.md"),
+        model_card(&cfg, &summary).as_bytes(),
+    )?;
     println!(
         "done: test accuracy {:.4} (error {:.2}%), train time {:.1}s, peak memory {} MiB; saved {}",
         eval.accuracy,
@@ -775,6 +889,55 @@ fn train(a: TrainArgs) -> Result<()> {
         out.join("model.safetensors").display()
     );
     Ok(())
+}
+
+/// A Hugging Face Hub model card for a run directory.
+fn model_card(cfg: &RunConfig, s: &Summary) -> String {
+    let cos = if s.final_boundary_cos.is_empty() {
+        "–".to_string()
+    } else {
+        s.final_boundary_cos
+            .iter()
+            .map(|c| format!("{c:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "---\nlibrary_name: sgr\ntags:\n- image-classification\n- local-learning\n- {method}\nmetrics:\n- accuracy\n---\n\n\
+# {model} trained with `{method}` (K={k}) on {dataset}\n\n\
+Trained with [sgr](https://github.com/sgr-rs/sgr): local learning with Successive Gradient \
+Reconciliation (Yang et al., ICML 2024).\n\n\
+| metric | value |\n|---|---|\n\
+| test accuracy | {acc:.4} |\n| test error | {err:.2}% |\n| epochs | {epochs} |\n| steps | {steps} |\n\
+| train samples | {ntr} |\n| training time | {secs:.1} s |\n| peak memory | {mem} |\n\
+| final cos(a, b) per boundary | {cos} |\n\n\
+Files: `model.safetensors` (torchvision-style names; aux heads under `aux.<k>`), `config.json` \
+(the run configuration), `metrics.jsonl` (per epoch), `summary.json`, `checkpoint.safetensors` \
+(weights, optimizer state and position, for `sgr train --resume`).\n\n\
+Method: `{method}`, split `{split:?}`, aux head `{head}`, optimizer `{opt:?}`, lr {lr}, batch {batch}, \
+seed {seed}.\n",
+        method = cfg.trainer.method.name(),
+        model = cfg.model,
+        k = cfg.modules,
+        dataset = dataset_name(cfg.dataset),
+        acc = s.test_accuracy,
+        err = 100.0 * s.test_error,
+        epochs = s.epochs,
+        steps = s.steps,
+        ntr = s.train_samples,
+        secs = s.train_seconds,
+        mem = s
+            .peak_memory_bytes
+            .map(|b| format!("{} MiB", b / (1024 * 1024)))
+            .unwrap_or_else(|| "–".into()),
+        cos = cos,
+        split = cfg.split,
+        head = cfg.aux_head.name(),
+        opt = cfg.trainer.optimizer,
+        lr = cfg.trainer.lr,
+        batch = cfg.batch_size,
+        seed = cfg.seed,
+    )
 }
 
 #[derive(Debug, Serialize)]

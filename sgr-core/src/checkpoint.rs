@@ -97,6 +97,127 @@ pub fn load_params(path: &Path, params: &[Param]) -> Result<()> {
         .map(|p| p.var.device().clone())
         .unwrap_or(Device::Cpu);
     let map = load_tensors(path, &device)?;
+    check_model_tensors(path, params, &map)?;
+    for p in params {
+        let t = &map[&p.name];
+        p.var.set(&t.to_dtype(p.var.dtype())?)?;
+    }
+    Ok(())
+}
+
+/// Prefix of model tensors in a training checkpoint.
+const MODEL: &str = "model/";
+/// Prefix of optimizer state in a training checkpoint (`optim/<module>/<key>`).
+const OPTIM: &str = "optim/";
+/// The trainer state as UTF-8 JSON bytes.
+const STATE: &str = "trainer_state_json";
+
+/// Writes a whole training checkpoint — weights and buffers, every module's optimizer state,
+/// and the trainer's position and partial epoch metrics — as ONE safetensors file, written
+/// atomically, so a checkpoint on disk is always complete and self-consistent.
+pub fn save_training_checkpoint(path: &Path, trainer: &crate::trainer::Trainer) -> Result<()> {
+    let mut map: HashMap<String, Tensor> = HashMap::new();
+    for p in trainer.network().params() {
+        map.insert(format!("{MODEL}{}", p.name), p.var.as_tensor().clone());
+    }
+    for (k, opt) in trainer.optimizers().iter().enumerate() {
+        for (key, t) in opt.state()? {
+            map.insert(format!("{OPTIM}{k}/{key}"), t);
+        }
+    }
+    let json = serde_json::to_vec(&trainer.state()).map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        problem: format!("cannot serialise the trainer state: {e}"),
+    })?;
+    let n = json.len();
+    map.insert(STATE.into(), Tensor::from_vec(json, n, &Device::Cpu)?);
+    save_tensors(path, &map)
+}
+
+/// Restores a checkpoint written by [`save_training_checkpoint`] into `trainer` (built with the
+/// same configuration). Checks everything before changing anything: a missing tensor, a wrong
+/// shape, a tensor of another model or a corrupt file is an error naming the file and the
+/// tensor, and leaves the trainer untouched.
+pub fn load_training_checkpoint(path: &Path, trainer: &mut crate::trainer::Trainer) -> Result<()> {
+    let device = trainer
+        .network()
+        .params()
+        .first()
+        .map(|p| p.var.device().clone())
+        .unwrap_or(Device::Cpu);
+    let map = load_tensors(path, &device)?;
+    let bad = |problem: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let state_bytes = map
+        .get(STATE)
+        .ok_or_else(|| bad("not a training checkpoint: no trainer state".into()))?
+        .to_vec1::<u8>()?;
+    let state: crate::trainer::TrainerState = serde_json::from_slice(&state_bytes)
+        .map_err(|e| bad(format!("corrupt trainer state: {e}")))?;
+    let params = trainer.network().params();
+    let mut model = HashMap::new();
+    let mut optim: Vec<HashMap<String, Tensor>> = vec![HashMap::new(); trainer.optimizers().len()];
+    for (key, t) in &map {
+        if let Some(name) = key.strip_prefix(MODEL) {
+            model.insert(name.to_string(), t.clone());
+        } else if let Some(rest) = key.strip_prefix(OPTIM) {
+            let (k, name) = rest
+                .split_once('/')
+                .ok_or_else(|| bad(format!("malformed optimizer tensor name `{key}`")))?;
+            let k: usize = k.parse().ok().filter(|&k| k < optim.len()).ok_or_else(|| {
+                bad(format!(
+                    "optimizer tensor `{key}` is for a module this network does not have"
+                ))
+            })?;
+            optim[k].insert(name.to_string(), t.clone());
+        } else if key != STATE {
+            return Err(bad(format!("unexpected tensor `{key}`")));
+        }
+    }
+    check_model_tensors(path, &params, &model)?;
+    // Validate optimizer state on throw-away copies before touching the real ones.
+    for (k, st) in optim.iter().enumerate() {
+        for (name, t) in st {
+            let param = name
+                .rsplit_once('.')
+                .map(|(p, _)| p)
+                .unwrap_or(name.as_str());
+            if name == "step" {
+                continue;
+            }
+            let p = trainer.optimizers()[k]
+                .params()
+                .iter()
+                .find(|p| p.name == param)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "optimizer state `{name}` of module {k} names no parameter of that module"
+                    ))
+                })?;
+            if p.var.dims() != t.dims() {
+                return Err(bad(format!(
+                    "optimizer state `{name}` has shape {:?}, the parameter has {:?}",
+                    t.dims(),
+                    p.var.dims()
+                )));
+            }
+        }
+    }
+    trainer
+        .check_state(&state)
+        .map_err(|e| bad(e.to_string()))?;
+    for p in &params {
+        p.var.set(&model[&p.name].to_dtype(p.var.dtype())?)?;
+    }
+    for (opt, st) in trainer.optimizers_mut().iter_mut().zip(&optim) {
+        opt.load_state(st)?;
+    }
+    trainer.load_state(state)
+}
+
+fn check_model_tensors(path: &Path, params: &[Param], map: &HashMap<String, Tensor>) -> Result<()> {
     let bad = |problem: String| Error::Checkpoint {
         path: path.to_path_buf(),
         problem,
@@ -123,10 +244,6 @@ pub fn load_params(path: &Path, params: &[Param]) -> Result<()> {
             extra[0],
             extra.len()
         )));
-    }
-    for p in params {
-        let t = &map[&p.name];
-        p.var.set(&t.to_dtype(p.var.dtype())?)?;
     }
     Ok(())
 }

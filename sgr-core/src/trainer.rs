@@ -78,8 +78,9 @@ pub struct Trainer {
     acc: EpochAccumulator,
 }
 
-#[derive(Debug, Default)]
-struct EpochAccumulator {
+/// Partial sums of the current epoch's metrics.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochAccumulator {
     steps: usize,
     loss_sums: Vec<f64>,
     correct: usize,
@@ -90,6 +91,16 @@ struct EpochAccumulator {
 }
 
 impl EpochAccumulator {
+    /// Training seconds accumulated in the current epoch.
+    pub fn seconds(&self) -> f64 {
+        self.seconds
+    }
+
+    /// Steps taken in the current epoch.
+    pub fn steps(&self) -> usize {
+        self.steps
+    }
+
     fn new(k: usize) -> Self {
         Self {
             loss_sums: vec![0.0; k],
@@ -97,6 +108,19 @@ impl EpochAccumulator {
             ..Default::default()
         }
     }
+}
+
+/// Everything a [`Trainer`] needs besides weights and optimizer state to continue exactly where
+/// it stopped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainerState {
+    /// Current epoch (0-based).
+    pub epoch: usize,
+    /// Global step count (drives the learning-rate schedule and the λ warm-up).
+    pub global_step: usize,
+    /// Partial sums of the current epoch.
+    pub epoch_progress: EpochAccumulator,
 }
 
 /// One module's plain pass, kept until its SGR term can be formed (backward direction).
@@ -166,6 +190,48 @@ impl Trainer {
     pub fn set_position(&mut self, epoch: usize, step: usize) {
         self.epoch = epoch;
         self.step = step;
+    }
+
+    /// Current epoch (0-based).
+    pub fn epoch(&self) -> usize {
+        self.epoch
+    }
+
+    /// Steps taken in the current epoch.
+    pub fn steps_in_epoch(&self) -> usize {
+        self.acc.steps
+    }
+
+    /// The position and partial epoch metrics (for checkpoints).
+    pub fn state(&self) -> TrainerState {
+        TrainerState {
+            epoch: self.epoch,
+            global_step: self.step,
+            epoch_progress: self.acc.clone(),
+        }
+    }
+
+    /// Checks that a state fits this trainer's network.
+    pub fn check_state(&self, state: &TrainerState) -> Result<()> {
+        let k = self.net.num_modules();
+        if state.epoch_progress.loss_sums.len() != k
+            || state.epoch_progress.boundary.len() != k.saturating_sub(1)
+        {
+            return Err(Error::InvalidConfig(format!(
+                "trainer state is for K={}, the network has K={k}",
+                state.epoch_progress.loss_sums.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Restores a state produced by [`Trainer::state`].
+    pub fn load_state(&mut self, state: TrainerState) -> Result<()> {
+        self.check_state(&state)?;
+        self.epoch = state.epoch;
+        self.step = state.global_step;
+        self.acc = state.epoch_progress;
+        Ok(())
     }
 
     fn lr_now(&self) -> f64 {
