@@ -45,6 +45,28 @@ enum Command {
     Train(Box<TrainArgs>),
     /// Time training steps on random inputs of the model's shape.
     Bench(Box<BenchArgs>),
+    /// Evaluate a trained model (a run directory) on its data set's test split.
+    Eval(EvalArgs),
+}
+
+#[derive(Args, Debug)]
+struct EvalArgs {
+    /// A run directory (config.json + model.safetensors), or a model.safetensors file with the
+    /// run's config.json beside it.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Evaluate on another copy of the data set (default: the run's --data-dir).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Batch size.
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// Data-loading worker threads.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -318,6 +340,7 @@ fn main() {
     let result = match cli.command {
         Command::Train(a) => train(*a),
         Command::Bench(a) => bench(*a),
+        Command::Eval(a) => eval(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -888,6 +911,73 @@ fn train(a: TrainArgs) -> Result<()> {
             .unwrap_or_else(|| "?".into()),
         out.join("model.safetensors").display()
     );
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let (dir, weights) = if a.checkpoint.is_dir() {
+        (a.checkpoint.clone(), a.checkpoint.join("model.safetensors"))
+    } else {
+        let dir = a
+            .checkpoint
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        (dir, a.checkpoint.clone())
+    };
+    let mut cfg = read_run_config(&dir)?;
+    if a.data_dir.is_some() {
+        cfg.data_dir = a.data_dir.clone();
+    }
+    cfg.train_limit = None;
+    let data = load_data(&cfg)?;
+    let device = Device::Cpu;
+    let net = CifarResNet {
+        config: ResNetConfig::preset(&cfg.model, data.channels, data.classes)?,
+        modules: cfg.modules,
+        split: cfg.split,
+        head: cfg.aux_head,
+        seed: cfg.seed,
+    }
+    .build(&device, DType::F32)?;
+    sgr_core::checkpoint::load_params(&weights, &net.params())?;
+    let loader = Loader::new(
+        Arc::clone(&data.test),
+        LoaderConfig {
+            workers: a.workers.unwrap_or_else(sgr_data::default_workers),
+            ..LoaderConfig::eval(a.batch_size.max(1))
+        },
+        data.test_pipeline.clone(),
+        &device,
+    )?;
+    let t = Instant::now();
+    let m = sgr_core::trainer::evaluate(&net, loader.epoch(0))?;
+    if a.json {
+        let v = serde_json::json!({
+            "checkpoint": weights,
+            "model": cfg.model,
+            "dataset": dataset_name(cfg.dataset),
+            "samples": m.samples,
+            "loss": m.loss,
+            "top1": m.accuracy,
+            "top5": m.top5,
+            "seconds": t.elapsed().as_secs_f64(),
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "{} on {} test ({} samples): top-1 {:.4}{}, loss {:.4} ({:.1}s)",
+            cfg.model,
+            dataset_name(cfg.dataset),
+            m.samples,
+            m.accuracy,
+            m.top5
+                .map(|t| format!(", top-5 {t:.4}"))
+                .unwrap_or_default(),
+            m.loss,
+            t.elapsed().as_secs_f64()
+        );
+    }
     Ok(())
 }
 

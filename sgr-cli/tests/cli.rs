@@ -398,3 +398,37 @@ fn sigint_saves_and_resume_finishes_identically() {
         std::fs::read(straight.join("model.safetensors")).unwrap()
     );
 }
+
+/// `sgr eval` rebuilds the model from the run directory and reproduces the run's test accuracy.
+#[test]
+fn eval_reproduces_the_recorded_test_accuracy() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = small_run(&run, &["--method", "greedy"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let s = json(&run.join("summary.json"));
+    let o = sgr(&["eval", "--checkpoint", run.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["top1"], s["test_accuracy"]);
+    assert_eq!(v["samples"], 359);
+    assert!(v["top5"].as_f64().unwrap() >= v["top1"].as_f64().unwrap());
+    // A checkpoint of another model is a clear error naming the file and the tensor.
+    let cfg = std::fs::read_to_string(run.join("config.json")).unwrap();
+    std::fs::write(
+        run.join("config.json"),
+        cfg.replace("\"resnet8\"", "\"resnet14\""),
+    )
+    .unwrap();
+    let o = sgr(&[
+        "eval",
+        "--checkpoint",
+        run.join("model.safetensors").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(
+        t.contains("model.safetensors") && t.contains("tensor `"),
+        "{t}"
+    );
+}
