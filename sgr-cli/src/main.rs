@@ -74,27 +74,8 @@ struct BenchArgs {
     /// Model.
     #[arg(long, default_value = "resnet32")]
     model: String,
-    /// Training method.
-    #[arg(long, value_enum, default_value = "sgr")]
-    method: MethodArg,
-    /// Number of modules K (bp: 1).
-    #[arg(long = "modules", short = 'k')]
-    modules: Option<usize>,
-    /// How to cut the network into modules.
-    #[arg(long, value_enum, default_value = "auto")]
-    split: SplitArg,
-    /// Auxiliary head.
-    #[arg(long, value_enum, default_value = "1c2f")]
-    aux_head: HeadArg,
-    /// How the SGR parameter gradient is computed.
-    #[arg(long, value_enum, default_value = "finite-difference")]
-    sgr_grad: GradArg,
-    /// SGR distance.
-    #[arg(long, value_enum, default_value = "squared-l2")]
-    sgr_distance: DistanceArg,
-    /// Which gradient of a boundary SGR pulls toward the other.
-    #[arg(long, value_enum, default_value = "forward")]
-    sgr_direction: DirectionArg,
+    #[command(flatten)]
+    method: MethodArgs,
     /// Batch size.
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
@@ -184,17 +165,9 @@ enum OptimArg {
     Adamw,
 }
 
-#[derive(Args, Debug)]
-struct TrainArgs {
-    /// Model: resnet8, resnet14, resnet20, resnet32, resnet44, resnet56, resnet110.
-    #[arg(long, default_value = "resnet20")]
-    model: String,
-    /// Data set.
-    #[arg(long, value_enum, default_value = "digits")]
-    dataset: DatasetArg,
-    /// Folder with the data set's files (CIFAR: the extracted binary archive or its parent).
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
+/// Method, split, head and SGR flags, shared by `train` and `bench`.
+#[derive(Args, Debug, Clone)]
+struct MethodArgs {
     /// Training method.
     #[arg(long, value_enum, default_value = "sgr")]
     method: MethodArg,
@@ -225,6 +198,21 @@ struct TrainArgs {
     /// Finite-difference step.
     #[arg(long, default_value_t = 5e-3)]
     sgr_fd_epsilon: f64,
+}
+
+#[derive(Args, Debug)]
+struct TrainArgs {
+    /// Model: resnet8, resnet14, resnet20, resnet32, resnet44, resnet56, resnet110.
+    #[arg(long, default_value = "resnet20")]
+    model: String,
+    /// Data set.
+    #[arg(long, value_enum, default_value = "digits")]
+    dataset: DatasetArg,
+    /// Folder with the data set's files (CIFAR: the extracted binary archive or its parent).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    method: MethodArgs,
     /// Epochs.
     #[arg(long, default_value_t = 6)]
     epochs: usize,
@@ -558,13 +546,14 @@ fn dataset_name(d: DatasetArg) -> &'static str {
     }
 }
 
-fn run_config(a: &TrainArgs) -> Result<RunConfig> {
-    let method = match a.method {
+/// The method's settings: (method, K, split, head, SGR).
+fn method_config(m: &MethodArgs) -> Result<(Method, usize, SplitStrategy, HeadKind, SgrConfig)> {
+    let method = match m.method {
         MethodArg::Bp => Method::Bp,
         MethodArg::Greedy => Method::Greedy,
         MethodArg::Sgr => Method::Sgr,
     };
-    let modules = match (method, a.modules) {
+    let modules = match (method, m.modules) {
         (Method::Bp, None | Some(1)) => 1,
         (Method::Bp, Some(k)) => {
             bail!("--method bp trains end to end: --modules must be 1, got {k}")
@@ -573,23 +562,38 @@ fn run_config(a: &TrainArgs) -> Result<RunConfig> {
         (_, None) => 4,
     };
     let sgr = SgrConfig {
-        lambda: a.sgr_lambda,
-        distance: match a.sgr_distance {
+        lambda: m.sgr_lambda,
+        distance: match m.sgr_distance {
             DistanceArg::SquaredL2 => Distance::SquaredL2,
             DistanceArg::Cosine => Distance::Cosine,
             DistanceArg::CosinePerSample => Distance::CosinePerSample,
         },
-        direction: match a.sgr_direction {
+        direction: match m.sgr_direction {
             DirectionArg::Forward => Direction::Forward,
             DirectionArg::Backward => Direction::Backward,
         },
-        grad: match a.sgr_grad {
+        grad: match m.sgr_grad {
             GradArg::FiniteDifference => SgrGrad::FiniteDifference,
             GradArg::Exact => SgrGrad::Exact,
         },
-        fd_epsilon: a.sgr_fd_epsilon,
-        warmup_epochs: a.sgr_warmup,
+        fd_epsilon: m.sgr_fd_epsilon,
+        warmup_epochs: m.sgr_warmup,
     };
+    let split = match m.split {
+        SplitArg::Auto => SplitStrategy::Auto,
+        SplitArg::Infopro => SplitStrategy::Infopro,
+        SplitArg::InfoproBalanced => SplitStrategy::InfoproBalanced,
+        SplitArg::Uniform => SplitStrategy::Uniform,
+    };
+    let head = match m.aux_head {
+        HeadArg::ZeroConv => HeadKind::ZeroConvOneFc,
+        HeadArg::OneConv => HeadKind::OneConvTwoFc,
+    };
+    Ok((method, modules, split, head, sgr))
+}
+
+fn run_config(a: &TrainArgs) -> Result<RunConfig> {
+    let (method, modules, split, aux_head, sgr) = method_config(&a.method)?;
     let optimizer = match a.optimizer {
         OptimArg::Sgd => OptimizerConfig::Sgd {
             momentum: 0.9,
@@ -611,16 +615,8 @@ fn run_config(a: &TrainArgs) -> Result<RunConfig> {
         dataset: a.dataset,
         data_dir: a.data_dir.clone(),
         modules,
-        split: match a.split {
-            SplitArg::Auto => SplitStrategy::Auto,
-            SplitArg::Infopro => SplitStrategy::Infopro,
-            SplitArg::InfoproBalanced => SplitStrategy::InfoproBalanced,
-            SplitArg::Uniform => SplitStrategy::Uniform,
-        },
-        aux_head: match a.aux_head {
-            HeadArg::ZeroConv => HeadKind::ZeroConvOneFc,
-            HeadArg::OneConv => HeadKind::OneConvTwoFc,
-        },
+        split,
+        aux_head,
         batch_size: a.batch_size,
         seed: a.seed,
         train_limit: a.train_limit,
@@ -1046,34 +1042,30 @@ struct BenchReport {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
-    let train_args = TrainArgs::parse_from_defaults();
-    let mut ta = train_args;
-    ta.model = a.model.clone();
-    ta.method = a.method;
-    ta.modules = a.modules;
-    ta.split = a.split;
-    ta.aux_head = a.aux_head;
-    ta.sgr_grad = a.sgr_grad;
-    ta.sgr_distance = a.sgr_distance;
-    ta.sgr_direction = a.sgr_direction;
-    ta.batch_size = a.batch_size;
-    let mut cfg = run_config(&ta)?;
-    if a.steps == 0 {
-        bail!("--steps must be >= 1");
+    if a.steps == 0 || a.batch_size == 0 {
+        bail!("--steps and --batch-size must be >= 1");
     }
-    cfg.trainer.steps_per_epoch = a.steps + 1;
-    cfg.trainer.schedule = Schedule::Constant;
+    let (method, modules, split, head, sgr) = method_config(&a.method)?;
+    let trainer_cfg = TrainerConfig {
+        method,
+        sgr,
+        optimizer: OptimizerConfig::default(),
+        lr: 0.05,
+        schedule: Schedule::Constant,
+        epochs: 1,
+        steps_per_epoch: a.steps + 1,
+    };
     let device = Device::Cpu;
-    let arch = ResNetConfig::preset(&cfg.model, a.in_channels, a.classes)?;
+    let arch = ResNetConfig::preset(&a.model, a.in_channels, a.classes)?;
     let net = CifarResNet {
         config: arch,
-        modules: cfg.modules,
-        split: cfg.split,
-        head: cfg.aux_head,
-        seed: cfg.seed,
+        modules,
+        split,
+        head,
+        seed: 0,
     }
     .build(&device, DType::F32)?;
-    let mut trainer = Trainer::new(net, cfg.trainer.clone())?;
+    let mut trainer = Trainer::new(net, trainer_cfg.clone())?;
     let shape = (a.batch_size, a.in_channels, a.input_size, a.input_size);
     let x = candle_core::Tensor::randn(0f32, 1.0, shape, &device)?;
     let labels: Vec<u32> = (0..a.batch_size).map(|i| (i % a.classes) as u32).collect();
@@ -1091,11 +1083,11 @@ fn bench(a: BenchArgs) -> Result<()> {
         0.5 * (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2])
     };
     let report = BenchReport {
-        model: cfg.model.clone(),
-        method: cfg.trainer.method.name().into(),
-        modules: cfg.modules,
-        sgr_grad: (cfg.trainer.method == Method::Sgr).then(|| {
-            match cfg.trainer.sgr.grad {
+        model: a.model.clone(),
+        method: method.name().into(),
+        modules,
+        sgr_grad: (method == Method::Sgr).then(|| {
+            match trainer_cfg.sgr.grad {
                 SgrGrad::FiniteDifference => "finite-difference",
                 SgrGrad::Exact => "exact",
             }
@@ -1135,16 +1127,4 @@ fn bench(a: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-impl TrainArgs {
-    /// The train defaults, as clap would fill them with no flags.
-    fn parse_from_defaults() -> Self {
-        #[derive(Parser)]
-        struct Wrapper {
-            #[command(flatten)]
-            args: TrainArgs,
-        }
-        Wrapper::parse_from(["sgr"]).args
-    }
 }
