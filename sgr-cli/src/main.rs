@@ -1,5 +1,10 @@
 //! `sgr`: train networks with end-to-end back-propagation or local learning with SGR.
 
+mod alloc;
+
+#[global_allocator]
+static ALLOC: alloc::Counting = alloc::Counting;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,6 +18,7 @@ use sgr_core::checkpoint::{
     load_training_checkpoint, save_params, save_training_checkpoint, write_atomic,
 };
 use sgr_core::events::{EpochMetrics, EvalMetrics};
+use sgr_core::nn::Ctx;
 use sgr_core::optim::{OptimizerConfig, Schedule};
 use sgr_core::sgr::{Direction, Distance, SgrConfig, SgrGrad, DEFAULT_LAMBDA};
 use sgr_core::trainer::{Method, Trainer, TrainerConfig};
@@ -47,6 +53,8 @@ enum Command {
     Bench(Box<BenchArgs>),
     /// Evaluate a trained model (a run directory) on its data set's test split.
     Eval(EvalArgs),
+    /// Model summary, split plan, per-module parameters and measured activation memory.
+    Inspect(Box<InspectArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -64,6 +72,9 @@ struct EvalArgs {
     /// Data-loading worker threads.
     #[arg(long)]
     workers: Option<usize>,
+    /// Where to evaluate.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -91,9 +102,33 @@ struct BenchArgs {
     /// Classes.
     #[arg(long, default_value_t = 10)]
     classes: usize,
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
     /// Print one JSON object instead of a line.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args, Debug)]
+struct InspectArgs {
+    /// Model.
+    #[arg(long, default_value = "resnet32")]
+    model: String,
+    #[command(flatten)]
+    method: MethodArgs,
+    /// Batch size for the measured activation memory.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Input height and width.
+    #[arg(long, default_value_t = 32)]
+    input_size: usize,
+    /// Input channels.
+    #[arg(long, default_value_t = 3)]
+    in_channels: usize,
+    /// Classes.
+    #[arg(long, default_value_t = 10)]
+    classes: usize,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, Serialize, Deserialize, PartialEq, Eq)]
@@ -115,6 +150,26 @@ enum DatasetArg {
     Stl10,
     /// ImageNet-style folders: --data-dir/train/<class>/*.jpg|png and --data-dir/val/<class>/...
     Imagefolder,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum DeviceArg {
+    /// The CPU.
+    Cpu,
+    /// The first CUDA GPU (needs a binary built with `--features cuda`).
+    Cuda,
+}
+
+fn device(d: DeviceArg) -> Result<Device> {
+    match d {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        #[cfg(feature = "cuda")]
+        DeviceArg::Cuda => Ok(Device::new_cuda(0)?),
+        #[cfg(not(feature = "cuda"))]
+        DeviceArg::Cuda => bail!(
+            "--device cuda: this sgr binary was built without GPU support; rebuild it with `cargo build --release -p sgr-cli --features cuda` (needs the CUDA toolkit)"
+        ),
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -261,6 +316,9 @@ struct TrainArgs {
     /// Data-loading worker threads (0: on the training thread).
     #[arg(long)]
     workers: Option<usize>,
+    /// Where to train.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
     /// Continue the run in DIR from its last checkpoint (its config.json is used; only
     /// --max-steps and --workers may be given with it).
     #[arg(long, value_name = "DIR", conflicts_with_all = [
@@ -329,6 +387,7 @@ fn main() {
         Command::Train(a) => train(*a),
         Command::Bench(a) => bench(*a),
         Command::Eval(a) => eval(a),
+        Command::Inspect(a) => inspect(*a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -707,7 +766,7 @@ fn train(a: TrainArgs) -> Result<()> {
         }
     };
     let resuming = a.resume.is_some();
-    let device = Device::Cpu;
+    let device = device(a.device)?;
     let data = load_data(&cfg)?;
     let workers = a.workers.unwrap_or_else(sgr_data::default_workers);
     let train_loader = Loader::new(
@@ -793,18 +852,44 @@ fn train(a: TrainArgs) -> Result<()> {
     let start = Instant::now();
     let mut last: Option<(EvalMetrics, Vec<f64>)> = None;
     let mut stop: Option<Stop> = None;
+    // Progress bars on a terminal, plain per-epoch lines otherwise.
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
     'epochs: for epoch in trainer.epoch()..cfg.trainer.epochs {
+        let bar = terminal.then(|| {
+            let pb = indicatif::ProgressBar::new(train_loader.batches_per_epoch() as u64);
+            pb.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "epoch {prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            pb.set_prefix(format!("{}/{}", epoch + 1, cfg.trainer.epochs));
+            pb.set_position(trainer.steps_in_epoch() as u64);
+            pb
+        });
         for batch in train_loader.epoch_from(epoch, trainer.steps_in_epoch()) {
             if cfg.max_steps.is_some_and(|m| trainer.global_step() >= m) {
                 stop = Some(Stop::MaxSteps);
                 break 'epochs;
             }
             let (x, y) = batch?;
-            trainer.train_step(&x, &y)?;
+            let step = trainer.train_step(&x, &y)?;
+            if let Some(pb) = &bar {
+                pb.inc(1);
+                pb.set_message(format!(
+                    "loss {:.4}  {:.0} img/s",
+                    step.module_losses.last().copied().unwrap_or(f64::NAN),
+                    step.batch as f64 / step.seconds.max(1e-9)
+                ));
+            }
             if interrupted.load(Ordering::SeqCst) {
                 stop = Some(Stop::Interrupted);
                 break 'epochs;
             }
+        }
+        if let Some(pb) = bar {
+            pb.finish_and_clear();
         }
         let m = trainer.finish_epoch(&mut sgr_core::events::NoObserver);
         let eval = trainer.evaluate(test_loader.epoch(0))?;
@@ -926,8 +1011,8 @@ fn eval(a: EvalArgs) -> Result<()> {
         cfg.data_dir = a.data_dir.clone();
     }
     cfg.train_limit = None;
+    let device = device(a.device)?;
     let data = load_data(&cfg)?;
-    let device = Device::Cpu;
     let net = CifarResNet {
         config: ResNetConfig::preset(&cfg.model, data.channels, data.classes)?,
         modules: cfg.modules,
@@ -974,6 +1059,160 @@ fn eval(a: EvalArgs) -> Result<()> {
             t.elapsed().as_secs_f64()
         );
     }
+    Ok(())
+}
+
+fn mib(b: usize) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    use sgr_core::sgr::{CrossEntropyModule, LocalProblem, OutputShift};
+    let (_method, modules, split, head, _sgr) = method_config(&a.method)?;
+    let arch = ResNetConfig::preset(&a.model, a.in_channels, a.classes)?;
+    let device = Device::Cpu;
+    let net = CifarResNet {
+        config: arch.clone(),
+        modules,
+        split,
+        head,
+        seed: 0,
+    }
+    .build(&device, DType::F32)?;
+    let plan = net.plan().clone();
+    let n = arch.blocks_per_stage();
+    let unit_name = |u: usize| {
+        if u == 0 {
+            "stem".to_string()
+        } else {
+            format!("layer{}.{}", (u - 1) / n + 1, (u - 1) % n)
+        }
+    };
+    let count = |ps: Vec<sgr_core::nn::Param>| -> usize {
+        ps.iter()
+            .filter(|p| p.kind == sgr_core::nn::ParamKind::Trainable)
+            .map(|p| p.var.elem_count())
+            .sum()
+    };
+    let backbone = count(
+        net.params()
+            .into_iter()
+            .filter(|p| !p.name.starts_with("aux."))
+            .collect(),
+    );
+    println!(
+        "{}: depth {}, {} blocks per stage, {} backbone parameters, {} in aux heads; input {}x{}x{}, {} classes",
+        a.model,
+        arch.depth,
+        n,
+        backbone,
+        net.num_trainable() - backbone,
+        a.in_channels,
+        a.input_size,
+        a.input_size,
+        a.classes
+    );
+    println!(
+        "split: K={} ({:?}), aux head {}; activation memory measured at batch {} (live heap bytes held by the forward graph; peak while also running backward)",
+        modules,
+        split,
+        head.name(),
+        a.batch_size
+    );
+    println!(
+        "{:<7} {:<24} {:>14} {:>10} {:>10} {:>16} {:>16}",
+        "module", "blocks", "output", "body", "head", "activations MiB", "fwd+bwd peak MiB"
+    );
+    let labels = candle_core::Tensor::from_vec(
+        (0..a.batch_size)
+            .map(|i| (i % a.classes) as u32)
+            .collect::<Vec<_>>(),
+        a.batch_size,
+        &device,
+    )?;
+    let mut h = candle_core::Tensor::randn(
+        0f32,
+        1.0,
+        (a.batch_size, a.in_channels, a.input_size, a.input_size),
+        &device,
+    )?;
+    let mut worst = 0usize;
+    for k in 0..net.num_modules() {
+        let r = plan.range(k);
+        let blocks = if r.len() == 1 {
+            unit_name(r.start)
+        } else {
+            format!("{}..{}", unit_name(r.start), unit_name(r.end - 1))
+        };
+        let all = net.module_params(k);
+        let head_params = count(
+            all.iter()
+                .filter(|p| p.name.starts_with("aux."))
+                .cloned()
+                .collect(),
+        );
+        let body_params = count(all) - head_params;
+        let prob = CrossEntropyModule {
+            net: &net,
+            k,
+            labels: &labels,
+        };
+        let x = h.detach();
+        let before = alloc::live_bytes();
+        alloc::reset_peak();
+        let f = prob.forward(&x, OutputShift::None, &mut Ctx::train_frozen_stats())?;
+        let held = alloc::live_bytes().saturating_sub(before);
+        let grads = f.loss.backward()?;
+        let peak = alloc::peak_bytes().saturating_sub(before);
+        drop(grads);
+        worst = worst.max(peak);
+        let out_shape = if k + 1 < net.num_modules() {
+            format!("{:?}", &f.output.dims()[1..])
+        } else {
+            format!("logits {}", a.classes)
+        };
+        println!(
+            "{:<7} {:<24} {:>14} {:>10} {:>10} {:>16.1} {:>16.1}",
+            k + 1,
+            blocks,
+            out_shape,
+            body_params,
+            head_params,
+            mib(held),
+            mib(peak)
+        );
+        h = f.output.detach();
+    }
+    // The same network trained end to end keeps the whole graph.
+    let whole = CifarResNet {
+        config: arch,
+        modules: 1,
+        split,
+        head,
+        seed: 0,
+    }
+    .build(&device, DType::F32)?;
+    let x = candle_core::Tensor::randn(
+        0f32,
+        1.0,
+        (a.batch_size, a.in_channels, a.input_size, a.input_size),
+        &device,
+    )?;
+    let before = alloc::live_bytes();
+    alloc::reset_peak();
+    let logits = whole.forward(&x, &mut Ctx::train_frozen_stats())?;
+    let held = alloc::live_bytes().saturating_sub(before);
+    let loss = sgr_core::loss::cross_entropy(&logits, &labels)?;
+    let grads = loss.backward()?;
+    let peak = alloc::peak_bytes().saturating_sub(before);
+    drop(grads);
+    println!(
+        "end-to-end (bp): activations {:.1} MiB, fwd+bwd peak {:.1} MiB; largest local module peak {:.1} MiB ({:.0}% of bp)",
+        mib(held),
+        mib(peak),
+        mib(worst),
+        100.0 * worst as f64 / peak.max(1) as f64
+    );
     Ok(())
 }
 
@@ -1055,7 +1294,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         epochs: 1,
         steps_per_epoch: a.steps + 1,
     };
-    let device = Device::Cpu;
+    let device = device(a.device)?;
     let arch = ResNetConfig::preset(&a.model, a.in_channels, a.classes)?;
     let net = CifarResNet {
         config: arch,

@@ -88,7 +88,8 @@ fn train_writes_a_complete_run_directory_for_every_method() {
 
 #[test]
 fn bad_arguments_are_clear_errors() {
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 9] = [
+        (&["train", "--device", "cuda"], "built without GPU support"),
         (
             &["train", "--model", "resnet33"],
             "unknown model `resnet33`",
@@ -431,4 +432,42 @@ fn eval_reproduces_the_recorded_test_accuracy() {
         t.contains("model.safetensors") && t.contains("tensor `"),
         "{t}"
     );
+}
+
+/// `sgr inspect` prints the split plan with per-module parameters and measured activation
+/// memory, and the end-to-end comparison.
+#[test]
+fn inspect_shows_the_split_and_memory() {
+    let o = sgr(&[
+        "inspect",
+        "--model",
+        "resnet32",
+        "--modules",
+        "4",
+        "--batch-size",
+        "8",
+        "--input-size",
+        "16",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("464154 backbone parameters"), "{t}");
+    // InfoPro's ResNet-32 K=4 table: [1,2], [2,1], [3,0].
+    assert!(
+        t.contains("stem..layer1.2")
+            && t.contains("layer1.3..layer2.1")
+            && t.contains("layer2.2..layer3.0"),
+        "{t}"
+    );
+    let line = t.lines().find(|l| l.starts_with("end-to-end")).unwrap();
+    let pct: f64 = line
+        .rsplit('(')
+        .next()
+        .unwrap()
+        .split('%')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(pct > 0.0 && pct < 100.0, "{line}");
 }
