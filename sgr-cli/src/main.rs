@@ -319,6 +319,10 @@ struct TrainArgs {
     /// Where to train.
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
+    /// Settings from a TOML or JSON file: keys are the flag names (`sgr-lambda = 1.0`, or
+    /// `sgr_lambda`), unknown keys are rejected, flags given on the command line win.
+    #[arg(long, value_name = "FILE", conflicts_with = "resume")]
+    config: Option<PathBuf>,
     /// Continue the run in DIR from its last checkpoint (its config.json is used; only
     /// --max-steps and --workers may be given with it).
     #[arg(long, value_name = "DIR", conflicts_with_all = [
@@ -380,8 +384,109 @@ struct Summary {
     final_boundary_cos: Vec<f64>,
 }
 
+/// Turns `sgr train --config FILE` into the equivalent flags, placed before the command line's
+/// own so that flags given there win.
+fn expand_config(argv: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsString>> {
+    use clap::parser::ValueSource;
+    use clap::CommandFactory;
+    let Ok(matches) = Cli::command().try_get_matches_from(&argv) else {
+        return Ok(argv); // clap reports the problem when parsing for real
+    };
+    let Some(("train", sub)) = matches.subcommand() else {
+        return Ok(argv);
+    };
+    let Some(path) = sub.get_one::<PathBuf>("config") else {
+        return Ok(argv);
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let table: serde_json::Map<String, serde_json::Value> =
+        if path.extension().is_some_and(|e| e == "json") {
+            serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a JSON object", path.display()))?
+        } else {
+            let t: toml::Table = toml::from_str(&text)
+                .with_context(|| format!("{}: invalid TOML", path.display()))?;
+            serde_json::to_value(t)?
+                .as_object()
+                .cloned()
+                .unwrap_or_default()
+        };
+    let cmd = Cli::command();
+    let train_cmd = cmd
+        .find_subcommand("train")
+        .context("internal: no train command")?;
+    let settable: Vec<&clap::Arg> = train_cmd
+        .get_arguments()
+        .filter(|a| {
+            !["config", "resume", "help", "verbose", "quiet"].contains(&a.get_id().as_str())
+        })
+        .collect();
+    let mut extra: Vec<std::ffi::OsString> = Vec::new();
+    for (key, value) in &table {
+        let id = key.replace('-', "_");
+        let arg = settable
+            .iter()
+            .find(|a| a.get_id().as_str() == id)
+            .ok_or_else(|| {
+                let mut names: Vec<String> = settable
+                    .iter()
+                    .filter_map(|a| a.get_long().map(str::to_string))
+                    .collect();
+                names.sort();
+                anyhow::anyhow!(
+                    "{}: unknown config field `{key}`; known fields: {}",
+                    path.display(),
+                    names.join(", ")
+                )
+            })?;
+        if sub.value_source(&id) == Some(ValueSource::CommandLine) {
+            continue;
+        }
+        let long = format!("--{}", arg.get_long().unwrap_or(key));
+        let is_switch = matches!(arg.get_action(), clap::ArgAction::SetTrue);
+        match value {
+            serde_json::Value::Bool(b) if is_switch => {
+                if *b {
+                    extra.push(long.into());
+                }
+            }
+            serde_json::Value::String(v) => extra.extend([long.into(), v.into()]),
+            serde_json::Value::Number(n) if !is_switch => {
+                extra.extend([long.into(), n.to_string().into()])
+            }
+            other => bail!(
+                "{}: config field `{key}` has an unsupported value {other}",
+                path.display()
+            ),
+        }
+    }
+    let at = argv
+        .iter()
+        .position(|a| a == "train")
+        .map(|i| i + 1)
+        .unwrap_or(argv.len());
+    let mut out = argv[..at].to_vec();
+    out.extend(extra);
+    out.extend_from_slice(&argv[at..]);
+    Ok(out)
+}
+
 fn main() {
-    let cli = Cli::parse();
+    // Like other Unix tools: end quietly when the reader of stdout goes away (`sgr ... | head`).
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let argv = match expand_config(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     init_logging(cli.verbose, cli.quiet);
     let result = match cli.command {
         Command::Train(a) => train(*a),

@@ -471,3 +471,68 @@ fn inspect_shows_the_split_and_memory() {
         .unwrap();
     assert!(pct > 0.0 && pct < 100.0, "{line}");
 }
+
+/// `--config` (TOML or JSON, flag names as keys) with command-line flags winning; unknown
+/// fields and bad values are errors.
+#[test]
+fn config_files_with_flag_overrides() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml_path = dir.path().join("run.toml");
+    std::fs::write(
+        &toml_path,
+        "model = \"resnet8\"\nmethod = \"greedy\"\nsgr-lambda = 2.5\nepochs = 1\ntrain_limit = 32\nno-augment = true\n",
+    )
+    .unwrap();
+    let out = dir.path().join("run");
+    let o = sgr(&[
+        "train",
+        "--config",
+        toml_path.to_str().unwrap(),
+        "--method",
+        "sgr",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let c = json(&out.join("config.json"));
+    assert_eq!(c["model"], "resnet8");
+    assert_eq!(c["trainer"]["method"], "sgr", "the flag wins over the file");
+    assert_eq!(c["trainer"]["sgr"]["lambda"], 2.5);
+    assert_eq!(c["augment"], false);
+    assert_eq!(c["train_limit"], 32);
+    let json_path = dir.path().join("run.json");
+    std::fs::write(
+        &json_path,
+        r#"{"model": "resnet8", "epochs": 1, "train-limit": 16, "sgr_lambda": 0.5}"#,
+    )
+    .unwrap();
+    let out2 = dir.path().join("run2");
+    let o = sgr(&[
+        "train",
+        "--config",
+        json_path.to_str().unwrap(),
+        "--out",
+        out2.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        json(&out2.join("config.json"))["trainer"]["sgr"]["lambda"],
+        0.5
+    );
+    std::fs::write(&toml_path, "modle = \"resnet8\"\n").unwrap();
+    let o = sgr(&["train", "--config", toml_path.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("unknown config field `modle`"),
+        "{}",
+        text(&o)
+    );
+    std::fs::write(&json_path, r#"{"epochs": "two"}"#).unwrap();
+    let o = sgr(&["train", "--config", json_path.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("invalid value 'two' for '--epochs"),
+        "{}",
+        text(&o)
+    );
+}
