@@ -1,6 +1,8 @@
 //! `sgr`: train networks with end-to-end back-propagation or local learning with SGR.
 
 mod alloc;
+mod hub;
+mod plot;
 
 #[global_allocator]
 static ALLOC: alloc::Counting = alloc::Counting;
@@ -55,14 +57,35 @@ enum Command {
     Eval(EvalArgs),
     /// Model summary, split plan, per-module parameters and measured activation memory.
     Inspect(Box<InspectArgs>),
+    /// Fetch a checkpoint from the Hugging Face Hub into the standard cache.
+    Download(DownloadArgs),
+    /// PNG plots of a run: training curves and the per-boundary reconciliation heat map.
+    Plot(PlotArgs),
+}
+
+#[derive(Args, Debug)]
+struct PlotArgs {
+    /// The run directory (with metrics.jsonl).
+    #[arg(long)]
+    run: PathBuf,
+    /// Where to write the PNGs (default: the run directory).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct DownloadArgs {
+    /// hf://owner/repo[@revision]
+    reference: String,
 }
 
 #[derive(Args, Debug)]
 struct EvalArgs {
-    /// A run directory (config.json + model.safetensors), or a model.safetensors file with the
-    /// run's config.json beside it.
+    /// A run directory (config.json + model.safetensors), a model.safetensors file with the
+    /// run's config.json beside it, or hf://owner/repo[@revision][/file] (Hugging Face Hub;
+    /// resolved from the cache when HF_HUB_OFFLINE is set).
     #[arg(long)]
-    checkpoint: PathBuf,
+    checkpoint: String,
     /// Evaluate on another copy of the data set (default: the run's --data-dir).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -493,6 +516,14 @@ fn main() {
         Command::Bench(a) => bench(*a),
         Command::Eval(a) => eval(a),
         Command::Inspect(a) => inspect(*a),
+        Command::Download(a) => download(a),
+        Command::Plot(a) => {
+            plot::plot_run(&a.run, a.out.as_deref().unwrap_or(&a.run)).map(|files| {
+                for f in files {
+                    println!("{}", f.display());
+                }
+            })
+        }
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -1100,16 +1131,48 @@ fn train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+fn download(a: DownloadArgs) -> Result<()> {
+    let r = hub::HfRef::parse(&a.reference)
+        .unwrap_or_else(|| bail!("`{}` is not an hf:// reference", a.reference))?;
+    if r.file.is_some() {
+        bail!("sgr download takes hf://owner/repo[@revision], without a file");
+    }
+    let mut paths = hub::fetch(&r, &hub::CHECKPOINT_FILES[..2])?;
+    // The model card is optional.
+    if let Ok(mut card) = hub::fetch(&r, &hub::CHECKPOINT_FILES[2..]) {
+        paths.append(&mut card);
+    }
+    for p in &paths {
+        println!("{}", p.display());
+    }
+    Ok(())
+}
+
 fn eval(a: EvalArgs) -> Result<()> {
-    let (dir, weights) = if a.checkpoint.is_dir() {
-        (a.checkpoint.clone(), a.checkpoint.join("model.safetensors"))
-    } else {
-        let dir = a
-            .checkpoint
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
-        (dir, a.checkpoint.clone())
+    let (dir, weights) = match hub::HfRef::parse(&a.checkpoint) {
+        Some(r) => {
+            let r = r?;
+            let file = r.file.clone().unwrap_or_else(|| "model.safetensors".into());
+            let paths = hub::fetch(&r, &["config.json", file.as_str()])?;
+            let dir = paths[0]
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."));
+            (dir, paths[1].clone())
+        }
+        None => {
+            let path = PathBuf::from(&a.checkpoint);
+            if path.is_dir() {
+                (path.clone(), path.join("model.safetensors"))
+            } else {
+                let dir = path
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| PathBuf::from("."));
+                (dir, path)
+            }
+        }
     };
     let mut cfg = read_run_config(&dir)?;
     if a.data_dir.is_some() {

@@ -536,3 +536,151 @@ fn config_files_with_flag_overrides() {
         text(&o)
     );
 }
+
+fn sgr_env(args: &[&str], env: &[(&str, &Path)], offline: bool) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sgr"));
+    c.args(args)
+        .env_remove("HF_HUB_OFFLINE")
+        .env_remove("HUGGINGFACE_HUB_CACHE");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    if offline {
+        c.env("HF_HUB_OFFLINE", "1");
+    }
+    c.output().expect("run sgr")
+}
+
+/// hf:// references against a Hub cache laid out on disk as hf-hub lays it out (blobs, refs,
+/// snapshots with symlinks), never the network.
+#[test]
+fn hub_references_resolve_from_the_standard_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = small_run(&run, &["--method", "greedy"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let cache = dir.path().join("hub");
+    let repo = cache.join("models--sgr-rs--tiny-digits");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let snap = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::create_dir_all(&snap).unwrap();
+    for (i, f) in ["config.json", "model.safetensors", "README.md"]
+        .iter()
+        .enumerate()
+    {
+        let blob = repo.join("blobs").join(format!("blob{i}"));
+        std::fs::copy(run.join(f), &blob).unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/blob{i}"), snap.join(f)).unwrap();
+    }
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let env = [("HF_HUB_CACHE", cache.as_path())];
+
+    let o = sgr_env(&["download", "hf://sgr-rs/tiny-digits"], &env, true);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = String::from_utf8_lossy(&o.stdout).to_string();
+    assert_eq!(t.lines().count(), 3, "{t}");
+    assert!(t.lines().all(|l| l.contains(commit)), "{t}");
+
+    let want = json(&run.join("summary.json"))["test_accuracy"].clone();
+    for reference in [
+        "hf://sgr-rs/tiny-digits",
+        &format!("hf://sgr-rs/tiny-digits@{commit}/model.safetensors"),
+    ] {
+        for offline in [true, false] {
+            let o = sgr_env(
+                &["eval", "--checkpoint", reference, "--json"],
+                &env,
+                offline,
+            );
+            assert!(o.status.success(), "{reference}: {}", text(&o));
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            assert_eq!(v["top1"], want, "{reference}");
+        }
+    }
+    // HF_HOME/hub is the cache when HF_HUB_CACHE is not set.
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::rename(&cache, home.join("hub")).unwrap();
+    let o = sgr_env(
+        &["download", "hf://sgr-rs/tiny-digits"],
+        &[("HF_HOME", home.as_path())],
+        true,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+
+    // Offline and not cached: a clear error naming the cache, at once.
+    let t0 = std::time::Instant::now();
+    let o = sgr_env(
+        &["download", "hf://sgr-rs/missing"],
+        &[("HF_HOME", home.as_path())],
+        true,
+    );
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(
+        t.contains("HF_HUB_OFFLINE") && t.contains("config.json") && t.contains("hub"),
+        "{t}"
+    );
+    assert!(t0.elapsed().as_secs() < 5);
+    let o = sgr_env(
+        &["download", "hf://sgr-rs/tiny-digits@v2"],
+        &[("HF_HOME", home.as_path())],
+        true,
+    );
+    assert!(!o.status.success());
+    assert!(text(&o).contains("@v2"), "{}", text(&o));
+    let o = sgr(&["download", "hf://not a repo"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("is not hf://owner/repo"), "{}", text(&o));
+}
+
+/// `sgr plot` draws the curves and the reconciliation heat map as real PNGs.
+#[test]
+fn plot_writes_pngs() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = small_run(&run, &["--method", "greedy"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = sgr(&["plot", "--run", run.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    for (f, w) in [("curves.png", 1200), ("reconciliation.png", 700)] {
+        let img = image::open(run.join(f)).unwrap().to_rgb8();
+        assert_eq!(img.width(), w, "{f}");
+        // Drawn content: dark text/axes and coloured series or cells, not a blank canvas.
+        let dark = img.pixels().filter(|p| p.0.iter().all(|&c| c < 80)).count();
+        let coloured = img
+            .pixels()
+            .filter(|p| p.0.iter().max().unwrap() - p.0.iter().min().unwrap() > 60)
+            .count();
+        assert!(
+            dark > 500 && coloured > 500,
+            "{f}: {dark} dark, {coloured} coloured pixels"
+        );
+    }
+    // bp has no boundary: curves only.
+    let bp = dir.path().join("bp");
+    let o = small_run(&bp, &["--method", "bp", "--epochs", "1"]);
+    assert!(!o.status.success(), "--epochs given twice must be refused");
+    let o = sgr(&[
+        "train",
+        "--model",
+        "resnet8",
+        "--method",
+        "bp",
+        "--train-limit",
+        "32",
+        "--epochs",
+        "1",
+        "--out",
+        bp.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = sgr(&["plot", "--run", bp.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(bp.join("curves.png").is_file() && !bp.join("reconciliation.png").exists());
+    let o = sgr(&["plot", "--run", dir.path().join("none").to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("metrics.jsonl"), "{}", text(&o));
+}
