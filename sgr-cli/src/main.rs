@@ -621,6 +621,13 @@ fn load_data(cfg: &RunConfig) -> Result<Data> {
                 CifarKind::Cifar100Fine
             };
             let d = dir()?;
+            // With the `download` feature, fetch the official archive (MD5-checked) when the
+            // files are not there yet.
+            #[cfg(feature = "download")]
+            if sgr_data::load_cifar(&d, kind, false).is_err() {
+                eprintln!("{kind:?} not found in {}: downloading it", d.display());
+                sgr_data::download::download_cifar(kind, &d)?;
+            }
             in_memory(
                 sgr_data::load_cifar(&d, kind, true)?,
                 sgr_data::load_cifar(&d, kind, false)?,

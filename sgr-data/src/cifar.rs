@@ -117,7 +117,7 @@ pub fn load_cifar(dir: &Path, kind: CifarKind, train: bool) -> Result<ImageDatas
             what: format!("{kind:?} {}", files.join(", ")),
             dir: dir.to_path_buf(),
             hint: format!(
-                "download the binary version from https://www.cs.toronto.edu/~kriz/cifar.html and extract it so that {} exists",
+                "download the binary version from https://www.cs.toronto.edu/~kriz/cifar.html and extract it so that {} exists (or build sgr with the `download` feature)",
                 dir.join(kind.folder()).join(files[0]).display()
             ),
         })?;
