@@ -887,6 +887,17 @@ enum Stop {
 }
 
 fn train(a: TrainArgs) -> Result<()> {
+    // Installed first, so that Ctrl-C at any point after start-up is handled.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = Arc::clone(&interrupted);
+        // A second Ctrl-C while saving ends the process at once.
+        let _ = ctrlc::set_handler(move || {
+            if flag.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+        });
+    }
     let (mut cfg, out) = match &a.resume {
         Some(dir) => {
             let mut cfg = read_run_config(dir)?;
@@ -982,16 +993,6 @@ fn train(a: TrainArgs) -> Result<()> {
     let mut metrics_text: String = history.iter().map(|l| format!("{l}\n")).collect();
     write_atomic(&metrics_path, metrics_text.as_bytes())?;
 
-    let interrupted = Arc::new(AtomicBool::new(false));
-    {
-        let flag = Arc::clone(&interrupted);
-        // A second Ctrl-C while saving falls through to the default (immediate exit).
-        let _ = ctrlc::set_handler(move || {
-            if flag.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-        });
-    }
     let start = Instant::now();
     let mut last: Option<(EvalMetrics, Vec<f64>)> = None;
     let mut stop: Option<Stop> = None;
