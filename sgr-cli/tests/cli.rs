@@ -684,3 +684,34 @@ fn plot_writes_pngs() {
     assert!(!o.status.success());
     assert!(text(&o).contains("metrics.jsonl"), "{}", text(&o));
 }
+
+/// `sgr bench --json` reports the median step time, throughput and peak memory.
+#[test]
+fn bench_reports_json() {
+    for method in ["bp", "greedy", "sgr"] {
+        let o = sgr(&[
+            "bench",
+            "--model",
+            "resnet8",
+            "--method",
+            method,
+            "--input-size",
+            "8",
+            "--in-channels",
+            "1",
+            "--batch-size",
+            "8",
+            "--steps",
+            "3",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["method"], method);
+        assert_eq!(v["step_seconds"].as_array().unwrap().len(), 3);
+        let median = v["median_step_seconds"].as_f64().unwrap();
+        assert!(median > 0.0);
+        assert!((v["images_per_s"].as_f64().unwrap() - 8.0 / median).abs() < 1e-6);
+        assert!(v["peak_memory_bytes"].as_u64().unwrap() > 1_000_000);
+    }
+}

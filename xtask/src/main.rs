@@ -332,3 +332,47 @@ fn table2(args: &[String]) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn flags_parse_named_values_and_pass_the_rest_through() {
+        let f = Flags::parse(
+            &args(&[
+                "--epochs", "3", "--seeds", "0,1,2", "--", "--model", "resnet8",
+            ]),
+            &["epochs", "seeds", "out"],
+        )
+        .unwrap();
+        assert_eq!(f.get("epochs"), Some("3"));
+        assert_eq!(f.list("seeds", "0").unwrap(), vec![0, 1, 2]);
+        assert_eq!(f.list("missing", "4,5").unwrap(), vec![4, 5]);
+        assert_eq!(f.rest, args(&["--model", "resnet8"]));
+    }
+
+    #[test]
+    fn flags_reject_unknown_or_incomplete_arguments() {
+        let e = Flags::parse(&args(&["--epoch", "3"]), &["epochs"])
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("unknown argument `--epoch`"), "{e}");
+        let e = Flags::parse(&args(&["--epochs"]), &["epochs"])
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("needs a value"), "{e}");
+        let f = Flags::parse(&args(&["--seeds", "1,x"]), &["seeds"]).unwrap();
+        assert!(f.list("seeds", "0").is_err());
+    }
+
+    #[test]
+    fn mean_of_values() {
+        assert_eq!(mean(&[1.0, 2.0, 3.0]), 2.0);
+        assert_eq!(mean(&[]), 0.0);
+    }
+}
