@@ -98,3 +98,12 @@ pub fn max_param_diff(a: &LocalNetwork, b: &LocalNetwork) -> f64 {
         })
         .fold(0.0, f64::max)
 }
+
+/// Σ|t| as f64.
+pub fn abs_sum(t: &Tensor) -> f64 {
+    t.abs()
+        .and_then(|t| t.sum_all())
+        .and_then(|t| t.to_dtype(DType::F64))
+        .and_then(|t| t.to_scalar::<f64>())
+        .expect("abs sum")
+}

@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor, Var};
 use sgr_core::sgr::{
     base_pass, sgr_term_grad, CrossEntropyModule, Distance, LocalProblem, SgrConfig, SgrGrad, Site,
 };
-use sgr_integration_tests::{flat, labels, randn, rel_err, resnet};
+use sgr_integration_tests::{abs_sum, flat, labels, randn, rel_err, resnet};
 use sgr_models::HeadKind;
 
 fn site_grad(bp: &sgr_core::sgr::BasePass, site: Site) -> Tensor {
@@ -309,13 +309,7 @@ fn every_trainable_parameter_gets_a_nonzero_gradient() {
             for (what, grads) in checks {
                 assert_eq!(grads.len(), names.len());
                 for (g, n) in grads.iter().zip(&names) {
-                    let s = g
-                        .abs()
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
+                    let s = abs_sum(g);
                     assert!(
                         s > 0.0 && s.is_finite(),
                         "{head:?} module {k} {what}: `{n}` got {s}"
@@ -336,13 +330,7 @@ fn every_trainable_parameter_gets_a_nonzero_gradient() {
         let g = store
             .get(p.var.as_tensor())
             .unwrap_or_else(|| panic!("bp: `{}` got no gradient", p.name));
-        let s = g
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let s = abs_sum(g);
         assert!(s > 0.0, "bp: `{}` got a zero gradient", p.name);
     }
 }

@@ -7,7 +7,7 @@ use sgr_core::nn::Ctx;
 use sgr_core::optim::{OptimizerConfig, Schedule};
 use sgr_core::sgr::{base_pass, CrossEntropyModule, Direction, Distance, SgrConfig, SgrGrad};
 use sgr_core::trainer::{Method, Trainer, TrainerConfig};
-use sgr_integration_tests::{labels, max_param_diff, randn, resnet};
+use sgr_integration_tests::{abs_sum, labels, max_param_diff, randn, resnet};
 use sgr_models::HeadKind;
 
 fn tcfg(method: Method, sgr: SgrConfig) -> TrainerConfig {
@@ -55,17 +55,10 @@ fn k1_greedy_and_bp_take_the_same_step() {
     let d = max_param_diff(ta.network(), tb.network());
     assert!(d < 1e-6, "bp and greedy K=1 differ by {d}");
     // And the step did move the weights (the comparison is not between two no-ops).
-    let moved = before.iter().zip(ta.network().params()).any(|((_, t), p)| {
-        (t - p.var.as_tensor())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            > 1e-3
-    });
+    let moved = before
+        .iter()
+        .zip(ta.network().params())
+        .any(|((_, t), p)| abs_sum(&(t - p.var.as_tensor()).unwrap()) > 1e-3);
     assert!(moved);
 }
 
@@ -375,14 +368,7 @@ fn corrupt_or_mismatched_checkpoints_are_clear_errors() {
     assert!(e.contains("model.safetensors"), "{e}");
     let after = snapshot(&other);
     for ((n, a), (_, b)) in before.iter().zip(&after) {
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = abs_sum(&(a - b).unwrap());
         assert_eq!(d, 0.0, "{n} changed");
     }
     // No temporary files are left next to the checkpoint.

@@ -305,39 +305,40 @@ impl BatchNorm {
         let mut shape = vec![1usize; rank];
         shape[1] = c;
         let reduce: Vec<usize> = (0..rank).filter(|&d| d != 1).collect();
-        let (mean, var) = if ctx.train {
+        let xhat = if ctx.train {
             let mean = x.mean_keepdim(reduce.as_slice())?;
             let centred = x.broadcast_sub(&mean)?;
             let var = centred.sqr()?.mean_keepdim(reduce.as_slice())?;
             if ctx.update_bn_stats {
-                let n = x.elem_count() / c;
-                let unbiased = if n > 1 {
-                    n as f64 / (n - 1) as f64
-                } else {
-                    1.0
-                };
-                let m = self.momentum;
-                let bm = mean.detach().flatten_all()?;
-                let bv = var.detach().flatten_all()?.affine(unbiased, 0.0)?;
-                let rm = ((self.running_mean.as_tensor() * (1.0 - m))? + (bm * m)?)?;
-                let rv = ((self.running_var.as_tensor() * (1.0 - m))? + (bv * m)?)?;
-                self.running_mean.set(&rm)?;
-                self.running_var.set(&rv)?;
-                let nb = (self.num_batches_tracked.as_tensor() + 1.0)?;
-                self.num_batches_tracked.set(&nb)?;
+                self.update_running_stats(&mean, &var, x.elem_count() / c)?;
             }
-            let xhat = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-            return self.affine(&xhat, &shape);
+            centred.broadcast_div(&(var + self.eps)?.sqrt()?)?
         } else {
-            (
-                self.running_mean.as_tensor().reshape(shape.as_slice())?,
-                self.running_var.as_tensor().reshape(shape.as_slice())?,
-            )
+            let mean = self.running_mean.as_tensor().reshape(shape.as_slice())?;
+            let var = self.running_var.as_tensor().reshape(shape.as_slice())?;
+            x.broadcast_sub(&mean)?
+                .broadcast_div(&(var + self.eps)?.sqrt()?)?
         };
-        let xhat = x
-            .broadcast_sub(&mean)?
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?;
         self.affine(&xhat, &shape)
+    }
+
+    /// PyTorch's update: momentum 0.1, unbiased variance over `n` values per channel.
+    fn update_running_stats(&self, mean: &Tensor, var: &Tensor, n: usize) -> Result<()> {
+        let unbiased = if n > 1 {
+            n as f64 / (n - 1) as f64
+        } else {
+            1.0
+        };
+        let m = self.momentum;
+        let bm = mean.detach().flatten_all()?;
+        let bv = var.detach().flatten_all()?.affine(unbiased, 0.0)?;
+        let rm = ((self.running_mean.as_tensor() * (1.0 - m))? + (bm * m)?)?;
+        let rv = ((self.running_var.as_tensor() * (1.0 - m))? + (bv * m)?)?;
+        self.running_mean.set(&rm)?;
+        self.running_var.set(&rv)?;
+        let nb = (self.num_batches_tracked.as_tensor() + 1.0)?;
+        self.num_batches_tracked.set(&nb)?;
+        Ok(())
     }
 
     fn affine(&self, xhat: &Tensor, shape: &[usize]) -> Result<Tensor> {

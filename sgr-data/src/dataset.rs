@@ -88,14 +88,6 @@ impl ImageDataset {
         &self.labels
     }
 
-    /// The first `n` samples (all if fewer).
-    pub fn take(mut self, n: usize) -> Self {
-        let n = n.min(self.len());
-        self.pixels.truncate(n * self.image_len());
-        self.labels.truncate(n);
-        self
-    }
-
     /// Appends another data set of the same geometry.
     pub fn extend(&mut self, other: ImageDataset) -> Result<()> {
         if (other.channels, other.height, other.width, other.num_classes)
