@@ -16,6 +16,16 @@ use crate::{Error, Result};
 const FLAG: &str = "CANDLE_GRAD_DO_NOT_DETACH";
 static ENV_LOCK: Mutex<()> = Mutex::new(());
 
+thread_local! {
+    static SECOND_ORDER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the current thread is a [`with_second_order`] worker. Layers whose fast kernels are
+/// first order only (the fused BatchNorm) switch to their primitive formulation there.
+pub fn on_second_order_thread() -> bool {
+    SECOND_ORDER.with(|c| c.get())
+}
+
 /// Whether gradients computed on the current thread carry a graph (so can be differentiated
 /// again). Calling it initialises the thread's cached flag if it was not yet.
 pub fn thread_keeps_gradient_graph() -> Result<bool> {
@@ -41,6 +51,7 @@ where
         let previous = std::env::var_os(FLAG);
         std::env::set_var(FLAG, "1");
         let handle = s.spawn(move || {
+            SECOND_ORDER.with(|c| c.set(true));
             let on = thread_keeps_gradient_graph();
             let ok = matches!(on, Ok(true));
             let _ = tx.send(on);

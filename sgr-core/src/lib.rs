@@ -10,6 +10,8 @@
 //! * [`trainer`]: `bp`, `greedy` and `sgr` side by side, with per-boundary diagnostics.
 //! * [`optim`]: SGD (momentum, Nesterov, weight decay) and AdamW with savable state, schedules.
 //! * [`nn`]: layers from candle primitives (differentiable twice), the forward context.
+//! * [`kernels`]: fast CPU convolution, BatchNorm and ReLU as candle custom ops (im2col/col2im
+//!   + gemm), used by [`nn`] on the CPU.
 //!
 //! candle-nn's fused layers (`BatchNorm`, `LayerNorm`, `softmax_last_dim`) are not used: they
 //! update statistics on every call or cut the autodiff graph silently (see candle-notes.md), and
@@ -19,6 +21,7 @@ pub mod autograd;
 pub mod checkpoint;
 mod error;
 pub mod events;
+pub mod kernels;
 pub mod loss;
 pub mod memory;
 pub mod network;

@@ -127,10 +127,10 @@ impl Ctx {
     /// ReLU following the context's mode. The derivative at 0 is 1, as in candle's `relu`.
     pub fn relu(&mut self, x: &Tensor) -> Result<Tensor> {
         match &mut self.relu {
-            ReluMode::Plain => Ok(x.relu()?),
+            ReluMode::Plain => relu(x),
             ReluMode::Record(masks) => {
                 masks.push(x.ge(0.0)?.to_dtype(x.dtype())?.detach());
-                Ok(x.relu()?)
+                relu(x)
             }
             ReluMode::Replay { masks, pos } => {
                 let mask = masks.get(*pos).ok_or_else(|| {
@@ -142,6 +142,15 @@ impl Ctx {
                 Ok(x.mul(mask)?)
             }
         }
+    }
+}
+
+/// ReLU (derivative 1 at 0, as candle's): the fused kernel on the CPU, candle's op elsewhere.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    if crate::kernels::supported(x) {
+        Ok(crate::kernels::relu(x)?)
+    } else {
+        Ok(x.relu()?)
     }
 }
 
@@ -245,9 +254,15 @@ impl Conv2d {
         })
     }
 
-    /// Forward pass on NCHW input.
+    /// Forward pass on NCHW input: im2col + gemm kernels on the CPU ([`crate::kernels`]),
+    /// candle's `conv2d` elsewhere. Both are differentiable twice.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.conv2d(self.weight.as_tensor(), self.padding, self.stride, 1, 1)?)
+        let w = self.weight.as_tensor();
+        if crate::kernels::supported(x) {
+            Ok(crate::kernels::conv2d(x, w, self.stride, self.padding)?)
+        } else {
+            Ok(x.conv2d(w, self.padding, self.stride, 1, 1)?)
+        }
     }
 
     /// The weight, shape `(cout, cin, k, k)`.
@@ -305,6 +320,23 @@ impl BatchNorm {
         let mut shape = vec![1usize; rank];
         shape[1] = c;
         let reduce: Vec<usize> = (0..rank).filter(|&d| d != 1).collect();
+        if ctx.train && crate::kernels::supported(x) && !crate::autograd::on_second_order_thread() {
+            // Fused kernels: one pass for the statistics, one for the output; the backward is
+            // two fused passes (first order only, hence not on second-order threads).
+            let stats = crate::kernels::batch_stats(x)?;
+            if ctx.update_bn_stats {
+                let mean = stats.get(0)?;
+                let var = stats.get(1)?;
+                self.update_running_stats(&mean, &var, x.elem_count() / c)?;
+            }
+            return Ok(crate::kernels::batch_norm_train(
+                x,
+                self.weight.as_tensor(),
+                self.bias.as_tensor(),
+                &stats,
+                self.eps,
+            )?);
+        }
         let xhat = if ctx.train {
             let mean = x.mean_keepdim(reduce.as_slice())?;
             let centred = x.broadcast_sub(&mean)?;

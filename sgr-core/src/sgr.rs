@@ -351,7 +351,9 @@ pub struct SgrTermGrad {
 /// Computes ∇_θ D(s(θ), t) where s is the local gradient at `site` of module `p` at input `x`.
 ///
 /// `site_grad` is s at the base point and `masks` the ReLU masks recorded there (both from
-/// [`base_pass`]; the exact way needs neither and recomputes s with its graph). Only the
+/// [`base_pass`]). The exact way recomputes s with its graph; given masks, it replays them, so
+/// that it differentiates exactly the piecewise-linear function of the base pass (a pre-activation
+/// within rounding of 0 can otherwise flip between two forward implementations). Only the
 /// distance, gradient way and ε of `cfg` are used; λ is applied by the caller.
 pub fn sgr_term_grad(
     p: &dyn LocalProblem,
@@ -373,7 +375,7 @@ pub fn sgr_term_grad(
             cfg.distance,
             cfg.fd_epsilon,
         ),
-        SgrGrad::Exact => exact_term_grad(p, x, site, target, cfg.distance),
+        SgrGrad::Exact => exact_term_grad(p, x, site, target, masks, cfg.distance),
     }
 }
 
@@ -443,12 +445,17 @@ fn exact_term_grad(
     x: &Tensor,
     site: Site,
     target: &Tensor,
+    masks: &[Tensor],
     distance: Distance,
 ) -> Result<SgrTermGrad> {
     let target = target.detach();
     with_second_order(|| {
         let xv = Var::from_tensor(&x.detach())?;
-        let mut ctx = Ctx::train_frozen_stats();
+        let mut ctx = if masks.is_empty() {
+            Ctx::train_frozen_stats()
+        } else {
+            Ctx::train_replaying(masks.to_vec())
+        };
         let shift = match site {
             Site::Input => OutputShift::None,
             Site::Output => OutputShift::Probe,

@@ -1,0 +1,547 @@
+//! Raw CPU loops behind the fused ops: im2col/col2im, gemm calls, BatchNorm reductions, ReLU.
+//!
+//! Every function works on contiguous row-major slices (NCHW activations, `(O, C, KH, KW)`
+//! weights) and is generic over `f32`/`f64`. Work is split over images (convolutions) or channels
+//! (BatchNorm) with rayon; each gemm inside runs single-threaded, so the two levels never
+//! oversubscribe the cores.
+
+use rayon::prelude::*;
+
+/// The element types the kernels run on.
+pub trait Real:
+    Copy
+    + Send
+    + Sync
+    + Default
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::AddAssign
+    + 'static
+{
+    /// 0.
+    const ZERO: Self;
+    /// 1.
+    const ONE: Self;
+    /// Widening conversion.
+    fn to_f64(self) -> f64;
+    /// Narrowing conversion.
+    fn from_f64(v: f64) -> Self;
+}
+
+impl Real for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl Real for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+}
+
+/// Shape of one 2-D convolution (cross-correlation, no dilation, no groups).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeom {
+    /// Batch size.
+    pub n: usize,
+    /// Input channels.
+    pub c: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Output channels.
+    pub o: usize,
+    /// Kernel height.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Stride (both axes).
+    pub stride: usize,
+    /// Zero padding (both axes).
+    pub pad: usize,
+}
+
+impl ConvGeom {
+    /// Output height.
+    pub fn ho(&self) -> usize {
+        (self.h + 2 * self.pad - self.kh) / self.stride + 1
+    }
+    /// Output width.
+    pub fn wo(&self) -> usize {
+        (self.w + 2 * self.pad - self.kw) / self.stride + 1
+    }
+    /// Rows of an image's column matrix: `C·KH·KW`.
+    pub fn ckk(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+    fn in_img(&self) -> usize {
+        self.c * self.h * self.w
+    }
+    fn out_img(&self) -> usize {
+        self.o * self.ho() * self.wo()
+    }
+    /// A 1×1, stride-1, unpadded convolution reads the image itself as its column matrix.
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
+    /// Range of output columns `ow` whose input column `ow·s + kj − p` lies inside `[0, w)`.
+    fn valid_range(&self, k: usize, len_in: usize, len_out: usize) -> (usize, usize) {
+        let (s, p) = (self.stride as isize, self.pad as isize);
+        let k = k as isize;
+        // ow*s + k - p >= 0  <=>  ow >= ceil((p - k) / s)
+        let lo = if p - k > 0 { (p - k + s - 1) / s } else { 0 };
+        // ow*s + k - p <= len_in - 1  <=>  ow <= floor((len_in - 1 + p - k) / s)
+        let top = len_in as isize - 1 + p - k;
+        let hi = if top < 0 { 0 } else { top / s + 1 };
+        let lo = lo.min(len_out as isize) as usize;
+        let hi = (hi.max(0) as usize).min(len_out);
+        (lo, hi.max(lo))
+    }
+}
+
+/// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]`, each operand given by its row and column strides.
+#[allow(clippy::too_many_arguments)]
+fn mm<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    dst_rs: usize,
+    dst_cs: usize,
+    lhs: &[T],
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: &[T],
+    rhs_rs: usize,
+    rhs_cs: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    debug_assert!(dst.len() > (m - 1) * dst_rs + (n - 1) * dst_cs);
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    dst[i * dst_rs + j * dst_cs] = T::ZERO;
+                }
+            }
+        }
+        return;
+    }
+    debug_assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+    debug_assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
+    // SAFETY: the asserted extents keep every access inside the three slices; `dst` is borrowed
+    // mutably and does not alias the shared operands.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_cs as isize,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Writes the column matrix `(C·KH·KW) × (HO·WO)` of one image.
+fn im2col<T: Real>(g: &ConvGeom, x: &[T], cols: &mut [T]) {
+    let (ho, wo) = (g.ho(), g.wo());
+    let hw_out = ho * wo;
+    for c in 0..g.c {
+        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for ki in 0..g.kh {
+            let (oh_lo, oh_hi) = g.valid_range(ki, g.h, ho);
+            for kj in 0..g.kw {
+                let (ow_lo, ow_hi) = g.valid_range(kj, g.w, wo);
+                let row = ((c * g.kh + ki) * g.kw + kj) * hw_out;
+                let dst = &mut cols[row..row + hw_out];
+                for oh in 0..ho {
+                    let line = &mut dst[oh * wo..(oh + 1) * wo];
+                    if oh < oh_lo || oh >= oh_hi {
+                        line.fill(T::ZERO);
+                        continue;
+                    }
+                    let ih = oh * g.stride + ki - g.pad;
+                    line[..ow_lo].fill(T::ZERO);
+                    line[ow_hi..].fill(T::ZERO);
+                    let src = &plane[ih * g.w..(ih + 1) * g.w];
+                    if ow_lo == ow_hi {
+                        continue;
+                    }
+                    if g.stride == 1 {
+                        let start = ow_lo + kj - g.pad;
+                        line[ow_lo..ow_hi].copy_from_slice(&src[start..start + (ow_hi - ow_lo)]);
+                    } else {
+                        for (ow, v) in line[ow_lo..ow_hi].iter_mut().enumerate() {
+                            *v = src[(ow + ow_lo) * g.stride + kj - g.pad];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds the column matrix of one image back onto the image (the adjoint of [`im2col`]).
+fn col2im<T: Real>(g: &ConvGeom, cols: &[T], x: &mut [T]) {
+    let (ho, wo) = (g.ho(), g.wo());
+    let hw_out = ho * wo;
+    x.fill(T::ZERO);
+    for c in 0..g.c {
+        let plane = &mut x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for ki in 0..g.kh {
+            let (oh_lo, oh_hi) = g.valid_range(ki, g.h, ho);
+            for kj in 0..g.kw {
+                let (ow_lo, ow_hi) = g.valid_range(kj, g.w, wo);
+                let row = ((c * g.kh + ki) * g.kw + kj) * hw_out;
+                let src = &cols[row..row + hw_out];
+                for oh in oh_lo..oh_hi {
+                    let ih = oh * g.stride + ki - g.pad;
+                    let line = &src[oh * wo..(oh + 1) * wo];
+                    let dst = &mut plane[ih * g.w..(ih + 1) * g.w];
+                    if ow_lo == ow_hi {
+                        continue;
+                    }
+                    if g.stride == 1 {
+                        let start = ow_lo + kj - g.pad;
+                        for (d, &v) in dst[start..start + (ow_hi - ow_lo)]
+                            .iter_mut()
+                            .zip(&line[ow_lo..ow_hi])
+                        {
+                            *d += v;
+                        }
+                    } else {
+                        for ow in ow_lo..ow_hi {
+                            dst[ow * g.stride + kj - g.pad] += line[ow];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `y = conv(x, w)`: per image, `Y[O×HW] = W[O×CKK] · cols(x)[CKK×HW]`.
+pub fn conv_forward<T: Real>(g: &ConvGeom, x: &[T], w: &[T], y: &mut [T]) {
+    let (ckk, hw) = (g.ckk(), g.ho() * g.wo());
+    let (in_img, out_img) = (g.in_img(), g.out_img());
+    y.par_chunks_mut(out_img)
+        .zip(x.par_chunks(in_img))
+        .for_each_init(
+            || vec![T::ZERO; if g.is_pointwise() { 0 } else { ckk * hw }],
+            |cols, (yi, xi)| {
+                let cols: &[T] = if g.is_pointwise() {
+                    xi
+                } else {
+                    im2col(g, xi, cols);
+                    cols
+                };
+                mm(g.o, hw, ckk, yi, hw, 1, w, ckk, 1, cols, hw, 1, false);
+            },
+        );
+}
+
+/// Input gradient of [`conv_forward`]: per image, `col2im(Wᵀ · GY)`.
+pub fn conv_backward_input<T: Real>(g: &ConvGeom, gy: &[T], w: &[T], dx: &mut [T]) {
+    let (ckk, hw) = (g.ckk(), g.ho() * g.wo());
+    let (in_img, out_img) = (g.in_img(), g.out_img());
+    dx.par_chunks_mut(in_img)
+        .zip(gy.par_chunks(out_img))
+        .for_each_init(
+            || vec![T::ZERO; if g.is_pointwise() { 0 } else { ckk * hw }],
+            |cols, (dxi, gyi)| {
+                if g.is_pointwise() {
+                    mm(ckk, hw, g.o, dxi, hw, 1, w, 1, ckk, gyi, hw, 1, false);
+                } else {
+                    mm(ckk, hw, g.o, cols, hw, 1, w, 1, ckk, gyi, hw, 1, false);
+                    col2im(g, cols, dxi);
+                }
+            },
+        );
+}
+
+/// Weight gradient of [`conv_forward`]: `Σ_images GY[O×HW] · cols(x)ᵀ`.
+pub fn conv_backward_weight<T: Real>(g: &ConvGeom, x: &[T], gy: &[T], dw: &mut [T]) {
+    let (ckk, hw) = (g.ckk(), g.ho() * g.wo());
+    let (in_img, out_img) = (g.in_img(), g.out_img());
+    let wsize = g.o * ckk;
+    let total = x
+        .par_chunks(in_img)
+        .zip(gy.par_chunks(out_img))
+        .fold(
+            || {
+                (
+                    vec![T::ZERO; wsize],
+                    vec![T::ZERO; if g.is_pointwise() { 0 } else { ckk * hw }],
+                    false,
+                )
+            },
+            |(mut acc, mut cols, started), (xi, gyi)| {
+                let c: &[T] = if g.is_pointwise() {
+                    xi
+                } else {
+                    im2col(g, xi, &mut cols);
+                    &cols
+                };
+                mm(
+                    g.o, ckk, hw, &mut acc, ckk, 1, gyi, hw, 1, c, 1, hw, started,
+                );
+                (acc, cols, true)
+            },
+        )
+        .map(|(acc, _, _)| acc)
+        .reduce(
+            || vec![T::ZERO; wsize],
+            |mut a, b| {
+                for (u, v) in a.iter_mut().zip(&b) {
+                    *u += *v;
+                }
+                a
+            },
+        );
+    dw.copy_from_slice(&total);
+}
+
+/// Per-channel mean and biased variance of NCHW data (`inner` = H·W, 1 for NC), accumulated
+/// in f64. Returns `[mean₀..mean_C, var₀..var_C]`.
+pub fn bn_stats<T: Real>(x: &[T], n: usize, c: usize, inner: usize) -> Vec<T> {
+    let m = (n * inner) as f64;
+    let per: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let mut s = 0.0f64;
+            for i in 0..n {
+                let base = (i * c + ch) * inner;
+                s += x[base..base + inner]
+                    .iter()
+                    .map(|v| v.to_f64())
+                    .sum::<f64>();
+            }
+            let mean = s / m;
+            let mut q = 0.0f64;
+            for i in 0..n {
+                let base = (i * c + ch) * inner;
+                q += x[base..base + inner]
+                    .iter()
+                    .map(|v| {
+                        let d = v.to_f64() - mean;
+                        d * d
+                    })
+                    .sum::<f64>();
+            }
+            (mean, q / m)
+        })
+        .collect();
+    let mut out = Vec::with_capacity(2 * c);
+    out.extend(per.iter().map(|p| T::from_f64(p.0)));
+    out.extend(per.iter().map(|p| T::from_f64(p.1)));
+    out
+}
+
+/// Applies `y = a_c·(x − μ_c) + b_c` per channel (centred first: no cancellation between a
+/// large `a·x` and `b`, which matters for the finite-difference SGR gradient).
+fn apply_affine<T: Real>(x: &[T], y: &mut [T], c: usize, inner: usize, mab: &[(f64, f64, f64)]) {
+    y.par_chunks_mut(inner)
+        .zip(x.par_chunks(inner))
+        .enumerate()
+        .for_each(|(row, (yr, xr))| {
+            let (m, a, b) = mab[row % c];
+            let (m, a, b) = (T::from_f64(m), T::from_f64(a), T::from_f64(b));
+            for (u, &v) in yr.iter_mut().zip(xr) {
+                *u = a * (v - m) + b;
+            }
+        });
+}
+
+/// BatchNorm forward with given statistics: `y = γ (x − μ) / √(σ² + ε) + β`.
+#[allow(clippy::too_many_arguments)]
+pub fn bn_forward<T: Real>(
+    x: &[T],
+    y: &mut [T],
+    c: usize,
+    inner: usize,
+    mean: &[T],
+    var: &[T],
+    gamma: &[T],
+    beta: &[T],
+    eps: f64,
+) {
+    let mab: Vec<(f64, f64, f64)> = (0..c)
+        .map(|ch| {
+            let inv = 1.0 / (var[ch].to_f64() + eps).sqrt();
+            (
+                mean[ch].to_f64(),
+                gamma[ch].to_f64() * inv,
+                beta[ch].to_f64(),
+            )
+        })
+        .collect();
+    apply_affine(x, y, c, inner, &mab);
+}
+
+/// `[Σ g, Σ g·x̂]` per channel (the gradients of β and γ).
+#[allow(clippy::too_many_arguments)]
+pub fn bn_backward_sums<T: Real>(
+    x: &[T],
+    gy: &[T],
+    n: usize,
+    c: usize,
+    inner: usize,
+    mean: &[T],
+    var: &[T],
+    eps: f64,
+) -> Vec<T> {
+    let per: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let mu = mean[ch].to_f64();
+            let inv = 1.0 / (var[ch].to_f64() + eps).sqrt();
+            let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+            for i in 0..n {
+                let base = (i * c + ch) * inner;
+                let (xs, gs) = (&x[base..base + inner], &gy[base..base + inner]);
+                let (mut a, mut b) = (0.0f64, 0.0f64);
+                for (&xv, &gv) in xs.iter().zip(gs) {
+                    let gv = gv.to_f64();
+                    a += gv;
+                    b += gv * xv.to_f64();
+                }
+                sg += a;
+                sgx += b;
+            }
+            // Σ g (x − μ)/σ = (Σ g x − μ Σ g)/σ
+            (sg, (sgx - mu * sg) * inv)
+        })
+        .collect();
+    let mut out = Vec::with_capacity(2 * c);
+    out.extend(per.iter().map(|p| T::from_f64(p.0)));
+    out.extend(per.iter().map(|p| T::from_f64(p.1)));
+    out
+}
+
+/// Input gradient of training-mode BatchNorm:
+/// `dx = γ/σ · (g − Σg/M − x̂ · Σ(g x̂)/M)` with `M = N·H·W`.
+#[allow(clippy::too_many_arguments)]
+pub fn bn_backward_input<T: Real>(
+    x: &[T],
+    gy: &[T],
+    dx: &mut [T],
+    n: usize,
+    c: usize,
+    inner: usize,
+    mean: &[T],
+    var: &[T],
+    gamma: &[T],
+    sums: &[T],
+    eps: f64,
+) {
+    let m = (n * inner) as f64;
+    // dx = k·g + a·(x − μ) + b  with  k = γ/σ, a = −k·Σ(g x̂)/(M σ), b = −k·Σg/M
+    let coef: Vec<[f64; 4]> = (0..c)
+        .map(|ch| {
+            let inv = 1.0 / (var[ch].to_f64() + eps).sqrt();
+            let k = gamma[ch].to_f64() * inv;
+            let a = -k * sums[c + ch].to_f64() * inv / m;
+            let b = -k * sums[ch].to_f64() / m;
+            [k, a, b, mean[ch].to_f64()]
+        })
+        .collect();
+    dx.par_chunks_mut(inner)
+        .zip(x.par_chunks(inner).zip(gy.par_chunks(inner)))
+        .enumerate()
+        .for_each(|(row, (dr, (xr, gr)))| {
+            let [k, a, b, mu] = coef[row % c].map(T::from_f64);
+            for ((d, &xv), &gv) in dr.iter_mut().zip(xr).zip(gr) {
+                *d = k * gv + a * (xv - mu) + b;
+            }
+        });
+}
+
+/// `max(x, 0)`.
+pub fn relu<T: Real>(x: &[T], y: &mut [T]) {
+    y.par_chunks_mut(1 << 14)
+        .zip(x.par_chunks(1 << 14))
+        .for_each(|(yr, xr)| {
+            for (u, &v) in yr.iter_mut().zip(xr) {
+                *u = if v > T::ZERO { v } else { T::ZERO };
+            }
+        });
+}
+
+/// `g · [x ≥ 0]` (candle's convention: the derivative at 0 is 1).
+pub fn relu_backward<T: Real>(g: &[T], x: &[T], dx: &mut [T]) {
+    dx.par_chunks_mut(1 << 14)
+        .zip(g.par_chunks(1 << 14).zip(x.par_chunks(1 << 14)))
+        .for_each(|(dr, (gr, xr))| {
+            for ((d, &gv), &xv) in dr.iter_mut().zip(gr).zip(xr) {
+                *d = if xv >= T::ZERO { gv } else { T::ZERO };
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_range_matches_brute_force() {
+        for (h, k, s, p) in [
+            (5, 3, 1, 1),
+            (8, 3, 2, 1),
+            (7, 1, 2, 0),
+            (4, 3, 1, 0),
+            (3, 5, 2, 2),
+        ] {
+            let g = ConvGeom {
+                n: 1,
+                c: 1,
+                h,
+                w: h,
+                o: 1,
+                kh: k,
+                kw: k,
+                stride: s,
+                pad: p,
+            };
+            let out = g.ho();
+            for kk in 0..k {
+                let (lo, hi) = g.valid_range(kk, h, out);
+                for o in 0..out {
+                    let i = (o * s + kk) as isize - p as isize;
+                    let inside = i >= 0 && i < h as isize;
+                    assert_eq!(inside, o >= lo && o < hi, "h{h} k{k} s{s} p{p} kk{kk} o{o}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! The fast CPU kernels (`sgr_core::kernels`) against candle's reference ops, in f64: values,
+//! first-order gradients and (for the ops that support it) exact second-order gradients.
+
+use candle_core::{DType, Tensor, Var};
+use sgr_core::{autograd, kernels};
+use sgr_integration_tests::{flat, randn};
+
+const F64: DType = DType::F64;
+
+fn var(shape: &[usize], seed: u64) -> Var {
+    Var::from_tensor(&randn(shape, 1.0, seed, F64)).expect("var")
+}
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (flat(&[a.clone()]), flat(&[b.clone()]));
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let scale = b.iter().fold(1e-300f64, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(&b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
+/// (input shape, output channels, kernel, stride, padding)
+const GEOMETRIES: &[([usize; 4], usize, (usize, usize), usize, usize)] = &[
+    ([2, 3, 7, 6], 4, (3, 3), 1, 1),
+    ([2, 3, 8, 8], 5, (3, 3), 2, 1),
+    ([3, 4, 5, 7], 2, (1, 1), 1, 0),
+    ([2, 4, 9, 9], 3, (1, 1), 2, 0),
+    ([1, 2, 6, 5], 3, (3, 2), 1, 0),
+    ([2, 2, 4, 4], 3, (5, 5), 2, 2),
+    ([2, 3, 7, 7], 2, (3, 3), 3, 1),
+];
+
+type ConvFn = fn(&Tensor, &Tensor, usize, usize) -> Tensor;
+
+fn fast_conv(x: &Tensor, w: &Tensor, s: usize, p: usize) -> Tensor {
+    kernels::conv2d(x, w, s, p).expect("fast conv")
+}
+
+fn candle_conv(x: &Tensor, w: &Tensor, s: usize, p: usize) -> Tensor {
+    x.conv2d(w, p, s, 1, 1).expect("candle conv")
+}
+
+/// y, dL/dx, dL/dw for L = Σ r·y + ½ Σ y².
+fn conv_first_order(f: ConvFn, x: &Var, w: &Var, r: &Tensor, s: usize, p: usize) -> [Tensor; 3] {
+    let y = f(x.as_tensor(), w.as_tensor(), s, p);
+    let loss = ((&y * r).unwrap().sum_all().unwrap() + (y.sqr().unwrap().sum_all().unwrap() * 0.5))
+        .unwrap();
+    let g = loss.backward().unwrap();
+    [
+        y.detach(),
+        g.get(x.as_tensor()).unwrap().detach(),
+        g.get(w.as_tensor()).unwrap().detach(),
+    ]
+}
+
+#[test]
+fn conv_forward_and_gradients_match_candle_in_f64() {
+    for (i, &(shape, o, (kh, kw), s, p)) in GEOMETRIES.iter().enumerate() {
+        let seed = 100 * i as u64;
+        let x = var(&shape, seed);
+        let w = var(&[o, shape[1], kh, kw], seed + 1);
+        let yshape = candle_conv(x.as_tensor(), w.as_tensor(), s, p)
+            .dims()
+            .to_vec();
+        let r = randn(&yshape, 1.0, seed + 2, F64);
+        let fast = conv_first_order(fast_conv, &x, &w, &r, s, p);
+        let reference = conv_first_order(candle_conv, &x, &w, &r, s, p);
+        for (what, a, b) in [
+            ("y", &fast[0], &reference[0]),
+            ("dx", &fast[1], &reference[1]),
+            ("dw", &fast[2], &reference[2]),
+        ] {
+            assert_eq!(a.dims(), b.dims(), "{what} shape, geometry {i}");
+            let e = max_rel(a, b);
+            assert!(e < 1e-12, "{what} geometry {i}: max rel diff {e:e}");
+        }
+    }
+}
+
+/// The gradients of J = Σ vₓ·dL/dx + Σ v_w·dL/dw (a Hessian-vector product of L).
+fn conv_second_order(
+    f: ConvFn,
+    x: &Var,
+    w: &Var,
+    r: &Tensor,
+    v: &[Tensor; 2],
+    s: usize,
+    p: usize,
+) -> [Tensor; 2] {
+    let y = f(x.as_tensor(), w.as_tensor(), s, p);
+    let loss = ((&y * r).unwrap().sum_all().unwrap() + (y.sqr().unwrap().sum_all().unwrap() * 0.5))
+        .unwrap();
+    let g = loss.backward().unwrap();
+    let gx = g.get(x.as_tensor()).unwrap();
+    let gw = g.get(w.as_tensor()).unwrap();
+    assert!(
+        gx.track_op() && gw.track_op(),
+        "gradients must carry a graph"
+    );
+    let j = ((gx * &v[0]).unwrap().sum_all().unwrap() + (gw * &v[1]).unwrap().sum_all().unwrap())
+        .unwrap();
+    let h = j.backward().unwrap();
+    [
+        h.get(x.as_tensor()).expect("d/dx of J").detach(),
+        h.get(w.as_tensor()).expect("d/dw of J").detach(),
+    ]
+}
+
+#[test]
+fn conv_second_order_matches_candle_in_f64() {
+    autograd::with_second_order(|| {
+        for (i, &(shape, o, (kh, kw), s, p)) in GEOMETRIES.iter().enumerate() {
+            let seed = 1000 + 100 * i as u64;
+            let x = var(&shape, seed);
+            let w = var(&[o, shape[1], kh, kw], seed + 1);
+            let yshape = candle_conv(x.as_tensor(), w.as_tensor(), s, p)
+                .dims()
+                .to_vec();
+            let r = randn(&yshape, 1.0, seed + 2, F64);
+            let v = [
+                randn(&shape, 1.0, seed + 3, F64),
+                randn(w.dims(), 1.0, seed + 4, F64),
+            ];
+            let fast = conv_second_order(fast_conv, &x, &w, &r, &v, s, p);
+            let reference = conv_second_order(candle_conv, &x, &w, &r, &v, s, p);
+            for (what, a, b) in [
+                ("x", &fast[0], &reference[0]),
+                ("w", &fast[1], &reference[1]),
+            ] {
+                let e = max_rel(a, b);
+                assert!(e < 1e-12, "second order wrt {what}, geometry {i}: {e:e}");
+            }
+        }
+        Ok(())
+    })
+    .unwrap();
+}
+
+/// BatchNorm in training mode written from candle primitives (the reference).
+fn bn_reference(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Tensor {
+    let rank = x.rank();
+    let reduce: Vec<usize> = (0..rank).filter(|&d| d != 1).collect();
+    let mut shape = vec![1usize; rank];
+    shape[1] = x.dim(1).unwrap();
+    let mean = x.mean_keepdim(reduce.as_slice()).unwrap();
+    let c = x.broadcast_sub(&mean).unwrap();
+    let var = c.sqr().unwrap().mean_keepdim(reduce.as_slice()).unwrap();
+    let xhat = c
+        .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+        .unwrap();
+    xhat.broadcast_mul(&gamma.reshape(shape.as_slice()).unwrap())
+        .unwrap()
+        .broadcast_add(&beta.reshape(shape.as_slice()).unwrap())
+        .unwrap()
+}
+
+#[test]
+fn batch_norm_matches_primitive_formula_in_f64() {
+    for (i, shape) in [vec![4usize, 3, 5, 5], vec![6, 4], vec![2, 5, 3, 1]]
+        .into_iter()
+        .enumerate()
+    {
+        let seed = 5000 + 10 * i as u64;
+        let c = shape[1];
+        // A mean far from 0 exercises the variance computation.
+        let x = Var::from_tensor(&(randn(&shape, 2.0, seed, F64) + 3.0).unwrap()).unwrap();
+        let gamma = var(&[c], seed + 1);
+        let beta = var(&[c], seed + 2);
+        let r = randn(&shape, 1.0, seed + 3, F64);
+        let eps = 1e-5;
+        let stats = kernels::batch_stats(x.as_tensor()).unwrap();
+        let run = |y: Tensor| {
+            let g = (y.clone() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            [
+                y.detach(),
+                g.get(x.as_tensor()).unwrap().detach(),
+                g.get(gamma.as_tensor()).unwrap().detach(),
+                g.get(beta.as_tensor()).unwrap().detach(),
+            ]
+        };
+        let fast = run(kernels::batch_norm_train(
+            x.as_tensor(),
+            gamma.as_tensor(),
+            beta.as_tensor(),
+            &stats,
+            eps,
+        )
+        .unwrap());
+        let reference = run(bn_reference(
+            x.as_tensor(),
+            gamma.as_tensor(),
+            beta.as_tensor(),
+            eps,
+        ));
+        for (k, what) in ["y", "dx", "dgamma", "dbeta"].iter().enumerate() {
+            let e = max_rel(&fast[k], &reference[k]);
+            assert!(e < 1e-11, "{what}, shape {shape:?}: max rel diff {e:e}");
+        }
+        // Statistics: mean and biased variance.
+        let reduce: Vec<usize> = (0..shape.len()).filter(|&d| d != 1).collect();
+        let mean = x.as_tensor().mean_keepdim(reduce.as_slice()).unwrap();
+        let var_ = x
+            .as_tensor()
+            .broadcast_sub(&mean)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_keepdim(reduce.as_slice())
+            .unwrap();
+        let expected = Tensor::cat(
+            &[mean.flatten_all().unwrap(), var_.flatten_all().unwrap()],
+            0,
+        )
+        .unwrap()
+        .reshape((2, c))
+        .unwrap();
+        assert!(max_rel(&stats, &expected) < 1e-13);
+    }
+}
+
+#[test]
+fn fused_batch_norm_refuses_second_order() {
+    autograd::with_second_order(|| {
+        let x = var(&[3, 2, 2, 2], 1);
+        let gamma = var(&[2], 2);
+        let beta = var(&[2], 3);
+        let stats = kernels::batch_stats(x.as_tensor())?;
+        let y = kernels::batch_norm_train(
+            x.as_tensor(),
+            gamma.as_tensor(),
+            beta.as_tensor(),
+            &stats,
+            1e-5,
+        )?;
+        let err = y
+            .sqr()?
+            .sum_all()?
+            .backward()
+            .expect_err("must refuse, not cut the graph");
+        assert!(err.to_string().contains("first-order only"), "{err}");
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn relu_matches_candle_to_second_order_in_f64() {
+    autograd::with_second_order(|| {
+        let mut v = flat(&[randn(&[4, 3, 5], 1.0, 9, F64)]);
+        // exact zeros: candle's convention ReLU'(0) = 1 must hold in both
+        v[0] = 0.0;
+        v[7] = 0.0;
+        let x = Var::from_tensor(&Tensor::from_vec(v, (4, 3, 5), &candle_core::Device::Cpu)?)?;
+        let r = randn(&[4, 3, 5], 1.0, 10, F64);
+        let dir = randn(&[4, 3, 5], 1.0, 11, F64);
+        let run = |y: Tensor| -> [Tensor; 3] {
+            // L = Σ r·y·x (second derivative non-zero through the mask-weighted product)
+            let l = ((&y * &r).unwrap() * x.as_tensor())
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let g = l.backward().unwrap();
+            let gx = g.get(x.as_tensor()).unwrap();
+            let h = (gx * &dir).unwrap().sum_all().unwrap().backward().unwrap();
+            [
+                y.detach(),
+                gx.detach(),
+                h.get(x.as_tensor()).unwrap().detach(),
+            ]
+        };
+        let fast = run(kernels::relu(x.as_tensor())?);
+        let reference = run(x.as_tensor().relu()?);
+        for (k, what) in ["y", "dx", "d2x"].iter().enumerate() {
+            assert!(max_rel(&fast[k], &reference[k]) < 1e-14, "{what}");
+        }
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn kernels_reject_bad_input_clearly() {
+    let x = randn(&[2, 3, 4, 4], 1.0, 1, F64);
+    let w = randn(&[2, 4, 3, 3], 1.0, 2, F64);
+    let err = kernels::conv2d(&x, &w, 1, 1).unwrap_err().to_string();
+    assert!(
+        err.contains("3 channels") && err.contains("expects 4"),
+        "{err}"
+    );
+    let w = randn(&[2, 3, 7, 7], 1.0, 2, F64);
+    let err = kernels::conv2d(&x, &w, 1, 0).unwrap_err().to_string();
+    assert!(err.contains("kernel larger"), "{err}");
+    let mixed = randn(&[2, 3, 3, 3], 1.0, 2, DType::F32);
+    assert!(kernels::conv2d(&x, &mixed, 1, 1).is_err());
+}
