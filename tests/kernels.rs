@@ -12,7 +12,7 @@ fn var(shape: &[usize], seed: u64) -> Var {
 }
 
 fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (flat(&[a.clone()]), flat(&[b.clone()]));
+    let (a, b) = (flat(std::slice::from_ref(a)), flat(std::slice::from_ref(b)));
     assert_eq!(a.len(), b.len(), "length mismatch");
     let scale = b.iter().fold(1e-300f64, |m, v| m.max(v.abs()));
     a.iter()
@@ -22,7 +22,9 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 /// (input shape, output channels, kernel, stride, padding)
-const GEOMETRIES: &[([usize; 4], usize, (usize, usize), usize, usize)] = &[
+type Geometry = ([usize; 4], usize, (usize, usize), usize, usize);
+
+const GEOMETRIES: &[Geometry] = &[
     ([2, 3, 7, 6], 4, (3, 3), 1, 1),
     ([2, 3, 8, 8], 5, (3, 3), 2, 1),
     ([3, 4, 5, 7], 2, (1, 1), 1, 0),
