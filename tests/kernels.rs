@@ -160,71 +160,121 @@ fn bn_reference(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Tensor {
 
 #[test]
 fn batch_norm_matches_primitive_formula_in_f64() {
-    for (i, shape) in [vec![4usize, 3, 5, 5], vec![6, 4], vec![2, 5, 3, 1]]
-        .into_iter()
-        .enumerate()
-    {
-        let seed = 5000 + 10 * i as u64;
-        let c = shape[1];
-        // A mean far from 0 exercises the variance computation.
-        let x = Var::from_tensor(&(randn(&shape, 2.0, seed, F64) + 3.0).unwrap()).unwrap();
-        let gamma = var(&[c], seed + 1);
-        let beta = var(&[c], seed + 2);
-        let r = randn(&shape, 1.0, seed + 3, F64);
-        let eps = 1e-5;
-        let stats = kernels::batch_stats(x.as_tensor()).unwrap();
-        let run = |y: Tensor| {
-            let g = (y.clone() * &r)
+    let cases = [vec![4usize, 3, 5, 5], vec![6, 4], vec![2, 5, 3, 1]];
+    for (i, shape) in cases.into_iter().enumerate() {
+        // plain BN, BN + ReLU, BN + residual + ReLU (the ResNet block's tail), BN + residual
+        for (residual, relu) in [(false, false), (false, true), (true, true), (true, false)] {
+            let seed = 5000 + 10 * i as u64;
+            let c = shape[1];
+            // A mean far from 0 exercises the variance computation.
+            let x = Var::from_tensor(&(randn(&shape, 2.0, seed, F64) + 3.0).unwrap()).unwrap();
+            let gamma = var(&[c], seed + 1);
+            let beta = var(&[c], seed + 2);
+            let res = var(&shape, seed + 4);
+            let r = randn(&shape, 1.0, seed + 3, F64);
+            let eps = 1e-5;
+            let stats = kernels::batch_stats(x.as_tensor()).unwrap();
+            let run = |y: Tensor| {
+                let g = (y.clone() * &r)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let mut out = vec![
+                    y.detach(),
+                    g.get(x.as_tensor()).unwrap().detach(),
+                    g.get(gamma.as_tensor()).unwrap().detach(),
+                    g.get(beta.as_tensor()).unwrap().detach(),
+                ];
+                if residual {
+                    out.push(g.get(res.as_tensor()).unwrap().detach());
+                }
+                out
+            };
+            let (xt, gt, bt) = (x.as_tensor(), gamma.as_tensor(), beta.as_tensor());
+            let rt = residual.then(|| res.as_tensor());
+            let fast =
+                run(kernels::batch_norm_train_act(xt, gt, bt, rt, relu, &stats, eps).unwrap());
+            let mut y = bn_reference(xt, gt, bt, eps);
+            if let Some(rt) = rt {
+                y = (y + rt).unwrap();
+            }
+            if relu {
+                y = y.relu().unwrap();
+            }
+            let reference = run(y);
+            for (k, what) in ["y", "dx", "dgamma", "dbeta", "dresidual"]
+                .iter()
+                .take(fast.len())
+                .enumerate()
+            {
+                let e = max_rel(&fast[k], &reference[k]);
+                assert!(
+                    e < 1e-11,
+                    "{what}, shape {shape:?}, residual {residual}, relu {relu}: max rel diff {e:e}"
+                );
+            }
+            // Statistics: mean and biased variance.
+            let reduce: Vec<usize> = (0..shape.len()).filter(|&d| d != 1).collect();
+            let mean = xt.mean_keepdim(reduce.as_slice()).unwrap();
+            let var_ = xt
+                .broadcast_sub(&mean)
                 .unwrap()
-                .sum_all()
+                .sqr()
                 .unwrap()
-                .backward()
+                .mean_keepdim(reduce.as_slice())
                 .unwrap();
-            [
-                y.detach(),
-                g.get(x.as_tensor()).unwrap().detach(),
-                g.get(gamma.as_tensor()).unwrap().detach(),
-                g.get(beta.as_tensor()).unwrap().detach(),
-            ]
-        };
-        let fast = run(kernels::batch_norm_train(
-            x.as_tensor(),
-            gamma.as_tensor(),
-            beta.as_tensor(),
-            &stats,
-            eps,
-        )
-        .unwrap());
-        let reference = run(bn_reference(
-            x.as_tensor(),
-            gamma.as_tensor(),
-            beta.as_tensor(),
-            eps,
-        ));
-        for (k, what) in ["y", "dx", "dgamma", "dbeta"].iter().enumerate() {
-            let e = max_rel(&fast[k], &reference[k]);
-            assert!(e < 1e-11, "{what}, shape {shape:?}: max rel diff {e:e}");
-        }
-        // Statistics: mean and biased variance.
-        let reduce: Vec<usize> = (0..shape.len()).filter(|&d| d != 1).collect();
-        let mean = x.as_tensor().mean_keepdim(reduce.as_slice()).unwrap();
-        let var_ = x
-            .as_tensor()
-            .broadcast_sub(&mean)
+            let expected = Tensor::cat(
+                &[mean.flatten_all().unwrap(), var_.flatten_all().unwrap()],
+                0,
+            )
             .unwrap()
-            .sqr()
-            .unwrap()
-            .mean_keepdim(reduce.as_slice())
+            .reshape((2, c))
             .unwrap();
-        let expected = Tensor::cat(
-            &[mean.flatten_all().unwrap(), var_.flatten_all().unwrap()],
-            0,
-        )
-        .unwrap()
-        .reshape((2, c))
-        .unwrap();
-        assert!(max_rel(&stats, &expected) < 1e-13);
+            assert!(max_rel(&stats, &expected) < 1e-13);
+        }
     }
+}
+
+/// The fused ReLU keeps candle's ReLU'(0) = 1 at pre-activations that are exactly 0.
+#[test]
+fn fused_relu_derivative_at_zero_is_one() {
+    // x = [−1, 1] per channel: μ = 0, x̂ = ±1/√(1+ε); with γ = 1, β = 0 and residual −x̂ the
+    // pre-activation is exactly 0 everywhere.
+    let x = Var::from_tensor(&Tensor::new(&[[-1.0f64], [1.0]], &candle_core::Device::Cpu).unwrap())
+        .unwrap();
+    let gamma =
+        Var::from_tensor(&Tensor::new(&[1.0f64], &candle_core::Device::Cpu).unwrap()).unwrap();
+    let beta =
+        Var::from_tensor(&Tensor::new(&[0.0f64], &candle_core::Device::Cpu).unwrap()).unwrap();
+    let stats = kernels::batch_stats(x.as_tensor()).unwrap();
+    let xhat = kernels::batch_norm_train(
+        x.as_tensor(),
+        gamma.as_tensor(),
+        beta.as_tensor(),
+        &stats,
+        1e-5,
+    )
+    .unwrap()
+    .detach();
+    let res = Var::from_tensor(&xhat.neg().unwrap()).unwrap();
+    let y = kernels::batch_norm_train_act(
+        x.as_tensor(),
+        gamma.as_tensor(),
+        beta.as_tensor(),
+        Some(res.as_tensor()),
+        true,
+        &stats,
+        1e-5,
+    )
+    .unwrap();
+    assert_eq!(flat(&[y.clone()]), vec![0.0, 0.0]);
+    let g = y.sum_all().unwrap().backward().unwrap();
+    assert_eq!(
+        flat(&[g.get(res.as_tensor()).unwrap().clone()]),
+        vec![1.0, 1.0]
+    );
 }
 
 #[test]

@@ -102,6 +102,11 @@ impl Ctx {
         }
     }
 
+    /// Whether ReLUs threshold normally (neither record nor replay masks).
+    pub fn relu_is_plain(&self) -> bool {
+        matches!(self.relu, ReluMode::Plain)
+    }
+
     /// Whether layers run in training mode.
     pub fn is_train(&self) -> bool {
         self.train
@@ -320,22 +325,10 @@ impl BatchNorm {
         let mut shape = vec![1usize; rank];
         shape[1] = c;
         let reduce: Vec<usize> = (0..rank).filter(|&d| d != 1).collect();
-        if ctx.train && crate::kernels::supported(x) && !crate::autograd::on_second_order_thread() {
-            // Fused kernels: one pass for the statistics, one for the output; the backward is
-            // two fused passes (first order only, hence not on second-order threads).
-            let stats = crate::kernels::batch_stats(x)?;
-            if ctx.update_bn_stats {
-                let mean = stats.get(0)?;
-                let var = stats.get(1)?;
-                self.update_running_stats(&mean, &var, x.elem_count() / c)?;
-            }
-            return Ok(crate::kernels::batch_norm_train(
-                x,
-                self.weight.as_tensor(),
-                self.bias.as_tensor(),
-                &stats,
-                self.eps,
-            )?);
+        if Self::fused(x, ctx) {
+            let stats = self.fused_stats(x, ctx)?;
+            let (w, b) = (self.weight.as_tensor(), self.bias.as_tensor());
+            return Ok(crate::kernels::batch_norm_train(x, w, b, &stats, self.eps)?);
         }
         let xhat = if ctx.train {
             let mean = x.mean_keepdim(reduce.as_slice())?;
@@ -352,6 +345,50 @@ impl BatchNorm {
                 .broadcast_div(&(var + self.eps)?.sqrt()?)?
         };
         self.affine(&xhat, &shape)
+    }
+
+    /// `act(BN(x) [+ residual])`, the ReLU following the context's mode. Where the fused kernels
+    /// apply (CPU, training mode, plain ReLU, a first-order thread) this is one pass forward and
+    /// at most three backward, with one output tensor; otherwise the primitive composition.
+    pub fn forward_act(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        relu: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Tensor> {
+        if Self::fused(x, ctx) && (!relu || ctx.relu_is_plain()) {
+            let stats = self.fused_stats(x, ctx)?;
+            let (w, b) = (self.weight.as_tensor(), self.bias.as_tensor());
+            return Ok(crate::kernels::batch_norm_train_act(
+                x, w, b, residual, relu, &stats, self.eps,
+            )?);
+        }
+        let mut h = self.forward(x, ctx)?;
+        if let Some(r) = residual {
+            h = (h + r)?;
+        }
+        if relu {
+            ctx.relu(&h)
+        } else {
+            Ok(h)
+        }
+    }
+
+    /// Whether the fused kernels serve this call: training mode on the CPU, and not on a thread
+    /// that differentiates twice (their backward is first order only).
+    fn fused(x: &Tensor, ctx: &Ctx) -> bool {
+        ctx.train && crate::kernels::supported(x) && !crate::autograd::on_second_order_thread()
+    }
+
+    /// Batch statistics `[2, C]` by the fused kernel, running statistics updated if allowed.
+    fn fused_stats(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let stats = crate::kernels::batch_stats(x)?;
+        if ctx.update_bn_stats {
+            let n = x.elem_count() / x.dim(1)?;
+            self.update_running_stats(&stats.get(0)?, &stats.get(1)?, n)?;
+        }
+        Ok(stats)
     }
 
     /// PyTorch's update: momentum 0.1, unbiased variance over `n` values per channel.

@@ -99,8 +99,9 @@ pub struct Head1c2f {
 
 impl Stage for Head1c2f {
     fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
-        let h = self.bn.forward(&self.conv.forward(x)?, ctx)?;
-        let h = ctx.relu(&h)?;
+        let h = self
+            .bn
+            .forward_act(&self.conv.forward(x)?, None, true, ctx)?;
         let h = ctx.relu(&self.fc1.forward(&global_avg_pool(&h)?)?)?;
         self.fc2.forward(&h)
     }

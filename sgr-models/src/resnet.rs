@@ -278,8 +278,7 @@ struct Stem {
 
 impl Stage for Stem {
     fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
-        let h = self.bn.forward(&self.conv.forward(x)?, ctx)?;
-        ctx.relu(&h)
+        self.bn.forward_act(&self.conv.forward(x)?, None, true, ctx)
     }
 
     fn params(&self) -> Vec<Param> {
@@ -302,15 +301,16 @@ struct BasicBlock {
 
 impl Stage for BasicBlock {
     fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
-        let h = self.bn1.forward(&self.conv1.forward(x)?, ctx)?;
-        let h = ctx.relu(&h)?;
-        let h = self.bn2.forward(&self.conv2.forward(&h)?, ctx)?;
+        let h = self
+            .bn1
+            .forward_act(&self.conv1.forward(x)?, None, true, ctx)?;
         let sc = if self.downsample {
             option_a_shortcut(x, self.cout)?
         } else {
             x.clone()
         };
-        ctx.relu(&(h + sc)?)
+        self.bn2
+            .forward_act(&self.conv2.forward(&h)?, Some(&sc), true, ctx)
     }
 
     fn params(&self) -> Vec<Param> {

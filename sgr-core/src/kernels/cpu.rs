@@ -332,6 +332,44 @@ pub fn conv_backward_weight<T: Real>(g: &ConvGeom, x: &[T], gy: &[T], dw: &mut [
     dw.copy_from_slice(&total);
 }
 
+const LANES: usize = 8;
+
+/// `Σ f(v)` over a plane: eight independent accumulators in `T` (vectorisable, no serial
+/// dependency), combined in f64. Planes are one image's channel (`H·W` values), so each lane
+/// adds at most a few hundred terms in `T`; planes are summed in f64.
+fn lane_sum<T: Real>(xs: &[T], f: impl Fn(T) -> T) -> f64 {
+    let mut acc = [T::ZERO; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for ch in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(ch) {
+            *a += f(v);
+        }
+    }
+    let mut total: f64 = chunks.remainder().iter().map(|&v| f(v).to_f64()).sum();
+    total += acc.iter().map(|a| a.to_f64()).sum::<f64>();
+    total
+}
+
+/// `(Σ g, Σ g·(x − μ))` over a plane, as [`lane_sum`].
+fn lane_sum2<T: Real>(xs: &[T], gs: &[T], mu: T) -> (f64, f64) {
+    let (mut a, mut b) = ([T::ZERO; LANES], [T::ZERO; LANES]);
+    let (mut cx, mut cg) = (xs.chunks_exact(LANES), gs.chunks_exact(LANES));
+    for (xc, gc) in (&mut cx).zip(&mut cg) {
+        for i in 0..LANES {
+            a[i] += gc[i];
+            b[i] += gc[i] * (xc[i] - mu);
+        }
+    }
+    let (mut sa, mut sb) = (0.0f64, 0.0f64);
+    for (&xv, &gv) in cx.remainder().iter().zip(cg.remainder()) {
+        sa += gv.to_f64();
+        sb += (gv * (xv - mu)).to_f64();
+    }
+    sa += a.iter().map(|v| v.to_f64()).sum::<f64>();
+    sb += b.iter().map(|v| v.to_f64()).sum::<f64>();
+    (sa, sb)
+}
+
 /// Per-channel mean and biased variance of NCHW data (`inner` = H·W, 1 for NC), accumulated
 /// in f64. Returns `[mean₀..mean_C, var₀..var_C]`.
 pub fn bn_stats<T: Real>(x: &[T], n: usize, c: usize, inner: usize) -> Vec<T> {
@@ -339,26 +377,18 @@ pub fn bn_stats<T: Real>(x: &[T], n: usize, c: usize, inner: usize) -> Vec<T> {
     let per: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
         .map(|ch| {
-            let mut s = 0.0f64;
-            for i in 0..n {
-                let base = (i * c + ch) * inner;
-                s += x[base..base + inner]
-                    .iter()
-                    .map(|v| v.to_f64())
-                    .sum::<f64>();
-            }
+            let plane = |i: usize| &x[(i * c + ch) * inner..(i * c + ch + 1) * inner];
+            let s: f64 = (0..n).map(|i| lane_sum(plane(i), |v| v)).sum();
             let mean = s / m;
-            let mut q = 0.0f64;
-            for i in 0..n {
-                let base = (i * c + ch) * inner;
-                q += x[base..base + inner]
-                    .iter()
-                    .map(|v| {
-                        let d = v.to_f64() - mean;
+            let mt = T::from_f64(mean);
+            let q: f64 = (0..n)
+                .map(|i| {
+                    lane_sum(plane(i), |v| {
+                        let d = v - mt;
                         d * d
                     })
-                    .sum::<f64>();
-            }
+                })
+                .sum();
             (mean, q / m)
         })
         .collect();
@@ -368,45 +398,103 @@ pub fn bn_stats<T: Real>(x: &[T], n: usize, c: usize, inner: usize) -> Vec<T> {
     out
 }
 
-/// Applies `y = a_c·(x − μ_c) + b_c` per channel (centred first: no cancellation between a
-/// large `a·x` and `b`, which matters for the finite-difference SGR gradient).
-fn apply_affine<T: Real>(x: &[T], y: &mut [T], c: usize, inner: usize, mab: &[(f64, f64, f64)]) {
+/// Per-channel BatchNorm quantities for one call: `z = a_c·(x − μ_c) + β_c`, `a_c = γ_c/σ_c`.
+#[derive(Debug, Clone)]
+pub struct BnCoefs<T> {
+    /// μ per channel.
+    pub mean: Vec<T>,
+    /// γ/√(σ² + ε) per channel.
+    pub scale: Vec<T>,
+    /// β per channel.
+    pub shift: Vec<T>,
+}
+
+impl<T: Real> BnCoefs<T> {
+    /// From the statistics `[μ.., σ²..]`, γ and β.
+    pub fn new(stats: &[T], gamma: &[T], beta: &[T], eps: f64) -> Self {
+        let c = gamma.len();
+        let scale = (0..c)
+            .map(|ch| T::from_f64(gamma[ch].to_f64() / (stats[c + ch].to_f64() + eps).sqrt()))
+            .collect();
+        Self {
+            mean: stats[..c].to_vec(),
+            scale,
+            shift: beta.to_vec(),
+        }
+    }
+
+    fn at(&self, ch: usize) -> (T, T, T) {
+        (self.mean[ch], self.scale[ch], self.shift[ch])
+    }
+}
+
+/// BatchNorm forward with given statistics, optionally adding a residual and applying ReLU:
+/// `y = act(γ (x − μ)/√(σ² + ε) + β [+ r])`. Centred first, so that a large `a·x` does not
+/// cancel against the shift (matters for the finite-difference SGR gradient).
+pub fn bn_forward<T: Real>(
+    x: &[T],
+    residual: Option<&[T]>,
+    y: &mut [T],
+    inner: usize,
+    k: &BnCoefs<T>,
+    relu: bool,
+) {
+    let c = k.mean.len();
     y.par_chunks_mut(inner)
         .zip(x.par_chunks(inner))
         .enumerate()
         .for_each(|(row, (yr, xr))| {
-            let (m, a, b) = mab[row % c];
-            let (m, a, b) = (T::from_f64(m), T::from_f64(a), T::from_f64(b));
-            for (u, &v) in yr.iter_mut().zip(xr) {
-                *u = a * (v - m) + b;
+            let (m, a, b) = k.at(row % c);
+            match residual {
+                Some(r) => {
+                    let rr = &r[row * inner..(row + 1) * inner];
+                    for ((u, &v), &w) in yr.iter_mut().zip(xr).zip(rr) {
+                        let z = a * (v - m) + b + w;
+                        *u = if relu && z <= T::ZERO { T::ZERO } else { z };
+                    }
+                }
+                None => {
+                    for (u, &v) in yr.iter_mut().zip(xr) {
+                        let z = a * (v - m) + b;
+                        *u = if relu && z <= T::ZERO { T::ZERO } else { z };
+                    }
+                }
             }
         });
 }
 
-/// BatchNorm forward with given statistics: `y = γ (x − μ) / √(σ² + ε) + β`.
-#[allow(clippy::too_many_arguments)]
-pub fn bn_forward<T: Real>(
+/// The gradient at the pre-activation of a fused BatchNorm + ReLU:
+/// `g · [z ≥ 0]` with `z` recomputed exactly as [`bn_forward`] computed it.
+pub fn bn_relu_grad<T: Real>(
     x: &[T],
-    y: &mut [T],
-    c: usize,
+    residual: Option<&[T]>,
+    g: &[T],
+    out: &mut [T],
     inner: usize,
-    mean: &[T],
-    var: &[T],
-    gamma: &[T],
-    beta: &[T],
-    eps: f64,
+    k: &BnCoefs<T>,
 ) {
-    let mab: Vec<(f64, f64, f64)> = (0..c)
-        .map(|ch| {
-            let inv = 1.0 / (var[ch].to_f64() + eps).sqrt();
-            (
-                mean[ch].to_f64(),
-                gamma[ch].to_f64() * inv,
-                beta[ch].to_f64(),
-            )
-        })
-        .collect();
-    apply_affine(x, y, c, inner, &mab);
+    let c = k.mean.len();
+    out.par_chunks_mut(inner)
+        .zip(x.par_chunks(inner).zip(g.par_chunks(inner)))
+        .enumerate()
+        .for_each(|(row, (or, (xr, gr)))| {
+            let (m, a, b) = k.at(row % c);
+            match residual {
+                Some(r) => {
+                    let rr = &r[row * inner..(row + 1) * inner];
+                    for (((o, &v), &gv), &w) in or.iter_mut().zip(xr).zip(gr).zip(rr) {
+                        let z = a * (v - m) + b + w;
+                        *o = if z >= T::ZERO { gv } else { T::ZERO };
+                    }
+                }
+                None => {
+                    for ((o, &v), &gv) in or.iter_mut().zip(xr).zip(gr) {
+                        let z = a * (v - m) + b;
+                        *o = if z >= T::ZERO { gv } else { T::ZERO };
+                    }
+                }
+            }
+        });
 }
 
 /// `[Σ g, Σ g·x̂]` per channel (the gradients of β and γ).
@@ -424,23 +512,18 @@ pub fn bn_backward_sums<T: Real>(
     let per: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
         .map(|ch| {
-            let mu = mean[ch].to_f64();
+            let mu = mean[ch];
             let inv = 1.0 / (var[ch].to_f64() + eps).sqrt();
             let (mut sg, mut sgx) = (0.0f64, 0.0f64);
             for i in 0..n {
                 let base = (i * c + ch) * inner;
                 let (xs, gs) = (&x[base..base + inner], &gy[base..base + inner]);
-                let (mut a, mut b) = (0.0f64, 0.0f64);
-                for (&xv, &gv) in xs.iter().zip(gs) {
-                    let gv = gv.to_f64();
-                    a += gv;
-                    b += gv * xv.to_f64();
-                }
+                let (a, b) = lane_sum2(xs, gs, mu);
                 sg += a;
                 sgx += b;
             }
-            // Σ g (x − μ)/σ = (Σ g x − μ Σ g)/σ
-            (sg, (sgx - mu * sg) * inv)
+            // Σ g x̂ = Σ g (x − μ) / σ
+            (sg, sgx * inv)
         })
         .collect();
     let mut out = Vec::with_capacity(2 * c);

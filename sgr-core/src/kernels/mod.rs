@@ -35,17 +35,17 @@ fn slice<'a, T: candle_core::WithDType>(
     }
 }
 
-macro_rules! dispatch2 {
-    ($op:expr, $s1:expr, $l1:expr, $s2:expr, $l2:expr, |$a:ident, $b:ident| $body:expr) => {
-        match ($s1, $s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(y)) => {
-                let $a = slice(x, $l1, $op)?;
-                let $b = slice(y, $l2, $op)?;
+/// Unpacks matching f32/f64 storages of up to three operands into slices and runs `$body`
+/// with the element type in scope.
+macro_rules! with_slices {
+    ($op:expr, [$(($s:expr, $l:expr, $v:ident)),+], $body:expr) => {
+        match ($($s,)+) {
+            ($(CpuStorage::F32($v),)+) => {
+                $(let $v: &[f32] = slice($v, $l, $op)?;)+
                 CpuStorage::F32($body)
             }
-            (CpuStorage::F64(x), CpuStorage::F64(y)) => {
-                let $a = slice(x, $l1, $op)?;
-                let $b = slice(y, $l2, $op)?;
+            ($(CpuStorage::F64($v),)+) => {
+                $(let $v: &[f64] = slice($v, $l, $op)?;)+
                 CpuStorage::F64($body)
             }
             _ => candle_core::bail!("{}: f32 or f64 operands of one dtype expected", $op),
@@ -151,7 +151,11 @@ impl CustomOp2 for ConvFwd {
             pad: self.pad,
         };
         check_kernel(&g, self.name())?;
-        let out = dispatch2!(self.name(), s1, l1, s2, l2, |x, wt| run_conv_fwd(&g, x, wt));
+        let out = with_slices!(
+            self.name(),
+            [(s1, l1, x), (s2, l2, wt)],
+            run_conv_fwd(&g, x, wt)
+        );
         Ok((out, Shape::from((n, o, g.ho(), g.wo()))))
     }
 
@@ -218,9 +222,11 @@ impl CustomOp2 for ConvDx {
             pad: self.pad,
         };
         check_out(&g, ho, wo, self.name())?;
-        let out = dispatch2!(self.name(), s1, l1, s2, l2, |gy, wt| run_conv_dx(
-            &g, gy, wt
-        ));
+        let out = with_slices!(
+            self.name(),
+            [(s1, l1, gy), (s2, l2, wt)],
+            run_conv_dx(&g, gy, wt)
+        );
         Ok((out, Shape::from((n, c, self.h, self.w))))
     }
 
@@ -284,7 +290,11 @@ impl CustomOp2 for ConvDw {
             pad: self.pad,
         };
         check_out(&g, ho, wo, self.name())?;
-        let out = dispatch2!(self.name(), s1, l1, s2, l2, |x, gy| run_conv_dw(&g, x, gy));
+        let out = with_slices!(
+            self.name(),
+            [(s1, l1, x), (s2, l2, gy)],
+            run_conv_dw(&g, x, gy)
+        );
         Ok((out, Shape::from((o, c, self.kh, self.kw))))
     }
 
@@ -345,12 +355,15 @@ fn vec_of<T: candle_core::WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> 
     t.flatten_all()?.to_vec1::<T>()
 }
 
-/// Training-mode BatchNorm forward with fixed batch statistics; backward is two fused passes.
+/// Training-mode BatchNorm with fixed batch statistics, optionally `+ residual` and ReLU:
+/// `y = act(γ (x − μ)/σ + β [+ r])`. Operands `(x, [γ; β])` or `(x, [γ; β], r)`.
+/// Its backward is up to three fused passes (ReLU mask, per-channel sums, input gradient).
 #[derive(Debug, Clone)]
-struct BnTrain {
+struct BnFwd {
     /// `[2, C]`: batch mean and biased batch variance, detached.
     stats: Tensor,
     eps: f64,
+    relu: bool,
 }
 
 fn nci(l: &Layout, op: &str) -> candle_core::Result<(usize, usize, usize)> {
@@ -361,24 +374,123 @@ fn nci(l: &Layout, op: &str) -> candle_core::Result<(usize, usize, usize)> {
     Ok((d[0], d[1], d[2..].iter().product()))
 }
 
-fn bn_fwd_typed<T: Real + candle_core::WithDType>(
-    x: &[T],
-    c: usize,
-    inner: usize,
+fn coefs<T: Real + candle_core::WithDType>(
     stats: &Tensor,
-    gamma: &[T],
-    beta: &[T],
+    gb: &[T],
     eps: f64,
-) -> candle_core::Result<Vec<T>> {
+) -> candle_core::Result<cpu::BnCoefs<T>> {
     let st = vec_of::<T>(stats)?;
-    let mut y = vec![T::ZERO; x.len()];
-    cpu::bn_forward(x, &mut y, c, inner, &st[..c], &st[c..], gamma, beta, eps);
-    Ok(y)
+    let c = gb.len() / 2;
+    Ok(cpu::BnCoefs::new(&st, &gb[..c], &gb[c..], eps))
 }
 
-impl CustomOp3 for BnTrain {
+impl BnFwd {
+    fn check(&self, lx: &Layout, lgb: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+        let (n, c, inner) = nci(lx, "sgr-batch-norm")?;
+        if lgb.shape().elem_count() != 2 * c {
+            candle_core::bail!("sgr-batch-norm: [γ; β] must have {} entries", 2 * c);
+        }
+        Ok((n, c, inner))
+    }
+
+    fn run<T: Real + candle_core::WithDType>(
+        &self,
+        x: &[T],
+        gb: &[T],
+        r: Option<&[T]>,
+        inner: usize,
+    ) -> candle_core::Result<Vec<T>> {
+        let k = coefs(&self.stats, gb, self.eps)?;
+        let mut y = vec![T::ZERO; x.len()];
+        cpu::bn_forward(x, r, &mut y, inner, &k, self.relu);
+        Ok(y)
+    }
+
+    /// Gradients of `x`, `[γ; β]` and (when present) the residual.
+    fn backward(
+        &self,
+        x: &Tensor,
+        gb: &Tensor,
+        residual: Option<&Tensor>,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        if grad.track_op() {
+            candle_core::bail!(
+                "sgr-batch-norm is first-order only; use the primitive BatchNorm when \
+                 differentiating twice"
+            );
+        }
+        let c = x.dim(1)?;
+        let grad = grad.contiguous()?;
+        let gz = if self.relu {
+            let op = BnReluGrad {
+                stats: self.stats.clone(),
+                gb: gb.detach(),
+                eps: self.eps,
+            };
+            match residual {
+                Some(r) => x.apply_op3_no_bwd(&grad, r, &op)?,
+                None => x.apply_op2_no_bwd(&grad, &op)?,
+            }
+        } else {
+            grad
+        };
+        let sums = x.apply_op2_no_bwd(
+            &gz,
+            &BnSums {
+                stats: self.stats.clone(),
+                eps: self.eps,
+            },
+        )?;
+        let dx = x.apply_op3_no_bwd(
+            &gz,
+            &gb.narrow(0, 0, c)?,
+            &BnDx {
+                stats: self.stats.clone(),
+                sums: sums.clone(),
+                eps: self.eps,
+            },
+        )?;
+        // sums = [Σg; Σg·x̂] = [dβ; dγ]
+        let dgb = Tensor::cat(&[sums.narrow(0, c, c)?, sums.narrow(0, 0, c)?], 0)?;
+        Ok((dx, dgb, gz))
+    }
+}
+
+impl CustomOp2 for BnFwd {
     fn name(&self) -> &'static str {
         "sgr-batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, _, inner) = self.check(l1, l2)?;
+        let out = with_slices!(CustomOp2::name(self), [(s1, l1, x), (s2, l2, gb)], {
+            self.run(x, gb, None, inner)?
+        });
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gb: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dgb, _) = self.backward(x, gb, None, grad)?;
+        Ok((Some(dx), Some(dgb)))
+    }
+}
+
+impl CustomOp3 for BnFwd {
+    fn name(&self) -> &'static str {
+        "sgr-batch-norm-residual"
     }
 
     fn cpu_fwd(
@@ -390,74 +502,95 @@ impl CustomOp3 for BnTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (_, c, inner) = nci(l1, self.name())?;
-        if l2.shape().elem_count() != c || l3.shape().elem_count() != c {
-            candle_core::bail!("sgr-batch-norm: γ and β must have {c} entries");
+        let (_, _, inner) = self.check(l1, l2)?;
+        if l3.shape() != l1.shape() {
+            candle_core::bail!(
+                "sgr-batch-norm-residual: residual {:?} vs input {:?}",
+                l3.shape(),
+                l1.shape()
+            );
         }
-        let op = self.name();
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(b)) => {
-                CpuStorage::F32(bn_fwd_typed(
-                    slice(x, l1, op)?,
-                    c,
-                    inner,
-                    &self.stats,
-                    slice(g, l2, op)?,
-                    slice(b, l3, op)?,
-                    self.eps,
-                )?)
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(b)) => {
-                CpuStorage::F64(bn_fwd_typed(
-                    slice(x, l1, op)?,
-                    c,
-                    inner,
-                    &self.stats,
-                    slice(g, l2, op)?,
-                    slice(b, l3, op)?,
-                    self.eps,
-                )?)
-            }
-            _ => candle_core::bail!("sgr-batch-norm: f32 or f64 operands of one dtype expected"),
-        };
+        let out = with_slices!(
+            CustomOp3::name(self),
+            [(s1, l1, x), (s2, l2, gb), (s3, l3, r)],
+            self.run(x, gb, Some(r), inner)?
+        );
         Ok((out, l1.shape().clone()))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
-        gamma: &Tensor,
-        _beta: &Tensor,
+        gb: &Tensor,
+        r: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if grad.track_op() {
-            candle_core::bail!(
-                "sgr-batch-norm is first-order only; use the primitive BatchNorm when \
-                 differentiating twice"
-            );
-        }
-        let grad = grad.contiguous()?;
-        let c = x.dim(1)?;
-        let sums = x.apply_op2_no_bwd(
-            &grad,
-            &BnSums {
-                stats: self.stats.clone(),
-                eps: self.eps,
-            },
-        )?;
-        let dx = x.apply_op3_no_bwd(
-            &grad,
-            gamma,
-            &BnDx {
-                stats: self.stats.clone(),
-                sums: sums.clone(),
-                eps: self.eps,
-            },
-        )?;
-        let dbeta = sums.narrow(0, 0, c)?;
-        let dgamma = sums.narrow(0, c, c)?;
-        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+        let (dx, dgb, dr) = self.backward(x, gb, Some(r), grad)?;
+        Ok((Some(dx), Some(dgb), Some(dr)))
+    }
+}
+
+/// `g · [z ≥ 0]` at the pre-activation `z` of a fused BatchNorm + ReLU (recomputed from `x`).
+struct BnReluGrad {
+    stats: Tensor,
+    gb: Tensor,
+    eps: f64,
+}
+
+impl BnReluGrad {
+    fn run<T: Real + candle_core::WithDType>(
+        &self,
+        x: &[T],
+        g: &[T],
+        r: Option<&[T]>,
+        l: &Layout,
+    ) -> candle_core::Result<Vec<T>> {
+        let (_, _, inner) = nci(l, "sgr-batch-norm-relu-grad")?;
+        let k = coefs(&self.stats, &vec_of::<T>(&self.gb)?, self.eps)?;
+        let mut out = vec![T::ZERO; x.len()];
+        cpu::bn_relu_grad(x, r, g, &mut out, inner, &k);
+        Ok(out)
+    }
+}
+
+impl CustomOp2 for BnReluGrad {
+    fn name(&self) -> &'static str {
+        "sgr-batch-norm-relu-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = with_slices!(CustomOp2::name(self), [(s1, l1, x), (s2, l2, g)], {
+            self.run(x, g, None, l1)?
+        });
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+impl CustomOp3 for BnReluGrad {
+    fn name(&self) -> &'static str {
+        "sgr-batch-norm-relu-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = with_slices!(
+            CustomOp3::name(self),
+            [(s1, l1, x), (s2, l2, g), (s3, l3, r)],
+            self.run(x, g, Some(r), l1)?
+        );
+        Ok((out, l1.shape().clone()))
     }
 }
 
@@ -481,7 +614,7 @@ impl CustomOp2 for BnSums {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, c, inner) = nci(l1, self.name())?;
         let eps = self.eps;
-        let out = dispatch2!(self.name(), s1, l1, s2, l2, |x, g| {
+        let out = with_slices!(self.name(), [(s1, l1, x), (s2, l2, g)], {
             let st = vec_of(&self.stats)?;
             cpu::bn_backward_sums(x, g, n, c, inner, &st[..c], &st[c..], eps)
         });
@@ -511,38 +644,25 @@ impl CustomOp3 for BnDx {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, c, inner) = nci(l1, self.name())?;
-        let op = self.name();
-        macro_rules! run {
-            ($x:expr, $g:expr, $gm:expr) => {{
-                let (x, g, gm) = (slice($x, l1, op)?, slice($g, l2, op)?, slice($gm, l3, op)?);
-                let st = vec_of(&self.stats)?;
-                let sums = vec_of(&self.sums)?;
-                let mut dx = vec![Real::ZERO; x.len()];
-                cpu::bn_backward_input(
-                    x,
-                    g,
-                    &mut dx,
-                    n,
-                    c,
-                    inner,
-                    &st[..c],
-                    &st[c..],
-                    gm,
-                    &sums,
-                    self.eps,
-                );
-                dx
-            }};
-        }
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(gm)) => {
-                CpuStorage::F32(run!(x, g, gm))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(gm)) => {
-                CpuStorage::F64(run!(x, g, gm))
-            }
-            _ => candle_core::bail!("{op}: f32 or f64 operands of one dtype expected"),
-        };
+        let out = with_slices!(self.name(), [(s1, l1, x), (s2, l2, g), (s3, l3, gm)], {
+            let st = vec_of(&self.stats)?;
+            let sums = vec_of(&self.sums)?;
+            let mut dx = vec![Real::ZERO; x.len()];
+            cpu::bn_backward_input(
+                x,
+                g,
+                &mut dx,
+                n,
+                c,
+                inner,
+                &st[..c],
+                &st[c..],
+                gm,
+                &sums,
+                self.eps,
+            );
+            dx
+        });
         Ok((out, l1.shape().clone()))
     }
 }
@@ -580,15 +700,44 @@ pub fn batch_norm_train(
     stats: &Tensor,
     eps: f64,
 ) -> candle_core::Result<Tensor> {
-    let op = BnTrain {
+    batch_norm_train_act(x, gamma, beta, None, false, stats, eps)
+}
+
+/// [`batch_norm_train`] with, fused in the same pass, an optional residual added after the
+/// affine map and an optional ReLU (ReLU'(0) = 1, as candle's): `act(BN(x) [+ r])`. One output
+/// tensor instead of up to three, and one backward node instead of three.
+pub fn batch_norm_train_act(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    residual: Option<&Tensor>,
+    relu: bool,
+    stats: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let op = BnFwd {
         stats: stats.detach(),
         eps,
+        relu,
     };
     let x = x.contiguous()?;
-    if x.track_op() || gamma.track_op() || beta.track_op() {
-        x.apply_op3(gamma, beta, op)
-    } else {
-        x.apply_op3_no_bwd(gamma, beta, &op)
+    let gb = Tensor::cat(&[gamma.flatten_all()?, beta.flatten_all()?], 0)?;
+    match residual {
+        Some(r) => {
+            let r = r.contiguous()?;
+            if x.track_op() || gb.track_op() || r.track_op() {
+                x.apply_op3(&gb, &r, op)
+            } else {
+                x.apply_op3_no_bwd(&gb, &r, &op)
+            }
+        }
+        None => {
+            if x.track_op() || gb.track_op() {
+                x.apply_op2(&gb, op)
+            } else {
+                x.apply_op2_no_bwd(&gb, &op)
+            }
+        }
     }
 }
 
@@ -639,7 +788,7 @@ impl CustomOp2 for ReluGrad {
         if l1.shape() != l2.shape() {
             candle_core::bail!("sgr-relu-grad: shape mismatch");
         }
-        let out = dispatch2!(self.name(), s1, l1, s2, l2, |g, x| {
+        let out = with_slices!(self.name(), [(s1, l1, g), (s2, l2, x)], {
             let mut d = vec![Real::ZERO; g.len()];
             cpu::relu_backward(g, x, &mut d);
             d
