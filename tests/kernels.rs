@@ -269,7 +269,7 @@ fn fused_relu_derivative_at_zero_is_one() {
         1e-5,
     )
     .unwrap();
-    assert_eq!(flat(&[y.clone()]), vec![0.0, 0.0]);
+    assert_eq!(flat(std::slice::from_ref(&y)), vec![0.0, 0.0]);
     let g = y.sum_all().unwrap().backward().unwrap();
     assert_eq!(
         flat(&[g.get(res.as_tensor()).unwrap().clone()]),
