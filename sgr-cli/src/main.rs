@@ -495,19 +495,6 @@ fn expand_config(argv: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsString
     Ok(out)
 }
 
-/// glibc returns every freed block above 128 KiB (mmap) or at the top of the heap (trim) to the
-/// kernel, so each training step page-faults its activations in again (measured: ~20 % of a
-/// ResNet-32 step spent clearing fresh pages). Serve blocks up to 32 MiB from the heap and keep
-/// freed memory: the resident set stays at the peak, which is what a training run needs anyway.
-fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
 fn main() {
     // Like other Unix tools: end quietly when the reader of stdout goes away (`sgr ... | head`).
     #[cfg(unix)]
@@ -515,7 +502,7 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    tune_allocator();
+    sgr_core::memory::tune_allocator();
     let argv = match expand_config(std::env::args_os().collect()) {
         Ok(a) => a,
         Err(e) => {

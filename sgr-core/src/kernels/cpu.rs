@@ -52,6 +52,17 @@ impl Real for f64 {
     }
 }
 
+/// A vector of `n` elements whose contents are unspecified: only for outputs that the caller
+/// overwrites entirely before reading (every use below is a kernel that writes each element).
+/// Skips the memset of `vec![0; n]`, as candle's own kernels do (`alloc_uninit_vec`).
+pub fn output_vec<T: Real>(n: usize) -> Vec<T> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: `Real` is implemented only for f32 and f64, for which every bit pattern is a value;
+    // the capacity is `n`; and every caller writes all elements before any read.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// Shape of one 2-D convolution (cross-correlation, no dilation, no groups).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvGeom {
@@ -199,8 +210,14 @@ fn im2col<T: Real>(g: &ConvGeom, x: &[T], cols: &mut [T]) {
                         continue;
                     }
                     if g.stride == 1 {
+                        // a plain loop: lines are ~32 values, a memcpy call per line costs more
                         let start = ow_lo + kj - g.pad;
-                        line[ow_lo..ow_hi].copy_from_slice(&src[start..start + (ow_hi - ow_lo)]);
+                        for (d, &v) in line[ow_lo..ow_hi]
+                            .iter_mut()
+                            .zip(&src[start..start + (ow_hi - ow_lo)])
+                        {
+                            *d = v;
+                        }
                     } else {
                         for (ow, v) in line[ow_lo..ow_hi].iter_mut().enumerate() {
                             *v = src[(ow + ow_lo) * g.stride + kj - g.pad];
@@ -258,7 +275,7 @@ pub fn conv_forward<T: Real>(g: &ConvGeom, x: &[T], w: &[T], y: &mut [T]) {
     y.par_chunks_mut(out_img)
         .zip(x.par_chunks(in_img))
         .for_each_init(
-            || vec![T::ZERO; if g.is_pointwise() { 0 } else { ckk * hw }],
+            || output_vec(if g.is_pointwise() { 0 } else { ckk * hw }),
             |cols, (yi, xi)| {
                 let cols: &[T] = if g.is_pointwise() {
                     xi
@@ -278,7 +295,7 @@ pub fn conv_backward_input<T: Real>(g: &ConvGeom, gy: &[T], w: &[T], dx: &mut [T
     dx.par_chunks_mut(in_img)
         .zip(gy.par_chunks(out_img))
         .for_each_init(
-            || vec![T::ZERO; if g.is_pointwise() { 0 } else { ckk * hw }],
+            || output_vec(if g.is_pointwise() { 0 } else { ckk * hw }),
             |cols, (dxi, gyi)| {
                 if g.is_pointwise() {
                     mm(ckk, hw, g.o, dxi, hw, 1, w, 1, ckk, gyi, hw, 1, false);
@@ -302,7 +319,7 @@ pub fn conv_backward_weight<T: Real>(g: &ConvGeom, x: &[T], gy: &[T], dw: &mut [
             || {
                 (
                     vec![T::ZERO; wsize],
-                    vec![T::ZERO; if g.is_pointwise() { 0 } else { ckk * hw }],
+                    output_vec(if g.is_pointwise() { 0 } else { ckk * hw }),
                     false,
                 )
             },
@@ -350,20 +367,32 @@ fn lane_sum<T: Real>(xs: &[T], f: impl Fn(T) -> T) -> f64 {
     total
 }
 
-/// `(Σ g, Σ g·(x − μ))` over a plane, as [`lane_sum`].
-fn lane_sum2<T: Real>(xs: &[T], gs: &[T], mu: T) -> (f64, f64) {
+/// `g` where the pre-activation `z ≥ 0` (candle's ReLU'(0) = 1), else 0.
+#[inline(always)]
+fn masked<T: Real>(g: T, z: T) -> T {
+    if z >= T::ZERO {
+        g
+    } else {
+        T::ZERO
+    }
+}
+
+/// `(Σ g', Σ g'·(x − μ))` over a plane with `g' = f(x, g)`, as [`lane_sum`].
+fn lane_sum2<T: Real>(xs: &[T], gs: &[T], mu: T, f: impl Fn(T, T) -> T) -> (f64, f64) {
     let (mut a, mut b) = ([T::ZERO; LANES], [T::ZERO; LANES]);
     let (mut cx, mut cg) = (xs.chunks_exact(LANES), gs.chunks_exact(LANES));
     for (xc, gc) in (&mut cx).zip(&mut cg) {
         for i in 0..LANES {
-            a[i] += gc[i];
-            b[i] += gc[i] * (xc[i] - mu);
+            let g = f(xc[i], gc[i]);
+            a[i] += g;
+            b[i] += g * (xc[i] - mu);
         }
     }
     let (mut sa, mut sb) = (0.0f64, 0.0f64);
     for (&xv, &gv) in cx.remainder().iter().zip(cg.remainder()) {
-        sa += gv.to_f64();
-        sb += (gv * (xv - mu)).to_f64();
+        let g = f(xv, gv);
+        sa += g.to_f64();
+        sb += (g * (xv - mu)).to_f64();
     }
     sa += a.iter().map(|v| v.to_f64()).sum::<f64>();
     sb += b.iter().map(|v| v.to_f64()).sum::<f64>();
@@ -483,21 +512,20 @@ pub fn bn_relu_grad<T: Real>(
                 Some(r) => {
                     let rr = &r[row * inner..(row + 1) * inner];
                     for (((o, &v), &gv), &w) in or.iter_mut().zip(xr).zip(gr).zip(rr) {
-                        let z = a * (v - m) + b + w;
-                        *o = if z >= T::ZERO { gv } else { T::ZERO };
+                        *o = masked(gv, a * (v - m) + b + w);
                     }
                 }
                 None => {
                     for ((o, &v), &gv) in or.iter_mut().zip(xr).zip(gr) {
-                        let z = a * (v - m) + b;
-                        *o = if z >= T::ZERO { gv } else { T::ZERO };
+                        *o = masked(gv, a * (v - m) + b);
                     }
                 }
             }
         });
 }
 
-/// `[Σ g, Σ g·x̂]` per channel (the gradients of β and γ).
+/// `[Σ g, Σ g·x̂]` per channel (the gradients of β and γ). With `relu`, `g` is first masked by
+/// `[z ≥ 0]`, the pre-activation `z` recomputed from `x` (no masked copy of `g` is stored).
 #[allow(clippy::too_many_arguments)]
 pub fn bn_backward_sums<T: Real>(
     x: &[T],
@@ -508,6 +536,7 @@ pub fn bn_backward_sums<T: Real>(
     mean: &[T],
     var: &[T],
     eps: f64,
+    relu: Option<&BnCoefs<T>>,
 ) -> Vec<T> {
     let per: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
@@ -518,7 +547,13 @@ pub fn bn_backward_sums<T: Real>(
             for i in 0..n {
                 let base = (i * c + ch) * inner;
                 let (xs, gs) = (&x[base..base + inner], &gy[base..base + inner]);
-                let (a, b) = lane_sum2(xs, gs, mu);
+                let (a, b) = match relu {
+                    Some(k) => {
+                        let (_, sc, sh) = k.at(ch);
+                        lane_sum2(xs, gs, mu, |xv, gv| masked(gv, sc * (xv - mu) + sh))
+                    }
+                    None => lane_sum2(xs, gs, mu, |_, gv| gv),
+                };
                 sg += a;
                 sgx += b;
             }
@@ -547,6 +582,7 @@ pub fn bn_backward_input<T: Real>(
     gamma: &[T],
     sums: &[T],
     eps: f64,
+    relu: Option<&BnCoefs<T>>,
 ) {
     let m = (n * inner) as f64;
     // dx = k·g + a·(x − μ) + b  with  k = γ/σ, a = −k·Σ(g x̂)/(M σ), b = −k·Σg/M
@@ -564,8 +600,19 @@ pub fn bn_backward_input<T: Real>(
         .enumerate()
         .for_each(|(row, (dr, (xr, gr)))| {
             let [k, a, b, mu] = coef[row % c].map(T::from_f64);
-            for ((d, &xv), &gv) in dr.iter_mut().zip(xr).zip(gr) {
-                *d = k * gv + a * (xv - mu) + b;
+            match relu {
+                Some(z) => {
+                    let (zm, sc, sh) = z.at(row % c);
+                    for ((d, &xv), &gv) in dr.iter_mut().zip(xr).zip(gr) {
+                        let gv = masked(gv, sc * (xv - zm) + sh);
+                        *d = k * gv + a * (xv - mu) + b;
+                    }
+                }
+                None => {
+                    for ((d, &xv), &gv) in dr.iter_mut().zip(xr).zip(gr) {
+                        *d = k * gv + a * (xv - mu) + b;
+                    }
+                }
             }
         });
 }

@@ -86,19 +86,19 @@ struct ConvDw {
 }
 
 fn run_conv_fwd<T: Real>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
-    let mut y = vec![T::ZERO; g.n * g.o * g.ho() * g.wo()];
+    let mut y = cpu::output_vec(g.n * g.o * g.ho() * g.wo());
     cpu::conv_forward(g, x, w, &mut y);
     y
 }
 
 fn run_conv_dx<T: Real>(g: &ConvGeom, gy: &[T], w: &[T]) -> Vec<T> {
-    let mut dx = vec![T::ZERO; g.n * g.c * g.h * g.w];
+    let mut dx = cpu::output_vec(g.n * g.c * g.h * g.w);
     cpu::conv_backward_input(g, gy, w, &mut dx);
     dx
 }
 
 fn run_conv_dw<T: Real>(g: &ConvGeom, x: &[T], gy: &[T]) -> Vec<T> {
-    let mut dw = vec![T::ZERO; g.o * g.ckk()];
+    let mut dw = cpu::output_vec(g.o * g.ckk());
     cpu::conv_backward_weight(g, x, gy, &mut dw);
     dw
 }
@@ -351,6 +351,41 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> candle_core:
     apply2(&x.contiguous()?, &w.contiguous()?, ConvFwd { stride, pad })
 }
 
+/// The input gradient of [`conv2d`] for an `h × w` input: `conv_transpose(gy, w)`. Twice
+/// differentiable.
+pub fn conv2d_input_grad(
+    gy: &Tensor,
+    w: &Tensor,
+    (h, wd): (usize, usize),
+    stride: usize,
+    pad: usize,
+) -> candle_core::Result<Tensor> {
+    let op = ConvDx {
+        stride,
+        pad,
+        h,
+        w: wd,
+    };
+    apply2(&gy.contiguous()?, &w.contiguous()?, op)
+}
+
+/// The weight gradient of [`conv2d`] for a `kh × kw` kernel. Twice differentiable.
+pub fn conv2d_weight_grad(
+    x: &Tensor,
+    gy: &Tensor,
+    (kh, kw): (usize, usize),
+    stride: usize,
+    pad: usize,
+) -> candle_core::Result<Tensor> {
+    let op = ConvDw {
+        stride,
+        pad,
+        kh,
+        kw,
+    };
+    apply2(&x.contiguous()?, &gy.contiguous()?, op)
+}
+
 fn vec_of<T: candle_core::WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
     t.flatten_all()?.to_vec1::<T>()
 }
@@ -401,7 +436,7 @@ impl BnFwd {
         inner: usize,
     ) -> candle_core::Result<Vec<T>> {
         let k = coefs(&self.stats, gb, self.eps)?;
-        let mut y = vec![T::ZERO; x.len()];
+        let mut y = cpu::output_vec(x.len());
         cpu::bn_forward(x, r, &mut y, inner, &k, self.relu);
         Ok(y)
     }
@@ -422,24 +457,26 @@ impl BnFwd {
         }
         let c = x.dim(1)?;
         let grad = grad.contiguous()?;
-        let gz = if self.relu {
-            let op = BnReluGrad {
-                stats: self.stats.clone(),
-                gb: gb.detach(),
-                eps: self.eps,
-            };
-            match residual {
-                Some(r) => x.apply_op3_no_bwd(&grad, r, &op)?,
-                None => x.apply_op2_no_bwd(&grad, &op)?,
+        // With a residual, the masked gradient is the residual's gradient: store it once.
+        // Without, the two passes below recompute the ReLU mask from x instead.
+        let (gz, relu_gb) = match (self.relu, residual) {
+            (true, Some(r)) => {
+                let op = BnReluGrad {
+                    stats: self.stats.clone(),
+                    gb: gb.detach(),
+                    eps: self.eps,
+                };
+                (x.apply_op3_no_bwd(&grad, r, &op)?, None)
             }
-        } else {
-            grad
+            (true, None) => (grad, Some(gb.detach())),
+            (false, _) => (grad, None),
         };
         let sums = x.apply_op2_no_bwd(
             &gz,
             &BnSums {
                 stats: self.stats.clone(),
                 eps: self.eps,
+                relu_gb: relu_gb.clone(),
             },
         )?;
         let dx = x.apply_op3_no_bwd(
@@ -449,6 +486,7 @@ impl BnFwd {
                 stats: self.stats.clone(),
                 sums: sums.clone(),
                 eps: self.eps,
+                relu_gb,
             },
         )?;
         // sums = [Σg; Σg·x̂] = [dβ; dγ]
@@ -548,7 +586,7 @@ impl BnReluGrad {
     ) -> candle_core::Result<Vec<T>> {
         let (_, _, inner) = nci(l, "sgr-batch-norm-relu-grad")?;
         let k = coefs(&self.stats, &vec_of::<T>(&self.gb)?, self.eps)?;
-        let mut out = vec![T::ZERO; x.len()];
+        let mut out = cpu::output_vec(x.len());
         cpu::bn_relu_grad(x, r, g, &mut out, inner, &k);
         Ok(out)
     }
@@ -594,10 +632,11 @@ impl CustomOp3 for BnReluGrad {
     }
 }
 
-/// `[Σ g, Σ g·x̂]` per channel.
+/// `[Σ g, Σ g·x̂]` per channel; with `relu_gb` (`[γ; β]`), `g` masked by the ReLU first.
 struct BnSums {
     stats: Tensor,
     eps: f64,
+    relu_gb: Option<Tensor>,
 }
 
 impl CustomOp2 for BnSums {
@@ -616,17 +655,22 @@ impl CustomOp2 for BnSums {
         let eps = self.eps;
         let out = with_slices!(self.name(), [(s1, l1, x), (s2, l2, g)], {
             let st = vec_of(&self.stats)?;
-            cpu::bn_backward_sums(x, g, n, c, inner, &st[..c], &st[c..], eps)
+            let relu = match &self.relu_gb {
+                Some(gb) => Some(coefs(&self.stats, &vec_of(gb)?, eps)?),
+                None => None,
+            };
+            cpu::bn_backward_sums(x, g, n, c, inner, &st[..c], &st[c..], eps, relu.as_ref())
         });
         Ok((out, Shape::from(2 * c)))
     }
 }
 
-/// Input gradient of training-mode BatchNorm.
+/// Input gradient of training-mode BatchNorm (ReLU-masked like [`BnSums`]).
 struct BnDx {
     stats: Tensor,
     sums: Tensor,
     eps: f64,
+    relu_gb: Option<Tensor>,
 }
 
 impl CustomOp3 for BnDx {
@@ -647,7 +691,11 @@ impl CustomOp3 for BnDx {
         let out = with_slices!(self.name(), [(s1, l1, x), (s2, l2, g), (s3, l3, gm)], {
             let st = vec_of(&self.stats)?;
             let sums = vec_of(&self.sums)?;
-            let mut dx = vec![Real::ZERO; x.len()];
+            let relu = match &self.relu_gb {
+                Some(gb) => Some(coefs(&self.stats, &vec_of(gb)?, self.eps)?),
+                None => None,
+            };
+            let mut dx = cpu::output_vec(x.len());
             cpu::bn_backward_input(
                 x,
                 g,
@@ -660,6 +708,7 @@ impl CustomOp3 for BnDx {
                 gm,
                 &sums,
                 self.eps,
+                relu.as_ref(),
             );
             dx
         });
@@ -755,13 +804,13 @@ impl CustomOp1 for Relu {
         let out = match s {
             CpuStorage::F32(x) => {
                 let x = slice(x, l, self.name())?;
-                let mut y = vec![0f32; x.len()];
+                let mut y = cpu::output_vec::<f32>(x.len());
                 cpu::relu(x, &mut y);
                 CpuStorage::F32(y)
             }
             CpuStorage::F64(x) => {
                 let x = slice(x, l, self.name())?;
-                let mut y = vec![0f64; x.len()];
+                let mut y = cpu::output_vec::<f64>(x.len());
                 cpu::relu(x, &mut y);
                 CpuStorage::F64(y)
             }
@@ -789,7 +838,7 @@ impl CustomOp2 for ReluGrad {
             candle_core::bail!("sgr-relu-grad: shape mismatch");
         }
         let out = with_slices!(self.name(), [(s1, l1, g), (s2, l2, x)], {
-            let mut d = vec![Real::ZERO; g.len()];
+            let mut d = cpu::output_vec(g.len());
             cpu::relu_backward(g, x, &mut d);
             d
         });
