@@ -5,6 +5,8 @@
 //! (BatchNorm) with rayon; each gemm inside runs single-threaded, so the two levels never
 //! oversubscribe the cores.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 /// The element types the kernels run on.
@@ -52,15 +54,36 @@ impl Real for f64 {
     }
 }
 
-/// A vector of `n` elements whose contents are unspecified: only for outputs that the caller
-/// overwrites entirely before reading (every use below is a kernel that writes each element).
-/// Skips the memset of `vec![0; n]`, as candle's own kernels do (`alloc_uninit_vec`).
-pub fn output_vec<T: Real>(n: usize) -> Vec<T> {
-    let mut v = Vec::with_capacity(n);
-    // SAFETY: `Real` is implemented only for f32 and f64, for which every bit pattern is a value;
-    // the capacity is `n`; and every caller writes all elements before any read.
+/// Allocates `n` elements and lets `fill` write them, skipping the memset of `vec![0; n]` (as
+/// candle's own kernels do). Every public kernel here that takes a `&mut [MaybeUninit<T>]`
+/// output writes each of its elements.
+///
+/// # Safety
+/// `fill` must initialise all `n` elements.
+pub unsafe fn alloc_filled<T: Real>(n: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+    let mut v: Vec<MaybeUninit<T>> = Vec::with_capacity(n);
+    // SAFETY: `MaybeUninit<T>` needs no initialisation and the capacity is `n`.
     unsafe { v.set_len(n) };
-    v
+    fill(&mut v);
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: the caller guarantees that `fill` wrote every element; `MaybeUninit<T>` has the
+    // layout of `T`; pointer, length and capacity come from the same allocation.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<T>(), v.len(), v.capacity()) }
+}
+
+/// Writes `T::ZERO` everywhere and returns the now initialised slice.
+fn zero_init<T: Real>(x: &mut [MaybeUninit<T>]) -> &mut [T] {
+    for v in x.iter_mut() {
+        v.write(T::ZERO);
+    }
+    // SAFETY: every element was just written; `MaybeUninit<T>` has the layout of `T`.
+    unsafe { &mut *(x as *mut [MaybeUninit<T>] as *mut [T]) }
+}
+
+/// Views an initialised slice as a write-only output (never used to write uninitialised data).
+fn as_out<T>(x: &mut [T]) -> &mut [MaybeUninit<T>] {
+    // SAFETY: `MaybeUninit<T>` has the layout of `T`; callers only write initialised values.
+    unsafe { &mut *(x as *mut [T] as *mut [MaybeUninit<T>]) }
 }
 
 /// Shape of one 2-D convolution (cross-correlation, no dilation, no groups).
@@ -125,12 +148,14 @@ impl ConvGeom {
 }
 
 /// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]`, each operand given by its row and column strides.
+/// Without `accumulate`, `dst` is only written (it may be uninitialised); with it, `dst` must
+/// be initialised.
 #[allow(clippy::too_many_arguments)]
 fn mm<T: Real>(
     m: usize,
     n: usize,
     k: usize,
-    dst: &mut [T],
+    dst: &mut [MaybeUninit<T>],
     dst_rs: usize,
     dst_cs: usize,
     lhs: &[T],
@@ -149,7 +174,7 @@ fn mm<T: Real>(
         if !accumulate {
             for i in 0..m {
                 for j in 0..n {
-                    dst[i * dst_rs + j * dst_cs] = T::ZERO;
+                    dst[i * dst_rs + j * dst_cs].write(T::ZERO);
                 }
             }
         }
@@ -158,13 +183,14 @@ fn mm<T: Real>(
     debug_assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
     debug_assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
     // SAFETY: the asserted extents keep every access inside the three slices; `dst` is borrowed
-    // mutably and does not alias the shared operands.
+    // mutably and does not alias the shared operands; gemm reads `dst` only with `accumulate`,
+    // when the caller has initialised it.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst.as_mut_ptr().cast::<T>(),
             dst_cs as isize,
             dst_rs as isize,
             accumulate,
@@ -230,10 +256,10 @@ fn im2col<T: Real>(g: &ConvGeom, x: &[T], cols: &mut [T]) {
 }
 
 /// Adds the column matrix of one image back onto the image (the adjoint of [`im2col`]).
-fn col2im<T: Real>(g: &ConvGeom, cols: &[T], x: &mut [T]) {
+fn col2im<T: Real>(g: &ConvGeom, cols: &[T], x: &mut [MaybeUninit<T>]) {
     let (ho, wo) = (g.ho(), g.wo());
     let hw_out = ho * wo;
-    x.fill(T::ZERO);
+    let x = zero_init(x);
     for c in 0..g.c {
         let plane = &mut x[c * g.h * g.w..(c + 1) * g.h * g.w];
         for ki in 0..g.kh {
@@ -269,13 +295,13 @@ fn col2im<T: Real>(g: &ConvGeom, cols: &[T], x: &mut [T]) {
 }
 
 /// `y = conv(x, w)`: per image, `Y[O×HW] = W[O×CKK] · cols(x)[CKK×HW]`.
-pub fn conv_forward<T: Real>(g: &ConvGeom, x: &[T], w: &[T], y: &mut [T]) {
+pub fn conv_forward<T: Real>(g: &ConvGeom, x: &[T], w: &[T], y: &mut [MaybeUninit<T>]) {
     let (ckk, hw) = (g.ckk(), g.ho() * g.wo());
     let (in_img, out_img) = (g.in_img(), g.out_img());
     y.par_chunks_mut(out_img)
         .zip(x.par_chunks(in_img))
         .for_each_init(
-            || output_vec(if g.is_pointwise() { 0 } else { ckk * hw }),
+            || vec![T::ZERO; if g.is_pointwise() { 0 } else { ckk * hw }],
             |cols, (yi, xi)| {
                 let cols: &[T] = if g.is_pointwise() {
                     xi
@@ -289,18 +315,32 @@ pub fn conv_forward<T: Real>(g: &ConvGeom, x: &[T], w: &[T], y: &mut [T]) {
 }
 
 /// Input gradient of [`conv_forward`]: per image, `col2im(Wᵀ · GY)`.
-pub fn conv_backward_input<T: Real>(g: &ConvGeom, gy: &[T], w: &[T], dx: &mut [T]) {
+pub fn conv_backward_input<T: Real>(g: &ConvGeom, gy: &[T], w: &[T], dx: &mut [MaybeUninit<T>]) {
     let (ckk, hw) = (g.ckk(), g.ho() * g.wo());
     let (in_img, out_img) = (g.in_img(), g.out_img());
     dx.par_chunks_mut(in_img)
         .zip(gy.par_chunks(out_img))
         .for_each_init(
-            || output_vec(if g.is_pointwise() { 0 } else { ckk * hw }),
+            || vec![T::ZERO; if g.is_pointwise() { 0 } else { ckk * hw }],
             |cols, (dxi, gyi)| {
                 if g.is_pointwise() {
                     mm(ckk, hw, g.o, dxi, hw, 1, w, 1, ckk, gyi, hw, 1, false);
                 } else {
-                    mm(ckk, hw, g.o, cols, hw, 1, w, 1, ckk, gyi, hw, 1, false);
+                    mm(
+                        ckk,
+                        hw,
+                        g.o,
+                        as_out(cols),
+                        hw,
+                        1,
+                        w,
+                        1,
+                        ckk,
+                        gyi,
+                        hw,
+                        1,
+                        false,
+                    );
                     col2im(g, cols, dxi);
                 }
             },
@@ -308,7 +348,7 @@ pub fn conv_backward_input<T: Real>(g: &ConvGeom, gy: &[T], w: &[T], dx: &mut [T
 }
 
 /// Weight gradient of [`conv_forward`]: `Σ_images GY[O×HW] · cols(x)ᵀ`.
-pub fn conv_backward_weight<T: Real>(g: &ConvGeom, x: &[T], gy: &[T], dw: &mut [T]) {
+pub fn conv_backward_weight<T: Real>(g: &ConvGeom, x: &[T], gy: &[T], dw: &mut [MaybeUninit<T>]) {
     let (ckk, hw) = (g.ckk(), g.ho() * g.wo());
     let (in_img, out_img) = (g.in_img(), g.out_img());
     let wsize = g.o * ckk;
@@ -319,7 +359,7 @@ pub fn conv_backward_weight<T: Real>(g: &ConvGeom, x: &[T], gy: &[T], dw: &mut [
             || {
                 (
                     vec![T::ZERO; wsize],
-                    output_vec(if g.is_pointwise() { 0 } else { ckk * hw }),
+                    vec![T::ZERO; if g.is_pointwise() { 0 } else { ckk * hw }],
                     false,
                 )
             },
@@ -331,7 +371,19 @@ pub fn conv_backward_weight<T: Real>(g: &ConvGeom, x: &[T], gy: &[T], dw: &mut [
                     &cols
                 };
                 mm(
-                    g.o, ckk, hw, &mut acc, ckk, 1, gyi, hw, 1, c, 1, hw, started,
+                    g.o,
+                    ckk,
+                    hw,
+                    as_out(&mut acc),
+                    ckk,
+                    1,
+                    gyi,
+                    hw,
+                    1,
+                    c,
+                    1,
+                    hw,
+                    started,
                 );
                 (acc, cols, true)
             },
@@ -346,7 +398,9 @@ pub fn conv_backward_weight<T: Real>(g: &ConvGeom, x: &[T], gy: &[T], dw: &mut [
                 a
             },
         );
-    dw.copy_from_slice(&total);
+    for (d, v) in dw.iter_mut().zip(total) {
+        d.write(v);
+    }
 }
 
 const LANES: usize = 8;
@@ -463,7 +517,7 @@ impl<T: Real> BnCoefs<T> {
 pub fn bn_forward<T: Real>(
     x: &[T],
     residual: Option<&[T]>,
-    y: &mut [T],
+    y: &mut [MaybeUninit<T>],
     inner: usize,
     k: &BnCoefs<T>,
     relu: bool,
@@ -479,13 +533,13 @@ pub fn bn_forward<T: Real>(
                     let rr = &r[row * inner..(row + 1) * inner];
                     for ((u, &v), &w) in yr.iter_mut().zip(xr).zip(rr) {
                         let z = a * (v - m) + b + w;
-                        *u = if relu && z <= T::ZERO { T::ZERO } else { z };
+                        u.write(if relu && z <= T::ZERO { T::ZERO } else { z });
                     }
                 }
                 None => {
                     for (u, &v) in yr.iter_mut().zip(xr) {
                         let z = a * (v - m) + b;
-                        *u = if relu && z <= T::ZERO { T::ZERO } else { z };
+                        u.write(if relu && z <= T::ZERO { T::ZERO } else { z });
                     }
                 }
             }
@@ -498,7 +552,7 @@ pub fn bn_relu_grad<T: Real>(
     x: &[T],
     residual: Option<&[T]>,
     g: &[T],
-    out: &mut [T],
+    out: &mut [MaybeUninit<T>],
     inner: usize,
     k: &BnCoefs<T>,
 ) {
@@ -512,12 +566,12 @@ pub fn bn_relu_grad<T: Real>(
                 Some(r) => {
                     let rr = &r[row * inner..(row + 1) * inner];
                     for (((o, &v), &gv), &w) in or.iter_mut().zip(xr).zip(gr).zip(rr) {
-                        *o = masked(gv, a * (v - m) + b + w);
+                        o.write(masked(gv, a * (v - m) + b + w));
                     }
                 }
                 None => {
                     for ((o, &v), &gv) in or.iter_mut().zip(xr).zip(gr) {
-                        *o = masked(gv, a * (v - m) + b);
+                        o.write(masked(gv, a * (v - m) + b));
                     }
                 }
             }
@@ -573,7 +627,7 @@ pub fn bn_backward_sums<T: Real>(
 pub fn bn_backward_input<T: Real>(
     x: &[T],
     gy: &[T],
-    dx: &mut [T],
+    dx: &mut [MaybeUninit<T>],
     n: usize,
     c: usize,
     inner: usize,
@@ -605,12 +659,12 @@ pub fn bn_backward_input<T: Real>(
                     let (zm, sc, sh) = z.at(row % c);
                     for ((d, &xv), &gv) in dr.iter_mut().zip(xr).zip(gr) {
                         let gv = masked(gv, sc * (xv - zm) + sh);
-                        *d = k * gv + a * (xv - mu) + b;
+                        d.write(k * gv + a * (xv - mu) + b);
                     }
                 }
                 None => {
                     for ((d, &xv), &gv) in dr.iter_mut().zip(xr).zip(gr) {
-                        *d = k * gv + a * (xv - mu) + b;
+                        d.write(k * gv + a * (xv - mu) + b);
                     }
                 }
             }
@@ -618,23 +672,23 @@ pub fn bn_backward_input<T: Real>(
 }
 
 /// `max(x, 0)`.
-pub fn relu<T: Real>(x: &[T], y: &mut [T]) {
+pub fn relu<T: Real>(x: &[T], y: &mut [MaybeUninit<T>]) {
     y.par_chunks_mut(1 << 14)
         .zip(x.par_chunks(1 << 14))
         .for_each(|(yr, xr)| {
             for (u, &v) in yr.iter_mut().zip(xr) {
-                *u = if v > T::ZERO { v } else { T::ZERO };
+                u.write(if v > T::ZERO { v } else { T::ZERO });
             }
         });
 }
 
 /// `g · [x ≥ 0]` (candle's convention: the derivative at 0 is 1).
-pub fn relu_backward<T: Real>(g: &[T], x: &[T], dx: &mut [T]) {
+pub fn relu_backward<T: Real>(g: &[T], x: &[T], dx: &mut [MaybeUninit<T>]) {
     dx.par_chunks_mut(1 << 14)
         .zip(g.par_chunks(1 << 14).zip(x.par_chunks(1 << 14)))
         .for_each(|(dr, (gr, xr))| {
             for ((d, &gv), &xv) in dr.iter_mut().zip(gr).zip(xr) {
-                *d = if xv >= T::ZERO { gv } else { T::ZERO };
+                d.write(if xv >= T::ZERO { gv } else { T::ZERO });
             }
         });
 }

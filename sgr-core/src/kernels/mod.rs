@@ -86,21 +86,26 @@ struct ConvDw {
 }
 
 fn run_conv_fwd<T: Real>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
-    let mut y = cpu::output_vec(g.n * g.o * g.ho() * g.wo());
-    cpu::conv_forward(g, x, w, &mut y);
-    y
+    // SAFETY: conv_forward writes every output element.
+    unsafe {
+        cpu::alloc_filled(g.n * g.o * g.ho() * g.wo(), |y| {
+            cpu::conv_forward(g, x, w, y)
+        })
+    }
 }
 
 fn run_conv_dx<T: Real>(g: &ConvGeom, gy: &[T], w: &[T]) -> Vec<T> {
-    let mut dx = cpu::output_vec(g.n * g.c * g.h * g.w);
-    cpu::conv_backward_input(g, gy, w, &mut dx);
-    dx
+    // SAFETY: conv_backward_input writes every output element.
+    unsafe {
+        cpu::alloc_filled(g.n * g.c * g.h * g.w, |dx| {
+            cpu::conv_backward_input(g, gy, w, dx)
+        })
+    }
 }
 
 fn run_conv_dw<T: Real>(g: &ConvGeom, x: &[T], gy: &[T]) -> Vec<T> {
-    let mut dw = cpu::output_vec(g.o * g.ckk());
-    cpu::conv_backward_weight(g, x, gy, &mut dw);
-    dw
+    // SAFETY: conv_backward_weight writes every output element.
+    unsafe { cpu::alloc_filled(g.o * g.ckk(), |dw| cpu::conv_backward_weight(g, x, gy, dw)) }
 }
 
 fn check_kernel(g: &ConvGeom, op: &str) -> candle_core::Result<()> {
@@ -436,9 +441,10 @@ impl BnFwd {
         inner: usize,
     ) -> candle_core::Result<Vec<T>> {
         let k = coefs(&self.stats, gb, self.eps)?;
-        let mut y = cpu::output_vec(x.len());
-        cpu::bn_forward(x, r, &mut y, inner, &k, self.relu);
-        Ok(y)
+        // SAFETY: bn_forward writes every output element.
+        Ok(unsafe {
+            cpu::alloc_filled(x.len(), |y| cpu::bn_forward(x, r, y, inner, &k, self.relu))
+        })
     }
 
     /// Gradients of `x`, `[γ; β]` and (when present) the residual.
@@ -586,9 +592,8 @@ impl BnReluGrad {
     ) -> candle_core::Result<Vec<T>> {
         let (_, _, inner) = nci(l, "sgr-batch-norm-relu-grad")?;
         let k = coefs(&self.stats, &vec_of::<T>(&self.gb)?, self.eps)?;
-        let mut out = cpu::output_vec(x.len());
-        cpu::bn_relu_grad(x, r, g, &mut out, inner, &k);
-        Ok(out)
+        // SAFETY: bn_relu_grad writes every output element.
+        Ok(unsafe { cpu::alloc_filled(x.len(), |o| cpu::bn_relu_grad(x, r, g, o, inner, &k)) })
     }
 }
 
@@ -695,22 +700,24 @@ impl CustomOp3 for BnDx {
                 Some(gb) => Some(coefs(&self.stats, &vec_of(gb)?, self.eps)?),
                 None => None,
             };
-            let mut dx = cpu::output_vec(x.len());
-            cpu::bn_backward_input(
-                x,
-                g,
-                &mut dx,
-                n,
-                c,
-                inner,
-                &st[..c],
-                &st[c..],
-                gm,
-                &sums,
-                self.eps,
-                relu.as_ref(),
-            );
-            dx
+            let fill = |dx: &mut [std::mem::MaybeUninit<_>]| {
+                cpu::bn_backward_input(
+                    x,
+                    g,
+                    dx,
+                    n,
+                    c,
+                    inner,
+                    &st[..c],
+                    &st[c..],
+                    gm,
+                    &sums,
+                    self.eps,
+                    relu.as_ref(),
+                )
+            };
+            // SAFETY: bn_backward_input writes every output element.
+            unsafe { cpu::alloc_filled(x.len(), fill) }
         });
         Ok((out, l1.shape().clone()))
     }
@@ -804,15 +811,13 @@ impl CustomOp1 for Relu {
         let out = match s {
             CpuStorage::F32(x) => {
                 let x = slice(x, l, self.name())?;
-                let mut y = cpu::output_vec::<f32>(x.len());
-                cpu::relu(x, &mut y);
-                CpuStorage::F32(y)
+                // SAFETY: relu writes every output element.
+                CpuStorage::F32(unsafe { cpu::alloc_filled(x.len(), |y| cpu::relu(x, y)) })
             }
             CpuStorage::F64(x) => {
                 let x = slice(x, l, self.name())?;
-                let mut y = cpu::output_vec::<f64>(x.len());
-                cpu::relu(x, &mut y);
-                CpuStorage::F64(y)
+                // SAFETY: relu writes every output element.
+                CpuStorage::F64(unsafe { cpu::alloc_filled(x.len(), |y| cpu::relu(x, y)) })
             }
             _ => candle_core::bail!("sgr-relu: f32 or f64 expected"),
         };
@@ -838,9 +843,8 @@ impl CustomOp2 for ReluGrad {
             candle_core::bail!("sgr-relu-grad: shape mismatch");
         }
         let out = with_slices!(self.name(), [(s1, l1, g), (s2, l2, x)], {
-            let mut d = cpu::output_vec(g.len());
-            cpu::relu_backward(g, x, &mut d);
-            d
+            // SAFETY: relu_backward writes every output element.
+            unsafe { cpu::alloc_filled(g.len(), |d| cpu::relu_backward(g, x, d)) }
         });
         Ok((out, l1.shape().clone()))
     }
