@@ -211,7 +211,11 @@ enum DistanceArg {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum GradArg {
+    /// Central difference, masks replayed (≈3 plain local steps)
     FiniteDifference,
+    /// One-sided difference against the base pass (≈2 plain local steps, O(ε) error)
+    ForwardDifference,
+    /// Double backward (the oracle)
     Exact,
 }
 
@@ -273,9 +277,9 @@ struct MethodArgs {
     /// Epochs over which lambda rises linearly from 0.
     #[arg(long, default_value_t = 0.0)]
     sgr_warmup: f64,
-    /// Finite-difference step.
-    #[arg(long, default_value_t = 5e-3)]
-    sgr_fd_epsilon: f64,
+    /// Finite-difference step [default: 5e-3 central, 1e-3 one-sided]
+    #[arg(long)]
+    sgr_fd_epsilon: Option<f64>,
 }
 
 #[derive(Args, Debug)]
@@ -777,6 +781,7 @@ fn method_config(m: &MethodArgs) -> Result<(Method, usize, SplitStrategy, HeadKi
         },
         grad: match m.sgr_grad {
             GradArg::FiniteDifference => SgrGrad::FiniteDifference,
+            GradArg::ForwardDifference => SgrGrad::ForwardDifference,
             GradArg::Exact => SgrGrad::Exact,
         },
         fd_epsilon: m.sgr_fd_epsilon,
@@ -1505,6 +1510,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         sgr_grad: (method == Method::Sgr).then(|| {
             match trainer_cfg.sgr.grad {
                 SgrGrad::FiniteDifference => "finite-difference",
+                SgrGrad::ForwardDifference => "forward-difference",
                 SgrGrad::Exact => "exact",
             }
             .to_string()

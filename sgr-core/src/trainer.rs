@@ -12,8 +12,8 @@ use crate::network::{collect_grads, LocalNetwork};
 use crate::nn::Ctx;
 use crate::optim::{Optimizer, OptimizerConfig, Schedule};
 use crate::sgr::{
-    base_pass, boundary_stats, sgr_term_grad, CrossEntropyModule, Direction, SgrConfig, SgrGrad,
-    Site,
+    base_pass, boundary_stats, sgr_term_grad, BasePoint, CrossEntropyModule, Direction, SgrConfig,
+    SgrGrad, Site,
 };
 use crate::{Error, Result};
 
@@ -322,7 +322,7 @@ impl Trainer {
         let k_total = self.net.num_modules();
         let sgr_on = self.cfg.method == Method::Sgr;
         let sgr = self.cfg.sgr.clone();
-        let record = sgr_on && sgr.grad == SgrGrad::FiniteDifference;
+        let record = sgr_on && sgr.grad != SgrGrad::Exact;
         let mut losses = Vec::with_capacity(k_total);
         let mut correct = 0;
         let mut h = x.detach();
@@ -340,7 +340,7 @@ impl Trainer {
             if k + 1 == k_total {
                 correct = correct_count(&bp.logits, labels)?;
             }
-            let mut grads = bp.grads;
+            let mut grads = bp.grads.clone();
             let mut sgr_d = None;
             if let (Some(a), Some(b)) = (&prev_a, &bp.input_grad) {
                 let (cos, rel) = boundary_stats(a, b)?;
@@ -360,7 +360,8 @@ impl Trainer {
                                 )))
                             }
                         };
-                        let term = sgr_term_grad(&prob, &h, Site::Input, b, a, &bp.masks, &sgr)?;
+                        let term =
+                            sgr_term_grad(&prob, &h, Site::Input, b, a, BasePoint::of(&bp), &sgr)?;
                         add_scaled(&mut grads, &term.grads, lambda)?;
                         sgr_d = Some((k - 1, term.distance));
                     }
@@ -368,7 +369,7 @@ impl Trainer {
                 }
                 Direction::Backward => {
                     if let Some(p) = pending.take() {
-                        let mut g = p.grads;
+                        let mut g = p.grads.clone();
                         if sgr_on {
                             let b = bp.input_grad.as_ref().ok_or_else(|| {
                                 Error::InvalidConfig(format!("module {k}: input gradient missing"))
@@ -384,7 +385,10 @@ impl Trainer {
                                 Site::Output,
                                 &p.output_grad,
                                 b,
-                                &p.masks,
+                                BasePoint {
+                                    masks: &p.masks,
+                                    grads: &p.grads,
+                                },
                                 &sgr,
                             )?;
                             add_scaled(&mut g, &term.grads, lambda)?;
