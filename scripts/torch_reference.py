@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch reference of `sgr bench`: the identical CIFAR ResNet (option-A shortcuts, BatchNorm,
 torchvision names), the same split tables and aux heads, the same methods (bp, greedy; sgr with
-the exact double backward), timed the same way (median step after one warm-up step, peak RSS).
+the exact double backward or the same finite differences), timed the same way (median step after one warm-up step, peak RSS).
 
 Not part of CI. Usage (same thread count as sgr, e.g. 2):
 
@@ -136,6 +136,9 @@ def main():
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sgr-lambda", type=float, default=1.0)
+    ap.add_argument("--sgr-grad", default="exact",
+                    choices=["exact", "finite-difference", "forward-difference"])
+    ap.add_argument("--sgr-fd-epsilon", type=float, default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     depth = int(a.model.replace("resnet", ""))
@@ -160,7 +163,33 @@ def main():
                 probe = torch.zeros_like(out, requires_grad=True)
                 logits = head(out + probe)
             loss = F.cross_entropy(logits, y)
-            if a.method == "sgr" and j > 0:
+            if a.method == "sgr" and j > 0 and a.sgr_grad != "exact":
+                # The same finite differences as sgr: base pass, then one (one-sided) or two
+                # (central) perturbed forward + backward passes at inp ± ε·v/rms(v). The ± passes
+                # use plain ReLU (sgr replays the base masks: the same cost, a multiply instead
+                # of a threshold), so this is a timing reference, not an accuracy one.
+                params = [q for q in opt.param_groups[0]["params"]]
+                wrt = [inp] if probe is None else [inp, probe]
+                g = torch.autograd.grad(loss, wrt + params)
+                b, base = g[0], g[len(wrt):]
+                v = 2.0 * a.batch_size * (b - prev_a)
+                rms = v.pow(2).mean().sqrt().item()
+                one_sided = a.sgr_grad == "forward-difference"
+                eps = a.sgr_fd_epsilon or (1e-3 if one_sided else 5e-3)
+                step_ = v * (eps / max(rms, 1e-30))
+                signs = [1.0] if one_sided else [1.0, -1.0]
+                def perturbed(s_):
+                    o = body(inp.detach() + s_ * step_)
+                    return F.cross_entropy(o if head is None else head(o), y)
+
+                losses = [perturbed(s_) for s_ in signs]
+                diff = losses[0] if one_sided else losses[0] - losses[1]
+                dg = torch.autograd.grad(diff, params)
+                scale = a.sgr_lambda * rms / (eps if one_sided else 2.0 * eps)
+                for q, g0, gd in zip(params, base, dg):
+                    q.grad = g0 + scale * (gd - g0 if one_sided else gd)
+                next_a = g[1].detach() if probe is not None else None
+            elif a.method == "sgr" and j > 0:
                 # J = L + λ·B·Σ||b − a_prev||² with b = ∂L/∂inp: exact double backward; this
                 # module's own a = ∂L/∂out comes from its plain loss.
                 wrt = [inp] if probe is None else [inp, probe]
@@ -189,7 +218,8 @@ def main():
     med = statistics.median(times)
     print(json.dumps({
         "implementation": f"pytorch {torch.__version__}",
-        "model": a.model, "method": a.method, "modules": k, "batch_size": a.batch_size,
+        "model": a.model, "method": a.method,
+        "sgr_grad": a.sgr_grad if a.method == "sgr" else None, "modules": k, "batch_size": a.batch_size,
         "input": [a.in_channels, a.input_size, a.input_size], "threads": a.threads,
         "steps": a.steps, "median_step_seconds": med, "images_per_s": a.batch_size / med,
         "step_seconds": times,

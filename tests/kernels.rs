@@ -352,3 +352,55 @@ fn kernels_reject_bad_input_clearly() {
     let mixed = randn(&[2, 3, 3, 3], 1.0, 2, DType::F32);
     assert!(kernels::conv2d(&x, &mixed, 1, 1).is_err());
 }
+
+/// Every kernel gives bit-identical results whatever the thread count (fixed partitions, no
+/// reduction whose order depends on work stealing): training runs are reproducible.
+#[test]
+fn kernels_are_bit_identical_across_thread_counts() {
+    let x = Var::from_tensor(&randn(&[37, 8, 12, 12], 1.0, 1, DType::F32)).unwrap();
+    let w = Var::from_tensor(&randn(&[16, 8, 3, 3], 0.2, 2, DType::F32)).unwrap();
+    let gamma = Var::from_tensor(&randn(&[16], 1.0, 3, DType::F32)).unwrap();
+    let beta = Var::from_tensor(&randn(&[16], 1.0, 4, DType::F32)).unwrap();
+    let r = randn(&[37, 16, 6, 6], 1.0, 5, DType::F32);
+    let run = || -> Vec<f64> {
+        let y = kernels::conv2d(x.as_tensor(), w.as_tensor(), 2, 1).unwrap();
+        let st = kernels::batch_stats(&y).unwrap();
+        let z = kernels::batch_norm_train_act(
+            &y,
+            gamma.as_tensor(),
+            beta.as_tensor(),
+            None,
+            true,
+            &st,
+            1e-5,
+        )
+        .unwrap();
+        let g = (z * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let ts: Vec<Tensor> = [&x, &w, &gamma, &beta]
+            .iter()
+            .map(|v| g.get(v.as_tensor()).unwrap().clone())
+            .chain([st])
+            .collect();
+        flat(&ts)
+    };
+    let reference = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap()
+        .install(run);
+    for threads in [2, 3, 4] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        for _ in 0..3 {
+            let got = pool.install(run);
+            assert!(
+                got.iter()
+                    .zip(&reference)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{threads} threads differ from 1 thread"
+            );
+        }
+    }
+}

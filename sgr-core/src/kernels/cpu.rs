@@ -347,57 +347,41 @@ pub fn conv_backward_input<T: Real>(g: &ConvGeom, gy: &[T], w: &[T], dx: &mut [M
         );
 }
 
-/// Weight gradient of [`conv_forward`]: `Σ_images GY[O×HW] · cols(x)ᵀ`.
+/// Images per partial sum of [`conv_backward_weight`]: the partition is fixed (independent of
+/// the thread count and of rayon's work stealing), so the summation order and the result are
+/// the same on every run.
+const DW_CHUNK: usize = 8;
+
+/// Weight gradient of [`conv_forward`]: `Σ_images GY[O×HW] · cols(x)ᵀ`, deterministic.
 pub fn conv_backward_weight<T: Real>(g: &ConvGeom, x: &[T], gy: &[T], dw: &mut [MaybeUninit<T>]) {
     let (ckk, hw) = (g.ckk(), g.ho() * g.wo());
     let (in_img, out_img) = (g.in_img(), g.out_img());
     let wsize = g.o * ckk;
-    let total = x
-        .par_chunks(in_img)
-        .zip(gy.par_chunks(out_img))
-        .fold(
-            || {
-                (
-                    vec![T::ZERO; wsize],
-                    vec![T::ZERO; if g.is_pointwise() { 0 } else { ckk * hw }],
-                    false,
-                )
-            },
-            |(mut acc, mut cols, started), (xi, gyi)| {
+    let partials: Vec<Vec<T>> = x
+        .par_chunks(in_img * DW_CHUNK)
+        .zip(gy.par_chunks(out_img * DW_CHUNK))
+        .map(|(xs, gys)| {
+            let mut acc = vec![T::ZERO; wsize];
+            let mut cols = vec![T::ZERO; if g.is_pointwise() { 0 } else { ckk * hw }];
+            for (i, (xi, gyi)) in xs.chunks(in_img).zip(gys.chunks(out_img)).enumerate() {
                 let c: &[T] = if g.is_pointwise() {
                     xi
                 } else {
                     im2col(g, xi, &mut cols);
                     &cols
                 };
-                mm(
-                    g.o,
-                    ckk,
-                    hw,
-                    as_out(&mut acc),
-                    ckk,
-                    1,
-                    gyi,
-                    hw,
-                    1,
-                    c,
-                    1,
-                    hw,
-                    started,
-                );
-                (acc, cols, true)
-            },
-        )
-        .map(|(acc, _, _)| acc)
-        .reduce(
-            || vec![T::ZERO; wsize],
-            |mut a, b| {
-                for (u, v) in a.iter_mut().zip(&b) {
-                    *u += *v;
-                }
-                a
-            },
-        );
+                let out = as_out(&mut acc);
+                mm(g.o, ckk, hw, out, ckk, 1, gyi, hw, 1, c, 1, hw, i > 0);
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![T::ZERO; wsize];
+    for p in &partials {
+        for (u, &v) in total.iter_mut().zip(p) {
+            *u += v;
+        }
+    }
     for (d, v) in dw.iter_mut().zip(total) {
         d.write(v);
     }
