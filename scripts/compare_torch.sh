@@ -1,26 +1,27 @@
 #!/usr/bin/env bash
 # candle (sgr bench) against the PyTorch reference (scripts/torch_reference.py), side by side in
-# one run, same model, batch, input and thread count. Needs `pip install torch`; not part of CI.
-# Usage: scripts/compare_torch.sh [STEPS]
+# one run, same model, batch, input and thread count; each method's two measurements run back to
+# back. Needs `pip install torch`; not part of CI.
+# Usage: scripts/compare_torch.sh [STEPS]        (MODEL=resnet32 THREADS=2 by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-steps=${1:-3}
+steps=${1:-5}
 threads=${THREADS:-2}
+model=${MODEL:-resnet32}
 export RAYON_NUM_THREADS=$threads
 cargo build --release -p sgr-cli -q
-common="--model resnet32 --batch-size 128 --input-size 32 --in-channels 3 --classes 10 --steps $steps"
-printf '| method | candle img/s | PyTorch img/s | candle/PyTorch speed | candle peak MiB | PyTorch peak MiB |\n|---|---|---|---|---|---|\n'
-for m in "bp" "greedy --modules 16" "sgr --modules 16 --sgr-grad exact" "sgr --modules 16 --sgr-grad finite-difference"; do
+common="--model $model --batch-size 128 --input-size 32 --in-channels 3 --classes 10 --steps $steps"
+printf '| %s method | candle img/s | PyTorch img/s | candle/PyTorch speed | candle peak MiB | PyTorch peak MiB | candle/PyTorch memory |\n|---|---|---|---|---|---|---|\n' "$model"
+methods=${METHODS:-"bp|greedy --modules 16|sgr --modules 16 --sgr-grad finite-difference|sgr --modules 16 --sgr-grad forward-difference|sgr --modules 16 --sgr-grad exact"}
+IFS='|' read -ra list <<< "$methods"
+for m in "${list[@]}"; do
   c=$(target/release/sgr bench $common --method $m --json)
-  if [[ "$m" == *finite-difference* ]]; then
-    t=$(python3 scripts/torch_reference.py $common --threads "$threads" --method sgr --modules 16)
-  else
-    t=$(python3 scripts/torch_reference.py $common --threads "$threads" --method ${m%% --sgr-grad*})
-  fi
+  t=$(python3 scripts/torch_reference.py $common --threads "$threads" --method $m)
   python3 - "$m" "$c" "$t" <<'PY'
 import json, sys
 m, c, t = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 mib = lambda b: b / 2**20
-print(f"| {m} | {c['images_per_s']:.1f} | {t['images_per_s']:.1f} | {c['images_per_s']/t['images_per_s']:.3f} | {mib(c['peak_memory_bytes']):.0f} | {mib(t['peak_memory_bytes']):.0f} |")
+print(f"| {m} | {c['images_per_s']:.1f} | {t['images_per_s']:.1f} | {c['images_per_s']/t['images_per_s']:.2f} | "
+      f"{mib(c['peak_memory_bytes']):.0f} | {mib(t['peak_memory_bytes']):.0f} | {c['peak_memory_bytes']/t['peak_memory_bytes']:.2f} |")
 PY
 done

@@ -404,3 +404,33 @@ fn kernels_are_bit_identical_across_thread_counts() {
         }
     }
 }
+
+#[test]
+fn pair_sums_match_candle_in_f64() {
+    for (n, dt) in [
+        (100_003usize, F64),
+        (37, DType::F32),
+        (16_384 * 3, DType::F32),
+    ] {
+        let a = randn(&[n], 1.0, 1, dt);
+        let b = (randn(&[n], 1.0, 2, dt) + 0.5).unwrap();
+        let got = kernels::pair_sums(&a, &b).unwrap();
+        let (a, b) = (a.to_dtype(F64).unwrap(), b.to_dtype(F64).unwrap());
+        let s = |t: Tensor| t.sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let want = [
+            s((&a * &b).unwrap()),
+            s(a.sqr().unwrap()),
+            s(b.sqr().unwrap()),
+            s((&a - &b).unwrap().sqr().unwrap()),
+        ];
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (g - w).abs() <= 1e-12 * w.abs().max(1.0),
+                "{got:?} vs {want:?}"
+            );
+        }
+    }
+    let a = randn(&[3, 4], 1.0, 1, F64);
+    let b = randn(&[4, 3], 1.0, 1, F64);
+    assert!(kernels::pair_sums(&a, &b).is_err());
+}

@@ -559,12 +559,20 @@ fn exact_term_grad(
 
 /// Cosine and relative distance of two gradients: (cos(a, b), ||a − b|| / ||a||).
 pub fn boundary_stats(a: &Tensor, b: &Tensor) -> Result<(f64, f64)> {
-    let a = a.to_dtype(candle_core::DType::F64)?;
-    let b = b.to_dtype(candle_core::DType::F64)?;
-    let dot = (&a * &b)?.sum_all()?.to_scalar::<f64>()?;
-    let na = a.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
-    let nb = b.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
-    let nd = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let [dot, aa, bb, dd] = if crate::kernels::supported(a) && a.dtype() == b.dtype() {
+        crate::kernels::pair_sums(a, b)?
+    } else {
+        let a = a.to_dtype(candle_core::DType::F64)?;
+        let b = b.to_dtype(candle_core::DType::F64)?;
+        let s = |t: Tensor| -> Result<f64> { Ok(t.sum_all()?.to_scalar::<f64>()?) };
+        [
+            s((&a * &b)?)?,
+            s(a.sqr()?)?,
+            s(b.sqr()?)?,
+            s((&a - &b)?.sqr()?)?,
+        ]
+    };
+    let (na, nb, nd) = (aa.sqrt(), bb.sqrt(), dd.sqrt());
     let cos = if na > 0.0 && nb > 0.0 {
         dot / (na * nb)
     } else {

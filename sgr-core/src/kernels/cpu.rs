@@ -437,6 +437,43 @@ fn lane_sum2<T: Real>(xs: &[T], gs: &[T], mu: T, f: impl Fn(T, T) -> T) -> (f64,
     (sa, sb)
 }
 
+/// `[Σ a·b, Σ a², Σ b², Σ (a − b)²]` in f64, over fixed 16 Ki-element blocks (deterministic).
+pub fn pair_sums<T: Real>(a: &[T], b: &[T]) -> [f64; 4] {
+    const BLOCK: usize = 1 << 14;
+    let parts: Vec<[f64; 4]> = a
+        .par_chunks(BLOCK)
+        .zip(b.par_chunks(BLOCK))
+        .map(|(xa, xb)| {
+            let mut acc = [[0.0f64; LANES]; 4];
+            let (mut ca, mut cb) = (xa.chunks_exact(LANES), xb.chunks_exact(LANES));
+            for (u, v) in (&mut ca).zip(&mut cb) {
+                for i in 0..LANES {
+                    let (p, q) = (u[i].to_f64(), v[i].to_f64());
+                    acc[0][i] += p * q;
+                    acc[1][i] += p * p;
+                    acc[2][i] += q * q;
+                    acc[3][i] += (p - q) * (p - q);
+                }
+            }
+            let mut out = acc.map(|l| l.iter().sum::<f64>());
+            for (&u, &v) in ca.remainder().iter().zip(cb.remainder()) {
+                let (p, q) = (u.to_f64(), v.to_f64());
+                out[0] += p * q;
+                out[1] += p * p;
+                out[2] += q * q;
+                out[3] += (p - q) * (p - q);
+            }
+            out
+        })
+        .collect();
+    parts.iter().fold([0.0; 4], |mut t, p| {
+        for i in 0..4 {
+            t[i] += p[i];
+        }
+        t
+    })
+}
+
 /// Per-channel mean and biased variance of NCHW data (`inner` = H·W, 1 for NC), accumulated
 /// in f64. Returns `[mean₀..mean_C, var₀..var_C]`.
 pub fn bn_stats<T: Real>(x: &[T], n: usize, c: usize, inner: usize) -> Vec<T> {

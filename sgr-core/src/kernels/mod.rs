@@ -869,3 +869,32 @@ pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
         x.apply_op1_no_bwd(&Relu)
     }
 }
+
+/// `[Σ a·b, Σ a², Σ b², Σ (a − b)²]` of two tensors of one shape, accumulated in f64 in one pass
+/// (the boundary diagnostics of every local step).
+pub fn pair_sums(a: &Tensor, b: &Tensor) -> candle_core::Result<[f64; 4]> {
+    if a.shape() != b.shape() {
+        candle_core::bail!(
+            "pair_sums: shapes {:?} and {:?} differ",
+            a.shape(),
+            b.shape()
+        );
+    }
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    match (&*sa, &*sb) {
+        (candle_core::Storage::Cpu(ca), candle_core::Storage::Cpu(cb)) => match (ca, cb) {
+            (CpuStorage::F32(x), CpuStorage::F32(y)) => Ok(cpu::pair_sums(
+                slice(x, la, "pair_sums")?,
+                slice(y, lb, "pair_sums")?,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(y)) => Ok(cpu::pair_sums(
+                slice(x, la, "pair_sums")?,
+                slice(y, lb, "pair_sums")?,
+            )),
+            _ => candle_core::bail!("pair_sums: f32 or f64 operands of one dtype expected"),
+        },
+        _ => candle_core::bail!("pair_sums: CPU tensors expected"),
+    }
+}
