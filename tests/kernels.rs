@@ -434,3 +434,52 @@ fn pair_sums_match_candle_in_f64() {
     let b = randn(&[4, 3], 1.0, 1, F64);
     assert!(kernels::pair_sums(&a, &b).is_err());
 }
+
+/// The recording and replaying forms of the fused BatchNorm + ReLU: the recorded mask is
+/// `[pre-activation ≥ 0]`, and replaying it gives the ReLU's values and gradients.
+#[test]
+fn batch_norm_mask_record_and_replay_match_the_relu() {
+    for residual in [false, true] {
+        let shape = [4usize, 3, 5, 5];
+        let x = var(&shape, 71);
+        let gamma = var(&[3], 72);
+        let beta = var(&[3], 73);
+        let res = var(&shape, 74);
+        let r = randn(&shape, 1.0, 75, F64);
+        let (xt, gt, bt) = (x.as_tensor(), gamma.as_tensor(), beta.as_tensor());
+        let rt = residual.then(|| res.as_tensor());
+        let stats = kernels::batch_stats(xt).unwrap();
+        let mut pre = bn_reference(xt, gt, bt, 1e-5);
+        if let Some(rt) = rt {
+            pre = (pre + rt).unwrap();
+        }
+        let want_mask = pre.ge(0.0).unwrap().to_dtype(F64).unwrap();
+        let mask = kernels::batch_norm_relu_mask(xt, gt, bt, rt, &stats, 1e-5).unwrap();
+        assert!(!mask.track_op());
+        assert_eq!(flat(std::slice::from_ref(&mask)), flat(&[want_mask]));
+        let grads = |y: Tensor| {
+            let g = (y.clone() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let mut out = vec![y.detach()];
+            for v in [&x, &gamma, &beta] {
+                out.push(g.get(v.as_tensor()).unwrap().detach());
+            }
+            if residual {
+                out.push(g.get(res.as_tensor()).unwrap().detach());
+            }
+            out
+        };
+        let replayed =
+            grads(kernels::batch_norm_train_masked(xt, gt, bt, rt, &mask, &stats, 1e-5).unwrap());
+        let relu =
+            grads(kernels::batch_norm_train_act(xt, gt, bt, rt, true, &stats, 1e-5).unwrap());
+        for (k, (a, b)) in replayed.iter().zip(&relu).enumerate() {
+            let e = max_rel(a, b);
+            assert!(e < 1e-13, "output {k}, residual {residual}: {e:e}");
+        }
+    }
+}

@@ -102,11 +102,6 @@ impl Ctx {
         }
     }
 
-    /// Whether ReLUs threshold normally (neither record nor replay masks).
-    pub fn relu_is_plain(&self) -> bool {
-        matches!(self.relu, ReluMode::Plain)
-    }
-
     /// Whether layers run in training mode.
     pub fn is_train(&self) -> bool {
         self.train
@@ -137,15 +132,28 @@ impl Ctx {
                 masks.push(x.ge(0.0)?.to_dtype(x.dtype())?.detach());
                 relu(x)
             }
+            ReluMode::Replay { .. } => {
+                let mask = self.next_replay_mask()?;
+                Ok(x.mul(&mask)?)
+            }
+        }
+    }
+
+    /// The next recorded mask of a replaying context.
+    fn next_replay_mask(&mut self) -> Result<Tensor> {
+        match &mut self.relu {
             ReluMode::Replay { masks, pos } => {
-                let mask = masks.get(*pos).ok_or_else(|| {
+                let mask = masks.get(*pos).cloned().ok_or_else(|| {
                     crate::Error::InvalidConfig(format!(
                         "ReLU replay ran out of recorded masks after {pos}"
                     ))
                 })?;
                 *pos += 1;
-                Ok(x.mul(mask)?)
+                Ok(mask)
             }
+            _ => Err(crate::Error::InvalidConfig(
+                "no ReLU masks to replay: the context does not replay".into(),
+            )),
         }
     }
 }
@@ -347,9 +355,11 @@ impl BatchNorm {
         self.affine(&xhat, &shape)
     }
 
-    /// `act(BN(x) [+ residual])`, the ReLU following the context's mode. Where the fused kernels
-    /// apply (CPU, training mode, plain ReLU, a first-order thread) this is one pass forward and
-    /// at most three backward, with one output tensor; otherwise the primitive composition.
+    /// `act(BN(x) [+ residual])`, the ReLU following the context's mode (plain, recording its
+    /// mask, or replaying a recorded one). Where the fused kernels apply (CPU, training mode, a
+    /// first-order thread) this is one pass forward (two when recording) and at most three
+    /// backward, with one output tensor; otherwise the primitive composition, with the same
+    /// values and masks.
     pub fn forward_act(
         &self,
         x: &Tensor,
@@ -357,12 +367,34 @@ impl BatchNorm {
         relu: bool,
         ctx: &mut Ctx,
     ) -> Result<Tensor> {
-        if Self::fused(x, ctx) && (!relu || ctx.relu_is_plain()) {
+        if Self::fused(x, ctx) {
             let stats = self.fused_stats(x, ctx)?;
             let (w, b) = (self.weight.as_tensor(), self.bias.as_tensor());
-            return Ok(crate::kernels::batch_norm_train_act(
-                x, w, b, residual, relu, &stats, self.eps,
-            )?);
+            let eps = self.eps;
+            if !relu {
+                return Ok(crate::kernels::batch_norm_train_act(
+                    x, w, b, residual, false, &stats, eps,
+                )?);
+            }
+            return match &mut ctx.relu {
+                ReluMode::Plain => Ok(crate::kernels::batch_norm_train_act(
+                    x, w, b, residual, true, &stats, eps,
+                )?),
+                ReluMode::Record(masks) => {
+                    masks.push(crate::kernels::batch_norm_relu_mask(
+                        x, w, b, residual, &stats, eps,
+                    )?);
+                    Ok(crate::kernels::batch_norm_train_act(
+                        x, w, b, residual, true, &stats, eps,
+                    )?)
+                }
+                ReluMode::Replay { .. } => {
+                    let mask = ctx.next_replay_mask()?;
+                    Ok(crate::kernels::batch_norm_train_masked(
+                        x, w, b, residual, &mask, &stats, eps,
+                    )?)
+                }
+            };
         }
         let mut h = self.forward(x, ctx)?;
         if let Some(r) = residual {

@@ -532,7 +532,19 @@ impl<T: Real> BnCoefs<T> {
     }
 }
 
-/// BatchNorm forward with given statistics, optionally adding a residual and applying ReLU:
+/// What follows the affine map (and the residual) of a fused BatchNorm.
+#[derive(Debug, Clone, Copy)]
+pub enum BnAct<'a, T> {
+    /// Nothing.
+    Identity,
+    /// `max(z, 0)`.
+    Relu,
+    /// `z · m` with a recorded ReLU mask `m` of the input's shape (the replayed ReLU of the
+    /// finite-difference SGR gradient).
+    Mask(&'a [T]),
+}
+
+/// BatchNorm forward with given statistics, optionally adding a residual, then `act`:
 /// `y = act(γ (x − μ)/√(σ² + ε) + β [+ r])`. Centred first, so that a large `a·x` does not
 /// cancel against the shift (matters for the finite-difference SGR gradient).
 pub fn bn_forward<T: Real>(
@@ -541,7 +553,7 @@ pub fn bn_forward<T: Real>(
     y: &mut [MaybeUninit<T>],
     inner: usize,
     k: &BnCoefs<T>,
-    relu: bool,
+    act: BnAct<'_, T>,
 ) {
     let c = k.mean.len();
     y.par_chunks_mut(inner)
@@ -549,20 +561,54 @@ pub fn bn_forward<T: Real>(
         .enumerate()
         .for_each(|(row, (yr, xr))| {
             let (m, a, b) = k.at(row % c);
-            match residual {
-                Some(r) => {
-                    let rr = &r[row * inner..(row + 1) * inner];
-                    for ((u, &v), &w) in yr.iter_mut().zip(xr).zip(rr) {
-                        let z = a * (v - m) + b + w;
-                        u.write(if relu && z <= T::ZERO { T::ZERO } else { z });
+            let span = row * inner..(row + 1) * inner;
+            let z = |i: usize, v: T| match residual {
+                Some(r) => a * (v - m) + b + r[span.start + i],
+                None => a * (v - m) + b,
+            };
+            match act {
+                BnAct::Identity => {
+                    for (i, (u, &v)) in yr.iter_mut().zip(xr).enumerate() {
+                        u.write(z(i, v));
                     }
                 }
-                None => {
-                    for (u, &v) in yr.iter_mut().zip(xr) {
-                        let z = a * (v - m) + b;
-                        u.write(if relu && z <= T::ZERO { T::ZERO } else { z });
+                BnAct::Relu => {
+                    for (i, (u, &v)) in yr.iter_mut().zip(xr).enumerate() {
+                        let z = z(i, v);
+                        u.write(if z <= T::ZERO { T::ZERO } else { z });
                     }
                 }
+                BnAct::Mask(mask) => {
+                    let mr = &mask[span.clone()];
+                    for (i, ((u, &v), &mk)) in yr.iter_mut().zip(xr).zip(mr).enumerate() {
+                        u.write(z(i, v) * mk);
+                    }
+                }
+            }
+        });
+}
+
+/// The ReLU mask `[z ≥ 0]` (1 or 0) of a fused BatchNorm's pre-activation, recomputed exactly
+/// as [`bn_forward`] computes `z` (what `x.ge(0)` on the unfused pre-activation records).
+pub fn bn_relu_mask<T: Real>(
+    x: &[T],
+    residual: Option<&[T]>,
+    out: &mut [MaybeUninit<T>],
+    inner: usize,
+    k: &BnCoefs<T>,
+) {
+    let c = k.mean.len();
+    out.par_chunks_mut(inner)
+        .zip(x.par_chunks(inner))
+        .enumerate()
+        .for_each(|(row, (or, xr))| {
+            let (m, a, b) = k.at(row % c);
+            for (i, (o, &v)) in or.iter_mut().zip(xr).enumerate() {
+                let z = match residual {
+                    Some(r) => a * (v - m) + b + r[row * inner + i],
+                    None => a * (v - m) + b,
+                };
+                o.write(if z >= T::ZERO { T::ONE } else { T::ZERO });
             }
         });
 }

@@ -395,15 +395,38 @@ fn vec_of<T: candle_core::WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> 
     t.flatten_all()?.to_vec1::<T>()
 }
 
-/// Training-mode BatchNorm with fixed batch statistics, optionally `+ residual` and ReLU:
-/// `y = act(γ (x − μ)/σ + β [+ r])`. Operands `(x, [γ; β])` or `(x, [γ; β], r)`.
-/// Its backward is up to three fused passes (ReLU mask, per-channel sums, input gradient).
+/// What follows a fused BatchNorm (see [`cpu::BnAct`]).
+#[derive(Debug, Clone)]
+enum Act {
+    Identity,
+    Relu,
+    /// A recorded ReLU mask of the output's shape, detached.
+    Mask(Tensor),
+}
+
+/// Training-mode BatchNorm with fixed batch statistics, optionally `+ residual`, then ReLU or a
+/// replayed ReLU mask: `y = act(γ (x − μ)/σ + β [+ r])`. Operands `(x, [γ; β])` or
+/// `(x, [γ; β], r)`. Its backward is up to three fused passes (mask, per-channel sums, input
+/// gradient).
 #[derive(Debug, Clone)]
 struct BnFwd {
     /// `[2, C]`: batch mean and biased batch variance, detached.
     stats: Tensor,
     eps: f64,
-    relu: bool,
+    act: Act,
+}
+
+/// Runs `f` on the contiguous CPU data of `t`.
+fn with_data<T: candle_core::WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        candle_core::Storage::Cpu(c) => f(slice(c.as_slice::<T>()?, l, "sgr-batch-norm")?),
+        _ => candle_core::bail!("sgr-batch-norm: CPU tensors expected"),
+    }
 }
 
 fn nci(l: &Layout, op: &str) -> candle_core::Result<(usize, usize, usize)> {
@@ -441,10 +464,24 @@ impl BnFwd {
         inner: usize,
     ) -> candle_core::Result<Vec<T>> {
         let k = coefs(&self.stats, gb, self.eps)?;
-        // SAFETY: bn_forward writes every output element.
-        Ok(unsafe {
-            cpu::alloc_filled(x.len(), |y| cpu::bn_forward(x, r, y, inner, &k, self.relu))
-        })
+        let go = |act: cpu::BnAct<'_, T>| {
+            // SAFETY: bn_forward writes every output element.
+            Ok(unsafe { cpu::alloc_filled(x.len(), |y| cpu::bn_forward(x, r, y, inner, &k, act)) })
+        };
+        match &self.act {
+            Act::Identity => go(cpu::BnAct::Identity),
+            Act::Relu => go(cpu::BnAct::Relu),
+            Act::Mask(m) => with_data(m, |m| {
+                if m.len() != x.len() {
+                    candle_core::bail!(
+                        "sgr-batch-norm: mask of {} values, input {}",
+                        m.len(),
+                        x.len()
+                    );
+                }
+                go(cpu::BnAct::Mask(m))
+            }),
+        }
     }
 
     /// Gradients of `x`, `[γ; β]` and (when present) the residual.
@@ -465,8 +502,8 @@ impl BnFwd {
         let grad = grad.contiguous()?;
         // With a residual, the masked gradient is the residual's gradient: store it once.
         // Without, the two passes below recompute the ReLU mask from x instead.
-        let (gz, relu_gb) = match (self.relu, residual) {
-            (true, Some(r)) => {
+        let (gz, relu_gb) = match (&self.act, residual) {
+            (Act::Relu, Some(r)) => {
                 let op = BnReluGrad {
                     stats: self.stats.clone(),
                     gb: gb.detach(),
@@ -474,8 +511,9 @@ impl BnFwd {
                 };
                 (x.apply_op3_no_bwd(&grad, r, &op)?, None)
             }
-            (true, None) => (grad, Some(gb.detach())),
-            (false, _) => (grad, None),
+            (Act::Relu, None) => (grad, Some(gb.detach())),
+            (Act::Mask(m), _) => ((grad * m)?, None),
+            (Act::Identity, _) => (grad, None),
         };
         let sums = x.apply_op2_no_bwd(
             &gz,
@@ -759,6 +797,103 @@ pub fn batch_norm_train(
     batch_norm_train_act(x, gamma, beta, None, false, stats, eps)
 }
 
+/// [`batch_norm_train_act`] with a replayed ReLU mask instead of the ReLU: `(BN(x) [+ r]) · m`.
+pub fn batch_norm_train_masked(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    residual: Option<&Tensor>,
+    mask: &Tensor,
+    stats: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let act = Act::Mask(mask.detach().contiguous()?);
+    bn_apply(x, gamma, beta, residual, act, stats, eps)
+}
+
+/// The ReLU mask `[BN(x) [+ r] ≥ 0]` (1 or 0, the input's dtype) that a recording forward
+/// stores, computed in one pass without materialising the pre-activation. Detached.
+pub fn batch_norm_relu_mask(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    residual: Option<&Tensor>,
+    stats: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let x = x.contiguous()?;
+    let gb = Tensor::cat(&[gamma.flatten_all()?, beta.flatten_all()?], 0)?.detach();
+    let op = BnMask {
+        stats: stats.detach(),
+        eps,
+    };
+    match residual {
+        Some(r) => x.apply_op3_no_bwd(&gb, &r.contiguous()?, &op),
+        None => x.apply_op2_no_bwd(&gb, &op),
+    }
+}
+
+/// The mask op behind [`batch_norm_relu_mask`].
+struct BnMask {
+    stats: Tensor,
+    eps: f64,
+}
+
+impl BnMask {
+    fn run<T: Real + candle_core::WithDType>(
+        &self,
+        x: &[T],
+        gb: &[T],
+        r: Option<&[T]>,
+        l: &Layout,
+    ) -> candle_core::Result<Vec<T>> {
+        let (_, _, inner) = nci(l, "sgr-batch-norm-mask")?;
+        let k = coefs(&self.stats, gb, self.eps)?;
+        // SAFETY: bn_relu_mask writes every output element.
+        Ok(unsafe { cpu::alloc_filled(x.len(), |o| cpu::bn_relu_mask(x, r, o, inner, &k)) })
+    }
+}
+
+impl CustomOp2 for BnMask {
+    fn name(&self) -> &'static str {
+        "sgr-batch-norm-mask"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = with_slices!(CustomOp2::name(self), [(s1, l1, x), (s2, l2, gb)], {
+            self.run(x, gb, None, l1)?
+        });
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+impl CustomOp3 for BnMask {
+    fn name(&self) -> &'static str {
+        "sgr-batch-norm-mask"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = with_slices!(
+            CustomOp3::name(self),
+            [(s1, l1, x), (s2, l2, gb), (s3, l3, r)],
+            self.run(x, gb, Some(r), l1)?
+        );
+        Ok((out, l1.shape().clone()))
+    }
+}
+
 /// [`batch_norm_train`] with, fused in the same pass, an optional residual added after the
 /// affine map and an optional ReLU (ReLU'(0) = 1, as candle's): `act(BN(x) [+ r])`. One output
 /// tensor instead of up to three, and one backward node instead of three.
@@ -771,10 +906,23 @@ pub fn batch_norm_train_act(
     stats: &Tensor,
     eps: f64,
 ) -> candle_core::Result<Tensor> {
+    let act = if relu { Act::Relu } else { Act::Identity };
+    bn_apply(x, gamma, beta, residual, act, stats, eps)
+}
+
+fn bn_apply(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    residual: Option<&Tensor>,
+    act: Act,
+    stats: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
     let op = BnFwd {
         stats: stats.detach(),
         eps,
-        relu,
+        act,
     };
     let x = x.contiguous()?;
     let gb = Tensor::cat(&[gamma.flatten_all()?, beta.flatten_all()?], 0)?;
