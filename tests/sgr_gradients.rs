@@ -385,7 +385,14 @@ fn distance_gradients_match_closed_forms() {
         .unwrap();
     assert!((d - want_d).abs() < 1e-12 * want_d);
     let want_v = (diff * (2.0 * b)).unwrap();
-    assert!(rel_err(&flat(&[v]), &flat(&[want_v])) < 1e-12);
+    assert!(rel_err(&flat(std::slice::from_ref(&v)), &flat(&[want_v])) < 1e-12);
+    // ... and equals autodiff through `eval` (the form the exact way differentiates twice)
+    let sv = Var::from_tensor(&s).unwrap();
+    let auto = Distance::SquaredL2.eval(sv.as_tensor(), &t).unwrap();
+    let g = auto.backward().unwrap();
+    let auto_v = g.get(sv.as_tensor()).unwrap();
+    assert!(rel_err(&flat(&[v]), &flat(std::slice::from_ref(auto_v))) < 1e-12);
+    assert!((auto.to_scalar::<f64>().unwrap() - d).abs() < 1e-12 * d);
     // cosine: ∂/∂s (1 − s·t/(|s||t|)) = −t/(|s||t|) + (s·t) s/(|s|³|t|)
     let (d, v) = Distance::Cosine.value_and_grad(&s, &t).unwrap();
     let sv = flat(std::slice::from_ref(&s));

@@ -226,8 +226,20 @@ impl Distance {
         }
     }
 
-    /// (D(s, t), ∂D/∂s) by first-order autodiff.
+    /// (D(s, t), ∂D/∂s): closed form for `squared-l2` on the CPU (two passes), first-order
+    /// autodiff otherwise.
     pub fn value_and_grad(&self, s: &Tensor, t: &Tensor) -> Result<(f64, Tensor)> {
+        if *self == Distance::SquaredL2
+            && crate::kernels::supported(s)
+            && s.dtype() == t.dtype()
+            && s.shape() == t.shape()
+        {
+            // D = B Σ (s − t)², ∂D/∂s = 2B (s − t)
+            let b = s.dim(0)? as f64;
+            let [_, _, _, dd] = crate::kernels::pair_sums(s, t)?;
+            let v = (s.detach() - t.detach())?.affine(2.0 * b, 0.0)?;
+            return Ok((b * dd, v));
+        }
         let sv = Var::from_tensor(&s.detach())?;
         let d = self.eval(sv.as_tensor(), &t.detach())?;
         let value = d.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
@@ -451,12 +463,15 @@ fn fd_term_grad(
             )));
         }
     }
-    let rms = v
-        .sqr()?
-        .mean_all()?
-        .to_dtype(candle_core::DType::F64)?
-        .to_scalar::<f64>()?
-        .sqrt();
+    let rms = if crate::kernels::supported(&v) {
+        (crate::kernels::pair_sums(&v, &v)?[1] / v.elem_count().max(1) as f64).sqrt()
+    } else {
+        v.sqr()?
+            .mean_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?
+            .sqrt()
+    };
     if rms == 0.0 || !rms.is_finite() {
         let grads = vars
             .iter()
