@@ -3,8 +3,9 @@
 //!
 //! `cargo bench -p sgr-core --bench kernels`
 //!
-//! For each shape: convolution forward, input gradient and weight gradient (ms and GFLOP/s),
-//! BatchNorm forward + backward, and the ratio candle / sgr. candle's input gradient is its
+//! For each shape: convolution forward, input gradient and weight gradient (ms and GFLOP/s of
+//! the forward); for BatchNorm + ReLU rows the forward alone and the batch statistics (`st`);
+//! then forward + backward through autograd for candle and for sgr, and their ratio. candle's input gradient is its
 //! `conv_transpose2d`, its weight gradient a `conv2d` over the batch axis (what its autograd
 //! runs); the BatchNorm reference is the primitive formula `sgr_core::nn` falls back to.
 
@@ -98,6 +99,22 @@ fn main() -> candle_core::Result<()> {
         let gm = Var::from_tensor(&Tensor::ones(c, DType::F32, &dev)?)?;
         let bt = Var::from_tensor(&Tensor::zeros(c, DType::F32, &dev)?)?;
         let g = Tensor::randn(0f32, 1.0, (n, c, hw, hw), &dev)?;
+        let stats_ms = median_ms(reps, || {
+            kernels::batch_stats(x.as_tensor()).unwrap();
+        });
+        let st0 = kernels::batch_stats(x.as_tensor())?;
+        let fwd_ms = median_ms(reps, || {
+            kernels::batch_norm_train_act(
+                &x.as_tensor().detach(),
+                &gm.as_tensor().detach(),
+                &bt.as_tensor().detach(),
+                None,
+                true,
+                &st0,
+                1e-5,
+            )
+            .unwrap();
+        });
         let fast = median_ms(reps, || {
             let st = kernels::batch_stats(x.as_tensor()).unwrap();
             let y = kernels::batch_norm_train_act(
@@ -120,10 +137,10 @@ fn main() -> candle_core::Result<()> {
             (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
         });
         println!(
-            "{:<28} {:>9} {:>9} {:>9} {:>9} {:>9.1} {:>9.1} {:>6.1}x",
+            "{:<28} {:>9.1} {:>9} {:>9} {:>9} {:>9.1} {:>9.1} {:>6.1}x",
             format!("bn+relu fwd+bwd {c} {hw}x{hw}"),
-            "",
-            "",
+            fwd_ms,
+            format!("st {stats_ms:.1}"),
             "",
             "",
             cand,
