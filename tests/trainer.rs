@@ -391,3 +391,18 @@ fn bp_needs_one_module() {
     .to_string();
     assert!(e.contains("K=1"), "{e}");
 }
+
+/// The README's library example is `tests/examples/library.rs` verbatim (which CI compiles), so
+/// the README never shows code that does not build.
+#[test]
+fn readme_library_example_is_the_compiled_example() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let example = std::fs::read_to_string(root.join("tests/examples/library.rs")).unwrap();
+    let start = readme
+        .find("## Library")
+        .expect("README has a Library section");
+    let open = readme[start..].find("```rust\n").expect("a rust block") + start + "```rust\n".len();
+    let close = readme[open..].find("```\n").expect("closed block") + open;
+    assert_eq!(&readme[open..close], example);
+}

@@ -12,6 +12,8 @@ use sgr_data::{Loader, LoaderConfig, Normalize, Pipeline};
 use sgr_models::{CifarResNet, HeadKind, ResNetConfig, SplitStrategy};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Keep freed memory for the next step instead of page-faulting it in again (glibc).
+    sgr_core::memory::tune_allocator();
     let device = Device::Cpu;
     let train = sgr_data::digits(true)?;
     let test = sgr_data::digits(false)?;

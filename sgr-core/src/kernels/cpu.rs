@@ -415,6 +415,48 @@ fn masked<T: Real>(g: T, z: T) -> T {
     }
 }
 
+/// How the incoming gradient of a fused BatchNorm is masked before its backward.
+#[derive(Debug, Clone, Copy)]
+pub enum GradMask<'a, T> {
+    /// Not masked.
+    None,
+    /// By the ReLU, `[z ≥ 0]` with `z` recomputed from `x`.
+    Relu(&'a BnCoefs<T>),
+    /// By a replayed mask of the input's shape.
+    Mask(&'a [T]),
+}
+
+/// `(Σ g·m, Σ g·m·(x − μ))` over a plane with a stored mask `m`, as [`lane_sum`].
+fn lane_sum2_masked<T: Real>(xs: &[T], gs: &[T], ms: &[T], mu: T) -> (f64, f64) {
+    let (mut a, mut b) = ([T::ZERO; LANES], [T::ZERO; LANES]);
+    let (mut cx, mut cg, mut cm) = (
+        xs.chunks_exact(LANES),
+        gs.chunks_exact(LANES),
+        ms.chunks_exact(LANES),
+    );
+    for ((xc, gc), mc) in (&mut cx).zip(&mut cg).zip(&mut cm) {
+        for i in 0..LANES {
+            let g = gc[i] * mc[i];
+            a[i] += g;
+            b[i] += g * (xc[i] - mu);
+        }
+    }
+    let (mut sa, mut sb) = (0.0f64, 0.0f64);
+    for ((&xv, &gv), &mv) in cx
+        .remainder()
+        .iter()
+        .zip(cg.remainder())
+        .zip(cm.remainder())
+    {
+        let g = gv * mv;
+        sa += g.to_f64();
+        sb += (g * (xv - mu)).to_f64();
+    }
+    sa += a.iter().map(|v| v.to_f64()).sum::<f64>();
+    sb += b.iter().map(|v| v.to_f64()).sum::<f64>();
+    (sa, sb)
+}
+
 /// `(Σ g', Σ g'·(x − μ))` over a plane with `g' = f(x, g)`, as [`lane_sum`].
 fn lane_sum2<T: Real>(xs: &[T], gs: &[T], mu: T, f: impl Fn(T, T) -> T) -> (f64, f64) {
     let (mut a, mut b) = ([T::ZERO; LANES], [T::ZERO; LANES]);
@@ -657,7 +699,7 @@ pub fn bn_backward_sums<T: Real>(
     mean: &[T],
     var: &[T],
     eps: f64,
-    relu: Option<&BnCoefs<T>>,
+    mask: GradMask<'_, T>,
 ) -> Vec<T> {
     let per: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
@@ -668,12 +710,13 @@ pub fn bn_backward_sums<T: Real>(
             for i in 0..n {
                 let base = (i * c + ch) * inner;
                 let (xs, gs) = (&x[base..base + inner], &gy[base..base + inner]);
-                let (a, b) = match relu {
-                    Some(k) => {
+                let (a, b) = match mask {
+                    GradMask::Relu(k) => {
                         let (_, sc, sh) = k.at(ch);
                         lane_sum2(xs, gs, mu, |xv, gv| masked(gv, sc * (xv - mu) + sh))
                     }
-                    None => lane_sum2(xs, gs, mu, |_, gv| gv),
+                    GradMask::Mask(m) => lane_sum2_masked(xs, gs, &m[base..base + inner], mu),
+                    GradMask::None => lane_sum2(xs, gs, mu, |_, gv| gv),
                 };
                 sg += a;
                 sgx += b;
@@ -703,7 +746,7 @@ pub fn bn_backward_input<T: Real>(
     gamma: &[T],
     sums: &[T],
     eps: f64,
-    relu: Option<&BnCoefs<T>>,
+    mask: GradMask<'_, T>,
 ) {
     let m = (n * inner) as f64;
     // dx = k·g + a·(x − μ) + b  with  k = γ/σ, a = −k·Σ(g x̂)/(M σ), b = −k·Σg/M
@@ -721,15 +764,21 @@ pub fn bn_backward_input<T: Real>(
         .enumerate()
         .for_each(|(row, (dr, (xr, gr)))| {
             let [k, a, b, mu] = coef[row % c].map(T::from_f64);
-            match relu {
-                Some(z) => {
+            match mask {
+                GradMask::Mask(m) => {
+                    let mr = &m[row * inner..(row + 1) * inner];
+                    for (((d, &xv), &gv), &mv) in dr.iter_mut().zip(xr).zip(gr).zip(mr) {
+                        d.write(k * (gv * mv) + a * (xv - mu) + b);
+                    }
+                }
+                GradMask::Relu(z) => {
                     let (zm, sc, sh) = z.at(row % c);
                     for ((d, &xv), &gv) in dr.iter_mut().zip(xr).zip(gr) {
                         let gv = masked(gv, sc * (xv - zm) + sh);
                         d.write(k * gv + a * (xv - mu) + b);
                     }
                 }
-                None => {
+                GradMask::None => {
                     for ((d, &xv), &gv) in dr.iter_mut().zip(xr).zip(gr) {
                         d.write(k * gv + a * (xv - mu) + b);
                     }

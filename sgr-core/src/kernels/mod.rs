@@ -501,8 +501,9 @@ impl BnFwd {
         let c = x.dim(1)?;
         let grad = grad.contiguous()?;
         // With a residual, the masked gradient is the residual's gradient: store it once.
-        // Without, the two passes below recompute the ReLU mask from x instead.
-        let (gz, relu_gb) = match (&self.act, residual) {
+        // Without, the two passes below mask it on the fly (ReLU recomputed from x, or the
+        // replayed mask read alongside).
+        let (gz, mask) = match (&self.act, residual) {
             (Act::Relu, Some(r)) => {
                 let op = BnReluGrad {
                     stats: self.stats.clone(),
@@ -511,8 +512,9 @@ impl BnFwd {
                 };
                 (x.apply_op3_no_bwd(&grad, r, &op)?, None)
             }
-            (Act::Relu, None) => (grad, Some(gb.detach())),
-            (Act::Mask(m), _) => ((grad * m)?, None),
+            (Act::Relu, None) => (grad, Some(MaskSrc::Relu(gb.detach()))),
+            (Act::Mask(m), Some(_)) => ((grad * m)?, None),
+            (Act::Mask(m), None) => (grad, Some(MaskSrc::Mask(m.clone()))),
             (Act::Identity, _) => (grad, None),
         };
         let sums = x.apply_op2_no_bwd(
@@ -520,7 +522,7 @@ impl BnFwd {
             &BnSums {
                 stats: self.stats.clone(),
                 eps: self.eps,
-                relu_gb: relu_gb.clone(),
+                mask: mask.clone(),
             },
         )?;
         let dx = x.apply_op3_no_bwd(
@@ -530,7 +532,7 @@ impl BnFwd {
                 stats: self.stats.clone(),
                 sums: sums.clone(),
                 eps: self.eps,
-                relu_gb,
+                mask,
             },
         )?;
         // sums = [Σg; Σg·x̂] = [dβ; dγ]
@@ -675,11 +677,37 @@ impl CustomOp3 for BnReluGrad {
     }
 }
 
-/// `[Σ g, Σ g·x̂]` per channel; with `relu_gb` (`[γ; β]`), `g` masked by the ReLU first.
+/// Where the backward passes take the mask of the incoming gradient from.
+#[derive(Debug, Clone)]
+enum MaskSrc {
+    /// The ReLU, recomputed from `x` with these `[γ; β]`.
+    Relu(Tensor),
+    /// A replayed mask.
+    Mask(Tensor),
+}
+
+/// Runs `f` with the [`cpu::GradMask`] of `src`.
+fn with_grad_mask<T: Real + candle_core::WithDType, R>(
+    src: &Option<MaskSrc>,
+    stats: &Tensor,
+    eps: f64,
+    f: impl FnOnce(cpu::GradMask<'_, T>) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    match src {
+        None => f(cpu::GradMask::None),
+        Some(MaskSrc::Relu(gb)) => {
+            let k = coefs(stats, &vec_of::<T>(gb)?, eps)?;
+            f(cpu::GradMask::Relu(&k))
+        }
+        Some(MaskSrc::Mask(m)) => with_data(m, |m| f(cpu::GradMask::Mask(m))),
+    }
+}
+
+/// `[Σ g, Σ g·x̂]` per channel, `g` masked first as `mask` says.
 struct BnSums {
     stats: Tensor,
     eps: f64,
-    relu_gb: Option<Tensor>,
+    mask: Option<MaskSrc>,
 }
 
 impl CustomOp2 for BnSums {
@@ -698,22 +726,30 @@ impl CustomOp2 for BnSums {
         let eps = self.eps;
         let out = with_slices!(self.name(), [(s1, l1, x), (s2, l2, g)], {
             let st = vec_of(&self.stats)?;
-            let relu = match &self.relu_gb {
-                Some(gb) => Some(coefs(&self.stats, &vec_of(gb)?, eps)?),
-                None => None,
-            };
-            cpu::bn_backward_sums(x, g, n, c, inner, &st[..c], &st[c..], eps, relu.as_ref())
+            with_grad_mask(&self.mask, &self.stats, eps, |mask| {
+                Ok(cpu::bn_backward_sums(
+                    x,
+                    g,
+                    n,
+                    c,
+                    inner,
+                    &st[..c],
+                    &st[c..],
+                    eps,
+                    mask,
+                ))
+            })?
         });
         Ok((out, Shape::from(2 * c)))
     }
 }
 
-/// Input gradient of training-mode BatchNorm (ReLU-masked like [`BnSums`]).
+/// Input gradient of training-mode BatchNorm (masked like [`BnSums`]).
 struct BnDx {
     stats: Tensor,
     sums: Tensor,
     eps: f64,
-    relu_gb: Option<Tensor>,
+    mask: Option<MaskSrc>,
 }
 
 impl CustomOp3 for BnDx {
@@ -734,28 +770,26 @@ impl CustomOp3 for BnDx {
         let out = with_slices!(self.name(), [(s1, l1, x), (s2, l2, g), (s3, l3, gm)], {
             let st = vec_of(&self.stats)?;
             let sums = vec_of(&self.sums)?;
-            let relu = match &self.relu_gb {
-                Some(gb) => Some(coefs(&self.stats, &vec_of(gb)?, self.eps)?),
-                None => None,
-            };
-            let fill = |dx: &mut [std::mem::MaybeUninit<_>]| {
-                cpu::bn_backward_input(
-                    x,
-                    g,
-                    dx,
-                    n,
-                    c,
-                    inner,
-                    &st[..c],
-                    &st[c..],
-                    gm,
-                    &sums,
-                    self.eps,
-                    relu.as_ref(),
-                )
-            };
-            // SAFETY: bn_backward_input writes every output element.
-            unsafe { cpu::alloc_filled(x.len(), fill) }
+            with_grad_mask(&self.mask, &self.stats, self.eps, |mask| {
+                let fill = |dx: &mut [std::mem::MaybeUninit<_>]| {
+                    cpu::bn_backward_input(
+                        x,
+                        g,
+                        dx,
+                        n,
+                        c,
+                        inner,
+                        &st[..c],
+                        &st[c..],
+                        gm,
+                        &sums,
+                        self.eps,
+                        mask,
+                    )
+                };
+                // SAFETY: bn_backward_input writes every output element.
+                Ok(unsafe { cpu::alloc_filled(x.len(), fill) })
+            })?
         });
         Ok((out, l1.shape().clone()))
     }
