@@ -21,6 +21,16 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
         / scale
 }
 
+/// `[y, dL/dv for v in vars]` for L = Σ r·y.
+fn weighted_grads(y: Tensor, r: &Tensor, vars: &[&Var]) -> Vec<Tensor> {
+    let g = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
+    let mut out = vec![y.detach()];
+    for v in vars {
+        out.push(g.get(v.as_tensor()).expect("a gradient").detach());
+    }
+    out
+}
+
 /// (input shape, output channels, kernel, stride, padding)
 type Geometry = ([usize; 4], usize, (usize, usize), usize, usize);
 
@@ -174,24 +184,11 @@ fn batch_norm_matches_primitive_formula_in_f64() {
             let r = randn(&shape, 1.0, seed + 3, F64);
             let eps = 1e-5;
             let stats = kernels::batch_stats(x.as_tensor()).unwrap();
-            let run = |y: Tensor| {
-                let g = (y.clone() * &r)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                let mut out = vec![
-                    y.detach(),
-                    g.get(x.as_tensor()).unwrap().detach(),
-                    g.get(gamma.as_tensor()).unwrap().detach(),
-                    g.get(beta.as_tensor()).unwrap().detach(),
-                ];
-                if residual {
-                    out.push(g.get(res.as_tensor()).unwrap().detach());
-                }
-                out
-            };
+            let mut vars = vec![&x, &gamma, &beta];
+            if residual {
+                vars.push(&res);
+            }
+            let run = |y: Tensor| weighted_grads(y, &r, &vars);
             let (xt, gt, bt) = (x.as_tensor(), gamma.as_tensor(), beta.as_tensor());
             let rt = residual.then(|| res.as_tensor());
             let fast =
@@ -457,22 +454,11 @@ fn batch_norm_mask_record_and_replay_match_the_relu() {
         let mask = kernels::batch_norm_relu_mask(xt, gt, bt, rt, &stats, 1e-5).unwrap();
         assert!(!mask.track_op());
         assert_eq!(flat(std::slice::from_ref(&mask)), flat(&[want_mask]));
-        let grads = |y: Tensor| {
-            let g = (y.clone() * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let mut out = vec![y.detach()];
-            for v in [&x, &gamma, &beta] {
-                out.push(g.get(v.as_tensor()).unwrap().detach());
-            }
-            if residual {
-                out.push(g.get(res.as_tensor()).unwrap().detach());
-            }
-            out
-        };
+        let mut vars = vec![&x, &gamma, &beta];
+        if residual {
+            vars.push(&res);
+        }
+        let grads = |y: Tensor| weighted_grads(y, &r, &vars);
         let replayed =
             grads(kernels::batch_norm_train_masked(xt, gt, bt, rt, &mask, &stats, 1e-5).unwrap());
         let relu =

@@ -53,10 +53,91 @@ macro_rules! with_slices {
     };
 }
 
+/// Implements `CustomOp2` (operands `a, b`) and `CustomOp3` (operands `a, b, r`) for a
+/// forward-only op whose `run(a, b, r: Option<_>, layout_of_a)` returns the output, shaped as `a`.
+macro_rules! forward_only_op {
+    ($ty:ty, $name:literal) => {
+        impl CustomOp2 for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn cpu_fwd(
+                &self,
+                s1: &CpuStorage,
+                l1: &Layout,
+                s2: &CpuStorage,
+                l2: &Layout,
+            ) -> candle_core::Result<(CpuStorage, Shape)> {
+                let out = with_slices!($name, [(s1, l1, a), (s2, l2, b)], {
+                    self.run(a, b, None, l1)?
+                });
+                Ok((out, l1.shape().clone()))
+            }
+        }
+
+        impl CustomOp3 for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn cpu_fwd(
+                &self,
+                s1: &CpuStorage,
+                l1: &Layout,
+                s2: &CpuStorage,
+                l2: &Layout,
+                s3: &CpuStorage,
+                l3: &Layout,
+            ) -> candle_core::Result<(CpuStorage, Shape)> {
+                let out = with_slices!($name, [(s1, l1, a), (s2, l2, b), (s3, l3, r)], {
+                    self.run(a, b, Some(r), l1)?
+                });
+                Ok((out, l1.shape().clone()))
+            }
+        }
+    };
+}
+
 fn dims4(l: &Layout, what: &str) -> candle_core::Result<[usize; 4]> {
     match l.shape().dims() {
         &[a, b, c, d] => Ok([a, b, c, d]),
         d => candle_core::bail!("{what}: expected 4 dims, got {d:?}"),
+    }
+}
+
+/// Stride and padding shared by the three convolution ops; builds each of them.
+#[derive(Debug, Clone, Copy)]
+struct Conv {
+    stride: usize,
+    pad: usize,
+}
+
+impl Conv {
+    fn fwd(self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+        let op = ConvFwd {
+            stride: self.stride,
+            pad: self.pad,
+        };
+        apply2(x, w, op)
+    }
+
+    fn dx(self, gy: &Tensor, w: &Tensor, (h, wd): (usize, usize)) -> candle_core::Result<Tensor> {
+        let op = ConvDx {
+            stride: self.stride,
+            pad: self.pad,
+            h,
+            w: wd,
+        };
+        apply2(gy, w, op)
+    }
+
+    fn dw(self, x: &Tensor, gy: &Tensor, (kh, kw): (usize, usize)) -> candle_core::Result<Tensor> {
+        let op = ConvDw {
+            stride: self.stride,
+            pad: self.pad,
+            kh,
+            kw,
+        };
+        apply2(x, gy, op)
     }
 }
 
@@ -174,26 +255,12 @@ impl CustomOp2 for ConvFwd {
         let (_, _, h, wd) = x.dims4()?;
         let (_, _, kh, kw) = w.dims4()?;
         let grad = grad.contiguous()?;
-        let dx = apply2(
-            &grad,
-            w,
-            ConvDx {
-                stride: self.stride,
-                pad: self.pad,
-                h,
-                w: wd,
-            },
-        )?;
-        let dw = apply2(
-            x,
-            &grad,
-            ConvDw {
-                stride: self.stride,
-                pad: self.pad,
-                kh,
-                kw,
-            },
-        )?;
+        let conv = Conv {
+            stride: self.stride,
+            pad: self.pad,
+        };
+        let dx = conv.dx(&grad, w, (h, wd))?;
+        let dw = conv.dw(x, &grad, (kh, kw))?;
         Ok((Some(dx), Some(dw)))
     }
 }
@@ -244,25 +311,14 @@ impl CustomOp2 for ConvDx {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (_, _, kh, kw) = w.dims4()?;
         let grad = grad.contiguous()?;
-        let d_gy = apply2(
-            &grad,
-            w,
-            ConvFwd {
-                stride: self.stride,
-                pad: self.pad,
-            },
-        )?;
-        let d_w = apply2(
-            &grad,
-            gy,
-            ConvDw {
-                stride: self.stride,
-                pad: self.pad,
-                kh,
-                kw,
-            },
-        )?;
-        Ok((Some(d_gy), Some(d_w)))
+        let conv = Conv {
+            stride: self.stride,
+            pad: self.pad,
+        };
+        Ok((
+            Some(conv.fwd(&grad, w)?),
+            Some(conv.dw(&grad, gy, (kh, kw))?),
+        ))
     }
 }
 
@@ -312,25 +368,11 @@ impl CustomOp2 for ConvDw {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (_, _, h, w) = x.dims4()?;
         let grad = grad.contiguous()?;
-        let d_x = apply2(
-            gy,
-            &grad,
-            ConvDx {
-                stride: self.stride,
-                pad: self.pad,
-                h,
-                w,
-            },
-        )?;
-        let d_gy = apply2(
-            x,
-            &grad,
-            ConvFwd {
-                stride: self.stride,
-                pad: self.pad,
-            },
-        )?;
-        Ok((Some(d_x), Some(d_gy)))
+        let conv = Conv {
+            stride: self.stride,
+            pad: self.pad,
+        };
+        Ok((Some(conv.dx(gy, &grad, (h, w))?), Some(conv.fwd(x, &grad)?)))
     }
 }
 
@@ -353,7 +395,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> candle_core:
     if stride == 0 {
         candle_core::bail!("sgr-conv2d: stride must be positive");
     }
-    apply2(&x.contiguous()?, &w.contiguous()?, ConvFwd { stride, pad })
+    Conv { stride, pad }.fwd(&x.contiguous()?, &w.contiguous()?)
 }
 
 /// The input gradient of [`conv2d`] for an `h × w` input: `conv_transpose(gy, w)`. Twice
@@ -365,13 +407,7 @@ pub fn conv2d_input_grad(
     stride: usize,
     pad: usize,
 ) -> candle_core::Result<Tensor> {
-    let op = ConvDx {
-        stride,
-        pad,
-        h,
-        w: wd,
-    };
-    apply2(&gy.contiguous()?, &w.contiguous()?, op)
+    Conv { stride, pad }.dx(&gy.contiguous()?, &w.contiguous()?, (h, wd))
 }
 
 /// The weight gradient of [`conv2d`] for a `kh × kw` kernel. Twice differentiable.
@@ -382,13 +418,7 @@ pub fn conv2d_weight_grad(
     stride: usize,
     pad: usize,
 ) -> candle_core::Result<Tensor> {
-    let op = ConvDw {
-        stride,
-        pad,
-        kh,
-        kw,
-    };
-    apply2(&x.contiguous()?, &gy.contiguous()?, op)
+    Conv { stride, pad }.dw(&x.contiguous()?, &gy.contiguous()?, (kh, kw))
 }
 
 fn vec_of<T: candle_core::WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
@@ -637,45 +667,7 @@ impl BnReluGrad {
     }
 }
 
-impl CustomOp2 for BnReluGrad {
-    fn name(&self) -> &'static str {
-        "sgr-batch-norm-relu-grad"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = with_slices!(CustomOp2::name(self), [(s1, l1, x), (s2, l2, g)], {
-            self.run(x, g, None, l1)?
-        });
-        Ok((out, l1.shape().clone()))
-    }
-}
-
-impl CustomOp3 for BnReluGrad {
-    fn name(&self) -> &'static str {
-        "sgr-batch-norm-relu-grad"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = with_slices!(
-            CustomOp3::name(self),
-            [(s1, l1, x), (s2, l2, g), (s3, l3, r)],
-            self.run(x, g, Some(r), l1)?
-        );
-        Ok((out, l1.shape().clone()))
-    }
-}
+forward_only_op!(BnReluGrad, "sgr-batch-norm-relu-grad");
 
 /// Where the backward passes take the mask of the incoming gradient from.
 #[derive(Debug, Clone)]
@@ -888,45 +880,7 @@ impl BnMask {
     }
 }
 
-impl CustomOp2 for BnMask {
-    fn name(&self) -> &'static str {
-        "sgr-batch-norm-mask"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = with_slices!(CustomOp2::name(self), [(s1, l1, x), (s2, l2, gb)], {
-            self.run(x, gb, None, l1)?
-        });
-        Ok((out, l1.shape().clone()))
-    }
-}
-
-impl CustomOp3 for BnMask {
-    fn name(&self) -> &'static str {
-        "sgr-batch-norm-mask"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = with_slices!(
-            CustomOp3::name(self),
-            [(s1, l1, x), (s2, l2, gb), (s3, l3, r)],
-            self.run(x, gb, Some(r), l1)?
-        );
-        Ok((out, l1.shape().clone()))
-    }
-}
+forward_only_op!(BnMask, "sgr-batch-norm-mask");
 
 /// [`batch_norm_train`] with, fused in the same pass, an optional residual added after the
 /// affine map and an optional ReLU (ReLU'(0) = 1, as candle's): `act(BN(x) [+ r])`. One output
