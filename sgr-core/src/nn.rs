@@ -328,16 +328,16 @@ impl BatchNorm {
 
     /// Forward pass.
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let rank = x.rank();
-        let c = x.dim(1)?;
-        let mut shape = vec![1usize; rank];
-        shape[1] = c;
-        let reduce: Vec<usize> = (0..rank).filter(|&d| d != 1).collect();
         if Self::fused(x, ctx) {
             let stats = self.fused_stats(x, ctx)?;
             let (w, b) = (self.weight.as_tensor(), self.bias.as_tensor());
             return Ok(crate::kernels::batch_norm_train(x, w, b, &stats, self.eps)?);
         }
+        let rank = x.rank();
+        let c = x.dim(1)?;
+        let mut shape = vec![1usize; rank];
+        shape[1] = c;
+        let reduce: Vec<usize> = (0..rank).filter(|&d| d != 1).collect();
         let xhat = if ctx.train {
             let mean = x.mean_keepdim(reduce.as_slice())?;
             let centred = x.broadcast_sub(&mean)?;
@@ -369,32 +369,24 @@ impl BatchNorm {
     ) -> Result<Tensor> {
         if Self::fused(x, ctx) {
             let stats = self.fused_stats(x, ctx)?;
-            let (w, b) = (self.weight.as_tensor(), self.bias.as_tensor());
-            let eps = self.eps;
-            if !relu {
-                return Ok(crate::kernels::batch_norm_train_act(
-                    x, w, b, residual, false, &stats, eps,
-                )?);
-            }
-            return match &mut ctx.relu {
-                ReluMode::Plain => Ok(crate::kernels::batch_norm_train_act(
-                    x, w, b, residual, true, &stats, eps,
-                )?),
-                ReluMode::Record(masks) => {
-                    masks.push(crate::kernels::batch_norm_relu_mask(
+            let (w, b, eps) = (self.weight.as_tensor(), self.bias.as_tensor(), self.eps);
+            if relu {
+                match &mut ctx.relu {
+                    ReluMode::Plain => {}
+                    ReluMode::Record(masks) => masks.push(crate::kernels::batch_norm_relu_mask(
                         x, w, b, residual, &stats, eps,
-                    )?);
-                    Ok(crate::kernels::batch_norm_train_act(
-                        x, w, b, residual, true, &stats, eps,
-                    )?)
+                    )?),
+                    ReluMode::Replay { .. } => {
+                        let mask = ctx.next_replay_mask()?;
+                        return Ok(crate::kernels::batch_norm_train_masked(
+                            x, w, b, residual, &mask, &stats, eps,
+                        )?);
+                    }
                 }
-                ReluMode::Replay { .. } => {
-                    let mask = ctx.next_replay_mask()?;
-                    Ok(crate::kernels::batch_norm_train_masked(
-                        x, w, b, residual, &mask, &stats, eps,
-                    )?)
-                }
-            };
+            }
+            return Ok(crate::kernels::batch_norm_train_act(
+                x, w, b, residual, relu, &stats, eps,
+            )?);
         }
         let mut h = self.forward(x, ctx)?;
         if let Some(r) = residual {

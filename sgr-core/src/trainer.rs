@@ -322,7 +322,16 @@ impl Trainer {
         let k_total = self.net.num_modules();
         let sgr_on = self.cfg.method == Method::Sgr;
         let sgr = self.cfg.sgr.clone();
-        let record = sgr_on && sgr.grad != SgrGrad::Exact;
+        // The finite differences replay the ReLU masks of the module whose term they compute:
+        // module k > 0 (forward direction) or k < K − 1 (backward); no other module records.
+        let record = |k: usize| {
+            sgr_on
+                && sgr.grad != SgrGrad::Exact
+                && match sgr.direction {
+                    Direction::Forward => k > 0,
+                    Direction::Backward => k + 1 < k_total,
+                }
+        };
         let mut losses = Vec::with_capacity(k_total);
         let mut correct = 0;
         let mut h = x.detach();
@@ -335,7 +344,7 @@ impl Trainer {
                 k,
                 labels,
             };
-            let bp = base_pass(&prob, &h, k > 0, record)?;
+            let bp = base_pass(&prob, &h, k > 0, record(k))?;
             losses.push(bp.loss);
             if k + 1 == k_total {
                 correct = correct_count(&bp.logits, labels)?;

@@ -5,9 +5,11 @@
 //!   `conv(x, w)`, its input gradient `conv_dx(g, w)` (a transposed convolution: col2im of
 //!   `Wᵀ·G`) and its weight gradient `conv_dw(x, g)` (`G·im2col(x)ᵀ`). All three are im2col /
 //!   col2im plus one gemm per image, with no column matrix kept between forward and backward.
-//! * BatchNorm in training mode is one fused op whose backward is two fused passes (per-channel
-//!   sums, then the input gradient); it is first order only, and [`crate::nn::BatchNorm`] uses
-//!   the primitive formula on threads that differentiate twice.
+//! * BatchNorm in training mode is one fused op, optionally with a residual add and a ReLU (or a
+//!   replayed ReLU mask), whose backward is two fused passes (per-channel sums, then the input
+//!   gradient; three with a residual, whose masked gradient is stored once). It is first order
+//!   only, and [`crate::nn::BatchNorm`] uses the primitive formula on threads that differentiate
+//!   twice.
 //! * ReLU with a one-pass backward, `g·[x ≥ 0]`, itself differentiable again.
 //!
 //! They run on the CPU for f32 and f64; callers fall back to candle's ops elsewhere
