@@ -352,15 +352,66 @@ fn kernels_reject_bad_input_clearly() {
 
 /// Every kernel gives bit-identical results whatever the thread count (fixed partitions, no
 /// reduction whose order depends on work stealing): training runs are reproducible.
+/// The direct 3×3 kernels (f32, AVX-512) against candle's convolution in f64: values and both
+/// gradients, on shapes that exercise every remainder (output channel blocks of 8/4/1, vector
+/// blocks of 3/2/1, planes that end mid-vector, widths below and above one vector, a 1×1
+/// plane, image chunks of 8 with a remainder).
+#[test]
+fn direct_conv3x3_matches_candle_f64() {
+    #[cfg(target_arch = "x86_64")]
+    assert_eq!(
+        kernels::direct::available(),
+        std::arch::is_x86_feature_detected!("avx512f"),
+        "direct kernels must run wherever AVX-512F does"
+    );
+    if !kernels::direct::available() {
+        eprintln!("no AVX-512F here: the direct kernels are not used, nothing to compare");
+        return;
+    }
+    for (i, &(shape, o)) in [
+        ([9usize, 3, 5, 7], 17usize),
+        ([10, 16, 8, 8], 16),
+        ([3, 5, 1, 1], 6),
+        ([2, 4, 16, 33], 4),
+        ([17, 6, 3, 16], 13),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let seed = 100 + 10 * i as u64;
+        let x64 = var(&shape, seed);
+        let w64 = Var::from_tensor(&randn(&[o, shape[1], 3, 3], 0.3, seed + 1, F64)).unwrap();
+        let y_shape = [shape[0], o, shape[2], shape[3]];
+        let r64 = randn(&y_shape, 1.0, seed + 2, F64);
+        let want = conv_first_order(candle_conv, &x64, &w64, &r64, 1, 1);
+        let f32v =
+            |v: &Var| Var::from_tensor(&v.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
+        let (x32, w32) = (f32v(&x64), f32v(&w64));
+        let r32 = r64.to_dtype(DType::F32).unwrap();
+        let got = conv_first_order(fast_conv, &x32, &w32, &r32, 1, 1);
+        for (name, g, w) in [
+            ("y", &got[0], &want[0]),
+            ("dx", &got[1], &want[1]),
+            ("dw", &got[2], &want[2]),
+        ] {
+            let err = max_rel(&g.to_dtype(F64).unwrap(), w);
+            assert!(err < 2e-6, "{shape:?}→{o}: {name} relative error {err:.2e}");
+        }
+    }
+}
+
 #[test]
 fn kernels_are_bit_identical_across_thread_counts() {
     let x = Var::from_tensor(&randn(&[37, 8, 12, 12], 1.0, 1, DType::F32)).unwrap();
     let w = Var::from_tensor(&randn(&[16, 8, 3, 3], 0.2, 2, DType::F32)).unwrap();
+    // a 3×3 stride-1 convolution first: the direct kernels where AVX-512F runs
+    let w1 = Var::from_tensor(&randn(&[8, 8, 3, 3], 0.2, 6, DType::F32)).unwrap();
     let gamma = Var::from_tensor(&randn(&[16], 1.0, 3, DType::F32)).unwrap();
     let beta = Var::from_tensor(&randn(&[16], 1.0, 4, DType::F32)).unwrap();
     let r = randn(&[37, 16, 6, 6], 1.0, 5, DType::F32);
     let run = || -> Vec<f64> {
-        let y = kernels::conv2d(x.as_tensor(), w.as_tensor(), 2, 1).unwrap();
+        let y1 = kernels::conv2d(x.as_tensor(), w1.as_tensor(), 1, 1).unwrap();
+        let y = kernels::conv2d(&y1, w.as_tensor(), 2, 1).unwrap();
         let st = kernels::batch_stats(&y).unwrap();
         let z = kernels::batch_norm_train_act(
             &y,
@@ -373,7 +424,7 @@ fn kernels_are_bit_identical_across_thread_counts() {
         )
         .unwrap();
         let g = (z * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let ts: Vec<Tensor> = [&x, &w, &gamma, &beta]
+        let ts: Vec<Tensor> = [&x, &w1, &w, &gamma, &beta]
             .iter()
             .map(|v| g.get(v.as_tensor()).unwrap().clone())
             .chain([st])

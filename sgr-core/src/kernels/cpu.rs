@@ -30,6 +30,28 @@ pub trait Real:
     fn to_f64(self) -> f64;
     /// Narrowing conversion.
     fn from_f64(v: f64) -> Self;
+    /// Runs the direct 3×3 forward ([`super::direct`]) where it applies; whether it ran.
+    fn direct_forward(_: &ConvGeom, _: &[Self], _: &[Self], _: &mut [MaybeUninit<Self>]) -> bool {
+        false
+    }
+    /// Runs the direct 3×3 input gradient where it applies; whether it ran.
+    fn direct_input_grad(
+        _: &ConvGeom,
+        _: &[Self],
+        _: &[Self],
+        _: &mut [MaybeUninit<Self>],
+    ) -> bool {
+        false
+    }
+    /// Runs the direct 3×3 weight gradient where it applies; whether it ran.
+    fn direct_weight_grad(
+        _: &ConvGeom,
+        _: &[Self],
+        _: &[Self],
+        _: &mut [MaybeUninit<Self>],
+    ) -> bool {
+        false
+    }
 }
 
 impl Real for f32 {
@@ -40,6 +62,20 @@ impl Real for f32 {
     }
     fn from_f64(v: f64) -> Self {
         v as f32
+    }
+    fn direct_forward(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [MaybeUninit<f32>]) -> bool {
+        super::direct::forward(g, x, w, y)
+    }
+    fn direct_input_grad(g: &ConvGeom, gy: &[f32], w: &[f32], dx: &mut [MaybeUninit<f32>]) -> bool {
+        super::direct::input_grad(g, gy, w, dx)
+    }
+    fn direct_weight_grad(
+        g: &ConvGeom,
+        x: &[f32],
+        gy: &[f32],
+        dw: &mut [MaybeUninit<f32>],
+    ) -> bool {
+        super::direct::weight_grad(g, x, gy, dw)
     }
 }
 
@@ -296,6 +332,9 @@ fn col2im<T: Real>(g: &ConvGeom, cols: &[T], x: &mut [MaybeUninit<T>]) {
 
 /// `y = conv(x, w)`: per image, `Y[O×HW] = W[O×CKK] · cols(x)[CKK×HW]`.
 pub fn conv_forward<T: Real>(g: &ConvGeom, x: &[T], w: &[T], y: &mut [MaybeUninit<T>]) {
+    if T::direct_forward(g, x, w, y) {
+        return;
+    }
     let (ckk, hw) = (g.ckk(), g.ho() * g.wo());
     let (in_img, out_img) = (g.in_img(), g.out_img());
     y.par_chunks_mut(out_img)
@@ -316,6 +355,9 @@ pub fn conv_forward<T: Real>(g: &ConvGeom, x: &[T], w: &[T], y: &mut [MaybeUnini
 
 /// Input gradient of [`conv_forward`]: per image, `col2im(Wᵀ · GY)`.
 pub fn conv_backward_input<T: Real>(g: &ConvGeom, gy: &[T], w: &[T], dx: &mut [MaybeUninit<T>]) {
+    if T::direct_input_grad(g, gy, w, dx) {
+        return;
+    }
     let (ckk, hw) = (g.ckk(), g.ho() * g.wo());
     let (in_img, out_img) = (g.in_img(), g.out_img());
     dx.par_chunks_mut(in_img)
@@ -354,6 +396,9 @@ const DW_CHUNK: usize = 8;
 
 /// Weight gradient of [`conv_forward`]: `Σ_images GY[O×HW] · cols(x)ᵀ`, deterministic.
 pub fn conv_backward_weight<T: Real>(g: &ConvGeom, x: &[T], gy: &[T], dw: &mut [MaybeUninit<T>]) {
+    if T::direct_weight_grad(g, x, gy, dw) {
+        return;
+    }
     let (ckk, hw) = (g.ckk(), g.ho() * g.wo());
     let (in_img, out_img) = (g.in_img(), g.out_img());
     let wsize = g.o * ckk;

@@ -16,6 +16,7 @@
 //! ([`supported`]).
 
 pub mod cpu;
+pub mod direct;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 

@@ -1,0 +1,414 @@
+//! Direct 3×3 convolutions (stride 1, padding 1) in f32 with AVX-512: no column matrix, no
+//! gemm packing.
+//!
+//! The im2col + gemm route ([`super::cpu`]) writes a column matrix nine times the size of the
+//! input and has gemm pack it again; for the weight gradient both operands are contiguous along
+//! the reduction, so gemm packs the large one with a transposition. Here each image plane is
+//! copied once into a zero-padded layout — one zero row above and below, one guard element
+//! before and after, and a tail of one vector — in which the input of output pixel `q = y·W + x`
+//! under tap `(kh, kw)` sits at `q + kh·W + kw`. A tap is then one unaligned 16-lane load per
+//! output vector; the two column-wrapping taps (`kw` = 0 at `x` = 0, `kw` = 2 at `x` = W−1) are
+//! masked loads, and the last vector of a plane is masked to the plane. Any `H × W` works.
+//!
+//! * [`forward`] and [`input_grad`] are one kernel: `out[oc, q] = Σ_ic Σ_tap w(oc, ic, tap) ·
+//!   in[ic, q + off(tap)]`, with the taps flipped and the channel roles swapped for the input
+//!   gradient. Each call keeps an `8 output channels × 3 vectors` block of sums in registers
+//!   over all input channels and taps and stores it once.
+//! * [`weight_grad`] keeps the nine taps' sums of two output channels against one input channel
+//!   in registers over all pixels of all images of a chunk and reduces them once.
+//!
+//! The summation order depends only on the shapes (images are summed in fixed chunks), so the
+//! results are bit-identical for any thread count. Every function here returns `false` without
+//! touching its output when [`available`] is false or the geometry is not 3×3/1/1.
+
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+use super::cpu::ConvGeom;
+
+/// Lanes of an AVX-512 f32 vector.
+const V: usize = 16;
+
+/// Whether the CPU runs these kernels (x86-64 with AVX-512F), checked once.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVAILABLE.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the direct kernels handle `g`: a 3×3 kernel, stride 1, padding 1, on a CPU that has
+/// them.
+pub fn applies(g: &ConvGeom) -> bool {
+    g.kh == 3 && g.kw == 3 && g.stride == 1 && g.pad == 1 && available()
+}
+
+/// Geometry of one padded plane.
+#[derive(Clone, Copy)]
+struct Plane {
+    w: usize,
+    /// Pixels of the unpadded plane.
+    hw: usize,
+    /// Length of the padded plane.
+    len: usize,
+}
+
+impl Plane {
+    fn new(h: usize, w: usize) -> Self {
+        Plane {
+            w,
+            hw: h * w,
+            len: (h + 2) * w + 2 + V,
+        }
+    }
+
+    /// Vectors per plane.
+    fn nv(&self) -> usize {
+        self.hw.div_ceil(V)
+    }
+
+    /// Per output vector: the load masks of taps with `kw` = 0, 1, 2 (`kw` = 1 is the plane
+    /// mask, which the output and gradient vectors use too).
+    fn masks(&self) -> Vec<[u16; 3]> {
+        (0..self.nv())
+            .map(|v| {
+                let mut m = [0u16; 3];
+                for l in 0..V {
+                    let q = v * V + l;
+                    if q >= self.hw {
+                        continue;
+                    }
+                    let x = q % self.w;
+                    if x != 0 {
+                        m[0] |= 1 << l;
+                    }
+                    m[1] |= 1 << l;
+                    if x + 1 != self.w {
+                        m[2] |= 1 << l;
+                    }
+                }
+                m
+            })
+            .collect()
+    }
+
+    /// Copies `planes` consecutive planes of `src` into `dst`, padded.
+    fn pad(&self, src: &[f32], planes: usize, dst: &mut Vec<f32>) {
+        dst.clear();
+        dst.resize(planes * self.len, 0.0);
+        for (s, d) in src
+            .chunks_exact(self.hw)
+            .zip(dst.chunks_exact_mut(self.len))
+        {
+            d[1 + self.w..1 + self.w + self.hw].copy_from_slice(s);
+        }
+    }
+}
+
+/// Offsets of the nine taps (`kh·W + kw`) in the padded layout and their mask index (`kw`).
+fn taps(w: usize) -> [(usize, usize); 9] {
+    std::array::from_fn(|t| ((t / 3) * w + t % 3, t % 3))
+}
+
+/// `y = conv3x3(x, w)` for a geometry [`applies`] to. Returns whether it ran.
+pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [MaybeUninit<f32>]) -> bool {
+    if !applies(g) {
+        return false;
+    }
+    // packed weights: [ic][tap][oc]
+    let mut wp = vec![0.0f32; g.c * 9 * g.o];
+    for o in 0..g.o {
+        for c in 0..g.c {
+            for t in 0..9 {
+                wp[(c * 9 + t) * g.o + o] = w[(o * g.c + c) * 9 + t];
+            }
+        }
+    }
+    run_direct(g.h, g.w, g.c, g.o, x, &wp, y);
+    true
+}
+
+/// Input gradient of [`forward`] for a geometry [`applies`] to. Returns whether it ran.
+pub fn input_grad(g: &ConvGeom, gy: &[f32], w: &[f32], dx: &mut [MaybeUninit<f32>]) -> bool {
+    if !applies(g) {
+        return false;
+    }
+    // dx[c, y, x] = Σ_o Σ_(kh,kw) w[o, c, kh, kw] · gy[o, y + 1 − kh, x + 1 − kw]: a direct
+    // convolution of gy with the flipped taps, output channels c, input channels o.
+    let mut wp = vec![0.0f32; g.o * 9 * g.c];
+    for o in 0..g.o {
+        for c in 0..g.c {
+            for t in 0..9 {
+                wp[(o * 9 + t) * g.c + c] = w[(o * g.c + c) * 9 + (8 - t)];
+            }
+        }
+    }
+    run_direct(g.h, g.w, g.o, g.c, gy, &wp, dx);
+    true
+}
+
+/// `out[n, oc] = Σ_ic Σ_tap wp[ic, tap, oc] · pad(inp[n, ic])[· + off(tap)]`, parallel over
+/// images.
+fn run_direct(
+    h: usize,
+    w: usize,
+    ic: usize,
+    oc: usize,
+    inp: &[f32],
+    wp: &[f32],
+    out: &mut [MaybeUninit<f32>],
+) {
+    let p = Plane::new(h, w);
+    let masks = p.masks();
+    let tp = taps(w);
+    out.par_chunks_mut(oc * p.hw)
+        .zip(inp.par_chunks(ic * p.hw))
+        .for_each_init(Vec::new, |buf, (o, i)| {
+            p.pad(i, ic, buf);
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `applies` checked AVX-512F; the padded planes hold every tap's load
+            // (offsets up to 2·W + 2 past a pixel of the plane, within the tail); the output
+            // image is `oc · hw` long and each store is masked to the plane.
+            unsafe {
+                avx512::direct_image(&p, &masks, &tp, ic, oc, buf, wp, o)
+            };
+        });
+}
+
+/// Images per partial sum of [`weight_grad`] (fixed, so the summation order is too).
+const DW_CHUNK: usize = 8;
+
+/// Weight gradient of [`forward`] for a geometry [`applies`] to. Returns whether it ran.
+pub fn weight_grad(g: &ConvGeom, x: &[f32], gy: &[f32], dw: &mut [MaybeUninit<f32>]) -> bool {
+    if !applies(g) {
+        return false;
+    }
+    let p = Plane::new(g.h, g.w);
+    let masks = p.masks();
+    let wsize = g.o * g.c * 9;
+    let partials: Vec<Vec<f32>> = x
+        .par_chunks(g.c * p.hw * DW_CHUNK)
+        .zip(gy.par_chunks(g.o * p.hw * DW_CHUNK))
+        .map(|(xs, gys)| {
+            let imgs = xs.len() / (g.c * p.hw);
+            let mut buf = Vec::new();
+            p.pad(xs, imgs * g.c, &mut buf);
+            let mut acc = vec![0.0f32; wsize];
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `applies` checked AVX-512F; `buf` holds `imgs · c` padded planes and
+            // `gys` `imgs · o` planes; gradient loads are masked to the plane.
+            unsafe {
+                avx512::weight_grad_chunk(&p, &masks, imgs, g.c, g.o, &buf, gys, &mut acc)
+            };
+            acc
+        })
+        .collect();
+    let mut total = vec![0.0f32; wsize];
+    for part in &partials {
+        for (u, &v) in total.iter_mut().zip(part) {
+            *u += v;
+        }
+    }
+    for (d, v) in dw.iter_mut().zip(total) {
+        d.write(v);
+    }
+    true
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
+
+    use super::{Plane, V};
+
+    /// One image of a direct convolution: every output channel block and vector block.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `inp` holds `ic` padded planes of `p`, `wp` is
+    /// `ic · 9 · oc` long, `out` is `oc · p.hw` long.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn direct_image(
+        p: &Plane,
+        masks: &[[u16; 3]],
+        taps: &[(usize, usize); 9],
+        ic: usize,
+        oc: usize,
+        inp: &[f32],
+        wp: &[f32],
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        debug_assert!(inp.len() >= ic * p.len && wp.len() >= ic * 9 * oc);
+        debug_assert!(out.len() >= oc * p.hw);
+        let nv = masks.len();
+        let mut o0 = 0;
+        while o0 < oc {
+            let left = oc - o0;
+            let mut v0 = 0;
+            while v0 < nv {
+                let vl = nv - v0;
+                // SAFETY: forwarded from the caller; blocks stay inside `oc` and `nv`.
+                unsafe {
+                    match (left, vl) {
+                        (8.., 3..) => block::<8, 3>(p, masks, taps, ic, oc, inp, wp, out, o0, v0),
+                        (8.., 2) => block::<8, 2>(p, masks, taps, ic, oc, inp, wp, out, o0, v0),
+                        (8.., _) => block::<8, 1>(p, masks, taps, ic, oc, inp, wp, out, o0, v0),
+                        (4.., 3..) => block::<4, 3>(p, masks, taps, ic, oc, inp, wp, out, o0, v0),
+                        (4.., 2) => block::<4, 2>(p, masks, taps, ic, oc, inp, wp, out, o0, v0),
+                        (4.., _) => block::<4, 1>(p, masks, taps, ic, oc, inp, wp, out, o0, v0),
+                        (_, 3..) => block::<1, 3>(p, masks, taps, ic, oc, inp, wp, out, o0, v0),
+                        (_, 2) => block::<1, 2>(p, masks, taps, ic, oc, inp, wp, out, o0, v0),
+                        (_, _) => block::<1, 1>(p, masks, taps, ic, oc, inp, wp, out, o0, v0),
+                    }
+                }
+                v0 += vl.min(3);
+            }
+            o0 += if left >= 8 {
+                8
+            } else if left >= 4 {
+                4
+            } else {
+                1
+            };
+        }
+    }
+
+    /// `OB` output channels from `o0` × `NV` vectors from `v0`, summed over every input
+    /// channel and tap in registers, then stored.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block<const OB: usize, const NV: usize>(
+        p: &Plane,
+        masks: &[[u16; 3]],
+        taps: &[(usize, usize); 9],
+        ic: usize,
+        oc: usize,
+        inp: &[f32],
+        wp: &[f32],
+        out: &mut [MaybeUninit<f32>],
+        o0: usize,
+        v0: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; OB];
+        let ip = inp.as_ptr();
+        let wptr = wp.as_ptr();
+        for c in 0..ic {
+            // SAFETY (whole loop): plane `c` starts at `c · p.len`; the load of vector `v` under
+            // a tap reads `v·16 + off .. v·16 + off + 16` with `v·16 < hw` and `off ≤ 2·W + 2`,
+            // inside the padded plane of `(h + 2)·W + 2 + 16` elements.
+            let base = unsafe { ip.add(c * p.len) };
+            for (t, &(off, kw)) in taps.iter().enumerate() {
+                let mut xv = [_mm512_setzero_ps(); NV];
+                for (j, xj) in xv.iter_mut().enumerate() {
+                    let v = v0 + j;
+                    *xj = unsafe { _mm512_maskz_loadu_ps(masks[v][kw], base.add(v * V + off)) };
+                }
+                let wrow = unsafe { wptr.add((c * 9 + t) * oc + o0) };
+                for (b, accb) in acc.iter_mut().enumerate() {
+                    let wb = _mm512_set1_ps(unsafe { *wrow.add(b) });
+                    for (a, &xj) in accb.iter_mut().zip(&xv) {
+                        *a = _mm512_fmadd_ps(wb, xj, *a);
+                    }
+                }
+            }
+        }
+        let op = out.as_mut_ptr().cast::<f32>();
+        for (b, accb) in acc.iter().enumerate() {
+            for (j, &a) in accb.iter().enumerate() {
+                let v = v0 + j;
+                // SAFETY: channel `o0 + b < oc`, the store is masked to the plane.
+                unsafe { _mm512_mask_storeu_ps(op.add((o0 + b) * p.hw + v * V), masks[v][1], a) };
+            }
+        }
+    }
+
+    /// Adds one chunk's weight gradient to `acc` (`[o][c][9]`).
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `xp` holds `imgs · c` padded planes of `p`, `gy` holds
+    /// `imgs · o` planes of `p.hw`, `acc` is `o · c · 9` long.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn weight_grad_chunk(
+        p: &Plane,
+        masks: &[[u16; 3]],
+        imgs: usize,
+        c: usize,
+        o: usize,
+        xp: &[f32],
+        gy: &[f32],
+        acc: &mut [f32],
+    ) {
+        debug_assert!(xp.len() >= imgs * c * p.len && gy.len() >= imgs * o * p.hw);
+        debug_assert!(acc.len() >= o * c * 9);
+        let mut o0 = 0;
+        while o0 < o {
+            for ci in 0..c {
+                // SAFETY: forwarded from the caller.
+                unsafe {
+                    match o - o0 {
+                        3.. => dw_block::<3>(p, masks, imgs, c, o, xp, gy, acc, o0, ci),
+                        2 => dw_block::<2>(p, masks, imgs, c, o, xp, gy, acc, o0, ci),
+                        _ => dw_block::<1>(p, masks, imgs, c, o, xp, gy, acc, o0, ci),
+                    }
+                }
+            }
+            o0 += (o - o0).min(3);
+        }
+    }
+
+    /// The nine taps of `OB` output channels from `o0` against input channel `ci`, over every
+    /// pixel of every image of the chunk.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dw_block<const OB: usize>(
+        p: &Plane,
+        masks: &[[u16; 3]],
+        imgs: usize,
+        c: usize,
+        o: usize,
+        xp: &[f32],
+        gy: &[f32],
+        acc: &mut [f32],
+        o0: usize,
+        ci: usize,
+    ) {
+        let mut s = [[_mm512_setzero_ps(); 9]; OB];
+        for n in 0..imgs {
+            // SAFETY (whole loop): as in `block`; gradient loads are masked to the plane.
+            let xb = unsafe { xp.as_ptr().add((n * c + ci) * p.len) };
+            let gb = unsafe { gy.as_ptr().add((n * o + o0) * p.hw) };
+            for (v, &m) in masks.iter().enumerate() {
+                let q = v * V;
+                let mut gv = [_mm512_setzero_ps(); OB];
+                for (b, gvb) in gv.iter_mut().enumerate() {
+                    *gvb = unsafe { _mm512_maskz_loadu_ps(m[1], gb.add(b * p.hw + q)) };
+                }
+                // taps unrolled with constant (kh, kw): offsets and masks stay in registers
+                for kh in 0..3 {
+                    let row = unsafe { xb.add(q + kh * p.w) };
+                    for kw in 0..3 {
+                        let xv = unsafe { _mm512_maskz_loadu_ps(m[kw], row.add(kw)) };
+                        for (sb, &gvb) in s.iter_mut().zip(&gv) {
+                            sb[kh * 3 + kw] = _mm512_fmadd_ps(gvb, xv, sb[kh * 3 + kw]);
+                        }
+                    }
+                }
+            }
+        }
+        for (b, sb) in s.iter().enumerate() {
+            for (t, &v) in sb.iter().enumerate() {
+                acc[((o0 + b) * c + ci) * 9 + t] += _mm512_reduce_add_ps(v);
+            }
+        }
+    }
+}
