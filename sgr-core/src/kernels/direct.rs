@@ -52,6 +52,7 @@ pub fn applies(g: &ConvGeom) -> bool {
 /// Geometry of one padded plane.
 #[derive(Clone, Copy)]
 struct Plane {
+    h: usize,
     w: usize,
     /// Pixels of the unpadded plane.
     hw: usize,
@@ -62,6 +63,7 @@ struct Plane {
 impl Plane {
     fn new(h: usize, w: usize) -> Self {
         Plane {
+            h,
             w,
             hw: h * w,
             len: (h + 2) * w + 2 + V,
@@ -98,22 +100,44 @@ impl Plane {
             .collect()
     }
 
+    /// Per output vector and tap `(kh, kw)` (index `3·kh + kw`): the lanes whose input pixel
+    /// `(y + kh − 1, x + kw − 1)` lies inside the unpadded plane (tap 4 is the plane mask).
+    fn tap_masks(&self) -> Vec<[u16; 9]> {
+        (0..self.nv())
+            .map(|v| {
+                let mut m = [0u16; 9];
+                for l in 0..V {
+                    let q = v * V + l;
+                    if q >= self.hw {
+                        continue;
+                    }
+                    let (y, x) = (q / self.w, q % self.w);
+                    for (t, mt) in m.iter_mut().enumerate() {
+                        let (yy, xx) = (y + t / 3, x + t % 3);
+                        if (1..=self.h).contains(&yy) && (1..=self.w).contains(&xx) {
+                            *mt |= 1 << l;
+                        }
+                    }
+                }
+                m
+            })
+            .collect()
+    }
+
     /// Copies `planes` consecutive planes of `src` into `dst`, padded.
     fn pad(&self, src: &[f32], planes: usize, dst: &mut Vec<f32>) {
-        dst.clear();
+        // only the borders are zeroed: the interior is overwritten at once
         dst.resize(planes * self.len, 0.0);
+        let lead = 1 + self.w;
         for (s, d) in src
             .chunks_exact(self.hw)
             .zip(dst.chunks_exact_mut(self.len))
         {
-            d[1 + self.w..1 + self.w + self.hw].copy_from_slice(s);
+            d[..lead].fill(0.0);
+            d[lead..lead + self.hw].copy_from_slice(s);
+            d[lead + self.hw..].fill(0.0);
         }
     }
-}
-
-/// Offsets of the nine taps (`kh·W + kw`) in the padded layout and their mask index (`kw`).
-fn taps(w: usize) -> [(usize, usize); 9] {
-    std::array::from_fn(|t| ((t / 3) * w + t % 3, t % 3))
 }
 
 /// `y = conv3x3(x, w)` for a geometry [`applies`] to. Returns whether it ran.
@@ -121,12 +145,12 @@ pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [MaybeUninit<f32>]) -
     if !applies(g) {
         return false;
     }
-    // packed weights: [ic][tap][oc]
-    let mut wp = vec![0.0f32; g.c * 9 * g.o];
+    // packed weights: [tap][ic][oc]
+    let mut wp = vec![0.0f32; 9 * g.c * g.o];
     for o in 0..g.o {
         for c in 0..g.c {
             for t in 0..9 {
-                wp[(c * 9 + t) * g.o + o] = w[(o * g.c + c) * 9 + t];
+                wp[(t * g.c + c) * g.o + o] = w[(o * g.c + c) * 9 + t];
             }
         }
     }
@@ -141,11 +165,11 @@ pub fn input_grad(g: &ConvGeom, gy: &[f32], w: &[f32], dx: &mut [MaybeUninit<f32
     }
     // dx[c, y, x] = Σ_o Σ_(kh,kw) w[o, c, kh, kw] · gy[o, y + 1 − kh, x + 1 − kw]: a direct
     // convolution of gy with the flipped taps, output channels c, input channels o.
-    let mut wp = vec![0.0f32; g.o * 9 * g.c];
+    let mut wp = vec![0.0f32; 9 * g.o * g.c];
     for o in 0..g.o {
         for c in 0..g.c {
             for t in 0..9 {
-                wp[(o * 9 + t) * g.c + c] = w[(o * g.c + c) * 9 + (8 - t)];
+                wp[(t * g.o + o) * g.c + c] = w[(o * g.c + c) * 9 + (8 - t)];
             }
         }
     }
@@ -153,8 +177,8 @@ pub fn input_grad(g: &ConvGeom, gy: &[f32], w: &[f32], dx: &mut [MaybeUninit<f32
     true
 }
 
-/// `out[n, oc] = Σ_ic Σ_tap wp[ic, tap, oc] · pad(inp[n, ic])[· + off(tap)]`, parallel over
-/// images.
+/// `out[n, oc] = Σ_tap Σ_ic wp[tap, ic, oc] · inp[n, ic, · + off(tap)]`, masked to the plane,
+/// parallel over images.
 fn run_direct(
     h: usize,
     w: usize,
@@ -165,18 +189,15 @@ fn run_direct(
     out: &mut [MaybeUninit<f32>],
 ) {
     let p = Plane::new(h, w);
-    let masks = p.masks();
-    let tp = taps(w);
+    let masks = p.tap_masks();
     out.par_chunks_mut(oc * p.hw)
         .zip(inp.par_chunks(ic * p.hw))
-        .for_each_init(Vec::new, |buf, (o, i)| {
-            p.pad(i, ic, buf);
+        .for_each(|(o, i)| {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `applies` checked AVX-512F; the padded planes hold every tap's load
-            // (offsets up to 2·W + 2 past a pixel of the plane, within the tail); the output
-            // image is `oc · hw` long and each store is masked to the plane.
+            // SAFETY: `applies` checked AVX-512F; `i` holds `ic` planes and `o` `oc` planes of
+            // `h × w`; every load and store is masked to pixels inside its plane.
             unsafe {
-                avx512::direct_image(&p, &masks, &tp, ic, oc, buf, wp, o)
+                avx512::direct_image(&p, &masks, ic, oc, i, wp, o)
             };
         });
 }
@@ -231,23 +252,29 @@ mod avx512 {
     /// One image of a direct convolution: every output channel block and vector block.
     ///
     /// # Safety
-    /// AVX-512F must be available; `inp` holds `ic` padded planes of `p`, `wp` is
-    /// `ic · 9 · oc` long, `out` is `oc · p.hw` long.
-    #[allow(clippy::too_many_arguments)]
+    /// AVX-512F must be available; `inp` holds `ic` planes of `p.hw`, `wp` is `9 · ic · oc`
+    /// long, `out` is `oc · p.hw` long, `masks` are `p.tap_masks()`.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn direct_image(
         p: &Plane,
-        masks: &[[u16; 3]],
-        taps: &[(usize, usize); 9],
+        masks: &[[u16; 9]],
         ic: usize,
         oc: usize,
         inp: &[f32],
         wp: &[f32],
         out: &mut [MaybeUninit<f32>],
     ) {
-        debug_assert!(inp.len() >= ic * p.len && wp.len() >= ic * 9 * oc);
+        debug_assert!(inp.len() >= ic * p.hw && wp.len() >= 9 * ic * oc);
         debug_assert!(out.len() >= oc * p.hw);
         let nv = masks.len();
+        let k = Kernel {
+            p,
+            masks,
+            ic,
+            oc,
+            inp,
+            wp,
+        };
         let mut o0 = 0;
         while o0 < oc {
             let left = oc - o0;
@@ -257,15 +284,15 @@ mod avx512 {
                 // SAFETY: forwarded from the caller; blocks stay inside `oc` and `nv`.
                 unsafe {
                     match (left, vl) {
-                        (8.., 3..) => block::<8, 3>(p, masks, taps, ic, oc, inp, wp, out, o0, v0),
-                        (8.., 2) => block::<8, 2>(p, masks, taps, ic, oc, inp, wp, out, o0, v0),
-                        (8.., _) => block::<8, 1>(p, masks, taps, ic, oc, inp, wp, out, o0, v0),
-                        (4.., 3..) => block::<4, 3>(p, masks, taps, ic, oc, inp, wp, out, o0, v0),
-                        (4.., 2) => block::<4, 2>(p, masks, taps, ic, oc, inp, wp, out, o0, v0),
-                        (4.., _) => block::<4, 1>(p, masks, taps, ic, oc, inp, wp, out, o0, v0),
-                        (_, 3..) => block::<1, 3>(p, masks, taps, ic, oc, inp, wp, out, o0, v0),
-                        (_, 2) => block::<1, 2>(p, masks, taps, ic, oc, inp, wp, out, o0, v0),
-                        (_, _) => block::<1, 1>(p, masks, taps, ic, oc, inp, wp, out, o0, v0),
+                        (8.., 3..) => k.block::<8, 3>(out, o0, v0),
+                        (8.., 2) => k.block::<8, 2>(out, o0, v0),
+                        (8.., _) => k.block::<8, 1>(out, o0, v0),
+                        (4.., 3..) => k.block::<4, 3>(out, o0, v0),
+                        (4.., 2) => k.block::<4, 2>(out, o0, v0),
+                        (4.., _) => k.block::<4, 1>(out, o0, v0),
+                        (_, 3..) => k.block::<1, 3>(out, o0, v0),
+                        (_, 2) => k.block::<1, 2>(out, o0, v0),
+                        (_, _) => k.block::<1, 1>(out, o0, v0),
                     }
                 }
                 v0 += vl.min(3);
@@ -280,52 +307,63 @@ mod avx512 {
         }
     }
 
-    /// `OB` output channels from `o0` × `NV` vectors from `v0`, summed over every input
-    /// channel and tap in registers, then stored.
-    #[allow(clippy::too_many_arguments)]
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn block<const OB: usize, const NV: usize>(
-        p: &Plane,
-        masks: &[[u16; 3]],
-        taps: &[(usize, usize); 9],
+    /// The operands of one image of [`direct_image`].
+    struct Kernel<'a> {
+        p: &'a Plane,
+        masks: &'a [[u16; 9]],
         ic: usize,
         oc: usize,
-        inp: &[f32],
-        wp: &[f32],
-        out: &mut [MaybeUninit<f32>],
-        o0: usize,
-        v0: usize,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); NV]; OB];
-        let ip = inp.as_ptr();
-        let wptr = wp.as_ptr();
-        for c in 0..ic {
-            // SAFETY (whole loop): plane `c` starts at `c · p.len`; the load of vector `v` under
-            // a tap reads `v·16 + off .. v·16 + off + 16` with `v·16 < hw` and `off ≤ 2·W + 2`,
-            // inside the padded plane of `(h + 2)·W + 2 + 16` elements.
-            let base = unsafe { ip.add(c * p.len) };
-            for (t, &(off, kw)) in taps.iter().enumerate() {
-                let mut xv = [_mm512_setzero_ps(); NV];
-                for (j, xj) in xv.iter_mut().enumerate() {
-                    let v = v0 + j;
-                    *xj = unsafe { _mm512_maskz_loadu_ps(masks[v][kw], base.add(v * V + off)) };
-                }
-                let wrow = unsafe { wptr.add((c * 9 + t) * oc + o0) };
-                for (b, accb) in acc.iter_mut().enumerate() {
-                    let wb = _mm512_set1_ps(unsafe { *wrow.add(b) });
-                    for (a, &xj) in accb.iter_mut().zip(&xv) {
-                        *a = _mm512_fmadd_ps(wb, xj, *a);
+        inp: &'a [f32],
+        wp: &'a [f32],
+    }
+
+    impl Kernel<'_> {
+        /// `OB` output channels from `o0` × `NV` vectors from `v0`, summed over every tap and
+        /// input channel in registers, then stored.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn block<const OB: usize, const NV: usize>(
+            &self,
+            out: &mut [MaybeUninit<f32>],
+            o0: usize,
+            v0: usize,
+        ) {
+            let (p, ic, oc) = (self.p, self.ic, self.oc);
+            let mut acc = [[_mm512_setzero_ps(); NV]; OB];
+            let ip = self.inp.as_ptr();
+            let wptr = self.wp.as_ptr();
+            for t in 0..9 {
+                // the input of output pixel q under tap t is at q + off (possibly outside the
+                // plane, where the mask is 0: masked lanes are never read)
+                let off = (t / 3) as isize * p.w as isize + (t % 3) as isize - p.w as isize - 1;
+                let mk: [u16; NV] = std::array::from_fn(|j| self.masks[v0 + j][t]);
+                for c in 0..ic {
+                    let base = ip.wrapping_add(c * p.hw);
+                    let mut xv = [_mm512_setzero_ps(); NV];
+                    for (j, xj) in xv.iter_mut().enumerate() {
+                        let at = base.wrapping_offset(((v0 + j) * V) as isize + off);
+                        // SAFETY: the lanes of `mk[j]` are pixels inside plane `c`.
+                        *xj = unsafe { _mm512_maskz_loadu_ps(mk[j], at) };
+                    }
+                    // SAFETY: `(t·ic + c)·oc + o0 + OB ≤ 9·ic·oc`.
+                    let wrow = unsafe { wptr.add((t * ic + c) * oc + o0) };
+                    for (b, accb) in acc.iter_mut().enumerate() {
+                        let wb = _mm512_set1_ps(unsafe { *wrow.add(b) });
+                        for (a, &xj) in accb.iter_mut().zip(&xv) {
+                            *a = _mm512_fmadd_ps(wb, xj, *a);
+                        }
                     }
                 }
             }
-        }
-        let op = out.as_mut_ptr().cast::<f32>();
-        for (b, accb) in acc.iter().enumerate() {
-            for (j, &a) in accb.iter().enumerate() {
-                let v = v0 + j;
-                // SAFETY: channel `o0 + b < oc`, the store is masked to the plane.
-                unsafe { _mm512_mask_storeu_ps(op.add((o0 + b) * p.hw + v * V), masks[v][1], a) };
+            let op = out.as_mut_ptr().cast::<f32>();
+            for (b, accb) in acc.iter().enumerate() {
+                for (j, &a) in accb.iter().enumerate() {
+                    let v = v0 + j;
+                    // SAFETY: channel `o0 + b < oc`; the store is masked to the plane.
+                    unsafe {
+                        _mm512_mask_storeu_ps(op.add((o0 + b) * p.hw + v * V), self.masks[v][4], a)
+                    };
+                }
             }
         }
     }
