@@ -30,12 +30,10 @@ pub trait Real:
     fn to_f64(self) -> f64;
     /// Narrowing conversion.
     fn from_f64(v: f64) -> Self;
-    /// Runs the direct 3×3 forward ([`super::direct`]) where it applies; whether it ran.
-    fn direct_forward(_: &ConvGeom, _: &[Self], _: &[Self], _: &mut [MaybeUninit<Self>]) -> bool {
-        false
-    }
-    /// Runs the direct 3×3 input gradient where it applies; whether it ran.
-    fn direct_input_grad(
+    /// Runs the direct 3×3 kernel `op` ([`super::direct`]) on operands `a`, `b` where it
+    /// applies; whether it ran.
+    fn direct(
+        _: DirectOp,
         _: &ConvGeom,
         _: &[Self],
         _: &[Self],
@@ -43,15 +41,17 @@ pub trait Real:
     ) -> bool {
         false
     }
-    /// Runs the direct 3×3 weight gradient where it applies; whether it ran.
-    fn direct_weight_grad(
-        _: &ConvGeom,
-        _: &[Self],
-        _: &[Self],
-        _: &mut [MaybeUninit<Self>],
-    ) -> bool {
-        false
-    }
+}
+
+/// Which direct 3×3 kernel [`Real::direct`] runs.
+#[derive(Debug, Clone, Copy)]
+pub enum DirectOp {
+    /// `y = conv(x, w)`: operands `x, w`.
+    Forward,
+    /// The input gradient: operands `gy, w`.
+    InputGrad,
+    /// The weight gradient: operands `x, gy`.
+    WeightGrad,
 }
 
 impl Real for f32 {
@@ -63,19 +63,18 @@ impl Real for f32 {
     fn from_f64(v: f64) -> Self {
         v as f32
     }
-    fn direct_forward(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [MaybeUninit<f32>]) -> bool {
-        super::direct::forward(g, x, w, y)
-    }
-    fn direct_input_grad(g: &ConvGeom, gy: &[f32], w: &[f32], dx: &mut [MaybeUninit<f32>]) -> bool {
-        super::direct::input_grad(g, gy, w, dx)
-    }
-    fn direct_weight_grad(
+    fn direct(
+        op: DirectOp,
         g: &ConvGeom,
-        x: &[f32],
-        gy: &[f32],
-        dw: &mut [MaybeUninit<f32>],
+        a: &[f32],
+        b: &[f32],
+        out: &mut [MaybeUninit<f32>],
     ) -> bool {
-        super::direct::weight_grad(g, x, gy, dw)
+        match op {
+            DirectOp::Forward => super::direct::forward(g, a, b, out),
+            DirectOp::InputGrad => super::direct::input_grad(g, a, b, out),
+            DirectOp::WeightGrad => super::direct::weight_grad(g, a, b, out),
+        }
     }
 }
 
@@ -332,7 +331,7 @@ fn col2im<T: Real>(g: &ConvGeom, cols: &[T], x: &mut [MaybeUninit<T>]) {
 
 /// `y = conv(x, w)`: per image, `Y[O×HW] = W[O×CKK] · cols(x)[CKK×HW]`.
 pub fn conv_forward<T: Real>(g: &ConvGeom, x: &[T], w: &[T], y: &mut [MaybeUninit<T>]) {
-    if T::direct_forward(g, x, w, y) {
+    if T::direct(DirectOp::Forward, g, x, w, y) {
         return;
     }
     let (ckk, hw) = (g.ckk(), g.ho() * g.wo());
@@ -355,7 +354,7 @@ pub fn conv_forward<T: Real>(g: &ConvGeom, x: &[T], w: &[T], y: &mut [MaybeUnini
 
 /// Input gradient of [`conv_forward`]: per image, `col2im(Wᵀ · GY)`.
 pub fn conv_backward_input<T: Real>(g: &ConvGeom, gy: &[T], w: &[T], dx: &mut [MaybeUninit<T>]) {
-    if T::direct_input_grad(g, gy, w, dx) {
+    if T::direct(DirectOp::InputGrad, g, gy, w, dx) {
         return;
     }
     let (ckk, hw) = (g.ckk(), g.ho() * g.wo());
@@ -396,7 +395,7 @@ const DW_CHUNK: usize = 8;
 
 /// Weight gradient of [`conv_forward`]: `Σ_images GY[O×HW] · cols(x)ᵀ`, deterministic.
 pub fn conv_backward_weight<T: Real>(g: &ConvGeom, x: &[T], gy: &[T], dw: &mut [MaybeUninit<T>]) {
-    if T::direct_weight_grad(g, x, gy, dw) {
+    if T::direct(DirectOp::WeightGrad, g, x, gy, dw) {
         return;
     }
     let (ckk, hw) = (g.ckk(), g.ho() * g.wo());

@@ -75,24 +75,24 @@ impl Plane {
         self.hw.div_ceil(V)
     }
 
-    /// Per output vector: the load masks of taps with `kw` = 0, 1, 2 (`kw` = 1 is the plane
-    /// mask, which the output and gradient vectors use too).
-    fn masks(&self) -> Vec<[u16; 3]> {
+    /// Per output vector, `N` lane masks: lane `l` of mask `i` is set where pixel `q = 16·v + l`
+    /// lies in the plane and `valid(y, x, i)` holds for it.
+    fn lane_masks<const N: usize>(
+        &self,
+        valid: impl Fn(usize, usize, usize) -> bool,
+    ) -> Vec<[u16; N]> {
         (0..self.nv())
             .map(|v| {
-                let mut m = [0u16; 3];
+                let mut m = [0u16; N];
                 for l in 0..V {
                     let q = v * V + l;
                     if q >= self.hw {
                         continue;
                     }
-                    let x = q % self.w;
-                    if x != 0 {
-                        m[0] |= 1 << l;
-                    }
-                    m[1] |= 1 << l;
-                    if x + 1 != self.w {
-                        m[2] |= 1 << l;
+                    for (i, mi) in m.iter_mut().enumerate() {
+                        if valid(q / self.w, q % self.w, i) {
+                            *mi |= 1 << l;
+                        }
                     }
                 }
                 m
@@ -100,28 +100,19 @@ impl Plane {
             .collect()
     }
 
+    /// Per output vector: the load masks of taps with `kw` = 0, 1, 2 in the padded layout (the
+    /// input column `x + kw − 1` inside the plane; `kw` = 1 is the plane mask, which the
+    /// gradient vectors use too).
+    fn masks(&self) -> Vec<[u16; 3]> {
+        self.lane_masks(|_, x, kw| (1..=self.w).contains(&(x + kw)))
+    }
+
     /// Per output vector and tap `(kh, kw)` (index `3·kh + kw`): the lanes whose input pixel
     /// `(y + kh − 1, x + kw − 1)` lies inside the unpadded plane (tap 4 is the plane mask).
     fn tap_masks(&self) -> Vec<[u16; 9]> {
-        (0..self.nv())
-            .map(|v| {
-                let mut m = [0u16; 9];
-                for l in 0..V {
-                    let q = v * V + l;
-                    if q >= self.hw {
-                        continue;
-                    }
-                    let (y, x) = (q / self.w, q % self.w);
-                    for (t, mt) in m.iter_mut().enumerate() {
-                        let (yy, xx) = (y + t / 3, x + t % 3);
-                        if (1..=self.h).contains(&yy) && (1..=self.w).contains(&xx) {
-                            *mt |= 1 << l;
-                        }
-                    }
-                }
-                m
-            })
-            .collect()
+        self.lane_masks(|y, x, t| {
+            (1..=self.h).contains(&(y + t / 3)) && (1..=self.w).contains(&(x + t % 3))
+        })
     }
 
     /// Copies `planes` consecutive planes of `src` into `dst`, padded.
@@ -145,16 +136,7 @@ pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [MaybeUninit<f32>]) -
     if !applies(g) {
         return false;
     }
-    // packed weights: [tap][ic][oc]
-    let mut wp = vec![0.0f32; 9 * g.c * g.o];
-    for o in 0..g.o {
-        for c in 0..g.c {
-            for t in 0..9 {
-                wp[(t * g.c + c) * g.o + o] = w[(o * g.c + c) * 9 + t];
-            }
-        }
-    }
-    run_direct(g.h, g.w, g.c, g.o, x, &wp, y);
+    run_direct(g.h, g.w, g.c, g.o, x, &pack_weights(g, w, false), y);
     true
 }
 
@@ -163,18 +145,29 @@ pub fn input_grad(g: &ConvGeom, gy: &[f32], w: &[f32], dx: &mut [MaybeUninit<f32
     if !applies(g) {
         return false;
     }
-    // dx[c, y, x] = Σ_o Σ_(kh,kw) w[o, c, kh, kw] · gy[o, y + 1 − kh, x + 1 − kw]: a direct
-    // convolution of gy with the flipped taps, output channels c, input channels o.
-    let mut wp = vec![0.0f32; 9 * g.o * g.c];
+    run_direct(g.h, g.w, g.o, g.c, gy, &pack_weights(g, w, true), dx);
+    true
+}
+
+/// The weights `[O, C, 3, 3]` as `[tap][in][out]` for [`run_direct`]: in = C, out = O for the
+/// forward; for the input gradient (`transposed`), `dx[c, y, x] = Σ_o Σ_(kh,kw) w[o, c, kh, kw] ·
+/// gy[o, y + 1 − kh, x + 1 − kw]` is a direct convolution of `gy` with the flipped taps, so
+/// in = O, out = C and tap `t` takes `w[.., 8 − t]`.
+fn pack_weights(g: &ConvGeom, w: &[f32], transposed: bool) -> Vec<f32> {
+    let mut wp = vec![0.0f32; 9 * g.c * g.o];
     for o in 0..g.o {
         for c in 0..g.c {
             for t in 0..9 {
-                wp[(t * g.o + o) * g.c + c] = w[(o * g.c + c) * 9 + (8 - t)];
+                let at = if transposed {
+                    ((8 - t) * g.o + o) * g.c + c
+                } else {
+                    (t * g.c + c) * g.o + o
+                };
+                wp[at] = w[(o * g.c + c) * 9 + t];
             }
         }
     }
-    run_direct(g.h, g.w, g.o, g.c, gy, &wp, dx);
-    true
+    wp
 }
 
 /// `out[n, oc] = Σ_tap Σ_ic wp[tap, ic, oc] · inp[n, ic, · + off(tap)]`, masked to the plane,
@@ -387,15 +380,24 @@ mod avx512 {
     ) {
         debug_assert!(xp.len() >= imgs * c * p.len && gy.len() >= imgs * o * p.hw);
         debug_assert!(acc.len() >= o * c * 9);
+        let k = DwChunk {
+            p,
+            masks,
+            imgs,
+            c,
+            o,
+            xp,
+            gy,
+        };
         let mut o0 = 0;
         while o0 < o {
             for ci in 0..c {
                 // SAFETY: forwarded from the caller.
                 unsafe {
                     match o - o0 {
-                        3.. => dw_block::<3>(p, masks, imgs, c, o, xp, gy, acc, o0, ci),
-                        2 => dw_block::<2>(p, masks, imgs, c, o, xp, gy, acc, o0, ci),
-                        _ => dw_block::<1>(p, masks, imgs, c, o, xp, gy, acc, o0, ci),
+                        3.. => k.block::<3>(acc, o0, ci),
+                        2 => k.block::<2>(acc, o0, ci),
+                        _ => k.block::<1>(acc, o0, ci),
                     }
                 }
             }
@@ -403,49 +405,61 @@ mod avx512 {
         }
     }
 
-    /// The nine taps of `OB` output channels from `o0` against input channel `ci`, over every
-    /// pixel of every image of the chunk.
-    #[allow(clippy::too_many_arguments)]
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn dw_block<const OB: usize>(
-        p: &Plane,
-        masks: &[[u16; 3]],
+    /// The operands of one chunk of [`weight_grad_chunk`].
+    struct DwChunk<'a> {
+        p: &'a Plane,
+        masks: &'a [[u16; 3]],
         imgs: usize,
         c: usize,
         o: usize,
-        xp: &[f32],
-        gy: &[f32],
-        acc: &mut [f32],
-        o0: usize,
-        ci: usize,
-    ) {
-        let mut s = [[_mm512_setzero_ps(); 9]; OB];
-        for n in 0..imgs {
-            // SAFETY (whole loop): as in `block`; gradient loads are masked to the plane.
-            let xb = unsafe { xp.as_ptr().add((n * c + ci) * p.len) };
-            let gb = unsafe { gy.as_ptr().add((n * o + o0) * p.hw) };
-            for (v, &m) in masks.iter().enumerate() {
-                let q = v * V;
-                let mut gv = [_mm512_setzero_ps(); OB];
-                for (b, gvb) in gv.iter_mut().enumerate() {
-                    *gvb = unsafe { _mm512_maskz_loadu_ps(m[1], gb.add(b * p.hw + q)) };
-                }
-                // taps unrolled with constant (kh, kw): offsets and masks stay in registers
-                for kh in 0..3 {
-                    let row = unsafe { xb.add(q + kh * p.w) };
-                    for kw in 0..3 {
-                        let xv = unsafe { _mm512_maskz_loadu_ps(m[kw], row.add(kw)) };
-                        for (sb, &gvb) in s.iter_mut().zip(&gv) {
-                            sb[kh * 3 + kw] = _mm512_fmadd_ps(gvb, xv, sb[kh * 3 + kw]);
+        xp: &'a [f32],
+        gy: &'a [f32],
+    }
+
+    impl DwChunk<'_> {
+        /// The nine taps of `OB` output channels from `o0` against input channel `ci`, over
+        /// every pixel of every image of the chunk, added to `acc`.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn block<const OB: usize>(&self, acc: &mut [f32], o0: usize, ci: usize) {
+            let DwChunk {
+                p,
+                masks,
+                imgs,
+                c,
+                o,
+                xp,
+                gy,
+            } = *self;
+            let mut s = [[_mm512_setzero_ps(); 9]; OB];
+            for n in 0..imgs {
+                // SAFETY (whole loop): padded plane (n, ci) starts at (n·c + ci)·p.len and a tap
+                // load reads q + kh·W + kw .. +16 with q < hw, inside its (h + 2)·W + 18
+                // elements; gradient loads are masked to the plane.
+                let xb = unsafe { xp.as_ptr().add((n * c + ci) * p.len) };
+                let gb = unsafe { gy.as_ptr().add((n * o + o0) * p.hw) };
+                for (v, &m) in masks.iter().enumerate() {
+                    let q = v * V;
+                    let mut gv = [_mm512_setzero_ps(); OB];
+                    for (b, gvb) in gv.iter_mut().enumerate() {
+                        *gvb = unsafe { _mm512_maskz_loadu_ps(m[1], gb.add(b * p.hw + q)) };
+                    }
+                    // taps unrolled with constant (kh, kw): offsets and masks stay in registers
+                    for kh in 0..3 {
+                        let row = unsafe { xb.add(q + kh * p.w) };
+                        for kw in 0..3 {
+                            let xv = unsafe { _mm512_maskz_loadu_ps(m[kw], row.add(kw)) };
+                            for (sb, &gvb) in s.iter_mut().zip(&gv) {
+                                sb[kh * 3 + kw] = _mm512_fmadd_ps(gvb, xv, sb[kh * 3 + kw]);
+                            }
                         }
                     }
                 }
             }
-        }
-        for (b, sb) in s.iter().enumerate() {
-            for (t, &v) in sb.iter().enumerate() {
-                acc[((o0 + b) * c + ci) * 9 + t] += _mm512_reduce_add_ps(v);
+            for (b, sb) in s.iter().enumerate() {
+                for (t, &v) in sb.iter().enumerate() {
+                    acc[((o0 + b) * c + ci) * 9 + t] += _mm512_reduce_add_ps(v);
+                }
             }
         }
     }

@@ -3,8 +3,10 @@
 //! * Convolution is a closed family of three bilinear ops, each the others' backward, so
 //!   second-order autodiff (the exact SGR gradient) goes through them with no loss:
 //!   `conv(x, w)`, its input gradient `conv_dx(g, w)` (a transposed convolution: col2im of
-//!   `Wᵀ·G`) and its weight gradient `conv_dw(x, g)` (`G·im2col(x)ᵀ`). All three are im2col /
-//!   col2im plus one gemm per image, with no column matrix kept between forward and backward.
+//!   `Wᵀ·G`) and its weight gradient `conv_dw(x, g)` (`G·im2col(x)ᵀ`). In f32, 3×3 stride-1
+//!   padding-1 convolutions (most of a ResNet) run as direct AVX-512 kernels where the CPU has
+//!   them ([`direct`]: no column matrix, no gemm packing); every other case is im2col / col2im
+//!   plus one gemm per image, with no column matrix kept between forward and backward.
 //! * BatchNorm in training mode is one fused op, optionally with a residual add and a ReLU (or a
 //!   replayed ReLU mask), whose backward is two fused passes (per-channel sums, then the input
 //!   gradient; three with a residual, whose masked gradient is stored once). It is first order
