@@ -264,9 +264,9 @@ impl CustomOp2 for ConvFwd {
             stride: self.stride,
             pad: self.pad,
         };
-        let dx = conv.dx(&grad, w, (h, wd))?;
-        let dw = conv.dw(x, &grad, (kh, kw))?;
-        Ok((Some(dx), Some(dw)))
+        let dx = wanted(x, || conv.dx(&grad, w, (h, wd)))?;
+        let dw = wanted(w, || conv.dw(x, &grad, (kh, kw)))?;
+        Ok((dx, dw))
     }
 }
 
@@ -321,8 +321,8 @@ impl CustomOp2 for ConvDx {
             pad: self.pad,
         };
         Ok((
-            Some(conv.fwd(&grad, w)?),
-            Some(conv.dw(&grad, gy, (kh, kw))?),
+            wanted(gy, || conv.fwd(&grad, w))?,
+            wanted(w, || conv.dw(&grad, gy, (kh, kw)))?,
         ))
     }
 }
@@ -377,7 +377,25 @@ impl CustomOp2 for ConvDw {
             stride: self.stride,
             pad: self.pad,
         };
-        Ok((Some(conv.dx(gy, &grad, (h, w))?), Some(conv.fwd(x, &grad)?)))
+        Ok((
+            wanted(x, || conv.dx(gy, &grad, (h, w)))?,
+            wanted(gy, || conv.fwd(x, &grad))?,
+        ))
+    }
+}
+
+/// `Some(f())` when a gradient for `arg` can reach a variable (`arg` is one or depends on one),
+/// else `None` without running `f`. candle calls a custom op's `bwd` for every operand and
+/// accumulates whatever it returns (a `zeros_like` and an `add`), so a constant operand (such
+/// as a local module's detached input) costs neither the kernel nor the accumulation.
+fn wanted(
+    arg: &Tensor,
+    f: impl FnOnce() -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Option<Tensor>> {
+    if arg.track_op() {
+        f().map(Some)
+    } else {
+        Ok(None)
     }
 }
 
@@ -519,14 +537,15 @@ impl BnFwd {
         }
     }
 
-    /// Gradients of `x`, `[γ; β]` and (when present) the residual.
+    /// Gradients of `x` (`None` when it is a constant), `[γ; β]` and (when present) the
+    /// residual.
     fn backward(
         &self,
         x: &Tensor,
         gb: &Tensor,
         residual: Option<&Tensor>,
         grad: &Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    ) -> candle_core::Result<(Option<Tensor>, Tensor, Tensor)> {
         if grad.track_op() {
             candle_core::bail!(
                 "sgr-batch-norm is first-order only; use the primitive BatchNorm when \
@@ -560,16 +579,18 @@ impl BnFwd {
                 mask: mask.clone(),
             },
         )?;
-        let dx = x.apply_op3_no_bwd(
-            &gz,
-            &gb.narrow(0, 0, c)?,
-            &BnDx {
-                stats: self.stats.clone(),
-                sums: sums.clone(),
-                eps: self.eps,
-                mask,
-            },
-        )?;
+        let dx = wanted(x, || {
+            x.apply_op3_no_bwd(
+                &gz,
+                &gb.narrow(0, 0, c)?,
+                &BnDx {
+                    stats: self.stats.clone(),
+                    sums: sums.clone(),
+                    eps: self.eps,
+                    mask,
+                },
+            )
+        })?;
         // sums = [Σg; Σg·x̂] = [dβ; dγ]
         let dgb = Tensor::cat(&[sums.narrow(0, c, c)?, sums.narrow(0, 0, c)?], 0)?;
         Ok((dx, dgb, gz))
@@ -603,7 +624,7 @@ impl CustomOp2 for BnFwd {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dgb, _) = self.backward(x, gb, None, grad)?;
-        Ok((Some(dx), Some(dgb)))
+        Ok((dx, Some(dgb).filter(|_| gb.track_op())))
     }
 }
 
@@ -646,7 +667,11 @@ impl CustomOp3 for BnFwd {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dgb, dr) = self.backward(x, gb, Some(r), grad)?;
-        Ok((Some(dx), Some(dgb), Some(dr)))
+        Ok((
+            dx,
+            Some(dgb).filter(|_| gb.track_op()),
+            Some(dr).filter(|_| r.track_op()),
+        ))
     }
 }
 
