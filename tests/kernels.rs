@@ -355,7 +355,8 @@ fn kernels_reject_bad_input_clearly() {
 /// The direct 3×3 kernels (f32, AVX-512) against candle's convolution in f64: values and both
 /// gradients, on shapes that exercise every remainder (output channel blocks of 8/4/1, vector
 /// blocks of 3/2/1, planes that end mid-vector, widths below and above one vector, a 1×1
-/// plane, image chunks of 8 with a remainder).
+/// plane, image chunks of 8 with a remainder), at stride 1 and at stride 2 (even planes, down
+/// to 2×2, with phase planes of odd size and of more than one vector).
 #[test]
 fn direct_conv3x3_matches_candle_f64() {
     #[cfg(target_arch = "x86_64")]
@@ -368,34 +369,57 @@ fn direct_conv3x3_matches_candle_f64() {
         eprintln!("no AVX-512F here: the direct kernels are not used, nothing to compare");
         return;
     }
-    for (i, &(shape, o)) in [
-        ([9usize, 3, 5, 7], 17usize),
-        ([10, 16, 8, 8], 16),
-        ([3, 5, 1, 1], 6),
-        ([2, 4, 16, 33], 4),
-        ([17, 6, 3, 16], 13),
+    for (i, &(shape, o, stride)) in [
+        ([9usize, 3, 5, 7], 17usize, 1usize),
+        ([10, 16, 8, 8], 16, 1),
+        ([3, 5, 1, 1], 6, 1),
+        ([2, 4, 16, 33], 4, 1),
+        ([17, 6, 3, 16], 13, 1),
+        ([9, 3, 10, 14], 17, 2),
+        ([10, 16, 32, 32], 9, 2),
+        ([3, 5, 2, 2], 6, 2),
+        ([2, 4, 6, 66], 4, 2),
     ]
     .iter()
     .enumerate()
     {
+        assert!(kernels::direct::applies(&kernels::cpu::ConvGeom {
+            n: shape[0],
+            c: shape[1],
+            h: shape[2],
+            w: shape[3],
+            o,
+            kh: 3,
+            kw: 3,
+            stride,
+            pad: 1,
+        }));
         let seed = 100 + 10 * i as u64;
         let x64 = var(&shape, seed);
         let w64 = Var::from_tensor(&randn(&[o, shape[1], 3, 3], 0.3, seed + 1, F64)).unwrap();
-        let y_shape = [shape[0], o, shape[2], shape[3]];
+        let y_shape = [
+            shape[0],
+            o,
+            shape[2].div_ceil(stride),
+            shape[3].div_ceil(stride),
+        ];
         let r64 = randn(&y_shape, 1.0, seed + 2, F64);
-        let want = conv_first_order(candle_conv, &x64, &w64, &r64, 1, 1);
+        let want = conv_first_order(candle_conv, &x64, &w64, &r64, stride, 1);
         let f32v =
             |v: &Var| Var::from_tensor(&v.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
         let (x32, w32) = (f32v(&x64), f32v(&w64));
         let r32 = r64.to_dtype(DType::F32).unwrap();
-        let got = conv_first_order(fast_conv, &x32, &w32, &r32, 1, 1);
+        let got = conv_first_order(fast_conv, &x32, &w32, &r32, stride, 1);
         for (name, g, w) in [
             ("y", &got[0], &want[0]),
             ("dx", &got[1], &want[1]),
             ("dw", &got[2], &want[2]),
         ] {
             let err = max_rel(&g.to_dtype(F64).unwrap(), w);
-            assert!(err < 2e-6, "{shape:?}→{o}: {name} relative error {err:.2e}");
+            assert!(
+                err < 2e-6,
+                "{shape:?}→{o} stride {stride}: {name} relative error {err:.2e}"
+            );
         }
     }
 }
