@@ -161,3 +161,35 @@ fn double_backward_matches_finite_differences_in_f64() {
     let err = rel_err(&flat(&got), &fd);
     assert!(err < 1e-6, "double backward vs finite differences: {err:e}");
 }
+
+#[test]
+fn fused_layers_fall_back_on_threads_whose_backward_keeps_graphs() {
+    // candle caches `CANDLE_GRAD_DO_NOT_DETACH` per thread at its first backward, and the
+    // variable is process-wide: a thread that starts while another runs
+    // `autograd::with_second_order` (or under a user's setting) keeps gradient graphs. Its
+    // first-order local steps must still work (the fused BatchNorm is first order only).
+    use sgr_core::sgr::{base_pass, CrossEntropyModule};
+    use sgr_integration_tests::{labels, resnet};
+    use sgr_models::HeadKind;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::env::set_var("CANDLE_GRAD_DO_NOT_DETACH", "1");
+    let worker = std::thread::spawn(move || {
+        let keeps = autograd::thread_keeps_gradient_graph().unwrap();
+        tx.send(()).unwrap();
+        assert!(keeps, "the thread read the variable as set");
+        assert!(autograd::gradients_keep_graph());
+        let net = resnet(8, 3, 2, HeadKind::OneConvTwoFc, 3, DType::F32);
+        let x = randn(&[4, 3, 8, 8], 1.0, 4, DType::F32);
+        let y = labels(4, 5);
+        let prob = CrossEntropyModule {
+            net: &net,
+            k: 0,
+            labels: &y,
+        };
+        let base = base_pass(&prob, &x, true, true).expect("a first-order local step");
+        assert!(base.loss.is_finite());
+    });
+    rx.recv().unwrap();
+    std::env::remove_var("CANDLE_GRAD_DO_NOT_DETACH");
+    worker.join().unwrap();
+}

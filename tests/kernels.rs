@@ -234,6 +234,98 @@ fn batch_norm_matches_primitive_formula_in_f64() {
     }
 }
 
+/// The fused BatchNorm in f32 (its vectorised AVX-512 reductions where the CPU has them)
+/// against the primitive formula in f64 on the same (f32-rounded) values: statistics, output and
+/// every gradient, for planes whose length is a multiple of the vector width and planes that end
+/// mid-vector, with and without residual and ReLU, and with the ReLU mask replayed.
+#[test]
+fn batch_norm_f32_matches_primitive_formula_in_f64() {
+    let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let cases = [
+        vec![5usize, 3, 7, 9],
+        vec![4, 2, 8, 8],
+        vec![3, 2, 33, 1],
+        vec![6, 4],
+    ];
+    for (i, shape) in cases.into_iter().enumerate() {
+        for (residual, relu) in [(false, false), (false, true), (true, true), (true, false)] {
+            let seed = 7000 + 10 * i as u64;
+            let c = shape[1];
+            // f32-representable values, so both precisions see the same inputs
+            let round = |t: Tensor| f32_of(&t).to_dtype(F64).unwrap();
+            let x64 = round((randn(&shape, 2.0, seed, F64) + 3.0).unwrap());
+            let g64 = round(randn(&[c], 1.0, seed + 1, F64));
+            let b64 = round(randn(&[c], 1.0, seed + 2, F64));
+            let res64 = round(randn(&shape, 1.0, seed + 4, F64));
+            let r64 = round(randn(&shape, 1.0, seed + 3, F64));
+            let vars = |ts: &[&Tensor]| -> Vec<Var> {
+                ts.iter().map(|t| Var::from_tensor(t).unwrap()).collect()
+            };
+            let v64 = vars(&[&x64, &g64, &b64, &res64]);
+            let v32 = vars(&[&f32_of(&x64), &f32_of(&g64), &f32_of(&b64), &f32_of(&res64)]);
+            let used = if residual { 4 } else { 3 };
+            let eps = 1e-5;
+            let reference = {
+                let [x, g, b, rs] = [0, 1, 2, 3].map(|k| v64[k].as_tensor());
+                let mut y = bn_reference(x, g, b, eps);
+                if residual {
+                    y = (y + rs).unwrap();
+                }
+                if relu {
+                    y = y.relu().unwrap();
+                }
+                weighted_grads(y, &r64, &v64.iter().take(used).collect::<Vec<_>>())
+            };
+            let [x, g, b, rs] = [0, 1, 2, 3].map(|k| v32[k].as_tensor());
+            let rt = residual.then_some(rs);
+            let stats = kernels::batch_stats(x).unwrap();
+            let reduce: Vec<usize> = (0..shape.len()).filter(|&d| d != 1).collect();
+            let mean = x64.mean_keepdim(reduce.as_slice()).unwrap();
+            let var_ = (x64.broadcast_sub(&mean).unwrap().sqr().unwrap())
+                .mean_keepdim(reduce.as_slice())
+                .unwrap();
+            for (k, want) in [mean, var_].iter().enumerate() {
+                let got = stats.get(k).unwrap().to_dtype(F64).unwrap();
+                let e = max_rel(&got, &want.flatten_all().unwrap());
+                assert!(
+                    e < 1e-6,
+                    "statistics {k}, shape {shape:?}: max rel diff {e:e}"
+                );
+            }
+            let r32 = f32_of(&r64);
+            let fused =
+                |y: Tensor| weighted_grads(y, &r32, &v32.iter().take(used).collect::<Vec<_>>());
+            let fast =
+                fused(kernels::batch_norm_train_act(x, g, b, rt, relu, &stats, eps).unwrap());
+            for (k, what) in ["y", "dx", "dgamma", "dbeta", "dresidual"]
+                .iter()
+                .take(fast.len())
+                .enumerate()
+            {
+                let e = max_rel(&fast[k].to_dtype(F64).unwrap(), &reference[k]);
+                assert!(
+                    e < 2e-5,
+                    "{what}, shape {shape:?}, residual {residual}, relu {relu}: max rel diff {e:e}"
+                );
+            }
+            if relu {
+                // the replayed mask gives the ReLU's results exactly
+                let mask = kernels::batch_norm_relu_mask(x, g, b, rt, &stats, eps).unwrap();
+                let replayed = fused(
+                    kernels::batch_norm_train_masked(x, g, b, rt, &mask, &stats, eps).unwrap(),
+                );
+                for (k, (a, b)) in replayed.iter().zip(&fast).enumerate() {
+                    assert_eq!(
+                        flat(std::slice::from_ref(a)),
+                        flat(std::slice::from_ref(b)),
+                        "replayed mask, output {k}, shape {shape:?}, residual {residual}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// The fused ReLU keeps candle's ReLU'(0) = 1 at pre-activations that are exactly 0.
 #[test]
 fn fused_relu_derivative_at_zero_is_one() {

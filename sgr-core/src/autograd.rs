@@ -26,6 +26,20 @@ pub fn on_second_order_thread() -> bool {
     SECOND_ORDER.with(|c| c.get())
 }
 
+/// Whether `backward()` on the current thread keeps the graph of its gradients: on a
+/// [`with_second_order`] worker, and on any thread whose candle cache read
+/// `CANDLE_GRAD_DO_NOT_DETACH` as set — which the user may have done, and which a thread whose
+/// first `backward()` ran while another thread's [`with_second_order`] held the variable set
+/// did too (the variable is process-wide). Layers whose fast kernels are first order only take
+/// their differentiable formulation on such threads. Checked once per thread.
+pub fn gradients_keep_graph() -> bool {
+    thread_local! {
+        static KEEPS: std::cell::OnceCell<bool> = const { std::cell::OnceCell::new() };
+    }
+    on_second_order_thread()
+        || KEEPS.with(|k| *k.get_or_init(|| thread_keeps_gradient_graph().unwrap_or(true)))
+}
+
 /// Whether gradients computed on the current thread carry a graph (so can be differentiated
 /// again). Calling it initialises the thread's cached flag if it was not yet.
 pub fn thread_keeps_gradient_graph() -> Result<bool> {

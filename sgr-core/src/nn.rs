@@ -400,9 +400,10 @@ impl BatchNorm {
     }
 
     /// Whether the fused kernels serve this call: training mode on the CPU, and not on a thread
-    /// that differentiates twice (their backward is first order only).
+    /// whose backward keeps gradient graphs (`autograd::gradients_keep_graph`; their backward
+    /// is first order only).
     fn fused(x: &Tensor, ctx: &Ctx) -> bool {
-        ctx.train && crate::kernels::supported(x) && !crate::autograd::on_second_order_thread()
+        ctx.train && crate::kernels::supported(x) && !crate::autograd::gradients_keep_graph()
     }
 
     /// Batch statistics `[2, C]` by the fused kernel, running statistics updated if allowed.

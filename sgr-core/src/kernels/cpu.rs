@@ -41,6 +41,38 @@ pub trait Real:
     ) -> bool {
         false
     }
+    /// `(Σ g', Σ g'·(x − μ))` over one plane, `g'` the gradient `gs` masked as `mask` says.
+    fn plane_sums(xs: &[Self], gs: &[Self], mu: Self, mask: PlaneMask<'_, Self>) -> (f64, f64) {
+        match mask {
+            PlaneMask::None => lane_sum2(xs, gs, mu, |_, g| g),
+            PlaneMask::Relu { mean, scale, shift } => {
+                lane_sum2(xs, gs, mu, |x, g| masked(g, scale * (x - mean) + shift))
+            }
+            PlaneMask::Mask(m) => lane_sum2_masked(xs, gs, m, mu),
+        }
+    }
+    /// `(Σ (x − s), Σ (x − s)²)` over one plane.
+    fn plane_moments(xs: &[Self], s: Self) -> (f64, f64) {
+        lane_moments(xs, s)
+    }
+}
+
+/// How [`Real::plane_sums`] masks the gradient of one plane.
+#[derive(Debug, Clone, Copy)]
+pub enum PlaneMask<'a, T> {
+    /// Not masked.
+    None,
+    /// By the ReLU `[scale·(x − mean) + shift ≥ 0]`, recomputed from `x`.
+    Relu {
+        /// μ of the BatchNorm.
+        mean: T,
+        /// γ/σ.
+        scale: T,
+        /// β.
+        shift: T,
+    },
+    /// By a replayed mask: the plane's slice.
+    Mask(&'a [T]),
 }
 
 /// Which direct 3×3 kernel [`Real::direct`] runs.
@@ -75,6 +107,32 @@ impl Real for f32 {
             DirectOp::InputGrad => super::direct::input_grad(g, a, b, out),
             DirectOp::WeightGrad => super::direct::weight_grad(g, a, b, out),
         }
+    }
+    fn plane_sums(xs: &[f32], gs: &[f32], mu: f32, mask: PlaneMask<'_, f32>) -> (f64, f64) {
+        assert!(gs.len() >= xs.len());
+        if let PlaneMask::Mask(m) = mask {
+            assert!(m.len() >= xs.len());
+        }
+        #[cfg(target_arch = "x86_64")]
+        if super::direct::available() {
+            // SAFETY: AVX-512F is available; the lengths are checked above.
+            return unsafe { super::bn_avx512::plane_sums(xs, gs, mu, mask) };
+        }
+        match mask {
+            PlaneMask::None => lane_sum2(xs, gs, mu, |_, g| g),
+            PlaneMask::Relu { mean, scale, shift } => {
+                lane_sum2(xs, gs, mu, |x, g| masked(g, scale * (x - mean) + shift))
+            }
+            PlaneMask::Mask(m) => lane_sum2_masked(xs, gs, m, mu),
+        }
+    }
+    fn plane_moments(xs: &[f32], s: f32) -> (f64, f64) {
+        #[cfg(target_arch = "x86_64")]
+        if super::direct::available() {
+            // SAFETY: AVX-512F is available.
+            return unsafe { super::bn_avx512::plane_moments(xs, s) };
+        }
+        lane_moments(xs, s)
     }
 }
 
@@ -560,31 +618,113 @@ pub fn pair_sums<T: Real>(a: &[T], b: &[T]) -> [f64; 4] {
     })
 }
 
-/// Per-channel mean and biased variance of NCHW data (`inner` = H·W, 1 for NC), accumulated
-/// in f64. Returns `[mean₀..mean_C, var₀..var_C]`.
-pub fn bn_stats<T: Real>(x: &[T], n: usize, c: usize, inner: usize) -> Vec<T> {
-    let m = (n * inner) as f64;
-    let per: Vec<(f64, f64)> = (0..c)
+/// Runs `f` compiled for AVX-512F where the CPU has it, so that the element-wise BatchNorm
+/// loops inlined into it vectorise 16 lanes wide. The values are the same either way (IEEE
+/// operations, no contraction into FMAs).
+#[inline(always)]
+fn wide<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn go<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if super::direct::available() {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { go(f) };
+        }
+    }
+    f()
+}
+
+/// Images per partial sum of the per-channel reductions ([`bn_stats`], [`bn_backward_sums`]):
+/// fixed, so the summation order and the result are the same at any thread count. A chunk reads
+/// its images' planes in memory order (one stream), instead of one channel's planes scattered
+/// `C` planes apart.
+const CHANNEL_CHUNK: usize = 8;
+
+/// `Σ_i f(i·c + ch, ch)` per channel `ch` over images `i`, as pairs, in f64: image chunks in
+/// parallel, their partial sums added in chunk order.
+fn per_channel_sums(
+    n: usize,
+    c: usize,
+    f: impl Fn(usize, usize) -> (f64, f64) + Sync,
+) -> Vec<(f64, f64)> {
+    let parts: Vec<Vec<(f64, f64)>> = (0..n.div_ceil(CHANNEL_CHUNK))
         .into_par_iter()
-        .map(|ch| {
-            let plane = |i: usize| &x[(i * c + ch) * inner..(i * c + ch + 1) * inner];
-            let s: f64 = (0..n).map(|i| lane_sum(plane(i), |v| v)).sum();
-            let mean = s / m;
-            let mt = T::from_f64(mean);
-            let q: f64 = (0..n)
-                .map(|i| {
-                    lane_sum(plane(i), |v| {
-                        let d = v - mt;
-                        d * d
-                    })
-                })
-                .sum();
-            (mean, q / m)
+        .map(|k| {
+            let mut acc = vec![(0.0, 0.0); c];
+            wide(|| {
+                for i in k * CHANNEL_CHUNK..n.min((k + 1) * CHANNEL_CHUNK) {
+                    for (ch, a) in acc.iter_mut().enumerate() {
+                        let (u, v) = f(i * c + ch, ch);
+                        a.0 += u;
+                        a.1 += v;
+                    }
+                }
+            });
+            acc
         })
         .collect();
+    let mut total = vec![(0.0, 0.0); c];
+    for part in &parts {
+        for (t, q) in total.iter_mut().zip(part) {
+            t.0 += q.0;
+            t.1 += q.1;
+        }
+    }
+    total
+}
+
+/// `(Σ (x − s), Σ (x − s)²)` over a plane, as [`lane_sum`].
+fn lane_moments<T: Real>(xs: &[T], s: T) -> (f64, f64) {
+    let (mut a, mut b) = ([T::ZERO; LANES], [T::ZERO; LANES]);
+    let mut chunks = xs.chunks_exact(LANES);
+    for ch in &mut chunks {
+        for i in 0..LANES {
+            let d = ch[i] - s;
+            a[i] += d;
+            b[i] += d * d;
+        }
+    }
+    let (mut sa, mut sb) = (0.0f64, 0.0f64);
+    for &v in chunks.remainder() {
+        let d = (v - s).to_f64();
+        sa += d;
+        sb += d * d;
+    }
+    sa += a.iter().map(|v| v.to_f64()).sum::<f64>();
+    sb += b.iter().map(|v| v.to_f64()).sum::<f64>();
+    (sa, sb)
+}
+
+/// Per-channel mean and biased variance of NCHW data (`inner` = H·W, 1 for NC), in one pass
+/// accumulated in f64. Returns `[mean₀..mean_C, var₀..var_C]`. The sums are taken around a
+/// shift `s` per channel, the mean of its first plane, so that `var = E[(x − s)²] − (μ − s)²`
+/// does not cancel (`μ − s` is small against the spread).
+pub fn bn_stats<T: Real>(x: &[T], n: usize, c: usize, inner: usize) -> Vec<T> {
+    let m = (n * inner) as f64;
+    let plane = |p: usize| &x[p * inner..(p + 1) * inner];
+    let shift: Vec<T> = (0..c)
+        .map(|ch| {
+            if n == 0 || inner == 0 {
+                T::ZERO
+            } else {
+                T::from_f64(lane_sum(plane(ch), |v| v) / inner as f64)
+            }
+        })
+        .collect();
+    let sums = per_channel_sums(n, c, |p, ch| T::plane_moments(plane(p), shift[ch]));
     let mut out = Vec::with_capacity(2 * c);
-    out.extend(per.iter().map(|p| T::from_f64(p.0)));
-    out.extend(per.iter().map(|p| T::from_f64(p.1)));
+    out.extend(
+        sums.iter()
+            .zip(&shift)
+            .map(|(&(s1, _), &s)| T::from_f64(s.to_f64() + s1 / m)),
+    );
+    out.extend(sums.iter().map(|&(s1, s2)| {
+        let d = s1 / m;
+        T::from_f64((s2 / m - d * d).max(0.0))
+    }));
     out
 }
 
@@ -648,30 +788,40 @@ pub fn bn_forward<T: Real>(
         .for_each(|(row, (yr, xr))| {
             let (m, a, b) = k.at(row % c);
             let span = row * inner..(row + 1) * inner;
-            let z = |i: usize, v: T| match residual {
-                Some(r) => a * (v - m) + b + r[span.start + i],
-                None => a * (v - m) + b,
+            let act = match act {
+                BnAct::Mask(mask) => BnAct::Mask(&mask[span.clone()]),
+                other => other,
             };
-            match act {
-                BnAct::Identity => {
-                    for (i, (u, &v)) in yr.iter_mut().zip(xr).enumerate() {
-                        u.write(z(i, v));
-                    }
+            wide(|| match residual {
+                Some(r) => {
+                    let z = xr.iter().zip(&r[span]).map(|(&v, &w)| a * (v - m) + b + w);
+                    write_act(yr, z, act)
                 }
-                BnAct::Relu => {
-                    for (i, (u, &v)) in yr.iter_mut().zip(xr).enumerate() {
-                        let z = z(i, v);
-                        u.write(if z <= T::ZERO { T::ZERO } else { z });
-                    }
-                }
-                BnAct::Mask(mask) => {
-                    let mr = &mask[span.clone()];
-                    for (i, ((u, &v), &mk)) in yr.iter_mut().zip(xr).zip(mr).enumerate() {
-                        u.write(z(i, v) * mk);
-                    }
-                }
-            }
+                None => write_act(yr, xr.iter().map(|&v| a * (v - m) + b), act),
+            })
         });
+}
+
+/// `yr = act(z)` for one plane (`BnAct::Mask` holds the plane's mask).
+#[inline(always)]
+fn write_act<T: Real>(yr: &mut [MaybeUninit<T>], z: impl Iterator<Item = T>, act: BnAct<'_, T>) {
+    match act {
+        BnAct::Identity => {
+            for (u, z) in yr.iter_mut().zip(z) {
+                u.write(z);
+            }
+        }
+        BnAct::Relu => {
+            for (u, z) in yr.iter_mut().zip(z) {
+                u.write(if z <= T::ZERO { T::ZERO } else { z });
+            }
+        }
+        BnAct::Mask(mr) => {
+            for ((u, z), &mk) in yr.iter_mut().zip(z).zip(mr) {
+                u.write(z * mk);
+            }
+        }
+    }
 }
 
 /// The ReLU mask `[z ≥ 0]` (1 or 0) of a fused BatchNorm's pre-activation, recomputed exactly
@@ -689,13 +839,22 @@ pub fn bn_relu_mask<T: Real>(
         .enumerate()
         .for_each(|(row, (or, xr))| {
             let (m, a, b) = k.at(row % c);
-            for (i, (o, &v)) in or.iter_mut().zip(xr).enumerate() {
-                let z = match residual {
-                    Some(r) => a * (v - m) + b + r[row * inner + i],
-                    None => a * (v - m) + b,
-                };
+            let step = |o: &mut MaybeUninit<T>, z: T| {
                 o.write(if z >= T::ZERO { T::ONE } else { T::ZERO });
-            }
+            };
+            wide(|| match residual {
+                Some(r) => {
+                    let rr = &r[row * inner..(row + 1) * inner];
+                    for ((o, &v), &w) in or.iter_mut().zip(xr).zip(rr) {
+                        step(o, a * (v - m) + b + w);
+                    }
+                }
+                None => {
+                    for (o, &v) in or.iter_mut().zip(xr) {
+                        step(o, a * (v - m) + b);
+                    }
+                }
+            })
         });
 }
 
@@ -715,7 +874,7 @@ pub fn bn_relu_grad<T: Real>(
         .enumerate()
         .for_each(|(row, (or, (xr, gr)))| {
             let (m, a, b) = k.at(row % c);
-            match residual {
+            wide(|| match residual {
                 Some(r) => {
                     let rr = &r[row * inner..(row + 1) * inner];
                     for (((o, &v), &gv), &w) in or.iter_mut().zip(xr).zip(gr).zip(rr) {
@@ -727,7 +886,7 @@ pub fn bn_relu_grad<T: Real>(
                         o.write(masked(gv, a * (v - m) + b));
                     }
                 }
-            }
+            })
         });
 }
 
@@ -745,33 +904,28 @@ pub fn bn_backward_sums<T: Real>(
     eps: f64,
     mask: GradMask<'_, T>,
 ) -> Vec<T> {
-    let per: Vec<(f64, f64)> = (0..c)
-        .into_par_iter()
-        .map(|ch| {
-            let mu = mean[ch];
-            let inv = 1.0 / (var[ch].to_f64() + eps).sqrt();
-            let (mut sg, mut sgx) = (0.0f64, 0.0f64);
-            for i in 0..n {
-                let base = (i * c + ch) * inner;
-                let (xs, gs) = (&x[base..base + inner], &gy[base..base + inner]);
-                let (a, b) = match mask {
-                    GradMask::Relu(k) => {
-                        let (_, sc, sh) = k.at(ch);
-                        lane_sum2(xs, gs, mu, |xv, gv| masked(gv, sc * (xv - mu) + sh))
-                    }
-                    GradMask::Mask(m) => lane_sum2_masked(xs, gs, &m[base..base + inner], mu),
-                    GradMask::None => lane_sum2(xs, gs, mu, |_, gv| gv),
-                };
-                sg += a;
-                sgx += b;
+    let per = per_channel_sums(n, c, |p, ch| {
+        let mu = mean[ch];
+        let span = p * inner..(p + 1) * inner;
+        let (xs, gs) = (&x[span.clone()], &gy[span.clone()]);
+        let pm = match mask {
+            GradMask::Relu(k) => {
+                let (mean, scale, shift) = k.at(ch);
+                PlaneMask::Relu { mean, scale, shift }
             }
-            // Σ g x̂ = Σ g (x − μ) / σ
-            (sg, sgx * inv)
-        })
-        .collect();
+            GradMask::Mask(m) => PlaneMask::Mask(&m[span]),
+            GradMask::None => PlaneMask::None,
+        };
+        T::plane_sums(xs, gs, mu, pm)
+    });
     let mut out = Vec::with_capacity(2 * c);
     out.extend(per.iter().map(|p| T::from_f64(p.0)));
-    out.extend(per.iter().map(|p| T::from_f64(p.1)));
+    // Σ g x̂ = Σ g (x − μ) / σ
+    out.extend(
+        per.iter()
+            .zip(var)
+            .map(|(p, &v)| T::from_f64(p.1 / (v.to_f64() + eps).sqrt())),
+    );
     out
 }
 
@@ -808,7 +962,7 @@ pub fn bn_backward_input<T: Real>(
         .enumerate()
         .for_each(|(row, (dr, (xr, gr)))| {
             let [k, a, b, mu] = coef[row % c].map(T::from_f64);
-            match mask {
+            wide(|| match mask {
                 GradMask::Mask(m) => {
                     let mr = &m[row * inner..(row + 1) * inner];
                     for (((d, &xv), &gv), &mv) in dr.iter_mut().zip(xr).zip(gr).zip(mr) {
@@ -827,7 +981,7 @@ pub fn bn_backward_input<T: Real>(
                         d.write(k * gv + a * (xv - mu) + b);
                     }
                 }
-            }
+            })
         });
 }
 

@@ -17,6 +17,8 @@
 //! They run on the CPU for f32 and f64; callers fall back to candle's ops elsewhere
 //! ([`supported`]).
 
+#[cfg(target_arch = "x86_64")]
+mod bn_avx512;
 pub mod cpu;
 pub mod direct;
 

@@ -1,0 +1,118 @@
+//! AVX-512 f32 versions of the per-plane BatchNorm reductions ([`super::cpu::Real::plane_sums`],
+//! [`super::cpu::Real::plane_moments`]). The generic versions keep eight `T` lanes that LLVM
+//! does not turn into vector code; these keep two pairs of 16-lane accumulators and widen to
+//! f64 once per plane. The ReLU mask is recomputed exactly as the forward computes it (a
+//! multiply and an add, not a fused multiply-add), so both agree on every element.
+
+use std::arch::x86_64::*;
+
+use super::cpu::PlaneMask;
+
+/// Lanes of an AVX-512 f32 vector.
+const V: usize = 16;
+
+/// The load mask of the `rem < 16` last elements.
+fn tail(rem: usize) -> __mmask16 {
+    ((1u32 << rem) - 1) as __mmask16
+}
+
+/// The sum of the 16 lanes of `v`, in f64.
+#[target_feature(enable = "avx512f")]
+fn sum_f64(v: __m512) -> f64 {
+    let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+    let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+        _mm512_castps_pd(v),
+    )));
+    _mm512_reduce_add_pd(_mm512_add_pd(lo, hi))
+}
+
+/// `(Σ g', Σ g'·(x − μ))` over one plane, `g'` the gradient masked as `mask` says.
+///
+/// # Safety
+/// AVX-512F must be available; `gs` (and a mask's slice) are at least as long as `xs`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn plane_sums(xs: &[f32], gs: &[f32], mu: f32, mask: PlaneMask<'_, f32>) -> (f64, f64) {
+    let n = xs.len();
+    debug_assert!(gs.len() >= n);
+    let vmu = _mm512_set1_ps(mu);
+    let zero = _mm512_setzero_ps();
+    let (zm, sc, sh) = match mask {
+        PlaneMask::Relu { mean, scale, shift } => (mean, scale, shift),
+        _ => (0.0, 0.0, 0.0),
+    };
+    let (vzm, vsc, vsh) = (_mm512_set1_ps(zm), _mm512_set1_ps(sc), _mm512_set1_ps(sh));
+    // SAFETY (closure): lanes of `k` lie inside `xs`, `gs` and the mask's slice.
+    let step = |i: usize, k: __mmask16, a: &mut __m512, b: &mut __m512| unsafe {
+        let x = _mm512_maskz_loadu_ps(k, xs.as_ptr().add(i));
+        let mut g = _mm512_maskz_loadu_ps(k, gs.as_ptr().add(i));
+        match mask {
+            PlaneMask::None => {}
+            PlaneMask::Relu { .. } => {
+                let z = _mm512_add_ps(_mm512_mul_ps(vsc, _mm512_sub_ps(x, vzm)), vsh);
+                g = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(z, zero), g);
+            }
+            PlaneMask::Mask(m) => {
+                g = _mm512_mul_ps(g, _mm512_maskz_loadu_ps(k, m.as_ptr().add(i)));
+            }
+        }
+        *a = _mm512_add_ps(*a, g);
+        *b = _mm512_fmadd_ps(g, _mm512_sub_ps(x, vmu), *b);
+    };
+    let (mut a0, mut b0, mut a1, mut b1) = (zero, zero, zero, zero);
+    let mut i = 0;
+    while i + 2 * V <= n {
+        step(i, 0xFFFF, &mut a0, &mut b0);
+        step(i + V, 0xFFFF, &mut a1, &mut b1);
+        i += 2 * V;
+    }
+    while i < n {
+        step(
+            i,
+            if n - i >= V { 0xFFFF } else { tail(n - i) },
+            &mut a0,
+            &mut b0,
+        );
+        i += V;
+    }
+    (
+        sum_f64(_mm512_add_ps(a0, a1)),
+        sum_f64(_mm512_add_ps(b0, b1)),
+    )
+}
+
+/// `(Σ (x − s), Σ (x − s)²)` over one plane.
+///
+/// # Safety
+/// AVX-512F must be available.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn plane_moments(xs: &[f32], s: f32) -> (f64, f64) {
+    let n = xs.len();
+    let vs = _mm512_set1_ps(s);
+    // SAFETY (closure): lanes of `k` lie inside `xs`.
+    let step = |i: usize, k: __mmask16, a: &mut __m512, b: &mut __m512| unsafe {
+        let d = _mm512_maskz_sub_ps(k, _mm512_maskz_loadu_ps(k, xs.as_ptr().add(i)), vs);
+        *a = _mm512_add_ps(*a, d);
+        *b = _mm512_fmadd_ps(d, d, *b);
+    };
+    let zero = _mm512_setzero_ps();
+    let (mut a0, mut b0, mut a1, mut b1) = (zero, zero, zero, zero);
+    let mut i = 0;
+    while i + 2 * V <= n {
+        step(i, 0xFFFF, &mut a0, &mut b0);
+        step(i + V, 0xFFFF, &mut a1, &mut b1);
+        i += 2 * V;
+    }
+    while i < n {
+        step(
+            i,
+            if n - i >= V { 0xFFFF } else { tail(n - i) },
+            &mut a0,
+            &mut b0,
+        );
+        i += V;
+    }
+    (
+        sum_f64(_mm512_add_ps(a0, a1)),
+        sum_f64(_mm512_add_ps(b0, b1)),
+    )
+}
