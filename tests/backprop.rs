@@ -171,6 +171,15 @@ fn fused_layers_fall_back_on_threads_whose_backward_keeps_graphs() {
     use sgr_core::sgr::{base_pass, CrossEntropyModule};
     use sgr_integration_tests::{labels, resnet};
     use sgr_models::HeadKind;
+    // A plain thread keeps no graphs. (Another test's `with_second_order` sets the variable
+    // for a moment; a fresh thread that starts in that moment would read it as set, so one of
+    // three fresh threads is enough.)
+    let plain = (0..3).any(|_| {
+        std::thread::spawn(|| !autograd::gradients_keep_graph())
+            .join()
+            .unwrap()
+    });
+    assert!(plain, "a plain thread keeps gradient graphs");
     let (tx, rx) = std::sync::mpsc::channel();
     std::env::set_var("CANDLE_GRAD_DO_NOT_DETACH", "1");
     let worker = std::thread::spawn(move || {

@@ -43,8 +43,11 @@ pub fn gradients_keep_graph() -> bool {
 /// Whether gradients computed on the current thread carry a graph (so can be differentiated
 /// again). Calling it initialises the thread's cached flag if it was not yet.
 pub fn thread_keeps_gradient_graph() -> Result<bool> {
+    // x enters through an affine map, so its gradient is the gradient arriving at `x + 1`
+    // unchanged: it carries a graph only if candle kept that node's gradient undetached. (With
+    // `x²` the gradient `2x·g` would carry one anyway, through the variable x.)
     let x = Var::from_tensor(&Tensor::new(&[1.5f32], &Device::Cpu)?)?;
-    let y = x.as_tensor().sqr()?.sum_all()?;
+    let y = x.as_tensor().affine(1.0, 1.0)?.sqr()?.sum_all()?;
     let g = y.backward()?;
     let gx = g
         .get(x.as_tensor())
