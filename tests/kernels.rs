@@ -575,6 +575,7 @@ fn pair_sums_match_candle_in_f64() {
         (100_003usize, F64),
         (37, DType::F32),
         (16_384 * 3, DType::F32),
+        (16_384 + 21, DType::F32),
     ] {
         let a = randn(&[n], 1.0, 1, dt);
         let b = (randn(&[n], 1.0, 2, dt) + 0.5).unwrap();

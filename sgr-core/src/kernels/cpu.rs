@@ -55,6 +55,10 @@ pub trait Real:
     fn plane_moments(xs: &[Self], s: Self) -> (f64, f64) {
         lane_moments(xs, s)
     }
+    /// `[Σ a·b, Σ a², Σ b², Σ (a − b)²]` over one block of [`pair_sums`], in f64.
+    fn block_pair_sums(a: &[Self], b: &[Self]) -> [f64; 4] {
+        lane_pair_sums(a, b)
+    }
 }
 
 /// How [`Real::plane_sums`] masks the gradient of one plane.
@@ -116,7 +120,7 @@ impl Real for f32 {
         #[cfg(target_arch = "x86_64")]
         if super::direct::available() {
             // SAFETY: AVX-512F is available; the lengths are checked above.
-            return unsafe { super::bn_avx512::plane_sums(xs, gs, mu, mask) };
+            return unsafe { super::reductions::plane_sums(xs, gs, mu, mask) };
         }
         match mask {
             PlaneMask::None => lane_sum2(xs, gs, mu, |_, g| g),
@@ -130,9 +134,18 @@ impl Real for f32 {
         #[cfg(target_arch = "x86_64")]
         if super::direct::available() {
             // SAFETY: AVX-512F is available.
-            return unsafe { super::bn_avx512::plane_moments(xs, s) };
+            return unsafe { super::reductions::plane_moments(xs, s) };
         }
         lane_moments(xs, s)
+    }
+    fn block_pair_sums(a: &[f32], b: &[f32]) -> [f64; 4] {
+        assert!(b.len() >= a.len());
+        #[cfg(target_arch = "x86_64")]
+        if super::direct::available() {
+            // SAFETY: AVX-512F is available; the lengths are checked above.
+            return unsafe { super::reductions::block_pair_sums(a, b) };
+        }
+        lane_pair_sums(a, b)
     }
 }
 
@@ -587,28 +600,7 @@ pub fn pair_sums<T: Real>(a: &[T], b: &[T]) -> [f64; 4] {
     let parts: Vec<[f64; 4]> = a
         .par_chunks(BLOCK)
         .zip(b.par_chunks(BLOCK))
-        .map(|(xa, xb)| {
-            let mut acc = [[0.0f64; LANES]; 4];
-            let (mut ca, mut cb) = (xa.chunks_exact(LANES), xb.chunks_exact(LANES));
-            for (u, v) in (&mut ca).zip(&mut cb) {
-                for i in 0..LANES {
-                    let (p, q) = (u[i].to_f64(), v[i].to_f64());
-                    acc[0][i] += p * q;
-                    acc[1][i] += p * p;
-                    acc[2][i] += q * q;
-                    acc[3][i] += (p - q) * (p - q);
-                }
-            }
-            let mut out = acc.map(|l| l.iter().sum::<f64>());
-            for (&u, &v) in ca.remainder().iter().zip(cb.remainder()) {
-                let (p, q) = (u.to_f64(), v.to_f64());
-                out[0] += p * q;
-                out[1] += p * p;
-                out[2] += q * q;
-                out[3] += (p - q) * (p - q);
-            }
-            out
-        })
+        .map(|(xa, xb)| T::block_pair_sums(xa, xb))
         .collect();
     parts.iter().fold([0.0; 4], |mut t, p| {
         for i in 0..4 {
@@ -618,23 +610,28 @@ pub fn pair_sums<T: Real>(a: &[T], b: &[T]) -> [f64; 4] {
     })
 }
 
-/// Runs `f` compiled for AVX-512F where the CPU has it, so that the element-wise BatchNorm
-/// loops inlined into it vectorise 16 lanes wide. The values are the same either way (IEEE
-/// operations, no contraction into FMAs).
-#[inline(always)]
-fn wide<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f")]
-        unsafe fn go<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        if super::direct::available() {
-            // SAFETY: the CPU has AVX-512F.
-            return unsafe { go(f) };
+/// [`Real::block_pair_sums`] in eight f64 lanes.
+fn lane_pair_sums<T: Real>(xa: &[T], xb: &[T]) -> [f64; 4] {
+    let mut acc = [[0.0f64; LANES]; 4];
+    let (mut ca, mut cb) = (xa.chunks_exact(LANES), xb.chunks_exact(LANES));
+    for (u, v) in (&mut ca).zip(&mut cb) {
+        for i in 0..LANES {
+            let (p, q) = (u[i].to_f64(), v[i].to_f64());
+            acc[0][i] += p * q;
+            acc[1][i] += p * p;
+            acc[2][i] += q * q;
+            acc[3][i] += (p - q) * (p - q);
         }
     }
-    f()
+    let mut out = acc.map(|l| l.iter().sum::<f64>());
+    for (&u, &v) in ca.remainder().iter().zip(cb.remainder()) {
+        let (p, q) = (u.to_f64(), v.to_f64());
+        out[0] += p * q;
+        out[1] += p * p;
+        out[2] += q * q;
+        out[3] += (p - q) * (p - q);
+    }
+    out
 }
 
 /// Images per partial sum of the per-channel reductions ([`bn_stats`], [`bn_backward_sums`]):
@@ -654,15 +651,13 @@ fn per_channel_sums(
         .into_par_iter()
         .map(|k| {
             let mut acc = vec![(0.0, 0.0); c];
-            wide(|| {
-                for i in k * CHANNEL_CHUNK..n.min((k + 1) * CHANNEL_CHUNK) {
-                    for (ch, a) in acc.iter_mut().enumerate() {
-                        let (u, v) = f(i * c + ch, ch);
-                        a.0 += u;
-                        a.1 += v;
-                    }
+            for i in k * CHANNEL_CHUNK..n.min((k + 1) * CHANNEL_CHUNK) {
+                for (ch, a) in acc.iter_mut().enumerate() {
+                    let (u, v) = f(i * c + ch, ch);
+                    a.0 += u;
+                    a.1 += v;
                 }
-            });
+            }
             acc
         })
         .collect();
@@ -792,13 +787,13 @@ pub fn bn_forward<T: Real>(
                 BnAct::Mask(mask) => BnAct::Mask(&mask[span.clone()]),
                 other => other,
             };
-            wide(|| match residual {
+            match residual {
                 Some(r) => {
                     let z = xr.iter().zip(&r[span]).map(|(&v, &w)| a * (v - m) + b + w);
                     write_act(yr, z, act)
                 }
                 None => write_act(yr, xr.iter().map(|&v| a * (v - m) + b), act),
-            })
+            }
         });
 }
 
@@ -842,7 +837,7 @@ pub fn bn_relu_mask<T: Real>(
             let step = |o: &mut MaybeUninit<T>, z: T| {
                 o.write(if z >= T::ZERO { T::ONE } else { T::ZERO });
             };
-            wide(|| match residual {
+            match residual {
                 Some(r) => {
                     let rr = &r[row * inner..(row + 1) * inner];
                     for ((o, &v), &w) in or.iter_mut().zip(xr).zip(rr) {
@@ -854,7 +849,7 @@ pub fn bn_relu_mask<T: Real>(
                         step(o, a * (v - m) + b);
                     }
                 }
-            })
+            }
         });
 }
 
@@ -874,7 +869,7 @@ pub fn bn_relu_grad<T: Real>(
         .enumerate()
         .for_each(|(row, (or, (xr, gr)))| {
             let (m, a, b) = k.at(row % c);
-            wide(|| match residual {
+            match residual {
                 Some(r) => {
                     let rr = &r[row * inner..(row + 1) * inner];
                     for (((o, &v), &gv), &w) in or.iter_mut().zip(xr).zip(gr).zip(rr) {
@@ -886,7 +881,7 @@ pub fn bn_relu_grad<T: Real>(
                         o.write(masked(gv, a * (v - m) + b));
                     }
                 }
-            })
+            }
         });
 }
 
@@ -962,7 +957,7 @@ pub fn bn_backward_input<T: Real>(
         .enumerate()
         .for_each(|(row, (dr, (xr, gr)))| {
             let [k, a, b, mu] = coef[row % c].map(T::from_f64);
-            wide(|| match mask {
+            match mask {
                 GradMask::Mask(m) => {
                     let mr = &m[row * inner..(row + 1) * inner];
                     for (((d, &xv), &gv), &mv) in dr.iter_mut().zip(xr).zip(gr).zip(mr) {
@@ -981,7 +976,7 @@ pub fn bn_backward_input<T: Real>(
                         d.write(k * gv + a * (xv - mu) + b);
                     }
                 }
-            })
+            }
         });
 }
 

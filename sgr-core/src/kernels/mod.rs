@@ -17,10 +17,10 @@
 //! They run on the CPU for f32 and f64; callers fall back to candle's ops elsewhere
 //! ([`supported`]).
 
-#[cfg(target_arch = "x86_64")]
-mod bn_avx512;
 pub mod cpu;
 pub mod direct;
+#[cfg(target_arch = "x86_64")]
+mod reductions;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 

@@ -1,8 +1,10 @@
-//! AVX-512 f32 versions of the per-plane BatchNorm reductions ([`super::cpu::Real::plane_sums`],
-//! [`super::cpu::Real::plane_moments`]). The generic versions keep eight `T` lanes that LLVM
-//! does not turn into vector code; these keep two pairs of 16-lane accumulators and widen to
-//! f64 once per plane. The ReLU mask is recomputed exactly as the forward computes it (a
-//! multiply and an add, not a fused multiply-add), so both agree on every element.
+//! AVX-512 f32 versions of the reductions of [`super::cpu`]: the per-plane BatchNorm sums
+//! ([`super::cpu::Real::plane_sums`], [`super::cpu::Real::plane_moments`]) and the boundary
+//! diagnostics' pair sums ([`super::cpu::Real::block_pair_sums`]). The generic versions keep
+//! eight lanes that LLVM does not turn into vector code; these keep 16-lane accumulators and
+//! widen to f64 once per plane (or accumulate in f64 where the generic version does). The ReLU
+//! mask is recomputed exactly as the forward computes it (a multiply and an add, not a fused
+//! multiply-add), so both agree on every element.
 
 use std::arch::x86_64::*;
 
@@ -115,4 +117,46 @@ pub unsafe fn plane_moments(xs: &[f32], s: f32) -> (f64, f64) {
         sum_f64(_mm512_add_ps(a0, a1)),
         sum_f64(_mm512_add_ps(b0, b1)),
     )
+}
+
+/// `[Σ a·b, Σ a², Σ b², Σ (a − b)²]` of one block, in f64: each 16-lane vector is widened to
+/// two 8-lane f64 vectors before the products.
+///
+/// # Safety
+/// AVX-512F must be available; `b` is at least as long as `a`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn block_pair_sums(a: &[f32], b: &[f32]) -> [f64; 4] {
+    let n = a.len();
+    debug_assert!(b.len() >= n);
+    let mut acc = [_mm512_setzero_pd(); 8];
+    let mut i = 0;
+    while i < n {
+        let k = if n - i >= V { 0xFFFF } else { tail(n - i) };
+        // SAFETY: lanes of `k` lie inside `a` and `b`.
+        let (va, vb) = unsafe {
+            (
+                _mm512_maskz_loadu_ps(k, a.as_ptr().add(i)),
+                _mm512_maskz_loadu_ps(k, b.as_ptr().add(i)),
+            )
+        };
+        let wide = |v: __m512, hi: bool| {
+            let half = if hi {
+                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
+            } else {
+                _mm512_castps512_ps256(v)
+            };
+            _mm512_cvtps_pd(half)
+        };
+        for (h, hi) in [false, true].into_iter().enumerate() {
+            let (p, q) = (wide(va, hi), wide(vb, hi));
+            let d = _mm512_sub_pd(p, q);
+            let s = &mut acc[4 * h..4 * h + 4];
+            s[0] = _mm512_fmadd_pd(p, q, s[0]);
+            s[1] = _mm512_fmadd_pd(p, p, s[1]);
+            s[2] = _mm512_fmadd_pd(q, q, s[2]);
+            s[3] = _mm512_fmadd_pd(d, d, s[3]);
+        }
+        i += V;
+    }
+    std::array::from_fn(|j| _mm512_reduce_add_pd(_mm512_add_pd(acc[j], acc[4 + j])))
 }
