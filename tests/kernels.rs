@@ -637,3 +637,31 @@ fn batch_norm_mask_record_and_replay_match_the_relu() {
         }
     }
 }
+
+#[test]
+fn scaled_sum_matches_candle_ops_exactly() {
+    for (n, dt) in [
+        (100_003usize, F64),
+        (37, DType::F32),
+        (16_384 * 2 + 5, DType::F32),
+    ] {
+        let a = randn(&[n], 1.0, 11, dt);
+        let b = randn(&[n], 1.0, 12, dt);
+        for (beta, alpha) in [(-1.0, 256.0), (0.37, 1.0), (0.0, -3.5)] {
+            let got = kernels::scaled_sum(&a, &b, beta, alpha).unwrap();
+            let want = (&a + b.affine(beta, 0.0).unwrap())
+                .unwrap()
+                .affine(alpha, 0.0)
+                .unwrap();
+            assert_eq!(got.dtype(), dt);
+            assert_eq!(
+                flat(std::slice::from_ref(&got)),
+                flat(std::slice::from_ref(&want)),
+                "n {n}, β {beta}, α {alpha}"
+            );
+        }
+    }
+    let a = randn(&[3, 4], 1.0, 1, F64);
+    let b = randn(&[4, 3], 1.0, 1, F64);
+    assert!(kernels::scaled_sum(&a, &b, 1.0, 1.0).is_err());
+}

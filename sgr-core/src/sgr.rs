@@ -237,7 +237,7 @@ impl Distance {
             // D = B Σ (s − t)², ∂D/∂s = 2B (s − t)
             let b = s.dim(0)? as f64;
             let [_, _, _, dd] = crate::kernels::pair_sums(s, t)?;
-            let v = (s.detach() - t.detach())?.affine(2.0 * b, 0.0)?;
+            let v = crate::kernels::scaled_sum(s, t, -1.0, 2.0 * b)?;
             return Ok((b * dd, v));
         }
         let sv = Var::from_tensor(&s.detach())?;
@@ -482,7 +482,6 @@ fn fd_term_grad(
             grads,
         });
     }
-    let step = (v * (eps / rms))?;
     let x = x.detach();
     let signs: &[f64] = if base_grads.is_some() {
         &[1.0]
@@ -491,11 +490,18 @@ fn fd_term_grad(
     };
     let mut losses = Vec::with_capacity(2);
     for &sign in signs {
-        let shift = (&step * sign)?;
+        // the point site + sign·ε·v/rms, each in one parallel pass
+        let c = sign * eps / rms;
         let mut ctx = Ctx::train_replaying(masks.to_vec());
         let f = match site {
-            Site::Input => p.forward(&(&x + &shift)?, OutputShift::None, &mut ctx)?,
-            Site::Output => p.forward(&x, OutputShift::Add(&shift), &mut ctx)?,
+            Site::Input => {
+                let shifted = crate::kernels::scaled_sum(&x, &v, c, 1.0)?;
+                p.forward(&shifted, OutputShift::None, &mut ctx)?
+            }
+            Site::Output => {
+                let shift = crate::kernels::scaled_sum(&v, &v, 0.0, c)?;
+                p.forward(&x, OutputShift::Add(&shift), &mut ctx)?
+            }
         };
         if ctx.replay_position() != Some(masks.len()) {
             return Err(Error::InvalidConfig(format!(

@@ -980,6 +980,18 @@ pub fn bn_backward_input<T: Real>(
         });
 }
 
+/// `o = α·(a + β·b)`, in parallel blocks.
+pub fn scaled_sum<T: Real>(a: &[T], b: &[T], beta: f64, alpha: f64, o: &mut [MaybeUninit<T>]) {
+    let (al, be) = (T::from_f64(alpha), T::from_f64(beta));
+    o.par_chunks_mut(1 << 14)
+        .zip(a.par_chunks(1 << 14).zip(b.par_chunks(1 << 14)))
+        .for_each(|(or, (ar, br))| {
+            for ((u, &x), &y) in or.iter_mut().zip(ar).zip(br) {
+                u.write(al * (x + be * y));
+            }
+        });
+}
+
 /// `max(x, 0)`.
 pub fn relu<T: Real>(x: &[T], y: &mut [MaybeUninit<T>]) {
     y.par_chunks_mut(1 << 14)

@@ -1028,6 +1028,43 @@ impl CustomOp2 for ReluGrad {
     }
 }
 
+/// `α·(a + β·b)` of two tensors of one shape, rounded as those operations in that order, in
+/// one parallel pass (candle's scalar `affine` runs on one thread), detached. Falls back to
+/// candle's ops off the CPU or for other dtypes.
+pub fn scaled_sum(a: &Tensor, b: &Tensor, beta: f64, alpha: f64) -> candle_core::Result<Tensor> {
+    if a.shape() != b.shape() {
+        candle_core::bail!(
+            "scaled_sum: shapes {:?} and {:?} differ",
+            a.shape(),
+            b.shape()
+        );
+    }
+    if !(supported(a) && supported(b) && a.dtype() == b.dtype()) {
+        return (a.detach() + b.detach().affine(beta, 0.0)?)?.affine(alpha, 0.0);
+    }
+    struct ScaledSum(f64, f64);
+    impl CustomOp2 for ScaledSum {
+        fn name(&self) -> &'static str {
+            "sgr-scaled-sum"
+        }
+        fn cpu_fwd(
+            &self,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            let out = with_slices!(self.name(), [(s1, l1, x), (s2, l2, y)], {
+                // SAFETY: scaled_sum writes every output element.
+                unsafe { cpu::alloc_filled(x.len(), |o| cpu::scaled_sum(x, y, self.0, self.1, o)) }
+            });
+            Ok((out, l1.shape().clone()))
+        }
+    }
+    a.contiguous()?
+        .apply_op2_no_bwd(&b.contiguous()?, &ScaledSum(beta, alpha))
+}
+
 /// ReLU with candle's convention ReLU'(0) = 1; twice differentiable like candle's.
 pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
