@@ -43,13 +43,7 @@ pub trait Real:
     }
     /// `(Σ g', Σ g'·(x − μ))` over one plane, `g'` the gradient `gs` masked as `mask` says.
     fn plane_sums(xs: &[Self], gs: &[Self], mu: Self, mask: PlaneMask<'_, Self>) -> (f64, f64) {
-        match mask {
-            PlaneMask::None => lane_sum2(xs, gs, mu, |_, g| g),
-            PlaneMask::Relu { mean, scale, shift } => {
-                lane_sum2(xs, gs, mu, |x, g| masked(g, scale * (x - mean) + shift))
-            }
-            PlaneMask::Mask(m) => lane_sum2_masked(xs, gs, m, mu),
-        }
+        lane_plane_sums(xs, gs, mu, mask)
     }
     /// `(Σ (x − s), Σ (x − s)²)` over one plane.
     fn plane_moments(xs: &[Self], s: Self) -> (f64, f64) {
@@ -122,13 +116,7 @@ impl Real for f32 {
             // SAFETY: AVX-512F is available; the lengths are checked above.
             return unsafe { super::reductions::plane_sums(xs, gs, mu, mask) };
         }
-        match mask {
-            PlaneMask::None => lane_sum2(xs, gs, mu, |_, g| g),
-            PlaneMask::Relu { mean, scale, shift } => {
-                lane_sum2(xs, gs, mu, |x, g| masked(g, scale * (x - mean) + shift))
-            }
-            PlaneMask::Mask(m) => lane_sum2_masked(xs, gs, m, mu),
-        }
+        lane_plane_sums(xs, gs, mu, mask)
     }
     fn plane_moments(xs: &[f32], s: f32) -> (f64, f64) {
         #[cfg(target_arch = "x86_64")]
@@ -570,6 +558,17 @@ fn lane_sum2_masked<T: Real>(xs: &[T], gs: &[T], ms: &[T], mu: T) -> (f64, f64) 
     sa += a.iter().map(|v| v.to_f64()).sum::<f64>();
     sb += b.iter().map(|v| v.to_f64()).sum::<f64>();
     (sa, sb)
+}
+
+/// [`Real::plane_sums`] in eight `T` lanes.
+fn lane_plane_sums<T: Real>(xs: &[T], gs: &[T], mu: T, mask: PlaneMask<'_, T>) -> (f64, f64) {
+    match mask {
+        PlaneMask::None => lane_sum2(xs, gs, mu, |_, g| g),
+        PlaneMask::Relu { mean, scale, shift } => {
+            lane_sum2(xs, gs, mu, |x, g| masked(g, scale * (x - mean) + shift))
+        }
+        PlaneMask::Mask(m) => lane_sum2_masked(xs, gs, m, mu),
+    }
 }
 
 /// `(Σ g', Σ g'·(x − μ))` over a plane with `g' = f(x, g)`, as [`lane_sum`].

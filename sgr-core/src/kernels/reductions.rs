@@ -28,6 +28,31 @@ fn sum_f64(v: __m512) -> f64 {
     _mm512_reduce_add_pd(_mm512_add_pd(lo, hi))
 }
 
+/// Runs `step(i, lanes, a, b)` over `n` elements, 16 at a time: full vectors alternate
+/// between two pairs of accumulators (two independent addition chains), the tail is masked.
+/// Returns `(Σ a, Σ b)` in f64.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn two_sums(n: usize, step: impl Fn(usize, __mmask16, &mut __m512, &mut __m512)) -> (f64, f64) {
+    let zero = _mm512_setzero_ps();
+    let (mut a0, mut b0, mut a1, mut b1) = (zero, zero, zero, zero);
+    let mut i = 0;
+    while i + 2 * V <= n {
+        step(i, 0xFFFF, &mut a0, &mut b0);
+        step(i + V, 0xFFFF, &mut a1, &mut b1);
+        i += 2 * V;
+    }
+    while i < n {
+        let lanes = if n - i >= V { 0xFFFF } else { tail(n - i) };
+        step(i, lanes, &mut a0, &mut b0);
+        i += V;
+    }
+    (
+        sum_f64(_mm512_add_ps(a0, a1)),
+        sum_f64(_mm512_add_ps(b0, b1)),
+    )
+}
+
 /// `(Σ g', Σ g'·(x − μ))` over one plane, `g'` the gradient masked as `mask` says.
 ///
 /// # Safety
@@ -60,26 +85,7 @@ pub unsafe fn plane_sums(xs: &[f32], gs: &[f32], mu: f32, mask: PlaneMask<'_, f3
         *a = _mm512_add_ps(*a, g);
         *b = _mm512_fmadd_ps(g, _mm512_sub_ps(x, vmu), *b);
     };
-    let (mut a0, mut b0, mut a1, mut b1) = (zero, zero, zero, zero);
-    let mut i = 0;
-    while i + 2 * V <= n {
-        step(i, 0xFFFF, &mut a0, &mut b0);
-        step(i + V, 0xFFFF, &mut a1, &mut b1);
-        i += 2 * V;
-    }
-    while i < n {
-        step(
-            i,
-            if n - i >= V { 0xFFFF } else { tail(n - i) },
-            &mut a0,
-            &mut b0,
-        );
-        i += V;
-    }
-    (
-        sum_f64(_mm512_add_ps(a0, a1)),
-        sum_f64(_mm512_add_ps(b0, b1)),
-    )
+    two_sums(n, step)
 }
 
 /// `(Σ (x − s), Σ (x − s)²)` over one plane.
@@ -96,27 +102,7 @@ pub unsafe fn plane_moments(xs: &[f32], s: f32) -> (f64, f64) {
         *a = _mm512_add_ps(*a, d);
         *b = _mm512_fmadd_ps(d, d, *b);
     };
-    let zero = _mm512_setzero_ps();
-    let (mut a0, mut b0, mut a1, mut b1) = (zero, zero, zero, zero);
-    let mut i = 0;
-    while i + 2 * V <= n {
-        step(i, 0xFFFF, &mut a0, &mut b0);
-        step(i + V, 0xFFFF, &mut a1, &mut b1);
-        i += 2 * V;
-    }
-    while i < n {
-        step(
-            i,
-            if n - i >= V { 0xFFFF } else { tail(n - i) },
-            &mut a0,
-            &mut b0,
-        );
-        i += V;
-    }
-    (
-        sum_f64(_mm512_add_ps(a0, a1)),
-        sum_f64(_mm512_add_ps(b0, b1)),
-    )
+    two_sums(n, step)
 }
 
 /// `[Σ a·b, Σ a², Σ b², Σ (a − b)²]` of one block, in f64: each 16-lane vector is widened to
