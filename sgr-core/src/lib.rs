@@ -19,6 +19,7 @@
 
 pub mod autograd;
 pub mod checkpoint;
+pub mod ctx;
 mod error;
 pub mod events;
 pub mod kernels;

@@ -1,9 +1,8 @@
 //! Building blocks written from candle primitives, so that every one of them is differentiable
 //! twice (candle-notes.md: several fused candle-nn ops cut the graph silently).
 //!
-//! * [`Ctx`] carries the forward mode: training or evaluation, whether BatchNorm updates its
-//!   running statistics, and whether ReLU masks are recorded or replayed (the finite-difference
-//!   SGR gradient replays the masks of the base point in its perturbed passes).
+//! * [`Ctx`] (re-exported from [`crate::ctx`]) carries the forward mode and the tape of
+//!   non-smooth decisions that the finite-difference SGR gradient replays.
 //! * Layers own their parameters as [`candle_core::Var`]s and list them with
 //!   [`Layer::params`] under torchvision-style names.
 
@@ -11,6 +10,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+pub use crate::ctx::{Ctx, Decision, ReluMode};
 use crate::Result;
 
 /// Whether a named tensor is trained or is a buffer (BatchNorm running statistics).
@@ -37,125 +37,6 @@ pub struct Param {
 pub trait Layer {
     /// The layer's tensors, prefixed with the layer's name.
     fn params(&self) -> Vec<Param>;
-}
-
-/// How ReLUs behave in a forward pass.
-#[derive(Debug, Default)]
-enum ReluMode {
-    #[default]
-    Plain,
-    /// Record the mask `x >= 0` of every ReLU, in call order.
-    Record(Vec<Tensor>),
-    /// Multiply by the recorded masks instead of thresholding.
-    Replay { masks: Vec<Tensor>, pos: usize },
-}
-
-/// Forward context threaded through every layer.
-#[derive(Debug)]
-pub struct Ctx {
-    train: bool,
-    update_bn_stats: bool,
-    relu: ReluMode,
-}
-
-impl Ctx {
-    /// Training mode: BatchNorm uses batch statistics and updates its running statistics.
-    pub fn train() -> Self {
-        Self {
-            train: true,
-            update_bn_stats: true,
-            relu: ReluMode::Plain,
-        }
-    }
-
-    /// Evaluation mode: BatchNorm uses its running statistics.
-    pub fn eval() -> Self {
-        Self {
-            train: false,
-            update_bn_stats: false,
-            relu: ReluMode::Plain,
-        }
-    }
-
-    /// Training mode that records every ReLU mask (the base point of a finite difference).
-    pub fn train_recording() -> Self {
-        Self {
-            relu: ReluMode::Record(Vec::new()),
-            ..Self::train()
-        }
-    }
-
-    /// Training-mode batch statistics, running statistics left untouched, ReLU masks replayed.
-    pub fn train_replaying(masks: Vec<Tensor>) -> Self {
-        Self {
-            train: true,
-            update_bn_stats: false,
-            relu: ReluMode::Replay { masks, pos: 0 },
-        }
-    }
-
-    /// Training-mode forward that leaves BatchNorm running statistics untouched.
-    pub fn train_frozen_stats() -> Self {
-        Self {
-            update_bn_stats: false,
-            ..Self::train()
-        }
-    }
-
-    /// Whether layers run in training mode.
-    pub fn is_train(&self) -> bool {
-        self.train
-    }
-
-    /// Takes the masks recorded so far (empty unless recording).
-    pub fn take_masks(&mut self) -> Vec<Tensor> {
-        match &mut self.relu {
-            ReluMode::Record(m) => std::mem::take(m),
-            ReluMode::Replay { masks, .. } => std::mem::take(masks),
-            ReluMode::Plain => Vec::new(),
-        }
-    }
-
-    /// Number of masks consumed by a replaying context.
-    pub fn replay_position(&self) -> Option<usize> {
-        match &self.relu {
-            ReluMode::Replay { pos, .. } => Some(*pos),
-            _ => None,
-        }
-    }
-
-    /// ReLU following the context's mode. The derivative at 0 is 1, as in candle's `relu`.
-    pub fn relu(&mut self, x: &Tensor) -> Result<Tensor> {
-        match &mut self.relu {
-            ReluMode::Plain => relu(x),
-            ReluMode::Record(masks) => {
-                masks.push(x.ge(0.0)?.to_dtype(x.dtype())?.detach());
-                relu(x)
-            }
-            ReluMode::Replay { .. } => {
-                let mask = self.next_replay_mask()?;
-                Ok(x.mul(&mask)?)
-            }
-        }
-    }
-
-    /// The next recorded mask of a replaying context.
-    fn next_replay_mask(&mut self) -> Result<Tensor> {
-        match &mut self.relu {
-            ReluMode::Replay { masks, pos } => {
-                let mask = masks.get(*pos).cloned().ok_or_else(|| {
-                    crate::Error::InvalidConfig(format!(
-                        "ReLU replay ran out of recorded masks after {pos}"
-                    ))
-                })?;
-                *pos += 1;
-                Ok(mask)
-            }
-            _ => Err(crate::Error::InvalidConfig(
-                "no ReLU masks to replay: the context does not replay".into(),
-            )),
-        }
-    }
 }
 
 /// ReLU (derivative 1 at 0, as candle's): the fused kernel on the CPU, candle's op elsewhere.
@@ -338,11 +219,11 @@ impl BatchNorm {
         let mut shape = vec![1usize; rank];
         shape[1] = c;
         let reduce: Vec<usize> = (0..rank).filter(|&d| d != 1).collect();
-        let xhat = if ctx.train {
+        let xhat = if ctx.is_train() {
             let mean = x.mean_keepdim(reduce.as_slice())?;
             let centred = x.broadcast_sub(&mean)?;
             let var = centred.sqr()?.mean_keepdim(reduce.as_slice())?;
-            if ctx.update_bn_stats {
+            if ctx.updates_bn_stats() {
                 self.update_running_stats(&mean, &var, x.elem_count() / c)?;
             }
             centred.broadcast_div(&(var + self.eps)?.sqrt()?)?
@@ -371,13 +252,12 @@ impl BatchNorm {
             let stats = self.fused_stats(x, ctx)?;
             let (w, b, eps) = (self.weight.as_tensor(), self.bias.as_tensor(), self.eps);
             if relu {
-                match &mut ctx.relu {
+                match ctx.relu_mode()? {
                     ReluMode::Plain => {}
-                    ReluMode::Record(masks) => masks.push(crate::kernels::batch_norm_relu_mask(
-                        x, w, b, residual, &stats, eps,
-                    )?),
-                    ReluMode::Replay { .. } => {
-                        let mask = ctx.next_replay_mask()?;
+                    ReluMode::Record => ctx.record(Decision::Relu(
+                        crate::kernels::batch_norm_relu_mask(x, w, b, residual, &stats, eps)?,
+                    )),
+                    ReluMode::Replay(mask) => {
                         return Ok(crate::kernels::batch_norm_train_masked(
                             x, w, b, residual, &mask, &stats, eps,
                         )?);
@@ -403,13 +283,13 @@ impl BatchNorm {
     /// whose backward keeps gradient graphs (`autograd::gradients_keep_graph`; their backward
     /// is first order only).
     fn fused(x: &Tensor, ctx: &Ctx) -> bool {
-        ctx.train && crate::kernels::supported(x) && !crate::autograd::gradients_keep_graph()
+        ctx.is_train() && crate::kernels::supported(x) && !crate::autograd::gradients_keep_graph()
     }
 
     /// Batch statistics `[2, C]` by the fused kernel, running statistics updated if allowed.
     fn fused_stats(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let stats = crate::kernels::batch_stats(x)?;
-        if ctx.update_bn_stats {
+        if ctx.updates_bn_stats() {
             let n = x.elem_count() / x.dim(1)?;
             self.update_running_stats(&stats.get(0)?, &stats.get(1)?, n)?;
         }

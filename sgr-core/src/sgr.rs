@@ -130,7 +130,7 @@ pub struct BasePass {
     /// b_k = ∂L_k/∂ĥ, the gradient at the module's input (when requested).
     pub input_grad: Option<Tensor>,
     /// ReLU masks of this point (when requested).
-    pub masks: Vec<Tensor>,
+    pub masks: Vec<crate::ctx::Decision>,
 }
 
 /// Forward and backward of a module's local loss at `x` (treated as detached: nothing flows
@@ -378,7 +378,7 @@ pub enum Site {
 pub struct BasePoint<'a> {
     /// ReLU masks recorded there: the finite differences replay them; the exact way replays them
     /// when given (so that it differentiates the same piecewise-linear function).
-    pub masks: &'a [Tensor],
+    pub masks: &'a [crate::ctx::Decision],
     /// ∇_θ L_k there, for each of [`LocalProblem::vars`] (the one-sided difference's base value).
     pub grads: &'a [Tensor],
 }
@@ -446,7 +446,7 @@ fn fd_term_grad(
     site: Site,
     site_grad: &Tensor,
     target: &Tensor,
-    masks: &[Tensor],
+    masks: &[crate::ctx::Decision],
     base_grads: Option<&[Tensor]>,
     distance: Distance,
     eps: f64,
@@ -544,7 +544,7 @@ fn exact_term_grad(
     x: &Tensor,
     site: Site,
     target: &Tensor,
-    masks: &[Tensor],
+    masks: &[crate::ctx::Decision],
     distance: Distance,
 ) -> Result<SgrTermGrad> {
     let target = target.detach();

@@ -127,7 +127,7 @@ pub struct TrainerState {
 struct Pending {
     k: usize,
     input: Tensor,
-    masks: Vec<Tensor>,
+    masks: Vec<crate::ctx::Decision>,
     grads: Vec<Tensor>,
     output_grad: Tensor,
 }
