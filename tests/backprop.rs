@@ -11,6 +11,10 @@ use sgr_integration_tests::{flat, randn, rel_err};
 
 const F64: DType = DType::F64;
 
+/// Held while a test sets `CANDLE_GRAD_DO_NOT_DETACH`, and by fresh threads of other tests
+/// around their first backward pass, where candle reads the variable for the thread.
+static ENV_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn var(shape: &[usize], seed: u64) -> Var {
     Var::from_tensor(&randn(shape, 0.5, seed, F64)).expect("var")
 }
@@ -165,15 +169,14 @@ fn double_backward_matches_finite_differences_in_f64() {
 #[test]
 fn fused_layers_fall_back_on_threads_whose_backward_keeps_graphs() {
     // candle caches `CANDLE_GRAD_DO_NOT_DETACH` per thread at its first backward, and the
-    // variable is process-wide: a thread that starts while another runs
-    // `autograd::with_second_order` (or under a user's setting) keeps gradient graphs. Its
-    // first-order local steps must still work (the fused BatchNorm is first order only).
-    use sgr_core::sgr::{base_pass, CrossEntropyModule};
+    // variable is process-wide: a thread that starts under a user's setting keeps gradient
+    // graphs, as does one inside `autograd::with_second_order`. Its first-order local steps
+    // must still work (the fused BatchNorm is first order only).
+    use sgr_core::sgr::{base_pass, LocalModule};
     use sgr_integration_tests::{labels, resnet};
     use sgr_models::HeadKind;
-    // A plain thread keeps no graphs. (Another test's `with_second_order` sets the variable
-    // for a moment; a fresh thread that starts in that moment would read it as set, so one of
-    // three fresh threads is enough.)
+    // A plain thread keeps no graphs. (Only this test sets the variable, after this check; one
+    // of three fresh threads is enough all the same.)
     let plain = (0..3).any(|_| {
         std::thread::spawn(|| !autograd::gradients_keep_graph())
             .join()
@@ -181,6 +184,7 @@ fn fused_layers_fall_back_on_threads_whose_backward_keeps_graphs() {
     });
     assert!(plain, "a plain thread keeps gradient graphs");
     let (tx, rx) = std::sync::mpsc::channel();
+    let env = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     std::env::set_var("CANDLE_GRAD_DO_NOT_DETACH", "1");
     let worker = std::thread::spawn(move || {
         let keeps = autograd::thread_keeps_gradient_graph().unwrap();
@@ -190,15 +194,160 @@ fn fused_layers_fall_back_on_threads_whose_backward_keeps_graphs() {
         let net = resnet(8, 3, 2, HeadKind::OneConvTwoFc, 3, DType::F32);
         let x = randn(&[4, 3, 8, 8], 1.0, 4, DType::F32);
         let y = labels(4, 5);
-        let prob = CrossEntropyModule {
+        let prob = LocalModule {
             net: &net,
             k: 0,
-            labels: &y,
+            batch: &sgr_integration_tests::targets(&y),
         };
         let base = base_pass(&prob, &x, true, true).expect("a first-order local step");
-        assert!(base.loss.is_finite());
+        assert!(base.loss_value().unwrap().is_finite());
     });
     rx.recv().unwrap();
     std::env::remove_var("CANDLE_GRAD_DO_NOT_DETACH");
+    drop(env);
     worker.join().unwrap();
+}
+
+const CUBIC_AT: [f64; 4] = [0.3, -1.2, 0.7, 2.0];
+const CUBIC_U: [f64; 4] = [1.0, -0.5, 0.25, 2.0];
+
+/// `x` at [`CUBIC_AT`], the gradient of `L = Σ (x + 1)³` and (given `u`) the gradient of
+/// `∇L · u`. `x` enters through an affine map, so `∇L` carries a graph only if candle kept the
+/// gradient at `x + 1` undetached.
+fn cubic_grads(u: Option<&Tensor>) -> candle_core::Result<(Tensor, Tensor, Option<Tensor>)> {
+    let x = Var::from_tensor(&Tensor::new(&CUBIC_AT, &Device::Cpu)?)?;
+    let x1 = x.as_tensor().affine(1.0, 1.0)?;
+    let loss = (x1.sqr()? * &x1)?.sum_all()?;
+    let g = loss.backward()?.get(x.as_tensor()).expect("grad").clone();
+    let hu = match u {
+        Some(u) => {
+            let store = (&g * u)?.sum_all()?.backward()?;
+            Some(
+                store
+                    .get(x.as_tensor())
+                    .expect("second-order grad")
+                    .detach(),
+            )
+        }
+        None => None,
+    };
+    Ok((x.as_tensor().detach(), g, hu))
+}
+
+fn assert_close(got: &Tensor, want: impl Fn(f64, f64) -> f64, what: &str) {
+    let got = got.to_vec1::<f64>().unwrap();
+    for (i, g) in got.iter().enumerate() {
+        let w = want(CUBIC_AT[i], CUBIC_U[i]);
+        assert!(
+            (g - w).abs() <= 1e-12 * w.abs().max(1.0),
+            "{what}[{i}]: {g} vs {w}"
+        );
+    }
+}
+
+#[test]
+fn second_order_scope_leaves_concurrent_plain_threads_alone() {
+    // One thread runs double backward passes in `autograd::with_second_order`, one loop starts
+    // fresh threads that run plain backward passes meanwhile. The plain gradients must never
+    // carry a graph. (Fresh threads, because candle reads `CANDLE_GRAD_DO_NOT_DETACH` once per
+    // thread, at its first backward: an implementation that sets the process-wide variable
+    // fails when such a first backward overlaps; the overlap is a matter of timing, so this
+    // test catches it often, not always.)
+    const ROUNDS: usize = 400;
+    const MIN_PLAIN: usize = 100;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let before = autograd::gradients_keep_graph();
+            let u = Tensor::new(&CUBIC_U, &Device::Cpu).unwrap();
+            for _ in 0..ROUNDS {
+                let (g, hu) = autograd::with_second_order(|| {
+                    assert!(autograd::on_second_order_thread());
+                    assert!(autograd::gradients_keep_graph());
+                    let (_, g, hu) = cubic_grads(Some(&u))?;
+                    assert!(g.track_op(), "second-order gradients keep their graph");
+                    Ok((g.detach(), hu.expect("second-order grad")))
+                })
+                .unwrap();
+                assert_close(&g, |x, _| 3.0 * (x + 1.0).powi(2), "∇L");
+                assert_close(&hu, |x, u| 6.0 * (x + 1.0) * u, "∇(∇L·u)");
+            }
+            assert!(!autograd::on_second_order_thread());
+            assert_eq!(
+                autograd::gradients_keep_graph(),
+                before,
+                "the setting is restored"
+            );
+            done.store(true, std::sync::atomic::Ordering::Release);
+        });
+        let mut plain = 0;
+        while plain < MIN_PLAIN || !done.load(std::sync::atomic::Ordering::Acquire) {
+            std::thread::spawn(|| {
+                let env = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+                let first = cubic_grads(None).unwrap().1;
+                drop(env);
+                for g in [first, cubic_grads(None).unwrap().1] {
+                    assert!(!g.track_op(), "a plain thread's gradient carries a graph");
+                    assert_close(&g, |x, _| 3.0 * (x + 1.0).powi(2), "plain ∇L");
+                }
+                assert!(!autograd::gradients_keep_graph());
+                assert!(!autograd::on_second_order_thread());
+            })
+            .join()
+            .unwrap();
+            plain += 1;
+        }
+    });
+}
+
+#[test]
+fn second_order_scope_is_restored_after_errors_panics_and_nesting() {
+    let before = autograd::gradients_keep_graph();
+    let failed = autograd::with_second_order(|| -> sgr_core::Result<()> {
+        assert!(autograd::gradients_keep_graph());
+        Err(sgr_core::Error::InvalidConfig("inside".into()))
+    });
+    assert!(failed.is_err());
+    assert_eq!(autograd::gradients_keep_graph(), before);
+    assert!(!autograd::on_second_order_thread());
+    let panicked = std::panic::catch_unwind(|| {
+        autograd::with_second_order(|| -> sgr_core::Result<()> { panic!("inside") })
+    });
+    assert!(panicked.is_err());
+    assert_eq!(autograd::gradients_keep_graph(), before);
+    assert!(!autograd::on_second_order_thread());
+    autograd::with_second_order(|| {
+        autograd::with_second_order(|| Ok(()))?;
+        assert!(
+            autograd::on_second_order_thread(),
+            "an inner scope leaves the outer one on"
+        );
+        assert!(autograd::gradients_keep_graph());
+        assert!(autograd::thread_keeps_gradient_graph()?);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(autograd::gradients_keep_graph(), before);
+}
+
+#[test]
+fn second_order_scope_on_a_rayon_worker_runs_off_the_pool() {
+    // A rayon worker that waits for parallel work may run unrelated jobs: they must not
+    // inherit the switch, so `with_second_order` leaves the pool there.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let before = autograd::gradients_keep_graph();
+        let inside = autograd::with_second_order(|| {
+            Ok((
+                rayon::current_thread_index(),
+                autograd::gradients_keep_graph(),
+            ))
+        })
+        .unwrap();
+        assert_eq!(inside, (None, true));
+        assert_eq!(autograd::gradients_keep_graph(), before);
+    });
 }

@@ -579,7 +579,10 @@ fn pair_sums_match_candle_in_f64() {
     ] {
         let a = randn(&[n], 1.0, 1, dt);
         let b = (randn(&[n], 1.0, 2, dt) + 0.5).unwrap();
-        let got = kernels::pair_sums(&a, &b).unwrap();
+        let got = kernels::pair_sums(&a, &b)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let (a, b) = (a.to_dtype(F64).unwrap(), b.to_dtype(F64).unwrap());
         let s = |t: Tensor| t.sum_all().unwrap().to_scalar::<f64>().unwrap();
         let want = [

@@ -46,6 +46,14 @@ pub fn randn(shape: &[usize], std: f64, seed: u64, dtype: DType) -> Tensor {
         .expect("tensor")
 }
 
+/// A batch that carries `labels` as its targets (its input is not read by cross-entropy
+/// objectives, which see the module's own input).
+pub fn targets(labels: &Tensor) -> sgr_core::objective::Batch {
+    let n = labels.dim(0).expect("labels");
+    let dummy = Tensor::zeros((n, 1), DType::F32, labels.device()).expect("input");
+    sgr_core::objective::Batch::labelled(dummy, labels.clone())
+}
+
 /// Integer labels in 0..10.
 pub fn labels(n: usize, seed: u64) -> Tensor {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Tensor, Var};
 use sgr_core::sgr::{
-    base_pass, sgr_term_grad, BasePoint, CrossEntropyModule, Distance, LocalProblem, SgrConfig,
+    base_pass, sgr_term_grad, BasePoint, LocalModule, Distance, LocalProblem, SgrConfig,
     SgrGrad, Site,
 };
 use sgr_integration_tests::{abs_sum, flat, labels, randn, rel_err, resnet};
@@ -59,7 +59,7 @@ fn objective(
         .unwrap()
         .to_scalar::<f64>()
         .unwrap();
-    bp.loss + lambda * dv
+    bp.loss_value().unwrap() + lambda * dv
 }
 
 fn nudge(var: &Var, index: usize, delta: f64) {
@@ -93,17 +93,17 @@ fn exact_sgr_gradient_equals_f64_finite_differences_of_j() {
             .relu()
             .unwrap();
         let y = labels(4, 3);
-        let prob = CrossEntropyModule {
+        let prob = LocalModule {
             net: &net,
             k: 1,
-            labels: &y,
+            batch: &sgr_integration_tests::targets(&y),
         };
         let base = base_pass(&prob, &x, true, false).unwrap();
         let s0 = site_grad(&base, site);
         let t = target_near(&s0, 99 + ci as u64);
         // λ makes both parts of J comparable, so the term is really tested.
         let d0 = distance.eval(&s0, &t).unwrap().to_scalar::<f64>().unwrap();
-        let lambda = 0.7 * base.loss / d0;
+        let lambda = 0.7 * base.loss_value().unwrap() / d0;
         let term = sgr_term_grad(
             &prob,
             &x,
@@ -179,10 +179,10 @@ fn finite_difference_sgr_gradient_matches_exact_on_resnet_module() {
         if k > 0 {
             x = x.relu().unwrap();
         }
-        let prob = CrossEntropyModule {
+        let prob = LocalModule {
             net: &net,
             k,
-            labels: &y,
+            batch: &sgr_integration_tests::targets(&y),
         };
         let base = base_pass(&prob, &x, true, true).unwrap();
         assert!(!base.masks.is_empty());
@@ -226,10 +226,10 @@ fn replayed_masks_are_what_makes_the_difference_accurate() {
     let net = resnet(20, 3, 3, HeadKind::OneConvTwoFc, 7, DType::F32);
     let y = labels(32, 1);
     let x = randn(&[32, 16, 16, 16], 1.0, 3, DType::F32).relu().unwrap();
-    let prob = CrossEntropyModule {
+    let prob = LocalModule {
         net: &net,
         k: 1,
-        labels: &y,
+        batch: &sgr_integration_tests::targets(&y),
     };
     let base = base_pass(&prob, &x, true, true).unwrap();
     let s0 = base.input_grad.clone().unwrap();
@@ -258,6 +258,7 @@ fn replayed_masks_are_what_makes_the_difference_accurate() {
     )
     .unwrap();
     let wrong_base = BasePoint {
+        seed: 0,
         masks: &other.masks,
         grads: &base.grads,
     };
@@ -280,10 +281,10 @@ fn every_trainable_parameter_gets_a_nonzero_gradient() {
         let y = labels(8, 2);
         let mut h = x0.clone();
         for k in 0..net.num_modules() {
-            let prob = CrossEntropyModule {
+            let prob = LocalModule {
                 net: &net,
                 k,
-                labels: &y,
+                batch: &sgr_integration_tests::targets(&y),
             };
             let names: Vec<String> = net
                 .module_trainable(k)

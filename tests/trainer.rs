@@ -5,15 +5,21 @@ use candle_core::{DType, Device, Tensor};
 use sgr_core::network::LocalNetwork;
 use sgr_core::nn::Ctx;
 use sgr_core::optim::{OptimizerConfig, Schedule};
-use sgr_core::sgr::{base_pass, CrossEntropyModule, Direction, Distance, SgrConfig, SgrGrad};
-use sgr_core::trainer::{Method, Trainer, TrainerConfig};
+use sgr_core::method::Method;
+use sgr_core::objective::Batch;
+use sgr_core::sgr::{base_pass, Direction, Distance, LocalModule, SgrConfig, SgrGrad};
+use sgr_core::trainer::{Trainer, TrainerConfig};
 use sgr_integration_tests::{abs_sum, labels, max_param_diff, randn, resnet};
 use sgr_models::HeadKind;
 
+/// The method with `sgr` as its SGR settings when it has the term.
 fn tcfg(method: Method, sgr: SgrConfig) -> TrainerConfig {
     TrainerConfig {
-        method,
-        sgr,
+        method: Method {
+            sgr: method.sgr.map(|_| sgr),
+            ..method
+        },
+        seed: 0,
         optimizer: OptimizerConfig::default(),
         lr: 0.1,
         schedule: Schedule::Constant,
@@ -43,14 +49,14 @@ fn k1_greedy_and_bp_take_the_same_step() {
     let a = resnet(8, 3, 1, HeadKind::OneConvTwoFc, 5, DType::F32);
     let b = resnet(8, 3, 1, HeadKind::OneConvTwoFc, 5, DType::F32);
     assert_eq!(max_param_diff(&a, &b), 0.0);
-    let mut ta = Trainer::new(a, tcfg(Method::Bp, SgrConfig::default())).unwrap();
-    let mut tb = Trainer::new(b, tcfg(Method::Greedy, SgrConfig::default())).unwrap();
+    let mut ta = Trainer::new(a, tcfg(Method::bp(), SgrConfig::default())).unwrap();
+    let mut tb = Trainer::new(b, tcfg(Method::greedy(), SgrConfig::default())).unwrap();
     let before = snapshot(ta.network());
     for s in 0..3 {
         let (x, y) = batch(s);
-        let ma = ta.train_step(&x, &y).unwrap();
-        let mb = tb.train_step(&x, &y).unwrap();
-        assert!((ma.module_losses[0] - mb.module_losses[0]).abs() < 1e-6);
+        let ma = ta.train_step(&Batch::labelled(x.clone(), y.clone())).unwrap();
+        let mb = tb.train_step(&Batch::labelled(x.clone(), y.clone())).unwrap();
+        assert!((ma.losses().unwrap()[0] - mb.losses().unwrap()[0]).abs() < 1e-6);
     }
     let d = max_param_diff(ta.network(), tb.network());
     assert!(d < 1e-6, "bp and greedy K=1 differ by {d}");
@@ -73,18 +79,18 @@ fn sgr_with_zero_lambda_is_exactly_greedy() {
     ] {
         let g = resnet(8, 3, 4, HeadKind::OneConvTwoFc, 9, DType::F32);
         let s = resnet(8, 3, 4, HeadKind::OneConvTwoFc, 9, DType::F32);
-        let mut tg = Trainer::new(g, tcfg(Method::Greedy, SgrConfig::default())).unwrap();
+        let mut tg = Trainer::new(g, tcfg(Method::greedy(), SgrConfig::default())).unwrap();
         let sgr = SgrConfig {
             lambda: 0.0,
             grad,
             direction,
             ..SgrConfig::default()
         };
-        let mut ts = Trainer::new(s, tcfg(Method::Sgr, sgr)).unwrap();
+        let mut ts = Trainer::new(s, tcfg(Method::sgr(SgrConfig::default()), sgr)).unwrap();
         for st in 0..2 {
             let (x, y) = batch(10 + st);
-            tg.train_step(&x, &y).unwrap();
-            ts.train_step(&x, &y).unwrap();
+            tg.train_step(&Batch::labelled(x.clone(), y.clone())).unwrap();
+            ts.train_step(&Batch::labelled(x.clone(), y.clone())).unwrap();
         }
         let d = max_param_diff(tg.network(), ts.network());
         assert_eq!(
@@ -100,27 +106,27 @@ fn sgr_with_zero_lambda_is_exactly_greedy() {
 fn sgr_term_changes_the_step_and_aligns_gradients() {
     let g = resnet(8, 3, 4, HeadKind::OneConvTwoFc, 9, DType::F32);
     let s = resnet(8, 3, 4, HeadKind::OneConvTwoFc, 9, DType::F32);
-    let mut tg = Trainer::new(g, tcfg(Method::Greedy, SgrConfig::default())).unwrap();
+    let mut tg = Trainer::new(g, tcfg(Method::greedy(), SgrConfig::default())).unwrap();
     let sgr = SgrConfig {
         lambda: 1.0,
         distance: Distance::Cosine,
         ..SgrConfig::default()
     };
-    let mut ts = Trainer::new(s, tcfg(Method::Sgr, sgr)).unwrap();
+    let mut ts = Trainer::new(s, tcfg(Method::sgr(SgrConfig::default()), sgr)).unwrap();
     let (x, y) = batch(3);
     for _ in 0..8 {
-        tg.train_step(&x, &y).unwrap();
-        ts.train_step(&x, &y).unwrap();
+        tg.train_step(&Batch::labelled(x.clone(), y.clone())).unwrap();
+        ts.train_step(&Batch::labelled(x.clone(), y.clone())).unwrap();
     }
     assert!(max_param_diff(tg.network(), ts.network()) > 1e-4);
     let mut obs = sgr_core::events::NoObserver;
     // One more step each to read the boundary cosines at this point.
-    tg.finish_epoch(&mut obs);
-    ts.finish_epoch(&mut obs);
-    tg.train_step(&x, &y).unwrap();
-    ts.train_step(&x, &y).unwrap();
-    let mg = tg.finish_epoch(&mut obs);
-    let ms = ts.finish_epoch(&mut obs);
+    tg.finish_epoch(&mut obs).unwrap();
+    ts.finish_epoch(&mut obs).unwrap();
+    tg.train_step(&Batch::labelled(x.clone(), y.clone())).unwrap();
+    ts.train_step(&Batch::labelled(x.clone(), y.clone())).unwrap();
+    let mg = tg.finish_epoch(&mut obs).unwrap();
+    let ms = ts.finish_epoch(&mut obs).unwrap();
     let mean = |m: &sgr_core::events::EpochMetrics| {
         m.boundaries.iter().map(|b| b.cos).sum::<f64>() / m.boundaries.len() as f64
     };
@@ -143,7 +149,7 @@ fn sgr_term_changes_the_step_and_aligns_gradients() {
 /// no gradient on the previous module's parameters.
 #[test]
 fn no_gradient_from_module_k_reaches_earlier_modules() {
-    for method in [Method::Greedy, Method::Sgr] {
+    for method in [Method::greedy(), Method::sgr(SgrConfig::default())] {
         let net = resnet(8, 3, 4, HeadKind::OneConvTwoFc, 21, DType::F32);
         let reference = resnet(8, 3, 4, HeadKind::OneConvTwoFc, 21, DType::F32);
         let cfg = TrainerConfig {
@@ -152,17 +158,17 @@ fn no_gradient_from_module_k_reaches_earlier_modules() {
                 nesterov: false,
                 weight_decay: 0.0,
             },
-            ..tcfg(method, SgrConfig::default())
+            ..tcfg(method.clone(), SgrConfig::default())
         };
         let lr = cfg.lr;
         let mut t = Trainer::new(net, cfg).unwrap();
         let (x, y) = batch(77);
-        t.train_step(&x, &y).unwrap();
+        t.train_step(&Batch::labelled(x.clone(), y.clone())).unwrap();
         // Module 0 of the reference: its local loss only.
-        let prob = CrossEntropyModule {
+        let prob = LocalModule {
             net: &reference,
             k: 0,
-            labels: &y,
+            batch: &sgr_integration_tests::targets(&y),
         };
         let bp0 = base_pass(&prob, &x, false, false).unwrap();
         let trained: std::collections::HashMap<String, Tensor> = t
@@ -201,7 +207,11 @@ fn no_gradient_from_module_k_reaches_earlier_modules() {
     let undetached_loss = {
         let mut c = Ctx::train();
         let o = net.module_body(1, &h, &mut c).unwrap();
-        sgr_core::loss::cross_entropy(&net.module_head(1, &o, &mut c).unwrap(), &y).unwrap()
+        net.module_objective(1)
+            .unwrap()
+            .loss(&o, &sgr_integration_tests::targets(&y), &mut c)
+            .unwrap()
+            .loss
     };
     // Control: without isolation the earlier module would receive gradients.
     let store = undetached_loss.backward().unwrap();
@@ -209,10 +219,10 @@ fn no_gradient_from_module_k_reaches_earlier_modules() {
         .module_trainable(0)
         .iter()
         .any(|p| store.get(p.var.as_tensor()).is_some()));
-    let prob = CrossEntropyModule {
+    let prob = LocalModule {
         net: &net,
         k: 1,
-        labels: &y,
+        batch: &sgr_integration_tests::targets(&y),
     };
     let b = base_pass(&prob, &h, true, true).unwrap();
     assert_eq!(b.grads.len(), net.module_trainable(1).len());
@@ -298,7 +308,7 @@ fn optimizer_state_and_weights_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = TrainerConfig {
             optimizer: opt.clone(),
-            ..tcfg(Method::Greedy, SgrConfig::default())
+            ..tcfg(Method::greedy(), SgrConfig::default())
         };
         let mut a = Trainer::new(
             resnet(8, 3, 2, HeadKind::ZeroConvOneFc, 4, DType::F32),
@@ -307,7 +317,7 @@ fn optimizer_state_and_weights_round_trip() {
         .unwrap();
         for s in 0..2 {
             let (x, y) = batch(s);
-            a.train_step(&x, &y).unwrap();
+            a.train_step(&Batch::labelled(x.clone(), y.clone())).unwrap();
         }
         sgr_core::checkpoint::save_params(&dir.path().join("m.safetensors"), &a.network().params())
             .unwrap();
@@ -332,8 +342,8 @@ fn optimizer_state_and_weights_round_trip() {
         }
         b.set_position(0, a.global_step());
         let (x, y) = batch(7);
-        a.train_step(&x, &y).unwrap();
-        b.train_step(&x, &y).unwrap();
+        a.train_step(&Batch::labelled(x.clone(), y.clone())).unwrap();
+        b.train_step(&Batch::labelled(x.clone(), y.clone())).unwrap();
         assert_eq!(max_param_diff(a.network(), b.network()), 0.0, "{opt:?}");
     }
 }
@@ -385,7 +395,7 @@ fn corrupt_or_mismatched_checkpoints_are_clear_errors() {
 fn bp_needs_one_module() {
     let e = Trainer::new(
         resnet(8, 3, 2, HeadKind::OneConvTwoFc, 1, DType::F32),
-        tcfg(Method::Bp, SgrConfig::default()),
+        tcfg(Method::bp(), SgrConfig::default()),
     )
     .unwrap_err()
     .to_string();

@@ -472,15 +472,15 @@ fn inspect_shows_the_split_and_memory() {
     assert!(pct > 0.0 && pct < 100.0, "{line}");
 }
 
-/// `--config` (TOML or JSON, flag names as keys) with command-line flags winning; unknown
-/// fields and bad values are errors.
+/// `--config` (TOML or JSON, the schema of `config.json`, any subset of its fields) with
+/// command-line flags winning; unknown fields and bad values are errors naming the file.
 #[test]
 fn config_files_with_flag_overrides() {
     let dir = tempfile::tempdir().unwrap();
     let toml_path = dir.path().join("run.toml");
     std::fs::write(
         &toml_path,
-        "model = \"resnet8\"\nmethod = \"greedy\"\nsgr-lambda = 2.5\nepochs = 1\ntrain_limit = 32\nno-augment = true\n",
+        "model = \"resnet8\"\ntrain_limit = 32\naugment = false\n[trainer]\nmethod = \"sgr\"\nepochs = 1\nlr = 0.3\n[trainer.sgr]\nlambda = 2.5\n",
     )
     .unwrap();
     let out = dir.path().join("run");
@@ -488,22 +488,34 @@ fn config_files_with_flag_overrides() {
         "train",
         "--config",
         toml_path.to_str().unwrap(),
-        "--method",
-        "sgr",
+        "--lr",
+        "0.07",
         "--out",
         out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", text(&o));
     let c = json(&out.join("config.json"));
     assert_eq!(c["model"], "resnet8");
-    assert_eq!(c["trainer"]["method"], "sgr", "the flag wins over the file");
+    assert_eq!(c["trainer"]["method"], "sgr");
+    assert_eq!(c["trainer"]["lr"], 0.07, "the flag wins over the file");
     assert_eq!(c["trainer"]["sgr"]["lambda"], 2.5);
     assert_eq!(c["augment"], false);
     assert_eq!(c["train_limit"], 32);
+    // A run's own config.json is a valid --config file, and reproduces the run's spec.
+    let out3 = dir.path().join("run3");
+    let o = sgr(&[
+        "train",
+        "--config",
+        out.join("config.json").to_str().unwrap(),
+        "--out",
+        out3.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(json(&out3.join("config.json")), c);
     let json_path = dir.path().join("run.json");
     std::fs::write(
         &json_path,
-        r#"{"model": "resnet8", "epochs": 1, "train-limit": 16, "sgr_lambda": 0.5}"#,
+        r#"{"model": "resnet8", "train_limit": 16, "trainer": {"epochs": 1, "sgr": {"lambda": 0.5}}}"#,
     )
     .unwrap();
     let out2 = dir.path().join("run2");
@@ -522,19 +534,13 @@ fn config_files_with_flag_overrides() {
     std::fs::write(&toml_path, "modle = \"resnet8\"\n").unwrap();
     let o = sgr(&["train", "--config", toml_path.to_str().unwrap()]);
     assert!(!o.status.success());
-    assert!(
-        text(&o).contains("unknown config field `modle`"),
-        "{}",
-        text(&o)
-    );
-    std::fs::write(&json_path, r#"{"epochs": "two"}"#).unwrap();
+    let t = text(&o);
+    assert!(t.contains("unknown field `modle`") && t.contains("run.toml"), "{t}");
+    std::fs::write(&json_path, r#"{"trainer": {"epochs": "two"}}"#).unwrap();
     let o = sgr(&["train", "--config", json_path.to_str().unwrap()]);
     assert!(!o.status.success());
-    assert!(
-        text(&o).contains("invalid value 'two' for '--epochs"),
-        "{}",
-        text(&o)
-    );
+    let t = text(&o);
+    assert!(t.contains("\"two\"") && t.contains("run.json"), "{t}");
 }
 
 fn sgr_env(args: &[&str], env: &[(&str, &Path)], offline: bool) -> Output {

@@ -1,47 +1,64 @@
 //! Second-order autodiff in candle.
 //!
-//! candle keeps the graph of gradients only when `CANDLE_GRAD_DO_NOT_DETACH` is set, and each
-//! thread reads that variable once, at its first `backward()`, and caches it (candle-notes.md).
-//! A thread that cached "on" keeps the graph of every gradient, which multiplies the memory of
-//! plain backward passes. So second-order work runs on a short-lived thread of its own, whose
-//! cache is set "on" while a global lock holds the environment variable; every other thread keeps
-//! candle's default.
+//! candle's `backward()` detaches every gradient it computes, so gradients cannot be
+//! differentiated again, unless the thread keeps gradient graphs: the vendored candle-core has a
+//! per-thread switch for that ([`KeepGradGraph`]), and without it reads the process-wide
+//! `CANDLE_GRAD_DO_NOT_DETACH` once per thread. Keeping graphs multiplies the memory of plain
+//! backward passes, so [`with_second_order`] turns the switch on for one scope of one thread;
+//! every other thread keeps candle's default.
 
-use std::sync::Mutex;
+use std::cell::Cell;
 
+use candle_core::backprop::{keep_grad_graph, KeepGradGraph};
 use candle_core::{Device, Tensor, Var};
 
 use crate::{Error, Result};
 
-const FLAG: &str = "CANDLE_GRAD_DO_NOT_DETACH";
-static ENV_LOCK: Mutex<()> = Mutex::new(());
-
 thread_local! {
-    static SECOND_ORDER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// How many [`with_second_order`] closures the current thread is running.
+    static SECOND_ORDER_DEPTH: Cell<usize> = const { Cell::new(0) };
 }
 
-/// Whether the current thread is a [`with_second_order`] worker. Layers whose fast kernels are
-/// first order only (the fused BatchNorm) switch to their primitive formulation there.
-pub fn on_second_order_thread() -> bool {
-    SECOND_ORDER.with(|c| c.get())
+/// Keeps gradient graphs on the current thread and counts it as in a [`with_second_order`]
+/// scope until dropped, also when the closure fails or panics.
+struct SecondOrderScope {
+    _keep: KeepGradGraph,
 }
 
-/// Whether `backward()` on the current thread keeps the graph of its gradients: on a
-/// [`with_second_order`] worker, and on any thread whose candle cache read
-/// `CANDLE_GRAD_DO_NOT_DETACH` as set — which the user may have done, and which a thread whose
-/// first `backward()` ran while another thread's [`with_second_order`] held the variable set
-/// did too (the variable is process-wide). Layers whose fast kernels are first order only take
-/// their differentiable formulation on such threads. Checked once per thread.
-pub fn gradients_keep_graph() -> bool {
-    thread_local! {
-        static KEEPS: std::cell::OnceCell<bool> = const { std::cell::OnceCell::new() };
+impl SecondOrderScope {
+    fn enter() -> Self {
+        SECOND_ORDER_DEPTH.with(|d| d.set(d.get() + 1));
+        Self {
+            _keep: KeepGradGraph::enable(),
+        }
     }
-    on_second_order_thread()
-        || KEEPS.with(|k| *k.get_or_init(|| thread_keeps_gradient_graph().unwrap_or(true)))
+}
+
+impl Drop for SecondOrderScope {
+    fn drop(&mut self) {
+        SECOND_ORDER_DEPTH.with(|d| d.set(d.get() - 1));
+    }
+}
+
+/// Whether the current thread is running a [`with_second_order`] closure. Layers whose fast
+/// kernels are first order only (the fused BatchNorm) switch to their primitive formulation
+/// there; [`gradients_keep_graph`] is the broader test they use.
+pub fn on_second_order_thread() -> bool {
+    SECOND_ORDER_DEPTH.with(|d| d.get() > 0)
+}
+
+/// Whether `backward()` on the current thread keeps the graph of its gradients now: inside
+/// [`with_second_order`] or another [`KeepGradGraph`] guard, or where the user set
+/// `CANDLE_GRAD_DO_NOT_DETACH` (as candle read it at the thread's first backward). Layers whose
+/// fast kernels are first order only take their differentiable formulation then. It reads two
+/// thread-locals, so it is cheap per layer and pass and follows the switch as it changes.
+pub fn gradients_keep_graph() -> bool {
+    keep_grad_graph()
 }
 
 /// Whether gradients computed on the current thread carry a graph (so can be differentiated
-/// again). Calling it initialises the thread's cached flag if it was not yet.
+/// again), found by a backward pass through a tiny graph: a check of [`gradients_keep_graph`]
+/// against what candle's backward does.
 pub fn thread_keeps_gradient_graph() -> Result<bool> {
     // x enters through an affine map, so its gradient is the gradient arriving at `x + 1`
     // unchanged: it carries a graph only if candle kept that node's gradient undetached. (With
@@ -55,46 +72,30 @@ pub fn thread_keeps_gradient_graph() -> Result<bool> {
     Ok(gx.track_op())
 }
 
-/// Runs `f` on a thread where candle's backward keeps gradient graphs, and returns its result.
-/// Keep and return only detached tensors from `f`.
+/// Runs `f` with candle's backward keeping gradient graphs, and returns its result. The
+/// previous setting comes back after, also when `f` fails or panics (the panic propagates);
+/// other threads are not affected. Keep and return only detached tensors from `f`: tensors
+/// made inside hold their graphs.
+///
+/// `f` runs on the current thread, except on a rayon worker: there, waiting for the parallel
+/// work inside `f` (candle's and this crate's kernels use rayon) lets the thread run unrelated
+/// rayon jobs, which would inherit the switch, so `f` runs on a scoped thread of its own,
+/// which waits without taking jobs. That is why `F` and `R` are `Send`.
 pub fn with_second_order<R, F>(f: F) -> Result<R>
 where
     R: Send,
     F: FnOnce() -> Result<R> + Send,
 {
-    let (tx, rx) = std::sync::mpsc::channel::<Result<bool>>();
+    let run = || {
+        let _scope = SecondOrderScope::enter();
+        f()
+    };
+    if rayon::current_thread_index().is_none() {
+        return run();
+    }
     std::thread::scope(|s| {
-        let guard = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let previous = std::env::var_os(FLAG);
-        std::env::set_var(FLAG, "1");
-        let handle = s.spawn(move || {
-            SECOND_ORDER.with(|c| c.set(true));
-            let on = thread_keeps_gradient_graph();
-            let ok = matches!(on, Ok(true));
-            let _ = tx.send(on);
-            if !ok {
-                return Err(Error::InvalidConfig(
-                    "candle did not enable second-order gradients on the worker thread".into(),
-                ));
-            }
-            f()
-        });
-        let init = rx.recv();
-        match previous {
-            Some(v) => std::env::set_var(FLAG, v),
-            None => std::env::remove_var(FLAG),
-        }
-        drop(guard);
-        let joined = handle
+        s.spawn(run)
             .join()
-            .map_err(|_| Error::InvalidConfig("second-order worker thread panicked".into()))?;
-        match init {
-            Ok(Ok(true)) => joined,
-            Ok(Ok(false)) => Err(Error::InvalidConfig(
-                "candle did not enable second-order gradients on the worker thread".into(),
-            )),
-            Ok(Err(e)) => Err(e),
-            Err(_) => joined,
-        }
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
 }

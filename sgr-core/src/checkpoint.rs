@@ -125,7 +125,7 @@ pub fn save_training_checkpoint(path: &Path, trainer: &crate::trainer::Trainer) 
             map.insert(format!("{OPTIM}{k}/{key}"), t);
         }
     }
-    let json = serde_json::to_vec(&trainer.state()).map_err(|e| Error::Checkpoint {
+    let json = serde_json::to_vec(&trainer.state()?).map_err(|e| Error::Checkpoint {
         path: path.to_path_buf(),
         problem: format!("cannot serialise the trainer state: {e}"),
     })?;

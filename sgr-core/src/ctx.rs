@@ -68,6 +68,7 @@ pub struct Ctx {
     train: bool,
     update_bn_stats: bool,
     tape: Tape,
+    seed: u64,
     rng: ChaCha8Rng,
 }
 
@@ -78,6 +79,7 @@ impl Ctx {
             train: true,
             update_bn_stats: true,
             tape: Tape::Off,
+            seed: 0,
             rng: ChaCha8Rng::seed_from_u64(0),
         }
     }
@@ -119,8 +121,14 @@ impl Ctx {
 
     /// The same context with its random generator seeded by `seed` (default 0).
     pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
         self.rng = ChaCha8Rng::seed_from_u64(seed);
         self
+    }
+
+    /// The seed the context's generator started from.
+    pub fn seed(&self) -> u64 {
+        self.seed
     }
 
     /// Whether layers run in training mode.

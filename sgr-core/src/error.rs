@@ -14,6 +14,17 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
 
+    /// A name (method, distance, data set, ...) that is not one of the valid names.
+    #[error("unknown {what} `{given}`; valid: {valid}")]
+    UnknownName {
+        /// What kind of name.
+        what: &'static str,
+        /// The name given.
+        given: String,
+        /// The valid names.
+        valid: String,
+    },
+
     /// The requested number of modules (or split) is not supported for a model.
     #[error("unsupported split for {model}: {requested}; supported: {supported}")]
     UnsupportedSplit {

@@ -1,74 +1,49 @@
 //! What training reports: per-step and per-epoch metrics, delivered to an [`Observer`].
 //! The library never prints; binaries render these events.
+//!
+//! The per-epoch records are plain serde types from `sgr-schema`, so that tools read them
+//! without a tensor library. A step's losses and accuracy stay tensors on the training device:
+//! reading them is a host synchronisation, which a GPU pays for, so only observers that need
+//! them per step do.
 
-use serde::{Deserialize, Serialize};
+use candle_core::Tensor;
+pub use sgr_schema::{BoundaryMetrics, EpochMetrics, EvalMetrics};
 
-/// Per-boundary reconciliation between module k-1 and module k (k ≥ 1, 0-based modules).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BoundaryMetrics {
-    /// Index k of the later module of the boundary.
-    pub boundary: usize,
-    /// Mean over steps of cos(a_{k-1}, b_k).
-    pub cos: f64,
-    /// Mean over steps of ||a_{k-1} − b_k|| / ||a_{k-1}||.
-    pub rel_dist: f64,
-    /// Mean SGR distance D at the boundary (only when the SGR term is computed).
-    pub sgr_distance: Option<f64>,
-}
+use crate::Result;
 
 /// One optimisation step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct StepMetrics {
     /// Epoch (0-based).
     pub epoch: usize,
     /// Global step (0-based).
     pub step: usize,
-    /// Local loss of every module (the last is the network's loss).
-    pub module_losses: Vec<f64>,
+    /// Local loss of every module (the last is the network's loss): `f64`, shape `(K,)`, on the
+    /// training device. [`StepMetrics::losses`] reads it.
+    pub module_losses: Tensor,
     /// Learning rate used.
     pub lr: f64,
     /// SGR weight used (0 for methods without SGR).
     pub lambda: f64,
     /// Samples in the batch.
     pub batch: usize,
-    /// Correct predictions of the network's classifier on the batch.
-    pub correct: usize,
-    /// Wall time of the step in seconds.
+    /// Correct predictions of the network's classifier on the batch: an `f64` scalar on the
+    /// training device. [`StepMetrics::correct_count`] reads it.
+    pub correct: Tensor,
+    /// Wall time of the step in seconds (on an asynchronous device, the time to queue it).
     pub seconds: f64,
 }
 
-/// A whole training epoch.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EpochMetrics {
-    /// Epoch (0-based).
-    pub epoch: usize,
-    /// Steps taken in the epoch.
-    pub steps: usize,
-    /// Mean loss of the network's classifier (last module) over the epoch.
-    pub train_loss: f64,
-    /// Mean local loss of each module.
-    pub module_losses: Vec<f64>,
-    /// Training accuracy of the network's classifier (in training mode).
-    pub train_accuracy: f64,
-    /// Reconciliation at each boundary.
-    pub boundaries: Vec<BoundaryMetrics>,
-    /// Learning rate at the last step.
-    pub lr: f64,
-    /// Wall time of the epoch's training steps.
-    pub seconds: f64,
-}
+impl StepMetrics {
+    /// The module losses on the host.
+    pub fn losses(&self) -> Result<Vec<f64>> {
+        Ok(self.module_losses.to_vec1::<f64>()?)
+    }
 
-/// Evaluation of a model on a data set.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EvalMetrics {
-    /// Mean cross-entropy.
-    pub loss: f64,
-    /// Top-1 accuracy.
-    pub accuracy: f64,
-    /// Top-5 accuracy (when there are more than 5 classes).
-    pub top5: Option<f64>,
-    /// Samples evaluated.
-    pub samples: usize,
+    /// The number of correct predictions on the host.
+    pub fn correct_count(&self) -> Result<usize> {
+        Ok(self.correct.to_scalar::<f64>()? as usize)
+    }
 }
 
 /// Something that happened during training.
@@ -79,6 +54,13 @@ pub enum Event<'a> {
     Step(&'a StepMetrics),
     /// An epoch of training finished.
     Epoch(&'a EpochMetrics),
+    /// The network was evaluated after `epoch` epochs of training (0: the initial weights).
+    Evaluated {
+        /// Completed epochs at the time of the evaluation.
+        epoch: usize,
+        /// The evaluation.
+        metrics: &'a EvalMetrics,
+    },
 }
 
 /// Receives training events.

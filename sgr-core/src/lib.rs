@@ -10,8 +10,8 @@
 //! * [`trainer`]: `bp`, `greedy` and `sgr` side by side, with per-boundary diagnostics.
 //! * [`optim`]: SGD (momentum, Nesterov, weight decay) and AdamW with savable state, schedules.
 //! * [`nn`]: layers from candle primitives (differentiable twice), the forward context.
-//! * [`kernels`]: fast CPU convolution, BatchNorm and ReLU as candle custom ops (im2col/col2im
-//!   + gemm), used by [`nn`] on the CPU.
+//! * [`kernels`]: the `sgr-kernels` crate, re-exported: fast CPU convolution, BatchNorm and ReLU
+//!   as candle custom ops, each running candle's own ops on other devices; used by [`nn`].
 //!
 //! candle-nn's fused layers (`BatchNorm`, `LayerNorm`, `softmax_last_dim`) are not used: they
 //! update statistics on every call or cut the autodiff graph silently (see candle-notes.md), and
@@ -22,13 +22,19 @@ pub mod checkpoint;
 pub mod ctx;
 mod error;
 pub mod events;
-pub mod kernels;
+pub use sgr_kernels as kernels;
 pub mod loss;
 pub mod memory;
+pub mod method;
+pub mod names;
 pub mod network;
 pub mod nn;
+pub mod objective;
 pub mod optim;
 pub mod sgr;
 pub mod trainer;
 
 pub use error::{Error, Result};
+
+#[doc(hidden)]
+pub use serde as __serde;

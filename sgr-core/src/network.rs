@@ -1,9 +1,11 @@
 //! A network as an ordered list of stages, cut into K gradient-isolated modules by a
-//! [`SplitPlan`]; every module but the last carries an auxiliary head.
+//! [`SplitPlan`]; every module has a [`LocalObjective`] (the last one's is usually the
+//! network's classifier loss).
 
 use candle_core::{Tensor, Var};
 
 use crate::nn::{Ctx, Param, ParamKind};
+use crate::objective::LocalObjective;
 use crate::{Error, Result};
 
 /// One piece of a network: a residual block, a stem, a classifier, an auxiliary head.
@@ -82,32 +84,35 @@ impl SplitPlan {
     }
 }
 
-/// A network cut into modules: body units, the final classifier, one aux head per boundary.
+/// A network cut into modules: body units, the final classifier, and one local objective per
+/// module.
 #[derive(Debug)]
 pub struct LocalNetwork {
     name: String,
     units: Vec<Box<dyn Stage>>,
     classifier: Box<dyn Stage>,
-    heads: Vec<Box<dyn Stage>>,
+    objectives: Vec<Box<dyn LocalObjective>>,
     plan: SplitPlan,
     num_classes: usize,
 }
 
 impl LocalNetwork {
-    /// Assembles a network. `heads.len()` must be `plan.num_modules() - 1`.
+    /// Assembles a network. `objectives` has one entry per module of `plan`; the last module's
+    /// body ends with `classifier`, so its objective sees logits.
     pub fn new(
         name: impl Into<String>,
         units: Vec<Box<dyn Stage>>,
         classifier: Box<dyn Stage>,
-        heads: Vec<Box<dyn Stage>>,
+        objectives: Vec<Box<dyn LocalObjective>>,
         plan: SplitPlan,
         num_classes: usize,
     ) -> Result<Self> {
-        if plan.units() != units.len() || heads.len() + 1 != plan.num_modules() {
+        if plan.units() != units.len() || objectives.len() != plan.num_modules() {
             return Err(Error::InvalidConfig(format!(
-                "network with {} units and {} heads does not match a plan of {} units and K={}",
+                "network with {} units and {} objectives does not match a plan of {} units and \
+                 K={}",
                 units.len(),
-                heads.len(),
+                objectives.len(),
                 plan.units(),
                 plan.num_modules()
             )));
@@ -116,7 +121,7 @@ impl LocalNetwork {
             name: name.into(),
             units,
             classifier,
-            heads,
+            objectives,
             plan,
             num_classes,
         })
@@ -135,6 +140,15 @@ impl LocalNetwork {
     /// Number of modules K.
     pub fn num_modules(&self) -> usize {
         self.plan.num_modules()
+    }
+
+    /// The device of the network's tensors.
+    pub fn device(&self) -> Result<candle_core::Device> {
+        let p = self.classifier.params();
+        let first = p.first().ok_or_else(|| {
+            Error::InvalidConfig("the classifier has no tensors to tell the device".into())
+        })?;
+        Ok(first.var.device().clone())
     }
 
     /// Number of classes of the classifier.
@@ -164,15 +178,36 @@ impl LocalNetwork {
         Ok(h)
     }
 
-    /// The auxiliary head of module `k < K-1`.
-    pub fn module_head(&self, k: usize, h: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
-        let head = self.heads.get(k).ok_or_else(|| {
-            Error::InvalidConfig(format!("module {k} is the last module and has no aux head"))
-        })?;
-        head.forward(h, ctx)
+    /// The local objective of module `k`.
+    pub fn module_objective(&self, k: usize) -> Result<&dyn LocalObjective> {
+        self.objectives
+            .get(k)
+            .map(|o| o.as_ref())
+            .ok_or_else(|| self.no_module(k))
     }
 
-    /// Named tensors of module `k` (body units, classifier for the last, aux head otherwise).
+    /// Replaces the objective of module `k`, returning the old one. Build the new objective's
+    /// layers with the network's device and dtype; optimizers built before see the old
+    /// parameters, so replace objectives before building a trainer.
+    pub fn set_objective(
+        &mut self,
+        k: usize,
+        objective: Box<dyn LocalObjective>,
+    ) -> Result<Box<dyn LocalObjective>> {
+        let err = self.no_module(k);
+        let slot = self.objectives.get_mut(k).ok_or(err)?;
+        Ok(std::mem::replace(slot, objective))
+    }
+
+    fn no_module(&self, k: usize) -> Error {
+        Error::InvalidConfig(format!(
+            "module {k} does not exist: the network has K={} modules",
+            self.num_modules()
+        ))
+    }
+
+    /// Named tensors of module `k`: its body units, the classifier for the last module, then
+    /// its objective's.
     pub fn module_params(&self, k: usize) -> Vec<Param> {
         let mut p: Vec<Param> = self.units[self.plan.range(k)]
             .iter()
@@ -180,9 +215,8 @@ impl LocalNetwork {
             .collect();
         if k + 1 == self.num_modules() {
             p.extend(self.classifier.params());
-        } else {
-            p.extend(self.heads[k].params());
         }
+        p.extend(self.objectives[k].params());
         p
     }
 
@@ -194,12 +228,13 @@ impl LocalNetwork {
             .collect()
     }
 
-    /// Every named tensor: backbone first (torchvision order), then aux heads.
+    /// Every named tensor: backbone first (torchvision order), then the objectives' in module
+    /// order.
     pub fn params(&self) -> Vec<Param> {
         let mut p: Vec<Param> = self.units.iter().flat_map(|u| u.params()).collect();
         p.extend(self.classifier.params());
-        for h in &self.heads {
-            p.extend(h.params());
+        for o in &self.objectives {
+            p.extend(o.params());
         }
         p
     }

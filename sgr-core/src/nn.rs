@@ -39,13 +39,10 @@ pub trait Layer {
     fn params(&self) -> Vec<Param>;
 }
 
-/// ReLU (derivative 1 at 0, as candle's): the fused kernel on the CPU, candle's op elsewhere.
+/// ReLU (derivative 1 at 0, as candle's): the fused kernel on the CPU, candle's op elsewhere
+/// ([`crate::kernels::relu`] dispatches).
 pub fn relu(x: &Tensor) -> Result<Tensor> {
-    if crate::kernels::supported(x) {
-        Ok(crate::kernels::relu(x)?)
-    } else {
-        Ok(x.relu()?)
-    }
+    Ok(crate::kernels::relu(x)?)
 }
 
 /// Deterministic parameter initialisation (ChaCha8 seeded; identical on every platform).
@@ -148,15 +145,11 @@ impl Conv2d {
         })
     }
 
-    /// Forward pass on NCHW input: im2col + gemm kernels on the CPU ([`crate::kernels`]),
-    /// candle's `conv2d` elsewhere. Both are differentiable twice.
+    /// Forward pass on NCHW input: the fast kernels on the CPU, candle's convolution elsewhere
+    /// ([`crate::kernels::conv2d`] dispatches). Both are differentiable twice.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.weight.as_tensor();
-        if crate::kernels::supported(x) {
-            Ok(crate::kernels::conv2d(x, w, self.stride, self.padding)?)
-        } else {
-            Ok(x.conv2d(w, self.padding, self.stride, 1, 1)?)
-        }
+        Ok(crate::kernels::conv2d(x, w, self.stride, self.padding)?)
     }
 
     /// The weight, shape `(cout, cin, k, k)`.
@@ -209,7 +202,7 @@ impl BatchNorm {
 
     /// Forward pass.
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        if Self::fused(x, ctx) {
+        if Self::fused(ctx) {
             let stats = self.fused_stats(x, ctx)?;
             let (w, b) = (self.weight.as_tensor(), self.bias.as_tensor());
             return Ok(crate::kernels::batch_norm_train(x, w, b, &stats, self.eps)?);
@@ -237,10 +230,10 @@ impl BatchNorm {
     }
 
     /// `act(BN(x) [+ residual])`, the ReLU following the context's mode (plain, recording its
-    /// mask, or replaying a recorded one). Where the fused kernels apply (CPU, training mode, a
-    /// first-order thread) this is one pass forward (two when recording) and at most three
-    /// backward, with one output tensor; otherwise the primitive composition, with the same
-    /// values and masks.
+    /// mask, or replaying a recorded one). Where the fused ops apply (training mode, a
+    /// first-order thread) this is, on the CPU, one pass forward (two when recording) and at
+    /// most three backward, with one output tensor (candle's ops with the same semantics on
+    /// other devices); otherwise the primitive composition, with the same values and masks.
     pub fn forward_act(
         &self,
         x: &Tensor,
@@ -248,7 +241,7 @@ impl BatchNorm {
         relu: bool,
         ctx: &mut Ctx,
     ) -> Result<Tensor> {
-        if Self::fused(x, ctx) {
+        if Self::fused(ctx) {
             let stats = self.fused_stats(x, ctx)?;
             let (w, b, eps) = (self.weight.as_tensor(), self.bias.as_tensor(), self.eps);
             if relu {
@@ -279,11 +272,11 @@ impl BatchNorm {
         }
     }
 
-    /// Whether the fused kernels serve this call: training mode on the CPU, and not on a thread
-    /// whose backward keeps gradient graphs (`autograd::gradients_keep_graph`; their backward
-    /// is first order only).
-    fn fused(x: &Tensor, ctx: &Ctx) -> bool {
-        ctx.is_train() && crate::kernels::supported(x) && !crate::autograd::gradients_keep_graph()
+    /// Whether the fused ops serve this call (on any device: they dispatch inside): training
+    /// mode, and not on a thread whose backward keeps gradient graphs
+    /// (`autograd::gradients_keep_graph`; their backward is first order only).
+    fn fused(ctx: &Ctx) -> bool {
+        ctx.is_train() && !crate::autograd::gradients_keep_graph()
     }
 
     /// Batch statistics `[2, C]` by the fused kernel, running statistics updated if allowed.

@@ -47,6 +47,24 @@ impl Default for OptimizerConfig {
 }
 
 impl OptimizerConfig {
+    /// The weight decay.
+    pub fn weight_decay(&self) -> f64 {
+        match *self {
+            OptimizerConfig::Sgd { weight_decay, .. } | OptimizerConfig::AdamW { weight_decay, .. } => {
+                weight_decay
+            }
+        }
+    }
+
+    /// Sets the weight decay.
+    pub fn set_weight_decay(&mut self, wd: f64) {
+        match self {
+            OptimizerConfig::Sgd { weight_decay, .. } | OptimizerConfig::AdamW { weight_decay, .. } => {
+                *weight_decay = wd
+            }
+        }
+    }
+
     /// An optimizer over `params` (buffers are skipped).
     pub fn build(&self, params: Vec<Param>) -> Result<Box<dyn Optimizer>> {
         let params: Vec<Param> = params

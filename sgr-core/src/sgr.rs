@@ -19,9 +19,9 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::autograd::with_second_order;
-use crate::loss::cross_entropy;
 use crate::network::{collect_grads, LocalNetwork};
 use crate::nn::Ctx;
+use crate::objective::Batch;
 use crate::{Error, Result};
 
 /// One module's local learning problem: its trainable variables and a scalar loss of its input.
@@ -53,25 +53,25 @@ pub struct LocalForward {
     pub loss: Tensor,
     /// The module's output h_k (for the last module: the logits).
     pub output: Tensor,
-    /// Logits of the loss head.
-    pub logits: Tensor,
+    /// Class logits of the objective, when it classifies.
+    pub logits: Option<Tensor>,
     /// The zero variable added to the output for [`OutputShift::Probe`].
     pub probe: Option<Var>,
 }
 
-/// Module `k` of a [`LocalNetwork`] trained by cross-entropy on its head (Greedy SL; the last
-/// module uses the network's classifier).
+/// Module `k` of a [`LocalNetwork`] on a batch: its body, then its local objective
+/// ([`crate::objective::LocalObjective`]) on the (possibly shifted) output.
 #[derive(Debug, Clone, Copy)]
-pub struct CrossEntropyModule<'a> {
+pub struct LocalModule<'a> {
     /// The network.
     pub net: &'a LocalNetwork,
     /// Module index (0-based).
     pub k: usize,
-    /// Integer labels of the batch.
-    pub labels: &'a Tensor,
+    /// The batch (images and targets).
+    pub batch: &'a Batch,
 }
 
-impl LocalProblem for CrossEntropyModule<'_> {
+impl LocalProblem for LocalModule<'_> {
     fn vars(&self) -> Vec<Var> {
         self.net
             .module_trainable(self.k)
@@ -84,31 +84,31 @@ impl LocalProblem for CrossEntropyModule<'_> {
         let last = self.k + 1 == self.net.num_modules();
         let output = self.net.module_body(self.k, x, ctx)?;
         let mut probe = None;
-        let logits = if last {
-            if let OutputShift::Add(_) = shift {
+        // The last module hands nothing on: its output gradient is never needed.
+        let head_in = match shift {
+            OutputShift::Add(_) if last => {
                 return Err(Error::InvalidConfig(
-                    "the last module has no head to shift the output for".into(),
-                ));
+                    "the last module has no successor to shift its output for".into(),
+                ))
             }
-            output.clone()
-        } else {
-            let head_in = match shift {
-                OutputShift::None => output.clone(),
-                OutputShift::Add(s) => (&output + s)?,
-                OutputShift::Probe => {
-                    let z = Var::from_tensor(&output.zeros_like()?)?;
-                    let h = (&output + z.as_tensor())?;
-                    probe = Some(z);
-                    h
-                }
-            };
-            self.net.module_head(self.k, &head_in, ctx)?
+            OutputShift::None => output.clone(),
+            OutputShift::Probe if last => output.clone(),
+            OutputShift::Add(s) => (&output + s)?,
+            OutputShift::Probe => {
+                let z = Var::from_tensor(&output.zeros_like()?)?;
+                let h = (&output + z.as_tensor())?;
+                probe = Some(z);
+                h
+            }
         };
-        let loss = cross_entropy(&logits, self.labels)?;
+        let o = self
+            .net
+            .module_objective(self.k)?
+            .loss(&head_in, self.batch, ctx)?;
         Ok(LocalForward {
-            loss,
+            loss: o.loss,
             output,
-            logits,
+            logits: o.logits,
             probe,
         })
     }
@@ -117,10 +117,10 @@ impl LocalProblem for CrossEntropyModule<'_> {
 /// Result of the plain local forward/backward of a module.
 #[derive(Debug)]
 pub struct BasePass {
-    /// Local loss value.
-    pub loss: f64,
-    /// Logits of the loss head, detached.
-    pub logits: Tensor,
+    /// Local loss, an `f64` scalar on the device (reading it is a host sync).
+    pub loss: Tensor,
+    /// Class logits of the objective (detached), when it classifies.
+    pub logits: Option<Tensor>,
     /// ∇ of the local loss for each of [`LocalProblem::vars`].
     pub grads: Vec<Tensor>,
     /// The module's output, detached (the next module's input).
@@ -129,17 +129,42 @@ pub struct BasePass {
     pub output_grad: Option<Tensor>,
     /// b_k = ∂L_k/∂ĥ, the gradient at the module's input (when requested).
     pub input_grad: Option<Tensor>,
-    /// ReLU masks of this point (when requested).
+    /// The decisions (ReLU and dropout masks) of this point, when recorded.
     pub masks: Vec<crate::ctx::Decision>,
+    /// The seed of the pass's random decisions.
+    pub seed: u64,
+}
+
+impl BasePass {
+    /// The local loss on the host (a sync on devices other than the CPU).
+    pub fn loss_value(&self) -> Result<f64> {
+        Ok(self.loss.to_scalar::<f64>()?)
+    }
 }
 
 /// Forward and backward of a module's local loss at `x` (treated as detached: nothing flows
-/// back into whatever produced `x`). Updates BatchNorm running statistics.
+/// back into whatever produced `x`), in a training context that records the pass's decisions
+/// when `record_masks`. Updates BatchNorm running statistics.
 pub fn base_pass(
     p: &dyn LocalProblem,
     x: &Tensor,
     want_input_grad: bool,
     record_masks: bool,
+) -> Result<BasePass> {
+    let ctx = if record_masks {
+        Ctx::train_recording()
+    } else {
+        Ctx::train()
+    };
+    base_pass_in(p, x, want_input_grad, ctx)
+}
+
+/// [`base_pass`] in a given context (its mode, tape and seed).
+pub fn base_pass_in(
+    p: &dyn LocalProblem,
+    x: &Tensor,
+    want_input_grad: bool,
+    mut ctx: Ctx,
 ) -> Result<BasePass> {
     let input_var = if want_input_grad {
         Some(Var::from_tensor(&x.detach())?)
@@ -150,16 +175,8 @@ pub fn base_pass(
         Some(v) => v.as_tensor().clone(),
         None => x.detach(),
     };
-    let mut ctx = if record_masks {
-        Ctx::train_recording()
-    } else {
-        Ctx::train()
-    };
     let f = p.forward(&x_in, OutputShift::Probe, &mut ctx)?;
-    let loss = f
-        .loss
-        .to_dtype(candle_core::DType::F64)?
-        .to_scalar::<f64>()?;
+    let loss = f.loss.detach().to_dtype(candle_core::DType::F64)?;
     let store = f.loss.backward()?;
     let vars = p.vars();
     let grads = collect_grads(&store, &vars)?;
@@ -173,17 +190,17 @@ pub fn base_pass(
     Ok(BasePass {
         loss,
         grads,
-        logits: f.logits.detach(),
+        logits: f.logits.map(|l| l.detach()),
         output: f.output.detach(),
         output_grad,
         input_grad,
+        seed: ctx.seed(),
         masks: ctx.take_masks(),
     })
 }
 
 /// The distance D between the regularised gradient and its target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Distance {
     /// mean over samples of ||B·(s_i − t_i)||² = B·Σ_i ||s_i − t_i||² (B = batch size), so
     /// per-sample gradients of a mean-reduced loss are compared at a scale independent of B.
@@ -195,14 +212,9 @@ pub enum Distance {
     CosinePerSample,
 }
 
-impl Distance {
-    /// All variants with their configuration names.
-    pub const NAMES: [(&'static str, Distance); 3] = [
-        ("squared-l2", Distance::SquaredL2),
-        ("cosine", Distance::Cosine),
-        ("cosine-per-sample", Distance::CosinePerSample),
-    ];
+crate::named_enum!(Distance, "distance", { "squared-l2" => SquaredL2, "cosine" => Cosine, "cosine-per-sample" => CosinePerSample });
 
+impl Distance {
     /// D(s, t) as a scalar tensor, differentiable in `s` (and twice through `s`'s graph).
     pub fn eval(&self, s: &Tensor, t: &Tensor) -> Result<Tensor> {
         const TINY: f64 = 1e-30;
@@ -226,23 +238,19 @@ impl Distance {
         }
     }
 
-    /// (D(s, t), ∂D/∂s): closed form for `squared-l2` on the CPU (two passes), first-order
-    /// autodiff otherwise.
-    pub fn value_and_grad(&self, s: &Tensor, t: &Tensor) -> Result<(f64, Tensor)> {
-        if *self == Distance::SquaredL2
-            && crate::kernels::supported(s)
-            && s.dtype() == t.dtype()
-            && s.shape() == t.shape()
-        {
+    /// (D(s, t), ∂D/∂s), D as an `f64` scalar on the device: closed form for `squared-l2`
+    /// (two passes), first-order autodiff otherwise.
+    pub fn value_and_grad(&self, s: &Tensor, t: &Tensor) -> Result<(Tensor, Tensor)> {
+        if *self == Distance::SquaredL2 && s.dtype() == t.dtype() && s.shape() == t.shape() {
             // D = B Σ (s − t)², ∂D/∂s = 2B (s − t)
             let b = s.dim(0)? as f64;
-            let [_, _, _, dd] = crate::kernels::pair_sums(s, t)?;
+            let dd = crate::kernels::pair_sums(s, t)?.get(3)?;
             let v = crate::kernels::scaled_sum(s, t, -1.0, 2.0 * b)?;
-            return Ok((b * dd, v));
+            return Ok(((dd * b)?, v));
         }
         let sv = Var::from_tensor(&s.detach())?;
         let d = self.eval(sv.as_tensor(), &t.detach())?;
-        let value = d.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let value = d.detach().to_dtype(candle_core::DType::F64)?;
         let g = d.backward()?;
         let v = g
             .get(sv.as_tensor())
@@ -253,8 +261,7 @@ impl Distance {
 }
 
 /// Which gradient SGR regularises.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Direction {
     /// As specified: module k's input gradient b_k is pulled toward stopgrad(a_{k-1}).
     #[default]
@@ -263,9 +270,10 @@ pub enum Direction {
     Backward,
 }
 
+crate::named_enum!(Direction, "SGR direction", { "forward" => Forward, "backward" => Backward });
+
 /// How the parameter gradient of the SGR term is computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SgrGrad {
     /// Central difference with frozen ReLU masks (two extra forward + backward passes: an SGR
     /// step costs ≈3 plain local steps). Error O(ε²).
@@ -277,6 +285,8 @@ pub enum SgrGrad {
     /// Double backward (the oracle; slow and memory-hungry).
     Exact,
 }
+
+crate::named_enum!(SgrGrad, "SGR gradient way", { "finite-difference" => FiniteDifference, "forward-difference" => ForwardDifference, "exact" => Exact });
 
 /// Configuration of the SGR term.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -381,6 +391,9 @@ pub struct BasePoint<'a> {
     pub masks: &'a [crate::ctx::Decision],
     /// ∇_θ L_k there, for each of [`LocalProblem::vars`] (the one-sided difference's base value).
     pub grads: &'a [Tensor],
+    /// The seed of the base pass's random decisions: the exact way, which replays no recorded
+    /// decisions, draws the same ones from it.
+    pub seed: u64,
 }
 
 impl<'a> BasePoint<'a> {
@@ -389,6 +402,7 @@ impl<'a> BasePoint<'a> {
         Self {
             masks: &base.masks,
             grads: &base.grads,
+            seed: base.seed,
         }
     }
 }
@@ -396,8 +410,8 @@ impl<'a> BasePoint<'a> {
 /// The SGR term's parameter gradient ∇_θ D(s(θ), t) for one module, with its value D.
 #[derive(Debug)]
 pub struct SgrTermGrad {
-    /// D at the base point.
-    pub distance: f64,
+    /// D at the base point, an `f64` scalar on the device.
+    pub distance: Tensor,
     /// ∇_θ D for each of [`LocalProblem::vars`] (not yet multiplied by λ).
     pub grads: Vec<Tensor>,
 }
@@ -435,7 +449,7 @@ pub fn sgr_term_grad(
     match cfg.grad {
         SgrGrad::FiniteDifference => fd(false),
         SgrGrad::ForwardDifference => fd(true),
-        SgrGrad::Exact => exact_term_grad(p, x, site, target, base.masks, cfg.distance),
+        SgrGrad::Exact => exact_term_grad(p, x, site, target, base, cfg.distance),
     }
 }
 
@@ -463,15 +477,9 @@ fn fd_term_grad(
             )));
         }
     }
-    let rms = if crate::kernels::supported(&v) {
-        (crate::kernels::pair_sums(&v, &v)?[1] / v.elem_count().max(1) as f64).sqrt()
-    } else {
-        v.sqr()?
-            .mean_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?
-            .sqrt()
-    };
+    // ε is a step along the unit-RMS direction: one host read per module and step.
+    let sum_sq = crate::kernels::pair_sums(&v, &v)?.get(1)?.to_scalar::<f64>()?;
+    let rms = (sum_sq / v.elem_count().max(1) as f64).sqrt();
     if rms == 0.0 || !rms.is_finite() {
         let grads = vars
             .iter()
@@ -544,14 +552,15 @@ fn exact_term_grad(
     x: &Tensor,
     site: Site,
     target: &Tensor,
-    masks: &[crate::ctx::Decision],
+    base: BasePoint<'_>,
     distance: Distance,
 ) -> Result<SgrTermGrad> {
     let target = target.detach();
+    let (masks, seed) = (base.masks, base.seed);
     with_second_order(|| {
         let xv = Var::from_tensor(&x.detach())?;
         let mut ctx = if masks.is_empty() {
-            Ctx::train_frozen_stats()
+            Ctx::train_frozen_stats().with_seed(seed)
         } else {
             Ctx::train_replaying(masks.to_vec())
         };
@@ -568,7 +577,7 @@ fn exact_term_grad(
         }
         .ok_or_else(|| Error::InvalidConfig("local loss does not depend on the site".into()))?;
         let d = distance.eval(s, &target)?;
-        let value = d.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let value = d.detach().to_dtype(candle_core::DType::F64)?;
         let second = d.backward()?;
         let grads = collect_grads(&second, &p.vars())?;
         Ok(SgrTermGrad {
@@ -580,27 +589,22 @@ fn exact_term_grad(
 
 /// Cosine and relative distance of two gradients: (cos(a, b), ||a − b|| / ||a||).
 pub fn boundary_stats(a: &Tensor, b: &Tensor) -> Result<(f64, f64)> {
-    let [dot, aa, bb, dd] = if crate::kernels::supported(a) && a.dtype() == b.dtype() {
-        crate::kernels::pair_sums(a, b)?
-    } else {
-        let a = a.to_dtype(candle_core::DType::F64)?;
-        let b = b.to_dtype(candle_core::DType::F64)?;
-        let s = |t: Tensor| -> Result<f64> { Ok(t.sum_all()?.to_scalar::<f64>()?) };
-        [
-            s((&a * &b)?)?,
-            s(a.sqr()?)?,
-            s(b.sqr()?)?,
-            s((&a - &b)?.sqr()?)?,
-        ]
-    };
-    let (na, nb, nd) = (aa.sqrt(), bb.sqrt(), dd.sqrt());
-    let cos = if na > 0.0 && nb > 0.0 {
-        dot / (na * nb)
-    } else {
-        0.0
-    };
-    let rel = if na > 0.0 { nd / na } else { f64::NAN };
-    Ok((cos, rel))
+    let v = boundary_stats_on_device(a, b)?.to_vec1::<f64>()?;
+    Ok((v[0], v[1]))
+}
+
+/// [`boundary_stats`] as an `f64` tensor `[cos, rel]` on the gradients' device, without a host
+/// sync; cos is 0 when either gradient is zero, the relative distance NaN when `a` is.
+pub fn boundary_stats_on_device(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let sums = crate::kernels::pair_sums(a, b)?;
+    let get = |i| -> Result<Tensor> { Ok(sums.get(i)?) };
+    let (dot, na, nb, nd) = (get(0)?, get(1)?.sqrt()?, get(2)?.sqrt()?, get(3)?.sqrt()?);
+    let zero = dot.zeros_like()?;
+    let den = (&na * &nb)?;
+    let cos = den.gt(&zero)?.where_cond(&dot.div(&den)?, &zero)?;
+    let nan = Tensor::new(f64::NAN, a.device())?;
+    let rel = na.gt(&zero)?.where_cond(&nd.div(&na)?, &nan)?;
+    Ok(Tensor::stack(&[cos, rel], 0)?)
 }
 
 #[cfg(test)]

@@ -1,60 +1,35 @@
 //! Trainers for end-to-end back-propagation and the local methods, side by side on the same
 //! network, data and optimizer.
+//!
+//! A step's metrics stay on the training device: losses, accuracy and boundary diagnostics are
+//! summed there, and the host reads them when an epoch closes or a checkpoint is taken
+//! ([`Trainer::state`]). A non-finite loss is caught then, naming the first module and step
+//! where it happened.
 
 use std::time::Instant;
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::ctx::{Ctx, Decision};
 use crate::events::{BoundaryMetrics, EpochMetrics, EvalMetrics, Event, Observer, StepMetrics};
 use crate::loss::{correct_count, cross_entropy, topk_correct_count};
+use crate::method::{Estimator, Method};
 use crate::network::{collect_grads, LocalNetwork};
-use crate::nn::Ctx;
+use crate::objective::Batch;
 use crate::optim::{Optimizer, OptimizerConfig, Schedule};
 use crate::sgr::{
-    base_pass, boundary_stats, sgr_term_grad, BasePoint, CrossEntropyModule, Direction, SgrConfig,
-    SgrGrad, Site,
+    base_pass_in, boundary_stats_on_device, sgr_term_grad, BasePoint, Direction, LocalModule,
+    SgrConfig, SgrGrad, Site,
 };
 use crate::{Error, Result};
 
-/// Training method.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Method {
-    /// End-to-end back-propagation (K = 1).
-    Bp,
-    /// Greedy SL: every module on its own cross-entropy head, all updated each step.
-    Greedy,
-    /// Greedy SL plus the SGR term.
-    Sgr,
-}
-
-impl Method {
-    /// Configuration names.
-    pub const NAMES: [(&'static str, Method); 3] = [
-        ("bp", Method::Bp),
-        ("greedy", Method::Greedy),
-        ("sgr", Method::Sgr),
-    ];
-
-    /// The configuration name.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Method::Bp => "bp",
-            Method::Greedy => "greedy",
-            Method::Sgr => "sgr",
-        }
-    }
-}
-
 /// Everything the trainer needs besides the network and the data.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "TrainerConfigRepr", into = "TrainerConfigRepr")]
 pub struct TrainerConfig {
-    /// Method.
+    /// Method: objective, SGR term, gradient estimator.
     pub method: Method,
-    /// SGR term (used by `sgr`).
-    pub sgr: SgrConfig,
     /// Optimizer (one instance per module).
     pub optimizer: OptimizerConfig,
     /// Base learning rate.
@@ -65,6 +40,91 @@ pub struct TrainerConfig {
     pub epochs: usize,
     /// Steps per epoch (for the schedule).
     pub steps_per_epoch: usize,
+    /// Seed of the random decisions of forward passes (dropout, drop-path); each module's pass
+    /// at each step draws from its own generator derived from it.
+    pub seed: u64,
+}
+
+impl Default for TrainerConfig {
+    /// SGR with its default settings; SGD with Nesterov momentum 0.9 and weight decay 5e-4;
+    /// lr 0.05 with cosine decay over 6 epochs (the quickstart job).
+    fn default() -> Self {
+        Self {
+            method: Method::sgr(SgrConfig::default()),
+            optimizer: OptimizerConfig::Sgd {
+                momentum: 0.9,
+                nesterov: true,
+                weight_decay: 5e-4,
+            },
+            lr: 0.05,
+            schedule: Schedule::Cosine { warmup_epochs: 0.0 },
+            epochs: 6,
+            steps_per_epoch: 0,
+            seed: 0,
+        }
+    }
+}
+
+/// The serialised form: the method as its name (`greedy+sgr`), the SGR settings beside it;
+/// fields left out take [`TrainerConfig::default`]'s values.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct TrainerConfigRepr {
+    method: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sgr: Option<SgrConfig>,
+    estimator: Estimator,
+    optimizer: OptimizerConfig,
+    lr: f64,
+    schedule: Schedule,
+    epochs: usize,
+    steps_per_epoch: usize,
+    seed: u64,
+}
+
+impl Default for TrainerConfigRepr {
+    fn default() -> Self {
+        TrainerConfig::default().into()
+    }
+}
+
+impl TryFrom<TrainerConfigRepr> for TrainerConfig {
+    type Error = Error;
+
+    fn try_from(r: TrainerConfigRepr) -> Result<Self> {
+        let mut method: Method = r.method.parse()?;
+        // Settings of a method without `+sgr` are ignored (runs written before the grammar
+        // always carried them).
+        if method.sgr.is_some() {
+            method.sgr = Some(r.sgr.unwrap_or_default());
+        }
+        method.estimator = r.estimator;
+        Ok(Self {
+            method,
+            optimizer: r.optimizer,
+            lr: r.lr,
+            schedule: r.schedule,
+            epochs: r.epochs,
+            steps_per_epoch: r.steps_per_epoch,
+            seed: r.seed,
+        })
+    }
+}
+
+impl From<TrainerConfig> for TrainerConfigRepr {
+    fn from(c: TrainerConfig) -> Self {
+        Self {
+            method: c.method.to_string(),
+            sgr: c.method.sgr,
+            estimator: c.method.estimator,
+            optimizer: c.optimizer,
+            lr: c.lr,
+            schedule: c.schedule,
+            epochs: c.epochs,
+            steps_per_epoch: c.steps_per_epoch,
+            seed: c.seed,
+        }
+    }
 }
 
 /// Trains a [`LocalNetwork`] with one optimizer per module.
@@ -76,9 +136,10 @@ pub struct Trainer {
     step: usize,
     epoch: usize,
     acc: EpochAccumulator,
+    sums: DeviceSums,
 }
 
-/// Partial sums of the current epoch's metrics.
+/// Partial sums of the current epoch's metrics, on the host (what a checkpoint stores).
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochAccumulator {
     steps: usize,
@@ -110,6 +171,87 @@ impl EpochAccumulator {
     }
 }
 
+/// The running sums of an epoch on the training device (`f64`), continuing the host sums they
+/// were made from, so that a resumed epoch adds in the same order as an uninterrupted one.
+#[derive(Debug)]
+struct DeviceSums {
+    /// `(K,)` loss sums.
+    losses: Tensor,
+    /// Correct predictions.
+    correct: Tensor,
+    /// Per boundary: (cos, rel_dist, SGR distance) sums.
+    boundary: Vec<[Tensor; 3]>,
+    /// `step·K + module` of the first non-finite loss (+∞ while none), and its value.
+    first_bad: (Tensor, Tensor),
+}
+
+impl DeviceSums {
+    fn from_host(a: &EpochAccumulator, device: &Device) -> Result<Self> {
+        let scalar = |v: f64| Tensor::new(v, device);
+        Ok(Self {
+            losses: Tensor::new(a.loss_sums.as_slice(), device)?,
+            correct: scalar(a.correct as f64)?,
+            boundary: a
+                .boundary
+                .iter()
+                .map(|&(c, r, d, _, _)| Ok([scalar(c)?, scalar(r)?, scalar(d)?]))
+                .collect::<Result<_>>()?,
+            first_bad: (scalar(f64::INFINITY)?, scalar(f64::NAN)?),
+        })
+    }
+
+    /// Adds a step's `(K,)` losses and remembers the first non-finite one, without a sync.
+    fn add_losses(&mut self, losses: &Tensor, step: usize) -> Result<()> {
+        let k = losses.dim(0)?;
+        self.losses = (&self.losses + losses)?;
+        let finite = (losses - losses)?.eq(0.0)?;
+        let codes = (Tensor::arange(0u32, k as u32, losses.device())?.to_dtype(DType::F64)?
+            + (step * k) as f64)?;
+        let inf = Tensor::full(f64::INFINITY, k, losses.device())?;
+        let bad = finite.where_cond(&inf, &codes)?;
+        let at = bad.argmin_keepdim(0)?;
+        let code = bad.gather(&at, 0)?.squeeze(0)?;
+        let value = losses.gather(&at, 0)?.squeeze(0)?;
+        let (old_code, old_value) = &self.first_bad;
+        let earlier = code.lt(old_code)?;
+        self.first_bad = (
+            earlier.where_cond(&code, old_code)?,
+            earlier.where_cond(&value, old_value)?,
+        );
+        Ok(())
+    }
+
+    /// Adds `value` to sum `which` (cos, rel_dist, SGR distance) of boundary `slot`.
+    fn add_boundary(&mut self, slot: usize, which: usize, value: &Tensor) -> Result<()> {
+        let s = &mut self.boundary[slot][which];
+        *s = (&*s + value)?;
+        Ok(())
+    }
+
+    /// The host sums (one sync), or the first non-finite loss as an error.
+    fn download(&self, into: &EpochAccumulator) -> Result<EpochAccumulator> {
+        let code = self.first_bad.0.to_scalar::<f64>()?;
+        if code.is_finite() {
+            let k = self.losses.dim(0)?.max(1);
+            let code = code as usize;
+            return Err(Error::NonFiniteLoss {
+                module: code % k,
+                step: code / k,
+                value: self.first_bad.1.to_scalar::<f64>()? as f32,
+            });
+        }
+        let mut a = into.clone();
+        a.loss_sums = self.losses.to_vec1::<f64>()?;
+        a.correct = self.correct.to_scalar::<f64>()? as usize;
+        for (slot, sums) in a.boundary.iter_mut().zip(&self.boundary) {
+            slot.0 = sums[0].to_scalar::<f64>()?;
+            slot.1 = sums[1].to_scalar::<f64>()?;
+            slot.2 = sums[2].to_scalar::<f64>()?;
+        }
+        Ok(a)
+    }
+}
+
 /// Everything a [`Trainer`] needs besides weights and optimizer state to continue exactly where
 /// it stopped.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -127,15 +269,26 @@ pub struct TrainerState {
 struct Pending {
     k: usize,
     input: Tensor,
-    masks: Vec<crate::ctx::Decision>,
+    masks: Vec<Decision>,
     grads: Vec<Tensor>,
     output_grad: Tensor,
+    seed: u64,
+}
+
+/// The seed of module `k`'s forward pass at `step` (SplitMix64 of the three).
+fn pass_seed(seed: u64, step: usize, k: usize) -> u64 {
+    let mut z = seed
+        ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (k as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 impl Trainer {
-    /// A trainer; `bp` requires a single-module network.
+    /// A trainer; an end-to-end objective (`bp`) requires a single-module network.
     pub fn new(net: LocalNetwork, cfg: TrainerConfig) -> Result<Self> {
-        cfg.sgr.validate()?;
+        cfg.method.validate()?;
         if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
             return Err(Error::InvalidConfig(format!(
                 "lr must be > 0, got {}",
@@ -143,16 +296,20 @@ impl Trainer {
             )));
         }
         let k = net.num_modules();
-        if cfg.method == Method::Bp && k != 1 {
+        if cfg.method.objective.is_end_to_end() && k != 1 {
             return Err(Error::InvalidConfig(format!(
-                "method bp trains end to end and needs K=1, the network has K={k}"
+                "method {} trains end to end and needs K=1, the network has K={k}",
+                cfg.method
             )));
         }
         let optimizers = (0..k)
             .map(|m| cfg.optimizer.build(net.module_params(m)))
             .collect::<Result<Vec<_>>>()?;
+        let acc = EpochAccumulator::new(k);
+        let sums = DeviceSums::from_host(&acc, &net.device()?)?;
         Ok(Self {
-            acc: EpochAccumulator::new(k),
+            acc,
+            sums,
             net,
             cfg,
             optimizers,
@@ -192,6 +349,19 @@ impl Trainer {
         self.step = step;
     }
 
+    /// Plans `epochs` epochs in total from now on (extending or shortening a run); the
+    /// learning-rate schedule is recomputed for the new total from the current step.
+    pub fn set_planned_epochs(&mut self, epochs: usize) -> Result<()> {
+        let done = self.epoch + usize::from(self.acc.steps > 0);
+        if epochs < done.max(1) {
+            return Err(Error::InvalidConfig(format!(
+                "cannot plan {epochs} epochs: {done} are already (partly) done"
+            )));
+        }
+        self.cfg.epochs = epochs;
+        Ok(())
+    }
+
     /// Current epoch (0-based).
     pub fn epoch(&self) -> usize {
         self.epoch
@@ -202,13 +372,14 @@ impl Trainer {
         self.acc.steps
     }
 
-    /// The position and partial epoch metrics (for checkpoints).
-    pub fn state(&self) -> TrainerState {
-        TrainerState {
+    /// The position and partial epoch metrics (for checkpoints). Reads the device sums, so a
+    /// non-finite loss since the last read is reported here.
+    pub fn state(&self) -> Result<TrainerState> {
+        Ok(TrainerState {
             epoch: self.epoch,
             global_step: self.step,
-            epoch_progress: self.acc.clone(),
-        }
+            epoch_progress: self.sums.download(&self.acc)?,
+        })
     }
 
     /// Checks that a state fits this trainer's network.
@@ -230,6 +401,7 @@ impl Trainer {
         self.check_state(&state)?;
         self.epoch = state.epoch;
         self.step = state.global_step;
+        self.sums = DeviceSums::from_host(&state.epoch_progress, &self.net.device()?)?;
         self.acc = state.epoch_progress;
         Ok(())
     }
@@ -242,50 +414,41 @@ impl Trainer {
     }
 
     fn lambda_now(&self) -> f64 {
-        if self.cfg.method != Method::Sgr {
-            return 0.0;
-        }
         let progress = self.step as f64 / self.cfg.steps_per_epoch.max(1) as f64;
-        self.cfg.sgr.lambda_at(progress)
+        self.cfg
+            .method
+            .sgr
+            .as_ref()
+            .map_or(0.0, |s| s.lambda_at(progress))
     }
 
-    /// One optimisation step on a batch; `labels` are integer class indices.
-    pub fn train_step(&mut self, x: &Tensor, labels: &Tensor) -> Result<StepMetrics> {
+    /// One optimisation step on a batch.
+    pub fn train_step(&mut self, batch: &Batch) -> Result<StepMetrics> {
         let _span = tracing::debug_span!("train_step", step = self.step).entered();
         let t0 = Instant::now();
         let lr = self.lr_now();
         let lambda = self.lambda_now();
-        let (module_losses, correct) = match self.cfg.method {
-            Method::Bp => self.bp_step(x, labels, lr)?,
-            Method::Greedy | Method::Sgr => self.local_step(x, labels, lr, lambda)?,
+        let (losses, correct) = match (self.cfg.method.estimator, self.cfg.method.objective) {
+            (_, o) if o.is_end_to_end() => self.bp_step(batch, lr)?,
+            (Estimator::Backprop, _) => self.local_step(batch, lr, lambda)?,
         };
-        for (m, l) in module_losses.iter().enumerate() {
-            if !l.is_finite() {
-                return Err(Error::NonFiniteLoss {
-                    module: m,
-                    step: self.step,
-                    value: *l as f32,
-                });
-            }
-        }
+        let losses = Tensor::stack(&losses, 0)?;
+        self.sums.add_losses(&losses, self.step)?;
+        self.sums.correct = (&self.sums.correct + &correct)?;
         let seconds = t0.elapsed().as_secs_f64();
-        let batch = x.dim(0)?;
+        let n = batch.len()?;
         let a = &mut self.acc;
         a.steps += 1;
-        for (s, l) in a.loss_sums.iter_mut().zip(&module_losses) {
-            *s += l;
-        }
-        a.correct += correct;
-        a.seen += batch;
+        a.seen += n;
         a.seconds += seconds;
         a.lr = lr;
         let m = StepMetrics {
             epoch: self.epoch,
             step: self.step,
-            module_losses,
+            module_losses: losses,
             lr,
             lambda,
-            batch,
+            batch: n,
             correct,
             seconds,
         };
@@ -293,13 +456,19 @@ impl Trainer {
         Ok(m)
     }
 
-    fn bp_step(&mut self, x: &Tensor, labels: &Tensor, lr: f64) -> Result<(Vec<f64>, usize)> {
-        let mut ctx = Ctx::train();
-        let logits = self.net.forward(&x.detach(), &mut ctx)?;
-        let loss = cross_entropy(&logits, labels)?;
-        let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-        let correct = correct_count(&logits, labels)?;
-        let store = loss.backward()?;
+    /// The whole network as one graph, on the last module's objective.
+    fn bp_step(&mut self, batch: &Batch, lr: f64) -> Result<(Vec<Tensor>, Tensor)> {
+        let k = self.net.num_modules() - 1;
+        let mut ctx = Ctx::train().with_seed(pass_seed(self.cfg.seed, self.step, k));
+        let logits = self.net.forward(&batch.input.detach(), &mut ctx)?;
+        let out = self.net.module_objective(k)?.loss(&logits, batch, &mut ctx)?;
+        let value = out.loss.detach().to_dtype(DType::F64)?;
+        let correct = match &out.logits {
+            Some(l) => batch.targets.correct(l)?,
+            None => Tensor::new(0f64, logits.device())?,
+        };
+        let store = out.loss.backward()?;
+        drop(out);
         drop(logits);
         let vars: Vec<_> = self.optimizers[0]
             .params()
@@ -314,53 +483,60 @@ impl Trainer {
 
     fn local_step(
         &mut self,
-        x: &Tensor,
-        labels: &Tensor,
+        batch: &Batch,
         lr: f64,
         lambda: f64,
-    ) -> Result<(Vec<f64>, usize)> {
+    ) -> Result<(Vec<Tensor>, Tensor)> {
         let k_total = self.net.num_modules();
-        let sgr_on = self.cfg.method == Method::Sgr;
-        let sgr = self.cfg.sgr.clone();
-        // The finite differences replay the ReLU masks of the module whose term they compute:
+        let sgr = self.cfg.method.sgr.clone();
+        let direction = sgr.as_ref().map_or(Direction::Forward, |s| s.direction);
+        // The finite differences replay the decisions of the module whose term they compute:
         // module k > 0 (forward direction) or k < K − 1 (backward); no other module records.
         let record = |k: usize| {
-            sgr_on
-                && sgr.grad != SgrGrad::Exact
-                && match sgr.direction {
-                    Direction::Forward => k > 0,
-                    Direction::Backward => k + 1 < k_total,
-                }
+            sgr.as_ref().is_some_and(|s| {
+                s.grad != SgrGrad::Exact
+                    && match s.direction {
+                        Direction::Forward => k > 0,
+                        Direction::Backward => k + 1 < k_total,
+                    }
+            })
         };
         let mut losses = Vec::with_capacity(k_total);
-        let mut correct = 0;
-        let mut h = x.detach();
+        let mut correct = None;
+        let mut h = batch.input.detach();
         let mut prev_a: Option<Tensor> = None;
         let mut pending: Option<Pending> = None;
         for k in 0..k_total {
             let _span = tracing::trace_span!("module", k).entered();
-            let prob = CrossEntropyModule {
+            let seed = pass_seed(self.cfg.seed, self.step, k);
+            let prob = LocalModule {
                 net: &self.net,
                 k,
-                labels,
+                batch,
             };
-            let bp = base_pass(&prob, &h, k > 0, record(k))?;
-            losses.push(bp.loss);
+            let ctx = if record(k) {
+                Ctx::train_recording()
+            } else {
+                Ctx::train()
+            };
+            let bp = base_pass_in(&prob, &h, k > 0, ctx.with_seed(seed))?;
+            losses.push(bp.loss.clone());
             if k + 1 == k_total {
-                correct = correct_count(&bp.logits, labels)?;
+                if let Some(l) = &bp.logits {
+                    correct = Some(batch.targets.correct(l)?);
+                }
             }
             let mut grads = bp.grads.clone();
             let mut sgr_d = None;
             if let (Some(a), Some(b)) = (&prev_a, &bp.input_grad) {
-                let (cos, rel) = boundary_stats(a, b)?;
-                let slot = &mut self.acc.boundary[k - 1];
-                slot.0 += cos;
-                slot.1 += rel;
-                slot.3 += 1;
+                let stats = boundary_stats_on_device(a, b)?;
+                self.sums.add_boundary(k - 1, 0, &stats.get(0)?)?;
+                self.sums.add_boundary(k - 1, 1, &stats.get(1)?)?;
+                self.acc.boundary[k - 1].3 += 1;
             }
-            match sgr.direction {
+            match direction {
                 Direction::Forward => {
-                    if sgr_on && k > 0 {
+                    if let (Some(cfg), true) = (&sgr, k > 0) {
                         let (a, b) = match (&prev_a, &bp.input_grad) {
                             (Some(a), Some(b)) => (a, b),
                             _ => {
@@ -370,7 +546,7 @@ impl Trainer {
                             }
                         };
                         let term =
-                            sgr_term_grad(&prob, &h, Site::Input, b, a, BasePoint::of(&bp), &sgr)?;
+                            sgr_term_grad(&prob, &h, Site::Input, b, a, BasePoint::of(&bp), cfg)?;
                         add_scaled(&mut grads, &term.grads, lambda)?;
                         sgr_d = Some((k - 1, term.distance));
                     }
@@ -379,14 +555,14 @@ impl Trainer {
                 Direction::Backward => {
                     if let Some(p) = pending.take() {
                         let mut g = p.grads.clone();
-                        if sgr_on {
+                        if let Some(cfg) = &sgr {
                             let b = bp.input_grad.as_ref().ok_or_else(|| {
                                 Error::InvalidConfig(format!("module {k}: input gradient missing"))
                             })?;
-                            let prev = CrossEntropyModule {
+                            let prev = LocalModule {
                                 net: &self.net,
                                 k: p.k,
-                                labels,
+                                batch,
                             };
                             let term = sgr_term_grad(
                                 &prev,
@@ -397,8 +573,9 @@ impl Trainer {
                                 BasePoint {
                                     masks: &p.masks,
                                     grads: &p.grads,
+                                    seed: p.seed,
                                 },
-                                &sgr,
+                                cfg,
                             )?;
                             add_scaled(&mut g, &term.grads, lambda)?;
                             sgr_d = Some((k - 1, term.distance));
@@ -415,6 +592,7 @@ impl Trainer {
                             masks: bp.masks,
                             grads,
                             output_grad,
+                            seed,
                         });
                     } else {
                         self.optimizers[k].step(&grads, lr)?;
@@ -422,9 +600,8 @@ impl Trainer {
                 }
             }
             if let Some((slot, d)) = sgr_d {
-                let s = &mut self.acc.boundary[slot];
-                s.2 += d;
-                s.4 += 1;
+                self.sums.add_boundary(slot, 2, &d)?;
+                self.acc.boundary[slot].4 += 1;
             }
             prev_a = if k + 1 < k_total {
                 bp.output_grad
@@ -433,13 +610,20 @@ impl Trainer {
             };
             h = bp.output;
         }
+        let correct = match correct {
+            Some(c) => c,
+            None => Tensor::new(0f64, h.device())?,
+        };
         Ok((losses, correct))
     }
 
-    /// Closes the current epoch: returns its metrics and emits [`Event::Epoch`].
-    pub fn finish_epoch(&mut self, observer: &mut dyn Observer) -> EpochMetrics {
+    /// Closes the current epoch: reads the device sums, returns the epoch's metrics and emits
+    /// [`Event::Epoch`]. A non-finite loss during the epoch is an error here.
+    pub fn finish_epoch(&mut self, observer: &mut dyn Observer) -> Result<EpochMetrics> {
         let k = self.net.num_modules();
-        let a = std::mem::replace(&mut self.acc, EpochAccumulator::new(k));
+        let a = self.sums.download(&self.acc)?;
+        self.acc = EpochAccumulator::new(k);
+        self.sums = DeviceSums::from_host(&self.acc, &self.net.device()?)?;
         let steps = a.steps.max(1) as f64;
         let module_losses: Vec<f64> = a.loss_sums.iter().map(|s| s / steps).collect();
         let boundaries = a
@@ -468,26 +652,27 @@ impl Trainer {
         };
         observer.on_event(&Event::Epoch(&m));
         self.epoch += 1;
-        m
+        Ok(m)
     }
 
     /// Runs one epoch over `batches`, emitting a [`Event::Step`] per step.
-    pub fn run_epoch<I, E>(
+    pub fn run_epoch<I, B, E>(
         &mut self,
         batches: I,
         observer: &mut dyn Observer,
     ) -> Result<EpochMetrics>
     where
-        I: IntoIterator<Item = std::result::Result<(Tensor, Tensor), E>>,
+        I: IntoIterator<Item = std::result::Result<B, E>>,
+        B: Into<Batch>,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let _span = tracing::info_span!("epoch", epoch = self.epoch).entered();
         for b in batches {
-            let (x, y) = b.map_err(|e| Error::Data(e.into()))?;
-            let m = self.train_step(&x, &y)?;
+            let batch: Batch = b.map_err(|e| Error::Data(e.into()))?.into();
+            let m = self.train_step(&batch)?;
             observer.on_event(&Event::Step(&m));
         }
-        Ok(self.finish_epoch(observer))
+        self.finish_epoch(observer)
     }
 
     /// Evaluates the network's classifier (evaluation mode) over `batches`.
@@ -500,7 +685,7 @@ impl Trainer {
     }
 }
 
-/// Evaluates a network's classifier (evaluation mode) over `batches`.
+/// Evaluates a network's classifier (evaluation mode) over `batches` of images and labels.
 pub fn evaluate<I, E>(net: &LocalNetwork, batches: I) -> Result<EvalMetrics>
 where
     I: IntoIterator<Item = std::result::Result<(Tensor, Tensor), E>>,
@@ -515,7 +700,7 @@ where
         let logits = net.forward(&x.detach(), &mut ctx)?.detach();
         let bs = x.dim(0)?;
         loss += cross_entropy(&logits, &y)?
-            .to_dtype(candle_core::DType::F64)?
+            .to_dtype(DType::F64)?
             .to_scalar::<f64>()?
             * bs as f64;
         correct += correct_count(&logits, &y)?;
@@ -545,4 +730,55 @@ fn add_scaled(grads: &mut [Tensor], extra: &[Tensor], scale: f64) -> Result<()> 
         *g = (&*g + (e * scale)?)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::method::Method;
+
+    #[test]
+    fn config_serialises_the_method_by_name() {
+        let c = TrainerConfig {
+            method: Method::sgr(SgrConfig::default()),
+            optimizer: OptimizerConfig::default(),
+            lr: 0.1,
+            schedule: Schedule::Constant,
+            epochs: 2,
+            steps_per_epoch: 3,
+            seed: 4,
+        };
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(v["method"], "sgr");
+        assert_eq!(v["sgr"]["lambda"], crate::sgr::DEFAULT_LAMBDA);
+        assert_eq!(serde_json::from_value::<TrainerConfig>(v).unwrap(), c);
+        let g = TrainerConfig {
+            method: Method::greedy(),
+            ..c
+        };
+        let v = serde_json::to_value(&g).unwrap();
+        assert!(v.get("sgr").is_none());
+        assert_eq!(serde_json::from_value::<TrainerConfig>(v).unwrap(), g);
+    }
+
+    #[test]
+    fn non_finite_losses_are_caught_with_module_and_step() {
+        let d = Device::Cpu;
+        let mut s = DeviceSums::from_host(&EpochAccumulator::new(3), &d).unwrap();
+        s.add_losses(&Tensor::new(&[1.0f64, 2.0, 3.0], &d).unwrap(), 0)
+            .unwrap();
+        assert!(s.download(&EpochAccumulator::new(3)).is_ok());
+        s.add_losses(&Tensor::new(&[1.0f64, f64::INFINITY, f64::NAN], &d).unwrap(), 5)
+            .unwrap();
+        s.add_losses(&Tensor::new(&[f64::NAN, 1.0, 1.0], &d).unwrap(), 6)
+            .unwrap();
+        match s.download(&EpochAccumulator::new(3)) {
+            Err(Error::NonFiniteLoss {
+                module: 1,
+                step: 5,
+                value,
+            }) => assert!(value.is_infinite()),
+            other => panic!("{other:?}"),
+        }
+    }
 }

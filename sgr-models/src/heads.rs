@@ -1,40 +1,24 @@
 //! Auxiliary heads of local modules (method.md).
 
 use candle_core::Tensor;
-use serde::{Deserialize, Serialize};
 use sgr_core::network::Stage;
 use sgr_core::nn::{global_avg_pool, BatchNorm, Conv2d, Ctx, Init, Layer, Linear, Param};
 use sgr_core::Result;
 
 /// Which auxiliary head a module carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum HeadKind {
     /// Greedy SL's head: global average pool + Linear(C → classes).
-    #[serde(rename = "0c1f")]
     ZeroConvOneFc,
     /// InfoPro's head: conv3×3 (no bias) + BN + ReLU + GAP + Linear(→128) + ReLU +
     /// Linear(128 → classes); the conv maps 16→32 and 32→64 with stride 2, 64→64 with stride 1.
     #[default]
-    #[serde(rename = "1c2f")]
     OneConvTwoFc,
 }
 
+sgr_core::named_enum!(HeadKind, "aux head", { "0c1f" => ZeroConvOneFc, "1c2f" => OneConvTwoFc });
+
 impl HeadKind {
-    /// Configuration names.
-    pub const NAMES: [(&'static str, HeadKind); 2] = [
-        ("0c1f", HeadKind::ZeroConvOneFc),
-        ("1c2f", HeadKind::OneConvTwoFc),
-    ];
-
-    /// The configuration name.
-    pub fn name(&self) -> &'static str {
-        match self {
-            HeadKind::ZeroConvOneFc => "0c1f",
-            HeadKind::OneConvTwoFc => "1c2f",
-        }
-    }
-
     /// Builds the head for a feature map of `channels` channels, named `prefix.*`.
     pub fn build(
         &self,

@@ -5,6 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sgr_core::network::{LocalNetwork, SplitPlan, Stage};
+use sgr_core::objective::{CrossEntropy, LocalObjective};
 use sgr_core::nn::{
     global_avg_pool, option_a_shortcut, BatchNorm, Conv2d, Ctx, Init, Layer, Linear, Param,
 };
@@ -110,8 +111,7 @@ impl ResNetConfig {
 }
 
 /// How a ResNet is cut into K modules.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SplitStrategy {
     /// InfoPro's table when the model has one for K, otherwise uniform by block.
     #[default]
@@ -125,15 +125,7 @@ pub enum SplitStrategy {
     Uniform,
 }
 
-impl SplitStrategy {
-    /// Configuration names.
-    pub const NAMES: [(&'static str, SplitStrategy); 4] = [
-        ("auto", SplitStrategy::Auto),
-        ("infopro", SplitStrategy::Infopro),
-        ("infopro-balanced", SplitStrategy::InfoproBalanced),
-        ("uniform", SplitStrategy::Uniform),
-    ];
-}
+sgr_core::named_enum!(SplitStrategy, "split", { "auto" => Auto, "infopro" => Infopro, "infopro-balanced" => InfoproBalanced, "uniform" => Uniform });
 
 type Table = &'static [(usize, &'static [(usize, usize)])];
 
@@ -395,19 +387,23 @@ impl CifarResNet {
             fc: Linear::new("fc", &mut init, 64, cfg.num_classes)?,
         });
         let mut head_init = Init::new(self.seed.wrapping_add(0x9E37_79B9_7F4A_7C15), device, dtype);
-        let heads = plan.ends()[..plan.num_modules() - 1]
+        // Cross-entropy on an aux head for modules 1..K-1 (Greedy SL); the last module's
+        // objective is the classifier's cross-entropy.
+        let mut objectives = plan.ends()[..plan.num_modules() - 1]
             .iter()
             .enumerate()
             .map(|(k, &end)| {
-                self.head.build(
+                let head = self.head.build(
                     &format!("aux.{k}"),
                     &mut head_init,
                     cfg.unit_channels(end),
                     cfg.num_classes,
-                )
+                )?;
+                Ok(Box::new(CrossEntropy::on_head(head)) as Box<dyn LocalObjective>)
             })
             .collect::<Result<Vec<_>>>()?;
-        LocalNetwork::new(cfg.name(), units, classifier, heads, plan, cfg.num_classes)
+        objectives.push(Box::new(CrossEntropy::on_logits()));
+        LocalNetwork::new(cfg.name(), units, classifier, objectives, plan, cfg.num_classes)
     }
 }
 

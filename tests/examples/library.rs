@@ -5,7 +5,8 @@ use candle_core::{DType, Device};
 use sgr_core::events::Event;
 use sgr_core::optim::{OptimizerConfig, Schedule};
 use sgr_core::sgr::SgrConfig;
-use sgr_core::trainer::{Method, Trainer, TrainerConfig};
+use sgr_core::method::Method;
+use sgr_core::trainer::{Trainer, TrainerConfig};
 use std::sync::Arc;
 
 use sgr_data::{Loader, LoaderConfig, Normalize, Pipeline};
@@ -41,13 +42,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut trainer = Trainer::new(
         net,
         TrainerConfig {
-            method: Method::Sgr,
-            sgr: SgrConfig::default(),
+            method: Method::sgr(SgrConfig::default()),
             optimizer: OptimizerConfig::default(),
             lr: 0.05,
             schedule: Schedule::Cosine { warmup_epochs: 0.0 },
             epochs,
             steps_per_epoch: train_loader.batches_per_epoch(),
+            seed: 0,
         },
     )?;
     for epoch in 0..epochs {

@@ -4,17 +4,28 @@
 //!   the SGR configuration sweep behind the documented defaults (λ, distance, direction), with
 //!   greedy and bp as references, on the embedded digits unless flags say otherwise.
 //! * `cargo xtask reproduce table2 --data-dir DIR [--epochs N] [--model resnet32]
-//!   [--ks 2,4,8,16] [--out DIR]`: the headline comparison (bp, greedy, sgr per K on CIFAR-10),
-//!   next to the published InfoPro-repository numbers.
+//!   [--ks 2,4,8,16] [--seed S] [--out DIR]`: the headline comparison (bp, greedy, sgr per K on
+//!   CIFAR-10), next to the published InfoPro-repository numbers.
 //!
-//! xtask depends on no workspace crate: it builds and runs the `sgr` binary and reads the
-//! `summary.json` each run writes.
+//! xtask depends on no crate that compiles a tensor library: it builds and runs the `sgr`
+//! binary, once per cell of a grid, and reads the `summary.json` each run writes as
+//! [`sgr_schema::Summary`]. A cell runs in `OUT/<label>-<first 12 hex digits of its spec hash>`,
+//! the hash that `sgr train <flags> --print-spec` prints; a finished run is reused only when its
+//! `summary.json` has that same hash, so changed flags or changed defaults of the binary rerun
+//! the cell (module [`run`](mod@run)).
+
+mod flags;
+mod run;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+use flags::Flags;
+use run::run;
+
+/// Dispatches `cargo xtask <command>`.
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -24,12 +35,13 @@ fn main() -> Result<()> {
             other => bail!("unknown reproduction {other:?}; available: table2"),
         },
         _ => {
-            eprintln!("usage:\n  cargo xtask sweep [--epochs N] [--seeds 0,1] [--out DIR] [-- <sgr train flags>]\n  cargo xtask reproduce table2 --data-dir DIR [--epochs N] [--model M] [--ks 2,4,8,16] [--out DIR]");
+            eprintln!("usage:\n  cargo xtask sweep [--epochs N] [--seeds 0,1] [--out DIR] [-- <sgr train flags>]\n  cargo xtask reproduce table2 --data-dir DIR [--epochs N] [--model M] [--ks 2,4,8,16] [--seed S] [--out DIR]");
             std::process::exit(2);
         }
     }
 }
 
+/// The workspace root (the parent of this crate's directory).
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -37,6 +49,7 @@ fn root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// Builds the `sgr` binary (release) and returns its path.
 fn build_sgr() -> Result<PathBuf> {
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(root())
@@ -49,114 +62,12 @@ fn build_sgr() -> Result<PathBuf> {
     Ok(root().join("target/release/sgr"))
 }
 
-/// Flag parser: `--name value` pairs before an optional `--`, the rest passed through.
-struct Flags {
-    named: Vec<(String, String)>,
-    rest: Vec<String>,
-}
-
-impl Flags {
-    fn parse(args: &[String], known: &[&str]) -> Result<Self> {
-        let mut named = Vec::new();
-        let mut rest = Vec::new();
-        let mut i = 0;
-        while i < args.len() {
-            if args[i] == "--" {
-                rest.extend(args[i + 1..].iter().cloned());
-                break;
-            }
-            let name = args[i].trim_start_matches("--");
-            if !args[i].starts_with("--") || !known.contains(&name) {
-                bail!(
-                    "unknown argument `{}`; known: --{}",
-                    args[i],
-                    known.join(", --")
-                );
-            }
-            let value = args
-                .get(i + 1)
-                .with_context(|| format!("{} needs a value", args[i]))?;
-            named.push((name.to_string(), value.clone()));
-            i += 2;
-        }
-        Ok(Self { named, rest })
-    }
-
-    fn get(&self, name: &str) -> Option<&str> {
-        self.named
-            .iter()
-            .rev()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn list(&self, name: &str, default: &str) -> Result<Vec<u64>> {
-        self.get(name)
-            .unwrap_or(default)
-            .split(',')
-            .map(|s| s.trim().parse().with_context(|| format!("--{name}: `{s}`")))
-            .collect()
-    }
-}
-
-struct RunResult {
-    accuracy: f64,
-    seconds: f64,
-    mean_cos: f64,
-    peak_mib: f64,
-}
-
-fn run(sgr: &Path, out: &Path, args: &[String]) -> Result<RunResult> {
-    let summary = out.join("summary.json");
-    if !summary.exists() {
-        eprintln!(
-            "xtask: sgr train {} --out {}",
-            args.join(" "),
-            out.display()
-        );
-        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-        let log_path = out.join("train.log");
-        let log = std::fs::File::create(&log_path)
-            .with_context(|| format!("creating {}", log_path.display()))?;
-        let status = Command::new(sgr)
-            .arg("train")
-            .args(args)
-            .arg("--out")
-            .arg(out)
-            .stdout(log)
-            .status()
-            .context("running sgr")?;
-        if !status.success() {
-            bail!(
-                "sgr train {} failed; see {}",
-                args.join(" "),
-                log_path.display()
-            );
-        }
-    }
-    let s: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&summary).with_context(|| format!("{}", summary.display()))?,
-    )?;
-    let cos: Vec<f64> = s["final_boundary_cos"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_f64()).collect())
-        .unwrap_or_default();
-    Ok(RunResult {
-        accuracy: s["test_accuracy"].as_f64().unwrap_or(f64::NAN),
-        seconds: s["train_seconds"].as_f64().unwrap_or(f64::NAN),
-        mean_cos: if cos.is_empty() {
-            f64::NAN
-        } else {
-            cos.iter().sum::<f64>() / cos.len() as f64
-        },
-        peak_mib: s["peak_memory_bytes"].as_f64().unwrap_or(f64::NAN) / (1024.0 * 1024.0),
-    })
-}
-
+/// The mean of `v`, 0 when empty.
 fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
+/// `cargo xtask sweep`: prints a markdown table of the grid, one row per configuration.
 fn sweep(args: &[String]) -> Result<()> {
     let f = Flags::parse(args, &["epochs", "seeds", "out"])?;
     let epochs = f.get("epochs").unwrap_or("6").to_string();
@@ -217,7 +128,6 @@ fn sweep(args: &[String]) -> Result<()> {
         let mut coss = Vec::new();
         let mut secs = Vec::new();
         for &seed in &seeds {
-            let dir = out.join(format!("{}-s{seed}", label.replace([' ', '='], "_")));
             let mut a: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
             a.extend([
                 "--epochs".into(),
@@ -226,7 +136,7 @@ fn sweep(args: &[String]) -> Result<()> {
                 seed.to_string(),
             ]);
             a.extend(f.rest.iter().cloned());
-            let r = run(&sgr, &dir, &a)?;
+            let r = run(&sgr, &out, &format!("{label} s{seed}"), &a)?;
             accs.push(r.accuracy);
             coss.push(r.mean_cos);
             secs.push(r.seconds);
@@ -249,6 +159,7 @@ fn sweep(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// `cargo xtask reproduce table2`: prints the markdown table of bp, greedy and sgr per K.
 fn table2(args: &[String]) -> Result<()> {
     let f = Flags::parse(args, &["data-dir", "epochs", "model", "ks", "out", "seed"])?;
     let data_dir = f
@@ -294,7 +205,7 @@ fn table2(args: &[String]) -> Result<()> {
         a.extend(f.rest.iter().cloned());
         a
     };
-    let bp = run(&sgr, &out.join("bp-k1"), &common("bp", 1))?;
+    let bp = run(&sgr, &out, "bp-k1", &common("bp", 1))?;
     println!("| {model}, CIFAR-10, {epochs} epochs | K | test error % | published Greedy SL error % | peak memory MiB | memory vs bp |");
     println!("|---|---|---|---|---|---|");
     let pubbp = published.iter().find(|p| p.0 == model).map(|p| p.3);
@@ -308,11 +219,7 @@ fn table2(args: &[String]) -> Result<()> {
     );
     for &k in &ks {
         for method in ["greedy", "sgr"] {
-            let r = run(
-                &sgr,
-                &out.join(format!("{method}-k{k}")),
-                &common(method, k),
-            )?;
+            let r = run(&sgr, &out, &format!("{method}-k{k}"), &common(method, k))?;
             let col = [2, 4, 8, 16].iter().position(|&x| x == k);
             let pubv = published
                 .iter()
@@ -336,39 +243,6 @@ fn table2(args: &[String]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(v: &[&str]) -> Vec<String> {
-        v.iter().map(|s| s.to_string()).collect()
-    }
-
-    #[test]
-    fn flags_parse_named_values_and_pass_the_rest_through() {
-        let f = Flags::parse(
-            &args(&[
-                "--epochs", "3", "--seeds", "0,1,2", "--", "--model", "resnet8",
-            ]),
-            &["epochs", "seeds", "out"],
-        )
-        .unwrap();
-        assert_eq!(f.get("epochs"), Some("3"));
-        assert_eq!(f.list("seeds", "0").unwrap(), vec![0, 1, 2]);
-        assert_eq!(f.list("missing", "4,5").unwrap(), vec![4, 5]);
-        assert_eq!(f.rest, args(&["--model", "resnet8"]));
-    }
-
-    #[test]
-    fn flags_reject_unknown_or_incomplete_arguments() {
-        let e = Flags::parse(&args(&["--epoch", "3"]), &["epochs"])
-            .err()
-            .unwrap();
-        assert!(e.to_string().contains("unknown argument `--epoch`"), "{e}");
-        let e = Flags::parse(&args(&["--epochs"]), &["epochs"])
-            .err()
-            .unwrap();
-        assert!(e.to_string().contains("needs a value"), "{e}");
-        let f = Flags::parse(&args(&["--seeds", "1,x"]), &["seeds"]).unwrap();
-        assert!(f.list("seeds", "0").is_err());
-    }
 
     #[test]
     fn mean_of_values() {

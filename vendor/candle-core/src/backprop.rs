@@ -27,6 +27,60 @@ thread_local! {
     }
 }
 
+thread_local! {
+    // Set by `KeepGradGraph`; `None` defers to `CANDLE_GRAD_DO_NOT_DETACH`.
+    static KEEP_GRAD_GRAPH: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether `backward` on the current thread keeps the graph of the gradients it computes, so
+/// that they can be differentiated again: the setting of the innermost live [`KeepGradGraph`]
+/// guard of this thread if any, else whether `CANDLE_GRAD_DO_NOT_DETACH` is set (read once per
+/// thread).
+pub fn keep_grad_graph() -> bool {
+    KEEP_GRAD_GRAPH
+        .with(|k| k.get())
+        .unwrap_or_else(|| CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b))
+}
+
+/// Sets whether `backward` keeps gradient graphs (needed for second-order derivatives) on the
+/// current thread until the guard is dropped, which restores the previous setting. Unlike the
+/// process-wide `CANDLE_GRAD_DO_NOT_DETACH`, it affects no other thread, so the guard is not
+/// `Send`. Guards nest; drop them in reverse order of creation.
+#[derive(Debug)]
+#[must_use = "the setting is restored when the guard is dropped"]
+pub struct KeepGradGraph {
+    previous: Option<bool>,
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl KeepGradGraph {
+    /// Keeps gradient graphs on the current thread while the guard lives.
+    pub fn enable() -> Self {
+        Self::set(true)
+    }
+
+    /// Detaches gradients on the current thread while the guard lives, whatever
+    /// `CANDLE_GRAD_DO_NOT_DETACH` says.
+    pub fn disable() -> Self {
+        Self::set(false)
+    }
+
+    /// Keeps gradient graphs on the current thread while the guard lives if `on`.
+    pub fn set(on: bool) -> Self {
+        let previous = KEEP_GRAD_GRAPH.with(|k| k.replace(Some(on)));
+        Self {
+            previous,
+            _not_send: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Drop for KeepGradGraph {
+    fn drop(&mut self) {
+        KEEP_GRAD_GRAPH.with(|k| k.set(self.previous))
+    }
+}
+
 impl Tensor {
     /// Return all the nodes that lead to this value in a topologically sorted vec, the first
     /// elements having dependencies on the latter ones, e.g. the first element if any is the
@@ -178,7 +232,7 @@ impl Tensor {
             // do not have to allocate too often. Here we just call `.detach` to avoid computing
             // the backprop graph of the backprop itself. This would be an issue for second order
             // derivatives but these are out of scope at the moment.
-            let do_not_detach = CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b);
+            let do_not_detach = keep_grad_graph();
             let grad = if do_not_detach { grad } else { grad.detach() };
             if let Some(op) = node.op() {
                 match op {
@@ -759,7 +813,7 @@ impl GradStore {
                 Entry::Occupied(mut entry) => {
                     let new_grad = entry.get().add(&grad)?;
 
-                    let do_not_detach = CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b);
+                    let do_not_detach = keep_grad_graph();
                     let new_grad = if do_not_detach {
                         new_grad
                     } else {

@@ -9,6 +9,8 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
+pub use crate::geom::{ConvGeom, PlaneMask};
+
 /// The element types the kernels run on.
 pub trait Real:
     Copy
@@ -30,7 +32,7 @@ pub trait Real:
     fn to_f64(self) -> f64;
     /// Narrowing conversion.
     fn from_f64(v: f64) -> Self;
-    /// Runs the direct 3×3 kernel `op` ([`super::direct`]) on operands `a`, `b` where it
+    /// Runs the direct 3×3 kernel `op` ([`crate::direct`]) on operands `a`, `b` where it
     /// applies; whether it ran.
     fn direct(
         _: DirectOp,
@@ -53,24 +55,6 @@ pub trait Real:
     fn block_pair_sums(a: &[Self], b: &[Self]) -> [f64; 4] {
         lane_pair_sums(a, b)
     }
-}
-
-/// How [`Real::plane_sums`] masks the gradient of one plane.
-#[derive(Debug, Clone, Copy)]
-pub enum PlaneMask<'a, T> {
-    /// Not masked.
-    None,
-    /// By the ReLU `[scale·(x − mean) + shift ≥ 0]`, recomputed from `x`.
-    Relu {
-        /// μ of the BatchNorm.
-        mean: T,
-        /// γ/σ.
-        scale: T,
-        /// β.
-        shift: T,
-    },
-    /// By a replayed mask: the plane's slice.
-    Mask(&'a [T]),
 }
 
 /// Which direct 3×3 kernel [`Real::direct`] runs.
@@ -101,9 +85,9 @@ impl Real for f32 {
         out: &mut [MaybeUninit<f32>],
     ) -> bool {
         match op {
-            DirectOp::Forward => super::direct::forward(g, a, b, out),
-            DirectOp::InputGrad => super::direct::input_grad(g, a, b, out),
-            DirectOp::WeightGrad => super::direct::weight_grad(g, a, b, out),
+            DirectOp::Forward => crate::direct::forward(g, a, b, out),
+            DirectOp::InputGrad => crate::direct::input_grad(g, a, b, out),
+            DirectOp::WeightGrad => crate::direct::weight_grad(g, a, b, out),
         }
     }
     fn plane_sums(xs: &[f32], gs: &[f32], mu: f32, mask: PlaneMask<'_, f32>) -> (f64, f64) {
@@ -112,26 +96,26 @@ impl Real for f32 {
             assert!(m.len() >= xs.len());
         }
         #[cfg(target_arch = "x86_64")]
-        if super::direct::available() {
+        if crate::direct::available() {
             // SAFETY: AVX-512F is available; the lengths are checked above.
-            return unsafe { super::reductions::plane_sums(xs, gs, mu, mask) };
+            return unsafe { crate::reductions::plane_sums(xs, gs, mu, mask) };
         }
         lane_plane_sums(xs, gs, mu, mask)
     }
     fn plane_moments(xs: &[f32], s: f32) -> (f64, f64) {
         #[cfg(target_arch = "x86_64")]
-        if super::direct::available() {
+        if crate::direct::available() {
             // SAFETY: AVX-512F is available.
-            return unsafe { super::reductions::plane_moments(xs, s) };
+            return unsafe { crate::reductions::plane_moments(xs, s) };
         }
         lane_moments(xs, s)
     }
     fn block_pair_sums(a: &[f32], b: &[f32]) -> [f64; 4] {
         assert!(b.len() >= a.len());
         #[cfg(target_arch = "x86_64")]
-        if super::direct::available() {
+        if crate::direct::available() {
             // SAFETY: AVX-512F is available; the lengths are checked above.
-            return unsafe { super::reductions::block_pair_sums(a, b) };
+            return unsafe { crate::reductions::block_pair_sums(a, b) };
         }
         lane_pair_sums(a, b)
     }
@@ -178,67 +162,6 @@ fn zero_init<T: Real>(x: &mut [MaybeUninit<T>]) -> &mut [T] {
 fn as_out<T>(x: &mut [T]) -> &mut [MaybeUninit<T>] {
     // SAFETY: `MaybeUninit<T>` has the layout of `T`; callers only write initialised values.
     unsafe { &mut *(x as *mut [T] as *mut [MaybeUninit<T>]) }
-}
-
-/// Shape of one 2-D convolution (cross-correlation, no dilation, no groups).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConvGeom {
-    /// Batch size.
-    pub n: usize,
-    /// Input channels.
-    pub c: usize,
-    /// Input height.
-    pub h: usize,
-    /// Input width.
-    pub w: usize,
-    /// Output channels.
-    pub o: usize,
-    /// Kernel height.
-    pub kh: usize,
-    /// Kernel width.
-    pub kw: usize,
-    /// Stride (both axes).
-    pub stride: usize,
-    /// Zero padding (both axes).
-    pub pad: usize,
-}
-
-impl ConvGeom {
-    /// Output height.
-    pub fn ho(&self) -> usize {
-        (self.h + 2 * self.pad - self.kh) / self.stride + 1
-    }
-    /// Output width.
-    pub fn wo(&self) -> usize {
-        (self.w + 2 * self.pad - self.kw) / self.stride + 1
-    }
-    /// Rows of an image's column matrix: `C·KH·KW`.
-    pub fn ckk(&self) -> usize {
-        self.c * self.kh * self.kw
-    }
-    fn in_img(&self) -> usize {
-        self.c * self.h * self.w
-    }
-    fn out_img(&self) -> usize {
-        self.o * self.ho() * self.wo()
-    }
-    /// A 1×1, stride-1, unpadded convolution reads the image itself as its column matrix.
-    fn is_pointwise(&self) -> bool {
-        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
-    }
-    /// Range of output columns `ow` whose input column `ow·s + kj − p` lies inside `[0, w)`.
-    fn valid_range(&self, k: usize, len_in: usize, len_out: usize) -> (usize, usize) {
-        let (s, p) = (self.stride as isize, self.pad as isize);
-        let k = k as isize;
-        // ow*s + k - p >= 0  <=>  ow >= ceil((p - k) / s)
-        let lo = if p - k > 0 { (p - k + s - 1) / s } else { 0 };
-        // ow*s + k - p <= len_in - 1  <=>  ow <= floor((len_in - 1 + p - k) / s)
-        let top = len_in as isize - 1 + p - k;
-        let hi = if top < 0 { 0 } else { top / s + 1 };
-        let lo = lo.min(len_out as isize) as usize;
-        let hi = (hi.max(0) as usize).min(len_out);
-        (lo, hi.max(lo))
-    }
 }
 
 /// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]`, each operand given by its row and column strides.
@@ -1011,41 +934,4 @@ pub fn relu_backward<T: Real>(g: &[T], x: &[T], dx: &mut [MaybeUninit<T>]) {
                 d.write(if xv >= T::ZERO { gv } else { T::ZERO });
             }
         });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn valid_range_matches_brute_force() {
-        for (h, k, s, p) in [
-            (5, 3, 1, 1),
-            (8, 3, 2, 1),
-            (7, 1, 2, 0),
-            (4, 3, 1, 0),
-            (3, 5, 2, 2),
-        ] {
-            let g = ConvGeom {
-                n: 1,
-                c: 1,
-                h,
-                w: h,
-                o: 1,
-                kh: k,
-                kw: k,
-                stride: s,
-                pad: p,
-            };
-            let out = g.ho();
-            for kk in 0..k {
-                let (lo, hi) = g.valid_range(kk, h, out);
-                for o in 0..out {
-                    let i = (o * s + kk) as isize - p as isize;
-                    let inside = i >= 0 && i < h as isize;
-                    assert_eq!(inside, o >= lo && o < hi, "h{h} k{k} s{s} p{p} kk{kk} o{o}");
-                }
-            }
-        }
-    }
 }

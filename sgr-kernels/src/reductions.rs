@@ -1,6 +1,6 @@
-//! AVX-512 f32 versions of the reductions of [`super::cpu`]: the per-plane BatchNorm sums
-//! ([`super::cpu::Real::plane_sums`], [`super::cpu::Real::plane_moments`]) and the boundary
-//! diagnostics' pair sums ([`super::cpu::Real::block_pair_sums`]). The generic versions keep
+//! AVX-512 f32 versions of the reductions of [`crate::cpu`]: the per-plane BatchNorm sums
+//! ([`crate::cpu::Real::plane_sums`], [`crate::cpu::Real::plane_moments`]) and the boundary
+//! diagnostics' pair sums ([`crate::cpu::Real::block_pair_sums`]). The generic versions keep
 //! eight lanes that LLVM does not turn into vector code; these keep 16-lane accumulators and
 //! widen to f64 once per plane (or accumulate in f64 where the generic version does). The ReLU
 //! mask is recomputed exactly as the forward computes it (a multiply and an add, not a fused
@@ -8,7 +8,7 @@
 
 use std::arch::x86_64::*;
 
-use super::cpu::PlaneMask;
+use crate::geom::PlaneMask;
 
 /// Lanes of an AVX-512 f32 vector.
 const V: usize = 16;

@@ -1,4 +1,7 @@
-//! Fast CPU kernels as candle custom ops.
+//! # sgr-kernels
+//!
+//! Fast CPU kernels for sgr as candle custom ops, each with a version built from candle's own
+//! ops ([`generic`]) that it runs elsewhere.
 //!
 //! * Convolution is a closed family of three bilinear ops, each the others' backward, so
 //!   second-order autodiff (the exact SGR gradient) goes through them with no loss:
@@ -10,25 +13,41 @@
 //! * BatchNorm in training mode is one fused op, optionally with a residual add and a ReLU (or a
 //!   replayed ReLU mask), whose backward is two fused passes (per-channel sums, then the input
 //!   gradient; three with a residual, whose masked gradient is stored once). It is first order
-//!   only, and [`crate::nn::BatchNorm`] uses the primitive formula on threads that differentiate
-//!   twice.
+//!   only: callers that differentiate twice use a primitive BatchNorm instead.
 //! * ReLU with a one-pass backward, `g·[x ≥ 0]`, itself differentiable again.
+//! * Two element-wise passes of the SGR step: [`scaled_sum`] and the f64 [`pair_sums`].
 //!
-//! They run on the CPU for f32 and f64; callers fall back to candle's ops elsewhere
-//! ([`supported`]).
+//! Every op dispatches by device inside itself: the fast kernels run when all its operands are
+//! CPU tensors of one dtype, f32 or f64 (made contiguous first); on any other device or dtype
+//! the op runs its [`generic`] version, with the same semantics and first-order gradients.
+//!
+//! ## Modules
+//!
+//! The module graph is acyclic, the candle ops of this root on top:
+//!
+//! * the crate root (candle ops and dispatch) uses [`cpu`], [`generic`] and [`geom`];
+//! * [`cpu`] (the raw loops) uses [`direct`], `reductions` (x86-64 only) and [`geom`];
+//! * [`direct`] (AVX-512 3×3 convolutions) and `reductions` (AVX-512 f32 sums) use [`geom`];
+//! * [`generic`] (the candle-op versions) uses [`geom`];
+//! * [`geom`] (convolution geometry, plane masks) uses none of them.
 
 pub mod cpu;
 pub mod direct;
+pub mod generic;
+pub mod geom;
 #[cfg(target_arch = "x86_64")]
 mod reductions;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
-use cpu::{ConvGeom, Real};
+use cpu::Real;
+use geom::ConvGeom;
 
-/// Whether the fast kernels can run on `t` (CPU, f32 or f64).
-pub fn supported(t: &Tensor) -> bool {
-    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+/// Whether the fast kernels serve an op on `ts`: CPU tensors of one dtype, f32 or f64.
+fn fast(ts: &[&Tensor]) -> bool {
+    let dtype = ts[0].dtype();
+    matches!(dtype, DType::F32 | DType::F64)
+        && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == dtype)
 }
 
 fn slice<'a, T: candle_core::WithDType>(
@@ -102,13 +121,6 @@ macro_rules! forward_only_op {
             }
         }
     };
-}
-
-fn dims4(l: &Layout, what: &str) -> candle_core::Result<[usize; 4]> {
-    match l.shape().dims() {
-        &[a, b, c, d] => Ok([a, b, c, d]),
-        d => candle_core::bail!("{what}: expected 4 dims, got {d:?}"),
-    }
 }
 
 /// Stride and padding shared by the three convolution ops; builds each of them.
@@ -196,25 +208,6 @@ fn run_conv_dw<T: Real>(g: &ConvGeom, x: &[T], gy: &[T]) -> Vec<T> {
     unsafe { cpu::alloc_filled(g.o * g.ckk(), |dw| cpu::conv_backward_weight(g, x, gy, dw)) }
 }
 
-fn check_kernel(g: &ConvGeom, op: &str) -> candle_core::Result<()> {
-    if g.h + 2 * g.pad < g.kh || g.w + 2 * g.pad < g.kw {
-        candle_core::bail!("{op}: kernel larger than the padded input");
-    }
-    Ok(())
-}
-
-fn check_out(g: &ConvGeom, ho: usize, wo: usize, op: &str) -> candle_core::Result<()> {
-    check_kernel(g, op)?;
-    if g.ho() != ho || g.wo() != wo {
-        candle_core::bail!(
-            "{op}: output {ho}x{wo} does not match the geometry ({}x{})",
-            g.ho(),
-            g.wo()
-        );
-    }
-    Ok(())
-}
-
 impl CustomOp2 for ConvFwd {
     fn name(&self) -> &'static str {
         "sgr-conv2d"
@@ -227,29 +220,13 @@ impl CustomOp2 for ConvFwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let [n, c, h, w] = dims4(l1, "sgr-conv2d input")?;
-        let [o, ci, kh, kw] = dims4(l2, "sgr-conv2d weight")?;
-        if ci != c {
-            candle_core::bail!("sgr-conv2d: input has {c} channels, weight expects {ci}");
-        }
-        let g = ConvGeom {
-            n,
-            c,
-            h,
-            w,
-            o,
-            kh,
-            kw,
-            stride: self.stride,
-            pad: self.pad,
-        };
-        check_kernel(&g, self.name())?;
+        let g = ConvGeom::forward(l1.dims(), l2.dims(), self.stride, self.pad)?;
         let out = with_slices!(
             self.name(),
             [(s1, l1, x), (s2, l2, wt)],
             run_conv_fwd(&g, x, wt)
         );
-        Ok((out, Shape::from((n, o, g.ho(), g.wo()))))
+        Ok((out, Shape::from((g.n, g.o, g.ho(), g.wo()))))
     }
 
     fn bwd(
@@ -284,29 +261,14 @@ impl CustomOp2 for ConvDx {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let [n, o, ho, wo] = dims4(l1, "sgr-conv2d-input-grad gradient")?;
-        let [ow, c, kh, kw] = dims4(l2, "sgr-conv2d-input-grad weight")?;
-        if ow != o {
-            candle_core::bail!("sgr-conv2d-input-grad: gradient has {o} channels, weight {ow}");
-        }
-        let g = ConvGeom {
-            n,
-            c,
-            h: self.h,
-            w: self.w,
-            o,
-            kh,
-            kw,
-            stride: self.stride,
-            pad: self.pad,
-        };
-        check_out(&g, ho, wo, self.name())?;
+        let hw = (self.h, self.w);
+        let g = ConvGeom::input_grad(l1.dims(), l2.dims(), hw, self.stride, self.pad)?;
         let out = with_slices!(
             self.name(),
             [(s1, l1, gy), (s2, l2, wt)],
             run_conv_dx(&g, gy, wt)
         );
-        Ok((out, Shape::from((n, c, self.h, self.w))))
+        Ok((out, Shape::from((g.n, g.c, g.h, g.w))))
     }
 
     fn bwd(
@@ -341,29 +303,14 @@ impl CustomOp2 for ConvDw {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let [n, c, h, w] = dims4(l1, "sgr-conv2d-weight-grad input")?;
-        let [ng, o, ho, wo] = dims4(l2, "sgr-conv2d-weight-grad gradient")?;
-        if ng != n {
-            candle_core::bail!("sgr-conv2d-weight-grad: batch {n} vs gradient batch {ng}");
-        }
-        let g = ConvGeom {
-            n,
-            c,
-            h,
-            w,
-            o,
-            kh: self.kh,
-            kw: self.kw,
-            stride: self.stride,
-            pad: self.pad,
-        };
-        check_out(&g, ho, wo, self.name())?;
+        let k = (self.kh, self.kw);
+        let g = ConvGeom::weight_grad(l1.dims(), l2.dims(), k, self.stride, self.pad)?;
         let out = with_slices!(
             self.name(),
             [(s1, l1, x), (s2, l2, gy)],
             run_conv_dw(&g, x, gy)
         );
-        Ok((out, Shape::from((o, c, self.kh, self.kw))))
+        Ok((out, Shape::from((g.o, g.c, g.kh, g.kw))))
     }
 
     fn bwd(
@@ -415,16 +362,16 @@ fn apply2<C: CustomOp2 + Send + Sync + 'static>(
 }
 
 /// 2-D cross-correlation of NCHW `x` with `(O, C, KH, KW)` `w`, square stride and padding.
-/// Twice differentiable. CPU f32/f64 only (see [`supported`]).
+/// Twice differentiable. Off the fast path: [`generic::conv2d`].
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> candle_core::Result<Tensor> {
-    if stride == 0 {
-        candle_core::bail!("sgr-conv2d: stride must be positive");
+    if !fast(&[x, w]) {
+        return generic::conv2d(x, w, stride, pad);
     }
     Conv { stride, pad }.fwd(&x.contiguous()?, &w.contiguous()?)
 }
 
 /// The input gradient of [`conv2d`] for an `h × w` input: `conv_transpose(gy, w)`. Twice
-/// differentiable.
+/// differentiable. Off the fast path: [`generic::conv2d_input_grad`].
 pub fn conv2d_input_grad(
     gy: &Tensor,
     w: &Tensor,
@@ -432,10 +379,14 @@ pub fn conv2d_input_grad(
     stride: usize,
     pad: usize,
 ) -> candle_core::Result<Tensor> {
+    if !fast(&[gy, w]) {
+        return generic::conv2d_input_grad(gy, w, (h, wd), stride, pad);
+    }
     Conv { stride, pad }.dx(&gy.contiguous()?, &w.contiguous()?, (h, wd))
 }
 
-/// The weight gradient of [`conv2d`] for a `kh × kw` kernel. Twice differentiable.
+/// The weight gradient of [`conv2d`] for a `kh × kw` kernel. Twice differentiable. Off the
+/// fast path: [`generic::conv2d_weight_grad`].
 pub fn conv2d_weight_grad(
     x: &Tensor,
     gy: &Tensor,
@@ -443,6 +394,9 @@ pub fn conv2d_weight_grad(
     stride: usize,
     pad: usize,
 ) -> candle_core::Result<Tensor> {
+    if !fast(&[x, gy]) {
+        return generic::conv2d_weight_grad(x, gy, (kh, kw), stride, pad);
+    }
     Conv { stride, pad }.dw(&x.contiguous()?, &gy.contiguous()?, (kh, kw))
 }
 
@@ -820,7 +774,11 @@ impl CustomOp3 for BnDx {
 }
 
 /// Per-channel batch mean and biased variance of `x` (`[N, C, ...]`), detached, as `[2, C]`.
+/// Off the fast path: [`generic::batch_stats`].
 pub fn batch_stats(x: &Tensor) -> candle_core::Result<Tensor> {
+    if !fast(&[x]) {
+        return generic::batch_stats(x);
+    }
     struct Stats;
     impl CustomOp1 for Stats {
         fn name(&self) -> &'static str {
@@ -843,8 +801,10 @@ pub fn batch_stats(x: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&Stats)
 }
 
-/// Training-mode BatchNorm `γ (x − μ)/√(σ² + ε) + β` with `stats` from [`batch_stats`];
-/// the gradient includes the dependence of μ and σ² on `x`. First order only.
+/// Training-mode BatchNorm `γ (x − μ)/√(σ² + ε) + β` with `stats` (`[2, C]`: μ, σ²) from
+/// [`batch_stats`]; `stats` gets no gradient, the gradient of `x` includes the dependence of μ
+/// and σ² on `x` (the batch statistics' formula, evaluated at `stats`). First order only on the
+/// fast path; elsewhere [`generic::batch_norm_train`].
 pub fn batch_norm_train(
     x: &Tensor,
     gamma: &Tensor,
@@ -855,7 +815,8 @@ pub fn batch_norm_train(
     batch_norm_train_act(x, gamma, beta, None, false, stats, eps)
 }
 
-/// [`batch_norm_train_act`] with a replayed ReLU mask instead of the ReLU: `(BN(x) [+ r]) · m`.
+/// [`batch_norm_train_act`] with a replayed ReLU mask instead of the ReLU: `(BN(x) [+ r]) · m`,
+/// `m` detached. Off the fast path: [`generic::batch_norm_train_masked`].
 pub fn batch_norm_train_masked(
     x: &Tensor,
     gamma: &Tensor,
@@ -865,12 +826,16 @@ pub fn batch_norm_train_masked(
     stats: &Tensor,
     eps: f64,
 ) -> candle_core::Result<Tensor> {
+    if !fast(&with_residual(&[x, gamma, beta, stats, mask], residual)) {
+        return generic::batch_norm_train_masked(x, gamma, beta, residual, mask, stats, eps);
+    }
     let act = Act::Mask(mask.detach().contiguous()?);
     bn_apply(x, gamma, beta, residual, act, stats, eps)
 }
 
 /// The ReLU mask `[BN(x) [+ r] ≥ 0]` (1 or 0, the input's dtype) that a recording forward
-/// stores, computed in one pass without materialising the pre-activation. Detached.
+/// stores, computed in one pass without materialising the pre-activation. Detached. Off the
+/// fast path: [`generic::batch_norm_relu_mask`].
 pub fn batch_norm_relu_mask(
     x: &Tensor,
     gamma: &Tensor,
@@ -879,6 +844,9 @@ pub fn batch_norm_relu_mask(
     stats: &Tensor,
     eps: f64,
 ) -> candle_core::Result<Tensor> {
+    if !fast(&with_residual(&[x, gamma, beta, stats], residual)) {
+        return generic::batch_norm_relu_mask(x, gamma, beta, residual, stats, eps);
+    }
     let x = x.contiguous()?;
     let gb = Tensor::cat(&[gamma.flatten_all()?, beta.flatten_all()?], 0)?.detach();
     let op = BnMask {
@@ -916,7 +884,8 @@ forward_only_op!(BnMask, "sgr-batch-norm-mask");
 
 /// [`batch_norm_train`] with, fused in the same pass, an optional residual added after the
 /// affine map and an optional ReLU (ReLU'(0) = 1, as candle's): `act(BN(x) [+ r])`. One output
-/// tensor instead of up to three, and one backward node instead of three.
+/// tensor instead of up to three, and one backward node instead of three. Off the fast path:
+/// [`generic::batch_norm_train_act`].
 pub fn batch_norm_train_act(
     x: &Tensor,
     gamma: &Tensor,
@@ -926,8 +895,16 @@ pub fn batch_norm_train_act(
     stats: &Tensor,
     eps: f64,
 ) -> candle_core::Result<Tensor> {
+    if !fast(&with_residual(&[x, gamma, beta, stats], residual)) {
+        return generic::batch_norm_train_act(x, gamma, beta, residual, relu, stats, eps);
+    }
     let act = if relu { Act::Relu } else { Act::Identity };
     bn_apply(x, gamma, beta, residual, act, stats, eps)
+}
+
+/// `ts` and the residual, if any.
+fn with_residual<'a>(ts: &[&'a Tensor], residual: Option<&'a Tensor>) -> Vec<&'a Tensor> {
+    ts.iter().copied().chain(residual).collect()
 }
 
 fn bn_apply(
@@ -1029,18 +1006,11 @@ impl CustomOp2 for ReluGrad {
 }
 
 /// `α·(a + β·b)` of two tensors of one shape, rounded as those operations in that order, in
-/// one parallel pass (candle's scalar `affine` runs on one thread), detached. Falls back to
-/// candle's ops off the CPU or for other dtypes.
+/// one parallel pass (candle's scalar `affine` runs on one thread), detached. Off the fast
+/// path: [`generic::scaled_sum`], candle's ops in that order.
 pub fn scaled_sum(a: &Tensor, b: &Tensor, beta: f64, alpha: f64) -> candle_core::Result<Tensor> {
-    if a.shape() != b.shape() {
-        candle_core::bail!(
-            "scaled_sum: shapes {:?} and {:?} differ",
-            a.shape(),
-            b.shape()
-        );
-    }
-    if !(supported(a) && supported(b) && a.dtype() == b.dtype()) {
-        return (a.detach() + b.detach().affine(beta, 0.0)?)?.affine(alpha, 0.0);
+    if a.shape() != b.shape() || !fast(&[a, b]) {
+        return generic::scaled_sum(a, b, beta, alpha);
     }
     struct ScaledSum(f64, f64);
     impl CustomOp2 for ScaledSum {
@@ -1065,8 +1035,12 @@ pub fn scaled_sum(a: &Tensor, b: &Tensor, beta: f64, alpha: f64) -> candle_core:
         .apply_op2_no_bwd(&b.contiguous()?, &ScaledSum(beta, alpha))
 }
 
-/// ReLU with candle's convention ReLU'(0) = 1; twice differentiable like candle's.
+/// ReLU with candle's convention ReLU'(0) = 1; twice differentiable like candle's. Off the
+/// fast path: [`generic::relu`] (candle's `relu`).
 pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
+    if !fast(&[x]) {
+        return generic::relu(x);
+    }
     let x = x.contiguous()?;
     if x.track_op() {
         x.apply_op1(Relu)
@@ -1075,31 +1049,30 @@ pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// `[Σ a·b, Σ a², Σ b², Σ (a − b)²]` of two tensors of one shape, accumulated in f64 in one pass
-/// (the boundary diagnostics of every local step).
-pub fn pair_sums(a: &Tensor, b: &Tensor) -> candle_core::Result<[f64; 4]> {
-    if a.shape() != b.shape() {
-        candle_core::bail!(
-            "pair_sums: shapes {:?} and {:?} differ",
-            a.shape(),
-            b.shape()
-        );
+/// `[Σ a·b, Σ a², Σ b², Σ (a − b)²]` of two tensors of one shape, accumulated in f64 (the
+/// boundary diagnostics of every local step), as a detached F64 tensor of shape `[4]` on the
+/// inputs' device, so that callers can keep step metrics there. On the fast path one pass over
+/// fixed blocks (deterministic); elsewhere [`generic::pair_sums`], candle's ops in f64.
+pub fn pair_sums(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if a.shape() != b.shape() || !fast(&[a, b]) {
+        return generic::pair_sums(a, b);
     }
     let (a, b) = (a.contiguous()?, b.contiguous()?);
-    let (sa, la) = a.storage_and_layout();
-    let (sb, lb) = b.storage_and_layout();
-    match (&*sa, &*sb) {
-        (candle_core::Storage::Cpu(ca), candle_core::Storage::Cpu(cb)) => match (ca, cb) {
-            (CpuStorage::F32(x), CpuStorage::F32(y)) => Ok(cpu::pair_sums(
-                slice(x, la, "pair_sums")?,
-                slice(y, lb, "pair_sums")?,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(y)) => Ok(cpu::pair_sums(
-                slice(x, la, "pair_sums")?,
-                slice(y, lb, "pair_sums")?,
-            )),
-            _ => candle_core::bail!("pair_sums: f32 or f64 operands of one dtype expected"),
-        },
-        _ => candle_core::bail!("pair_sums: CPU tensors expected"),
-    }
+    let sums = {
+        let (sa, la) = a.storage_and_layout();
+        let (sb, lb) = b.storage_and_layout();
+        match (&*sa, &*sb) {
+            (candle_core::Storage::Cpu(ca), candle_core::Storage::Cpu(cb)) => match (ca, cb) {
+                (CpuStorage::F32(x), CpuStorage::F32(y)) => {
+                    cpu::pair_sums(slice(x, la, "pair_sums")?, slice(y, lb, "pair_sums")?)
+                }
+                (CpuStorage::F64(x), CpuStorage::F64(y)) => {
+                    cpu::pair_sums(slice(x, la, "pair_sums")?, slice(y, lb, "pair_sums")?)
+                }
+                _ => candle_core::bail!("pair_sums: f32 or f64 operands of one dtype expected"),
+            },
+            _ => candle_core::bail!("pair_sums: CPU tensors expected"),
+        }
+    };
+    Tensor::new(&sums, a.device())
 }

@@ -1,18 +1,29 @@
 //! The fast CPU kernels against candle's own ops, side by side, at the layer shapes of a
 //! CIFAR ResNet at batch 128 (f32, all cores).
 //!
-//! `cargo bench -p sgr-core --bench kernels`
+//! `cargo bench -p sgr-kernels --bench kernels`
 //!
 //! For each shape: convolution forward, input gradient and weight gradient (ms and GFLOP/s of
 //! the forward); for BatchNorm + ReLU rows the forward alone and the batch statistics (`st`);
 //! then forward + backward through autograd for candle and for sgr, and their ratio. candle's input gradient is its
 //! `conv_transpose2d`, its weight gradient a `conv2d` over the batch axis (what its autograd
-//! runs); the BatchNorm reference is the primitive formula `sgr_core::nn` falls back to.
+//! runs); the BatchNorm reference is the primitive formula that sgr's BatchNorm falls back to.
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
-use sgr_core::kernels;
+use sgr_kernels as kernels;
+
+/// glibc's allocator tuned as the training binaries tune it: large blocks stay in the heap
+/// instead of a fresh `mmap` (and its page faults) per tensor.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
 
 fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
     f();
@@ -38,7 +49,7 @@ fn bn_reference(x: &Tensor, g: &Tensor, b: &Tensor) -> candle_core::Result<Tenso
 }
 
 fn main() -> candle_core::Result<()> {
-    sgr_core::memory::tune_allocator();
+    tune_allocator();
     let dev = Device::Cpu;
     let n = 128;
     let reps = 5;

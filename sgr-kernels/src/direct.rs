@@ -1,19 +1,19 @@
 //! Direct 3×3 convolutions (padding 1, stride 1 or 2) in f32 with AVX-512: no column matrix,
 //! no gemm packing.
 //!
-//! The im2col + gemm route ([`super::cpu`]) writes a column matrix nine times the size of the
+//! The im2col + gemm route ([`crate::cpu`]) writes a column matrix nine times the size of the
 //! input and has gemm pack it again; for the weight gradient both operands are contiguous along
 //! the reduction, so gemm packs the large one with a transposition. Here every tap is one
 //! unaligned 16-lane load per output vector, at a fixed offset from the output pixel, with the
 //! lanes whose input falls outside the plane (borders, row wrap, the plane's tail) masked off.
 //!
-//! * [`forward`] and [`input_grad`] are one kernel ([`Plan`]): `out[oc, q] = Σ_ic Σ_tap
+//! * [`forward`] and [`input_grad`] are one kernel (`Plan`): `out[oc, q] = Σ_ic Σ_tap
 //!   w(oc, ic, tap) · in[ic, plane(tap), q + off(tap)]`. Each call keeps an `8 output channels ×
 //!   3 vectors` block of sums in registers over all input channels and taps and stores it once.
 //!   The input gradient at stride 1 is the convolution of the output gradient with the flipped
 //!   taps and the channel roles swapped.
 //! * Stride 2 becomes stride 1 at output resolution: the input is split into its four phases
-//!   (even/odd rows × even/odd columns, [`space_to_depth`]), and each tap reads one phase at
+//!   (even/odd rows × even/odd columns, `space_to_depth`), and each tap reads one phase at
 //!   offset −1 or 0. The input gradient is computed per phase of the input pixels — 1, 2, 2 and
 //!   4 taps of the output gradient at offsets 0 or +1 — and interleaved back.
 //! * [`weight_grad`] keeps the nine taps' sums of three output channels against one input
@@ -28,7 +28,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::cpu::ConvGeom;
+use crate::geom::ConvGeom;
 
 /// Lanes of an AVX-512 f32 vector.
 const V: usize = 16;

@@ -1,0 +1,121 @@
+//! Command-line flags shared by several commands, and their overlay onto a [`RunSpec`]. Every
+//! flag is optional: what is not given keeps the value of the spec it is applied to (the
+//! defaults, a `--config` file, or a resumed run's `config.json`).
+
+use anyhow::{bail, Result};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::Args;
+use sgr_core::method::Method;
+use sgr_core::names::Named;
+use sgr_models::{HeadKind, SplitStrategy};
+use sgr_run::RunSpec;
+
+/// A clap parser for a library enum: its names as the possible values.
+pub fn named<T: Named + Clone + Send + Sync + std::str::FromStr>() -> impl TypedValueParser<Value = T>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    PossibleValuesParser::new(T::names()).try_map(|s| s.parse::<T>())
+}
+
+/// Method, split, head and SGR flags, shared by `train`, `bench` and `inspect`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct MethodArgs {
+    /// Training method, OBJECTIVE[+sgr]: bp, greedy, greedy+sgr (or sgr) [default: sgr]
+    #[arg(long)]
+    pub method: Option<Method>,
+    /// Number of gradient-isolated modules K [default: 1 for bp, 4 otherwise]
+    #[arg(long = "modules", short = 'k')]
+    pub modules: Option<usize>,
+    /// How to cut the network into modules [default: auto]
+    #[arg(long, value_parser = named::<SplitStrategy>())]
+    pub split: Option<SplitStrategy>,
+    /// Auxiliary head of modules 1..K-1 [default: 1c2f]
+    #[arg(long, value_parser = named::<HeadKind>())]
+    pub aux_head: Option<HeadKind>,
+    /// SGR weight lambda [default: 1]
+    #[arg(long)]
+    pub sgr_lambda: Option<f64>,
+    /// SGR distance [default: squared-l2]
+    #[arg(long, value_parser = named::<sgr_core::sgr::Distance>())]
+    pub sgr_distance: Option<sgr_core::sgr::Distance>,
+    /// How the SGR parameter gradient is computed [default: finite-difference]
+    #[arg(long, value_parser = named::<sgr_core::sgr::SgrGrad>())]
+    pub sgr_grad: Option<sgr_core::sgr::SgrGrad>,
+    /// Which gradient of a boundary SGR pulls toward the other [default: forward]
+    #[arg(long, value_parser = named::<sgr_core::sgr::Direction>())]
+    pub sgr_direction: Option<sgr_core::sgr::Direction>,
+    /// Epochs over which lambda rises linearly from 0 [default: 0]
+    #[arg(long)]
+    pub sgr_warmup: Option<f64>,
+    /// Finite-difference step [default: 5e-3 central, 1e-3 one-sided]
+    #[arg(long)]
+    pub sgr_fd_epsilon: Option<f64>,
+}
+
+/// Sets `slot` to the flag's value when it was given, and notes the flag.
+pub fn set<T: Clone>(given: &mut Vec<&'static str>, flag: &'static str, value: &Option<T>, slot: &mut T) {
+    if let Some(v) = value {
+        *slot = v.clone();
+        given.push(flag);
+    }
+}
+
+impl MethodArgs {
+    /// Applies the given flags to `spec`; returns the flags applied.
+    pub fn apply(&self, spec: &mut RunSpec) -> Result<Vec<&'static str>> {
+        let mut given = Vec::new();
+        if let Some(m) = &self.method {
+            // A new method keeps SGR settings already in the spec.
+            let mut m = m.clone();
+            if m.sgr.is_some() {
+                if let Some(old) = spec.trainer.method.sgr.take() {
+                    m.sgr = Some(old);
+                }
+            }
+            spec.trainer.method = m;
+            given.push("--method");
+        }
+        if let Some(k) = self.modules {
+            spec.modules = Some(k);
+            given.push("--modules");
+        }
+        set(&mut given, "--split", &self.split, &mut spec.split);
+        set(&mut given, "--aux-head", &self.aux_head, &mut spec.aux_head);
+        let sgr_flags: [(&'static str, bool); 6] = [
+            ("--sgr-lambda", self.sgr_lambda.is_some()),
+            ("--sgr-distance", self.sgr_distance.is_some()),
+            ("--sgr-grad", self.sgr_grad.is_some()),
+            ("--sgr-direction", self.sgr_direction.is_some()),
+            ("--sgr-warmup", self.sgr_warmup.is_some()),
+            ("--sgr-fd-epsilon", self.sgr_fd_epsilon.is_some()),
+        ];
+        let method = spec.trainer.method.to_string();
+        let Some(sgr) = spec.trainer.method.sgr.as_mut() else {
+            if let Some((flag, _)) = sgr_flags.iter().find(|(_, g)| *g) {
+                bail!("{flag} needs a method with SGR (e.g. --method sgr); the method is `{method}`");
+            }
+            return Ok(given);
+        };
+        set(&mut given, "--sgr-lambda", &self.sgr_lambda, &mut sgr.lambda);
+        set(&mut given, "--sgr-distance", &self.sgr_distance, &mut sgr.distance);
+        set(&mut given, "--sgr-grad", &self.sgr_grad, &mut sgr.grad);
+        set(&mut given, "--sgr-direction", &self.sgr_direction, &mut sgr.direction);
+        set(&mut given, "--sgr-warmup", &self.sgr_warmup, &mut sgr.warmup_epochs);
+        if self.sgr_fd_epsilon.is_some() {
+            sgr.fd_epsilon = self.sgr_fd_epsilon;
+            given.push("--sgr-fd-epsilon");
+        }
+        Ok(given)
+    }
+
+    /// The defaults with these flags applied, resolved (for `bench` and `inspect`).
+    pub fn spec(&self, model: &str) -> Result<RunSpec> {
+        let mut spec = RunSpec {
+            model: model.to_string(),
+            ..RunSpec::default()
+        };
+        self.apply(&mut spec)?;
+        Ok(spec.resolved()?)
+    }
+}

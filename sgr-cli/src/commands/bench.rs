@@ -1,0 +1,136 @@
+//! `sgr bench`: time training steps on random inputs of the model's shape.
+
+use anyhow::{bail, Result};
+use clap::Args;
+use serde::Serialize;
+use sgr_core::objective::Batch;
+use sgr_core::optim::{OptimizerConfig, Schedule};
+use sgr_core::trainer::{Trainer, TrainerConfig};
+use sgr_run::run::build_network;
+use sgr_run::DeviceKind;
+
+use crate::args::{named, MethodArgs};
+
+/// Arguments of `sgr bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Model.
+    #[arg(long, default_value = "resnet32")]
+    model: String,
+    #[command(flatten)]
+    method: MethodArgs,
+    /// Batch size.
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// Timed steps (after one warm-up step).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Input height and width.
+    #[arg(long, default_value_t = 32)]
+    input_size: usize,
+    /// Input channels.
+    #[arg(long, default_value_t = 3)]
+    in_channels: usize,
+    /// Classes.
+    #[arg(long, default_value_t = 10)]
+    classes: usize,
+    /// Where to run.
+    #[arg(long, value_parser = named::<DeviceKind>(), default_value = "cpu")]
+    device: DeviceKind,
+    /// Print one JSON object instead of a line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct BenchReport {
+    model: String,
+    method: String,
+    modules: usize,
+    sgr_grad: Option<String>,
+    batch_size: usize,
+    input: [usize; 3],
+    steps: usize,
+    median_step_seconds: f64,
+    images_per_s: f64,
+    step_seconds: Vec<f64>,
+    peak_memory_bytes: Option<u64>,
+}
+
+/// Runs `sgr bench`.
+pub fn run(a: BenchArgs) -> Result<()> {
+    if a.steps == 0 || a.batch_size == 0 {
+        bail!("--steps and --batch-size must be >= 1");
+    }
+    let spec = a.method.spec(&a.model)?;
+    let method = spec.trainer.method.clone();
+    let trainer_cfg = TrainerConfig {
+        method: method.clone(),
+        optimizer: OptimizerConfig::default(),
+        lr: 0.05,
+        schedule: Schedule::Constant,
+        epochs: 1,
+        steps_per_epoch: a.steps + 1,
+        seed: 0,
+    };
+    let device = a.device.device()?;
+    let net = build_network(&spec, a.in_channels, a.classes, &device)?;
+    let modules = net.num_modules();
+    let mut trainer = Trainer::new(net, trainer_cfg)?;
+    let shape = (a.batch_size, a.in_channels, a.input_size, a.input_size);
+    let x = candle_core::Tensor::randn(0f32, 1.0, shape, &device)?;
+    let labels: Vec<u32> = (0..a.batch_size).map(|i| (i % a.classes) as u32).collect();
+    let y = candle_core::Tensor::from_vec(labels, a.batch_size, &device)?;
+    let batch = Batch::labelled(x, y);
+    trainer.train_step(&batch)?;
+    let mut times = Vec::with_capacity(a.steps);
+    for _ in 0..a.steps {
+        times.push(trainer.train_step(&batch)?.seconds);
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(|p, q| p.total_cmp(q));
+    let median = if sorted.len() % 2 == 1 {
+        sorted[sorted.len() / 2]
+    } else {
+        0.5 * (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2])
+    };
+    let report = BenchReport {
+        model: a.model.clone(),
+        method: method.to_string(),
+        modules,
+        sgr_grad: method.sgr.as_ref().map(|s| s.grad.to_string()),
+        batch_size: a.batch_size,
+        input: [a.in_channels, a.input_size, a.input_size],
+        steps: a.steps,
+        median_step_seconds: median,
+        images_per_s: a.batch_size as f64 / median,
+        step_seconds: times,
+        peak_memory_bytes: sgr_core::memory::peak_rss_bytes(),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "{} {} K={}{} batch {} input {}x{}x{}: median step {:.3}s, {:.1} images/s, peak memory {} MiB",
+            report.model,
+            report.method,
+            report.modules,
+            report
+                .sgr_grad
+                .as_ref()
+                .map(|g| format!(" ({g})"))
+                .unwrap_or_default(),
+            report.batch_size,
+            a.in_channels,
+            a.input_size,
+            a.input_size,
+            report.median_step_seconds,
+            report.images_per_s,
+            report
+                .peak_memory_bytes
+                .map(|b| (b / (1024 * 1024)).to_string())
+                .unwrap_or_else(|| "?".into())
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,108 @@
+//! `sgr eval`: rebuild a trained model from its run directory (or the Hub) and evaluate it on
+//! its data set's test split.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+use sgr_run::data::load_data;
+use sgr_run::run::{build_network, test_loader};
+use sgr_run::{DeviceKind, RunDir};
+
+use crate::args::named;
+
+/// Arguments of `sgr eval`.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// A run directory (config.json + model.safetensors), a model.safetensors file with the
+    /// run's config.json beside it, or hf://owner/repo[@revision][/file] (Hugging Face Hub;
+    /// resolved from the cache when HF_HUB_OFFLINE is set).
+    #[arg(long)]
+    checkpoint: String,
+    /// Evaluate on another copy of the data set (default: the run's --data-dir).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Batch size.
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// Data-loading worker threads.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Where to evaluate.
+    #[arg(long, value_parser = named::<DeviceKind>(), default_value = "cpu")]
+    device: DeviceKind,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `sgr eval`.
+pub fn run(a: EvalArgs) -> Result<()> {
+    let (dir, weights) = match crate::hub::HfRef::parse(&a.checkpoint) {
+        Some(r) => {
+            let r = r?;
+            let file = r.file.clone().unwrap_or_else(|| "model.safetensors".into());
+            let paths = crate::hub::fetch(&r, &["config.json", file.as_str()])?;
+            let dir = paths[0]
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."));
+            (dir, paths[1].clone())
+        }
+        None => {
+            let path = PathBuf::from(&a.checkpoint);
+            if path.is_dir() {
+                (path.clone(), path.join("model.safetensors"))
+            } else {
+                let dir = path
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| PathBuf::from("."));
+                (dir, path)
+            }
+        }
+    };
+    let mut cfg = RunDir::new(&dir).read_spec()?;
+    if a.data_dir.is_some() {
+        cfg.data_dir = a.data_dir.clone();
+    }
+    cfg.train_limit = None;
+    let device = a.device.device()?;
+    let data = load_data(&cfg)?;
+    let net = build_network(&cfg, data.channels, data.classes, &device)?;
+    sgr_core::checkpoint::load_params(&weights, &net.params())?;
+    let workers = a.workers.unwrap_or_else(sgr_data::default_workers);
+    let loader = test_loader(&data, a.batch_size.max(1), workers, &device)?;
+    let t = Instant::now();
+    let m = sgr_core::trainer::evaluate(&net, loader.epoch(0))?;
+    if a.json {
+        let v = serde_json::json!({
+            "checkpoint": weights,
+            "model": cfg.model,
+            "dataset": cfg.dataset.name(),
+            "samples": m.samples,
+            "loss": m.loss,
+            "top1": m.accuracy,
+            "top5": m.top5,
+            "seconds": t.elapsed().as_secs_f64(),
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "{} on {} test ({} samples): top-1 {:.4}{}, loss {:.4} ({:.1}s)",
+            cfg.model,
+            cfg.dataset,
+            m.samples,
+            m.accuracy,
+            m.top5
+                .map(|t| format!(", top-5 {t:.4}"))
+                .unwrap_or_default(),
+            m.loss,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+

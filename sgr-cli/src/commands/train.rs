@@ -1,0 +1,405 @@
+//! `sgr train`: a thin shell over [`sgr_run::Run`]. Flags, a `--config` file (the schema of
+//! `config.json`) and the defaults make one [`RunSpec`]; the run reports through events, which
+//! this file renders as lines, and as progress bars on a terminal.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use sgr_core::events::{EpochMetrics, Event};
+use sgr_run::spec::ScheduleKind;
+use sgr_run::{
+    Dataset, DeviceKind, OptimizerKind, ResumeChanges, Resumed, Run, RunOptions, RunSpec, Stop,
+};
+
+use crate::args::{named, set, MethodArgs};
+
+/// Flags that set fields of the run specification.
+#[derive(Args, Debug, Clone, Default)]
+pub struct SpecArgs {
+    /// Model: resnet8, resnet14, resnet20, resnet32, resnet44, resnet56, resnet110 [default: resnet20]
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Data set [default: digits]
+    #[arg(long, value_parser = named::<Dataset>())]
+    pub dataset: Option<Dataset>,
+    /// Folder with the data set's files (CIFAR: the extracted binary archive or its parent).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub method: MethodArgs,
+    /// Epochs [default: 6]; with --resume, the new planned total
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Batch size [default: 64]
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Base learning rate [default: 0.05]
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Optimizer (SGD: Nesterov momentum 0.9; AdamW: betas 0.9/0.999) [default: sgd]
+    #[arg(long, value_parser = named::<OptimizerKind>())]
+    pub optimizer: Option<OptimizerKind>,
+    /// Weight decay [default: 5e-4]
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Learning-rate schedule [default: cosine]
+    #[arg(long, value_parser = named::<ScheduleKind>())]
+    pub schedule: Option<ScheduleKind>,
+    /// Linear learning-rate warm-up (epochs) before the cosine decay [default: 0]
+    #[arg(long)]
+    pub warmup_epochs: Option<f64>,
+    /// Seed of initialisation and shuffling [default: 0]
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Use only the first N training samples.
+    #[arg(long)]
+    pub train_limit: Option<usize>,
+    /// Turn off the data set's standard training augmentation (crop, flip).
+    #[arg(long)]
+    pub no_augment: bool,
+    /// RandAugment "N,M" (N operations at magnitude M of 30), e.g. 2,9 (DeiT recipe).
+    #[arg(long)]
+    pub randaugment: Option<String>,
+    /// Random Erasing probability (DeiT recipe: 0.25).
+    #[arg(long)]
+    pub random_erasing: Option<f32>,
+    /// Image side for imagefolder (train: random-resized-crop; eval: resize + centre crop) [default: 224]
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Class-index file for imagefolder (one class folder name per line).
+    #[arg(long)]
+    pub class_index: Option<PathBuf>,
+    /// Where to train [default: cpu]
+    #[arg(long, value_parser = named::<DeviceKind>())]
+    pub device: Option<DeviceKind>,
+}
+
+/// Arguments of `sgr train`.
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub spec: SpecArgs,
+    /// Settings from a TOML or JSON file in the schema of a run's config.json (any subset of
+    /// its fields); flags given on the command line win.
+    #[arg(long, value_name = "FILE", conflicts_with = "resume")]
+    pub config: Option<PathBuf>,
+    /// Output folder (config.json, metrics.jsonl, model.safetensors, summary.json).
+    #[arg(long, conflicts_with = "resume")]
+    pub out: Option<PathBuf>,
+    /// Continue the run in DIR from its last checkpoint, with its config.json; only --epochs
+    /// (extend or shorten the plan), --device, --max-steps and --workers may be given with it.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+    /// Start from trained weights (a run directory, a .safetensors file or hf://owner/repo),
+    /// with fresh optimizer state; the initial weights are evaluated first.
+    #[arg(long, value_name = "WEIGHTS", conflicts_with = "resume")]
+    pub init_from: Option<String>,
+    /// Stop after N optimisation steps in total (this invocation only).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Data-loading worker threads (0: on the training thread).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Print the resolved run specification and its hash as one JSON line, and exit.
+    #[arg(long, conflicts_with = "resume")]
+    pub print_spec: bool,
+}
+
+/// Flags that may change when resuming.
+const RESUMABLE: [&str; 2] = ["--epochs", "--device"];
+
+impl SpecArgs {
+    /// Applies the given flags to `spec`; returns the flags applied.
+    fn apply(&self, spec: &mut RunSpec) -> Result<Vec<&'static str>> {
+        let mut g = self.method.apply(spec)?;
+        set(&mut g, "--model", &self.model, &mut spec.model);
+        set(&mut g, "--dataset", &self.dataset, &mut spec.dataset);
+        if self.data_dir.is_some() {
+            spec.data_dir = self.data_dir.clone();
+            g.push("--data-dir");
+        }
+        let t = &mut spec.trainer;
+        set(&mut g, "--epochs", &self.epochs, &mut t.epochs);
+        set(&mut g, "--batch-size", &self.batch_size, &mut spec.batch_size);
+        set(&mut g, "--lr", &self.lr, &mut t.lr);
+        let wd = self.weight_decay.unwrap_or_else(|| t.optimizer.weight_decay());
+        if let Some(kind) = self.optimizer {
+            t.optimizer = kind.config(wd);
+            g.push("--optimizer");
+        }
+        if self.weight_decay.is_some() {
+            t.optimizer.set_weight_decay(wd);
+            g.push("--weight-decay");
+        }
+        use sgr_core::optim::Schedule;
+        let warmup = match (self.warmup_epochs, &t.schedule) {
+            (Some(w), _) => w,
+            (None, Schedule::Cosine { warmup_epochs }) => *warmup_epochs,
+            (None, _) => 0.0,
+        };
+        match (self.schedule, self.warmup_epochs) {
+            (Some(ScheduleKind::Constant), Some(_)) => {
+                bail!("--warmup-epochs applies to --schedule cosine, not constant")
+            }
+            (Some(ScheduleKind::Constant), None) => t.schedule = Schedule::Constant,
+            (Some(ScheduleKind::Cosine), _) | (None, Some(_)) => {
+                t.schedule = Schedule::Cosine {
+                    warmup_epochs: warmup,
+                }
+            }
+            (None, None) => {}
+        }
+        if self.schedule.is_some() {
+            g.push("--schedule");
+        }
+        if self.warmup_epochs.is_some() {
+            g.push("--warmup-epochs");
+        }
+        set(&mut g, "--seed", &self.seed, &mut spec.seed);
+        if self.train_limit.is_some() {
+            spec.train_limit = self.train_limit;
+            g.push("--train-limit");
+        }
+        if self.no_augment {
+            spec.augment = false;
+            g.push("--no-augment");
+        }
+        if let Some(t) = &self.randaugment {
+            let parse = |x: &str| x.trim().parse::<usize>().ok();
+            spec.randaugment = match t.split(',').collect::<Vec<_>>().as_slice() {
+                [n, m] if parse(n).is_some() && parse(m).is_some_and(|m| m <= 30) => {
+                    parse(n).zip(parse(m))
+                }
+                _ => bail!("--randaugment takes N,M with M <= 30 (e.g. 2,9), got `{t}`"),
+            };
+            g.push("--randaugment");
+        }
+        if self.random_erasing.is_some() {
+            spec.random_erasing = self.random_erasing;
+            g.push("--random-erasing");
+        }
+        set(&mut g, "--image-size", &self.image_size, &mut spec.image_size);
+        if self.class_index.is_some() {
+            spec.class_index = self.class_index.clone();
+            g.push("--class-index");
+        }
+        set(&mut g, "--device", &self.device, &mut spec.device);
+        Ok(g)
+    }
+}
+
+/// Renders run events: a progress bar per epoch on a terminal, one line per epoch.
+struct Printer {
+    epochs: usize,
+    steps_per_epoch: usize,
+    bar: Option<indicatif::ProgressBar>,
+    terminal: bool,
+    last: Option<EpochMetrics>,
+}
+
+impl Printer {
+    fn on_event(&mut self, e: &Event<'_>) {
+        match e {
+            Event::Step(m) if self.terminal => {
+                let pb = self.bar.get_or_insert_with(|| {
+                    let pb = indicatif::ProgressBar::new(self.steps_per_epoch as u64);
+                    pb.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "epoch {prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}",
+                        )
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                        .progress_chars("=> "),
+                    );
+                    pb.set_prefix(format!("{}/{}", m.epoch + 1, self.epochs));
+                    pb.set_position((m.step % self.steps_per_epoch.max(1)) as u64);
+                    pb
+                });
+                pb.inc(1);
+                // Reading the loss is a host sync: only for the bar.
+                let loss = m.losses().ok().and_then(|l| l.last().copied());
+                pb.set_message(format!(
+                    "loss {:.4}  {:.0} img/s",
+                    loss.unwrap_or(f64::NAN),
+                    m.batch as f64 / m.seconds.max(1e-9)
+                ));
+            }
+            Event::Epoch(m) => {
+                if let Some(pb) = self.bar.take() {
+                    pb.finish_and_clear();
+                }
+                self.last = Some((*m).clone());
+            }
+            Event::Evaluated { epoch: 0, metrics } => {
+                println!("initial weights: test acc {:.4}", metrics.accuracy)
+            }
+            Event::Evaluated { epoch, metrics } => {
+                let Some(m) = self.last.take() else { return };
+                let cos: Vec<String> = m.boundaries.iter().map(|b| format!("{:.2}", b.cos)).collect();
+                println!(
+                    "epoch {:>3}/{}  loss {:.4}  train acc {:.4}  test acc {:.4}  time {:.1}s{}",
+                    epoch,
+                    self.epochs,
+                    m.train_loss,
+                    m.train_accuracy,
+                    metrics.accuracy,
+                    m.seconds,
+                    if cos.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  cos(a,b) [{}]", cos.join(" "))
+                    }
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Resolves `--init-from` to a weights file.
+fn init_weights(reference: &str) -> Result<PathBuf> {
+    match crate::hub::HfRef::parse(reference) {
+        Some(r) => {
+            let r = r?;
+            let file = r.file.clone().unwrap_or_else(|| "model.safetensors".into());
+            Ok(crate::hub::fetch(&r, &[file.as_str()])?.remove(0))
+        }
+        None => Ok(sgr_run::run::weights_in(std::path::Path::new(reference))),
+    }
+}
+
+/// Runs `sgr train`.
+pub fn run(a: TrainArgs) -> Result<()> {
+    // Installed first, so that Ctrl-C at any point after start-up is handled.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = Arc::clone(&interrupted);
+        // A second Ctrl-C while saving ends the process at once.
+        let _ = ctrlc::set_handler(move || {
+            if flag.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+        });
+    }
+    let opts = RunOptions {
+        workers: a.workers,
+        max_steps: a.max_steps,
+        init_from: a.init_from.as_deref().map(init_weights).transpose()?,
+        interrupt: Some(Arc::clone(&interrupted)),
+    };
+    let mut run = match &a.resume {
+        Some(dir) => {
+            let given = a.spec.apply(&mut RunSpec::default())?;
+            if let Some(f) = given.iter().find(|f| !RESUMABLE.contains(f)) {
+                bail!(
+                    "{f} cannot be used with --resume: a resumed run keeps its config.json; \
+                     only --epochs, --device, --max-steps and --workers may change"
+                );
+            }
+            let changes = ResumeChanges {
+                epochs: a.spec.epochs,
+                device: a.spec.device,
+            };
+            match Run::resume(dir, changes, opts)? {
+                Resumed::Finished(s) => {
+                    println!(
+                        "{} has finished its {} epochs (test accuracy {:.4}); nothing to do. To train longer: sgr train --resume {} --epochs N",
+                        dir.display(),
+                        s.epochs,
+                        s.test_accuracy,
+                        dir.display()
+                    );
+                    return Ok(());
+                }
+                Resumed::Ready(r) => *r,
+            }
+        }
+        None => {
+            let mut spec = match &a.config {
+                Some(path) => RunSpec::from_file(path)?,
+                None => RunSpec::default(),
+            };
+            a.spec.apply(&mut spec)?;
+            let spec = spec.resolved()?;
+            if a.print_spec {
+                let v = serde_json::json!({ "spec_hash": spec.hash()?, "spec": spec });
+                println!("{v}");
+                return Ok(());
+            }
+            let out = a.out.clone().unwrap_or_else(|| {
+                PathBuf::from("runs").join(format!(
+                    "{}-{}-{}-k{}",
+                    spec.dataset,
+                    spec.model,
+                    spec.trainer.method,
+                    spec.num_modules()
+                ))
+            });
+            Run::create(spec, out, opts)?
+        }
+    };
+    let spec = run.spec().clone();
+    let (ntrain, ntest) = run.sizes();
+    let net = run.trainer().network();
+    println!(
+        "sgr train: {} on {} ({} train / {} test), method {}, K={} (module ends after blocks {:?}), {} parameters",
+        spec.model,
+        spec.dataset,
+        ntrain,
+        ntest,
+        spec.trainer.method,
+        spec.num_modules(),
+        net.plan().ends(),
+        net.num_trainable()
+    );
+    if let Some(p) = run.resumed_at() {
+        println!(
+            "resuming {} at epoch {}, step {} of the epoch (global step {})",
+            run.dir().path().display(),
+            p.epoch + 1,
+            p.step_in_epoch,
+            p.global_step
+        );
+    }
+    let mut printer = Printer {
+        epochs: spec.trainer.epochs,
+        steps_per_epoch: run.batches_per_epoch(),
+        bar: None,
+        terminal: std::io::IsTerminal::is_terminal(&std::io::stdout()),
+        last: None,
+    };
+    let outcome = run.train(&mut |e: &Event<'_>| printer.on_event(e))?;
+    let t = run.trainer();
+    let out = run.dir().path().display();
+    if outcome.stop == Some(Stop::Interrupted) {
+        println!(
+            "interrupted at epoch {}, step {} of the epoch: checkpoint saved; continue with `sgr train --resume {out}`",
+            t.epoch() + 1,
+            t.steps_in_epoch(),
+        );
+        std::process::exit(130);
+    }
+    if let Some(e) = &outcome.stopped_eval {
+        println!(
+            "stopped after {} steps{}, in epoch {}: test acc {:.4}",
+            t.global_step(),
+            if outcome.stop == Some(Stop::MaxSteps) { " (--max-steps)" } else { "" },
+            t.epoch() + 1,
+            e.accuracy
+        );
+    }
+    let s = outcome.summary.context("internal: a finished run has a summary")?;
+    println!(
+        "done: test accuracy {:.4} (error {:.2}%), train time {:.1}s, peak memory {} MiB; saved {}",
+        s.test_accuracy,
+        100.0 * s.test_error,
+        s.train_seconds,
+        s.peak_memory_bytes
+            .map(|b| (b / (1024 * 1024)).to_string())
+            .unwrap_or_else(|| "?".into()),
+        run.dir().model().display()
+    );
+    Ok(())
+}

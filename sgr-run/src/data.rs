@@ -1,0 +1,212 @@
+//! Data sets of a run: the readers of `sgr-data` with each data set's standard transforms.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sgr_data::{
+    CifarKind, ImageDataset, ImageFolder, Normalize, Pipeline, Source, Subset, Transform,
+};
+
+use crate::spec::{Dataset, RunSpec};
+use crate::{Error, Result};
+
+/// Training and test data with their transform pipelines.
+pub struct Data {
+    /// Training samples.
+    pub train: Arc<dyn Source>,
+    /// Test samples.
+    pub test: Arc<dyn Source>,
+    /// Training transforms (augmentation, normalisation).
+    pub train_pipeline: Pipeline,
+    /// Evaluation transforms.
+    pub test_pipeline: Pipeline,
+    /// Image channels the network sees.
+    pub channels: usize,
+    /// Number of classes.
+    pub classes: usize,
+}
+
+/// Reads the specification's data set with its transform pipelines.
+pub fn load_data(cfg: &RunSpec) -> Result<Data> {
+    let dir = || -> Result<PathBuf> {
+        match (&cfg.data_dir, cfg.dataset) {
+            (Some(d), _) => Ok(d.clone()),
+            (None, Dataset::FashionMnist) => {
+                Ok(PathBuf::from("/usr/share/datasets/fashion-mnist"))
+            }
+            (None, d) => Err(Error::Spec(format!("--dataset {d} needs --data-dir"))),
+        }
+    };
+    let aug = cfg.augment;
+    // In-memory data sets: normalised with the training split's channel statistics.
+    let in_memory = |train: ImageDataset,
+                     test: ImageDataset,
+                     mut train_steps: Vec<Transform>,
+                     pre: Vec<Transform>|
+     -> Data {
+        let to_rgb = pre.contains(&Transform::GreyToRgb);
+        let mut norm = Normalize::from_dataset(&train);
+        let channels = if to_rgb { 3 } else { train.channels };
+        if to_rgb {
+            norm = norm.repeated(3);
+        }
+        let mut tr = pre.clone();
+        if aug {
+            tr.append(&mut train_steps);
+        }
+        tr.push(norm.transform());
+        let mut te = pre;
+        te.push(norm.transform());
+        Data {
+            classes: train.num_classes,
+            channels,
+            train: Arc::new(train),
+            test: Arc::new(test),
+            train_pipeline: Pipeline::new(tr),
+            test_pipeline: Pipeline::new(te),
+        }
+    };
+    let crop_flip = |size: usize, pad: usize, flip: bool| {
+        let mut v = vec![Transform::RandomCrop { size, padding: pad }];
+        if flip {
+            v.push(Transform::HorizontalFlip { p: 0.5 });
+        }
+        v
+    };
+    let mnist_pre = vec![Transform::PadTo { size: 32 }, Transform::GreyToRgb];
+    let mut data = match cfg.dataset {
+        Dataset::Digits => in_memory(
+            sgr_data::digits(true)?,
+            sgr_data::digits(false)?,
+            vec![],
+            vec![],
+        ),
+        Dataset::Cifar10 | Dataset::Cifar100 => {
+            let kind = if cfg.dataset == Dataset::Cifar10 {
+                CifarKind::Cifar10
+            } else {
+                CifarKind::Cifar100Fine
+            };
+            let d = dir()?;
+            // With the `download` feature, fetch the official archive (MD5-checked) when the
+            // files are not there yet.
+            #[cfg(feature = "download")]
+            if sgr_data::load_cifar(&d, kind, false).is_err() {
+                tracing::warn!("{kind:?} not found in {}: downloading it", d.display());
+                sgr_data::download::download_cifar(kind, &d)?;
+            }
+            in_memory(
+                sgr_data::load_cifar(&d, kind, true)?,
+                sgr_data::load_cifar(&d, kind, false)?,
+                crop_flip(32, 4, true),
+                vec![],
+            )
+        }
+        Dataset::Mnist | Dataset::FashionMnist => {
+            let d = dir()?;
+            let name = cfg.dataset.name();
+            in_memory(
+                sgr_data::load_mnist_dir(&d, true, name)?,
+                sgr_data::load_mnist_dir(&d, false, name)?,
+                crop_flip(32, 2, cfg.dataset == Dataset::FashionMnist),
+                mnist_pre,
+            )
+        }
+        Dataset::Svhn => {
+            let d = dir()?;
+            in_memory(
+                sgr_data::load_svhn_dir(&d, true)?,
+                sgr_data::load_svhn_dir(&d, false)?,
+                crop_flip(32, 2, false),
+                vec![],
+            )
+        }
+        Dataset::Stl10 => {
+            let d = dir()?;
+            in_memory(
+                sgr_data::load_stl10_dir(&d, true)?,
+                sgr_data::load_stl10_dir(&d, false)?,
+                crop_flip(96, 12, true),
+                vec![],
+            )
+        }
+        Dataset::Imagefolder => {
+            let d = dir()?;
+            let ci = cfg.class_index.as_deref();
+            let train = ImageFolder::open(&d.join("train"), ci)?;
+            let test = ImageFolder::open(&d.join("val"), ci)?;
+            if train.classes() != test.classes() {
+                return Err(Error::Spec(format!(
+                    "{}: the val classes differ from the train classes; pass --class-index",
+                    d.display()
+                )));
+            }
+            let norm = Normalize::imagenet();
+            let size = cfg.image_size;
+            let mut tr = if aug {
+                vec![
+                    Transform::RandomResizedCrop {
+                        size,
+                        scale: (0.08, 1.0),
+                        ratio: (0.75, 4.0 / 3.0),
+                    },
+                    Transform::HorizontalFlip { p: 0.5 },
+                ]
+            } else {
+                vec![
+                    Transform::Resize {
+                        size: size * 256 / 224,
+                    },
+                    Transform::CenterCrop { size },
+                ]
+            };
+            tr.push(norm.transform());
+            Data {
+                classes: train.num_classes(),
+                channels: 3,
+                train: Arc::new(train),
+                test: Arc::new(test),
+                train_pipeline: Pipeline::new(tr),
+                test_pipeline: Pipeline::new(vec![
+                    Transform::Resize {
+                        size: size * 256 / 224,
+                    },
+                    Transform::CenterCrop { size },
+                    norm.transform(),
+                ]),
+            }
+        }
+    };
+    // DeiT-style extras: RandAugment before normalisation, Random Erasing after it.
+    if let Some((n, m)) = cfg.randaugment {
+        let at = data.train_pipeline.steps.len().saturating_sub(1);
+        data.train_pipeline.steps.insert(
+            at,
+            Transform::RandAugment {
+                ops: n,
+                magnitude: m,
+            },
+        );
+    }
+    if let Some(p) = cfg.random_erasing {
+        data.train_pipeline
+            .steps
+            .push(Transform::RandomErasing { p });
+    }
+    if let Some(n) = cfg.train_limit {
+        data.train = Arc::new(Subset::first(data.train, n));
+    }
+    Ok(data)
+}
+
+
+impl std::fmt::Debug for Data {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Data")
+            .field("train", &self.train.len())
+            .field("test", &self.test.len())
+            .field("channels", &self.channels)
+            .field("classes", &self.classes)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,379 @@
+//! A training run as a library: create or resume a run directory, train epoch by epoch with an
+//! evaluation and a checkpoint after each, stop on a step budget or an interrupt, and write the
+//! model and the [`Summary`]. Progress goes to an [`Observer`]; nothing here prints.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::DType;
+use sgr_core::checkpoint::{load_params, load_training_checkpoint, save_params};
+use sgr_core::checkpoint::save_training_checkpoint;
+use sgr_core::events::{EvalMetrics, Event, Observer};
+use sgr_core::network::LocalNetwork;
+use sgr_core::objective::Batch;
+use sgr_core::trainer::Trainer;
+use sgr_data::{Loader, LoaderConfig};
+use sgr_models::{CifarResNet, ResNetConfig};
+use sgr_schema::{EpochRecord, Summary};
+
+use crate::data::{load_data, Data};
+use crate::rundir::RunDir;
+use crate::spec::{DeviceKind, RunSpec};
+use crate::{Error, Result};
+
+/// How one invocation of a run behaves (none of it is part of the [`RunSpec`]).
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Data-loading worker threads (default: [`sgr_data::default_workers`]).
+    pub workers: Option<usize>,
+    /// Stop after this many optimisation steps in total.
+    pub max_steps: Option<usize>,
+    /// Start a new run from these weights (a safetensors file), with fresh optimizer state.
+    pub init_from: Option<PathBuf>,
+    /// Set to stop at the next step boundary with a checkpoint (Ctrl-C).
+    pub interrupt: Option<Arc<AtomicBool>>,
+}
+
+/// What [`Run::resume`] changes in the stored specification.
+#[derive(Debug, Clone, Default)]
+pub struct ResumeChanges {
+    /// Plan this many epochs in total (extend, or shorten to no fewer than are done).
+    pub epochs: Option<usize>,
+    /// Continue on another device.
+    pub device: Option<DeviceKind>,
+}
+
+/// Why a run stopped before its last epoch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// The step budget ([`RunOptions::max_steps`]) was reached.
+    MaxSteps,
+    /// [`RunOptions::interrupt`] was set; a checkpoint was saved.
+    Interrupted,
+}
+
+/// How [`Run::train`] ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Why it stopped early, if it did.
+    pub stop: Option<Stop>,
+    /// The summary written (none when interrupted).
+    pub summary: Option<Summary>,
+    /// The final evaluation when it was run after a mid-epoch stop.
+    pub stopped_eval: Option<EvalMetrics>,
+}
+
+/// Where a resumed run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    /// Current epoch (0-based).
+    pub epoch: usize,
+    /// Steps taken in the current epoch.
+    pub step_in_epoch: usize,
+    /// Global step.
+    pub global_step: usize,
+}
+
+/// What [`Run::resume`] found.
+#[derive(Debug)]
+pub enum Resumed {
+    /// The run continues.
+    Ready(Box<Run>),
+    /// The run had finished its planned epochs: nothing was changed.
+    Finished(Summary),
+}
+
+/// A run: its specification, directory, data, trainer and history.
+#[derive(Debug)]
+pub struct Run {
+    spec: RunSpec,
+    dir: RunDir,
+    data: Data,
+    trainer: Trainer,
+    train_loader: Loader,
+    test_loader: Loader,
+    records: Vec<EpochRecord>,
+    opts: RunOptions,
+    resumed_at: Option<Position>,
+    initial_eval: Option<EvalMetrics>,
+}
+
+/// Builds the model a specification names, for data of `channels` and `classes`.
+pub fn build_network(
+    spec: &RunSpec,
+    channels: usize,
+    classes: usize,
+    device: &candle_core::Device,
+) -> Result<LocalNetwork> {
+    Ok(CifarResNet {
+        config: ResNetConfig::preset(&spec.model, channels, classes)?,
+        modules: spec.num_modules(),
+        split: spec.split,
+        head: spec.aux_head,
+        seed: spec.seed,
+    }
+    .build(device, DType::F32)?)
+}
+
+/// The test split's loader of a specification's data (evaluation transforms, in order).
+pub fn test_loader(data: &Data, batch: usize, workers: usize, dev: &candle_core::Device) -> Result<Loader> {
+    Ok(Loader::new(
+        Arc::clone(&data.test),
+        LoaderConfig {
+            workers,
+            ..LoaderConfig::eval(batch)
+        },
+        data.test_pipeline.clone(),
+        dev,
+    )?)
+}
+
+impl Run {
+    /// A new run of `spec` in `dir` (created if missing).
+    pub fn create(spec: RunSpec, dir: impl Into<PathBuf>, opts: RunOptions) -> Result<Self> {
+        let spec = spec.resolved()?;
+        let dir = RunDir::new(dir);
+        let mut run = Self::open(spec, dir, opts)?;
+        if let Some(w) = run.opts.init_from.clone() {
+            load_params(&w, &run.trainer.network().params())?;
+            run.initial_eval = Some(run.trainer.evaluate(run.test_loader.epoch(0))?);
+        }
+        std::fs::create_dir_all(run.dir.path()).map_err(|source| Error::Io {
+            path: run.dir.path().to_path_buf(),
+            source,
+        })?;
+        run.dir.write_spec(&run.spec)?;
+        run.dir.write_records(&[])?;
+        Ok(run)
+    }
+
+    /// Continues the run in `dir` from its last checkpoint. A run that has finished its planned
+    /// epochs (and is not extended by `changes`) is left untouched.
+    pub fn resume(dir: impl Into<PathBuf>, changes: ResumeChanges, opts: RunOptions) -> Result<Resumed> {
+        let dir = RunDir::new(dir);
+        let mut spec = dir.read_spec()?;
+        if let Some(d) = changes.device {
+            spec.device = d;
+        }
+        let mut run = Self::open(spec, dir, opts)?;
+        load_training_checkpoint(&run.dir.checkpoint(), &mut run.trainer)?;
+        let t = &run.trainer;
+        let pos = Position {
+            epoch: t.epoch(),
+            step_in_epoch: t.steps_in_epoch(),
+            global_step: t.global_step(),
+        };
+        let planned = run.spec.trainer.epochs;
+        let wanted = changes.epochs.unwrap_or(planned);
+        let finished = pos.epoch >= planned && pos.step_in_epoch == 0;
+        if finished && wanted <= planned {
+            if let Ok(s) = run.dir.read_summary() {
+                return Ok(Resumed::Finished(s));
+            }
+        }
+        if wanted != planned {
+            run.trainer.set_planned_epochs(wanted)?;
+            run.spec.trainer.epochs = wanted;
+            run.dir.write_spec(&run.spec)?;
+        }
+        run.records = run.dir.read_records(Some(pos.epoch))?;
+        run.dir.write_records(&run.records)?;
+        run.resumed_at = Some(pos);
+        Ok(Resumed::Ready(Box::new(run)))
+    }
+
+    fn open(spec: RunSpec, dir: RunDir, opts: RunOptions) -> Result<Self> {
+        let device = spec.device.device()?;
+        let data = load_data(&spec)?;
+        let workers = opts.workers.unwrap_or_else(sgr_data::default_workers);
+        let train_loader = Loader::new(
+            Arc::clone(&data.train),
+            LoaderConfig {
+                workers,
+                ..LoaderConfig::train(spec.batch_size, spec.seed)
+            },
+            data.train_pipeline.clone(),
+            &device,
+        )?;
+        let test_loader = test_loader(&data, 256, workers, &device)?;
+        let mut tcfg = spec.trainer.clone();
+        tcfg.steps_per_epoch = train_loader.batches_per_epoch();
+        let net = build_network(&spec, data.channels, data.classes, &device)?;
+        let trainer = Trainer::new(net, tcfg)?;
+        Ok(Self {
+            spec,
+            dir,
+            data,
+            trainer,
+            train_loader,
+            test_loader,
+            records: Vec::new(),
+            opts,
+            resumed_at: None,
+            initial_eval: None,
+        })
+    }
+
+    /// The specification (as written to `config.json`).
+    pub fn spec(&self) -> &RunSpec {
+        &self.spec
+    }
+
+    /// The run directory.
+    pub fn dir(&self) -> &RunDir {
+        &self.dir
+    }
+
+    /// The trainer (network, optimizers, position).
+    pub fn trainer(&self) -> &Trainer {
+        &self.trainer
+    }
+
+    /// Training and test sample counts.
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.data.train.len(), self.data.test.len())
+    }
+
+    /// Steps per epoch.
+    pub fn batches_per_epoch(&self) -> usize {
+        self.train_loader.batches_per_epoch()
+    }
+
+    /// Where a resumed run continued from.
+    pub fn resumed_at(&self) -> Option<Position> {
+        self.resumed_at
+    }
+
+    /// The evaluation of the initial weights, for a run started with
+    /// [`RunOptions::init_from`].
+    pub fn initial_eval(&self) -> Option<&EvalMetrics> {
+        self.initial_eval.as_ref()
+    }
+
+    fn interrupted(&self) -> bool {
+        self.opts
+            .interrupt
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::SeqCst))
+    }
+
+    /// Trains the remaining epochs, evaluating and checkpointing after each, then writes the
+    /// model and the summary. Emits the trainer's events and [`Event::Evaluated`].
+    pub fn train(&mut self, observer: &mut dyn Observer) -> Result<Outcome> {
+        let start = Instant::now();
+        let mut stop = None;
+        let mut last_eval: Option<EvalMetrics> = None;
+        if let Some(e) = &self.initial_eval {
+            observer.on_event(&Event::Evaluated {
+                epoch: 0,
+                metrics: e,
+            });
+        }
+        'epochs: for epoch in self.trainer.epoch()..self.spec.trainer.epochs {
+            let from = self.trainer.steps_in_epoch();
+            for b in self.train_loader.epoch_from(epoch, from) {
+                if self
+                    .opts
+                    .max_steps
+                    .is_some_and(|m| self.trainer.global_step() >= m)
+                {
+                    stop = Some(Stop::MaxSteps);
+                    break 'epochs;
+                }
+                let batch: Batch = b?.into();
+                let m = self.trainer.train_step(&batch)?;
+                observer.on_event(&Event::Step(&m));
+                if self.interrupted() {
+                    stop = Some(Stop::Interrupted);
+                    break 'epochs;
+                }
+            }
+            let m = self.trainer.finish_epoch(observer)?;
+            let eval = self.trainer.evaluate(self.test_loader.epoch(0))?;
+            observer.on_event(&Event::Evaluated {
+                epoch: epoch + 1,
+                metrics: &eval,
+            });
+            self.records.push(EpochRecord {
+                train: m,
+                test_loss: eval.loss,
+                test_accuracy: eval.accuracy,
+                test_top5: eval.top5,
+                elapsed_seconds: start.elapsed().as_secs_f64(),
+            });
+            self.dir.write_records(&self.records)?;
+            save_training_checkpoint(&self.dir.checkpoint(), &self.trainer)?;
+            last_eval = Some(eval);
+            if self.interrupted() {
+                stop = Some(Stop::Interrupted);
+                break;
+            }
+        }
+        if stop.is_some() {
+            save_training_checkpoint(&self.dir.checkpoint(), &self.trainer)?;
+        }
+        save_params(&self.dir.model(), &self.trainer.network().params())?;
+        if stop == Some(Stop::Interrupted) {
+            return Ok(Outcome {
+                stop,
+                summary: None,
+                stopped_eval: None,
+            });
+        }
+        let mid_epoch = self.trainer.steps_in_epoch() > 0 || last_eval.is_none();
+        let (eval, stopped_eval) = match last_eval {
+            Some(e) if !mid_epoch => (e, None),
+            _ => {
+                let e = self.trainer.evaluate(self.test_loader.epoch(0))?;
+                (e.clone(), Some(e))
+            }
+        };
+        let summary = self.summary(&eval)?;
+        self.dir.write_summary(&self.spec, &summary)?;
+        Ok(Outcome {
+            stop,
+            summary: Some(summary),
+            stopped_eval,
+        })
+    }
+
+    fn summary(&self, eval: &EvalMetrics) -> Result<Summary> {
+        let state = self.trainer.state()?;
+        let train_seconds = self.records.iter().map(|r| r.train.seconds).sum::<f64>()
+            + state.epoch_progress.seconds();
+        let (train_samples, test_samples) = self.sizes();
+        Ok(Summary {
+            method: self.spec.trainer.method.to_string(),
+            model: self.spec.model.clone(),
+            dataset: self.spec.dataset.to_string(),
+            modules: self.spec.num_modules(),
+            epochs: self.trainer.epoch(),
+            steps: self.trainer.global_step(),
+            train_samples,
+            test_samples,
+            test_accuracy: eval.accuracy,
+            test_error: 1.0 - eval.accuracy,
+            test_top5: eval.top5,
+            train_seconds,
+            peak_memory_bytes: sgr_core::memory::peak_rss_bytes(),
+            final_boundary_cos: self
+                .records
+                .last()
+                .map(|r| r.train.boundaries.iter().map(|b| b.cos).collect())
+                .unwrap_or_default(),
+            initial_test_accuracy: self.initial_eval.as_ref().map(|e| e.accuracy),
+            spec_hash: self.spec.hash()?,
+        })
+    }
+}
+
+/// The weights file of a run directory, or `path` itself when it is a file.
+pub fn weights_in(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        RunDir::new(path).model()
+    } else {
+        path.to_path_buf()
+    }
+}

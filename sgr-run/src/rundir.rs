@@ -1,0 +1,184 @@
+//! The files of a run directory and how they are read and written. Every file is written
+//! atomically (a temporary file, then a rename), so a crash leaves the previous version.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use sgr_core::checkpoint::write_atomic;
+use sgr_schema::{EpochRecord, Summary};
+
+use crate::spec::RunSpec;
+use crate::{Error, Result};
+
+/// A run directory: `config.json`, `metrics.jsonl`, `checkpoint.safetensors`,
+/// `model.safetensors`, `summary.json` and the model card `README.md`.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    path: PathBuf,
+}
+
+impl RunDir {
+    /// The run directory at `path` (nothing is read or created).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `config.json`: the run specification.
+    pub fn config(&self) -> PathBuf {
+        self.path.join("config.json")
+    }
+
+    /// `metrics.jsonl`: one [`EpochRecord`] per completed epoch.
+    pub fn metrics(&self) -> PathBuf {
+        self.path.join("metrics.jsonl")
+    }
+
+    /// `checkpoint.safetensors`: weights, optimizer state and position.
+    pub fn checkpoint(&self) -> PathBuf {
+        self.path.join("checkpoint.safetensors")
+    }
+
+    /// `model.safetensors`: the weights alone.
+    pub fn model(&self) -> PathBuf {
+        self.path.join("model.safetensors")
+    }
+
+    /// `summary.json`: the run's [`Summary`].
+    pub fn summary(&self) -> PathBuf {
+        self.path.join("summary.json")
+    }
+
+    /// `README.md`: the model card.
+    pub fn card(&self) -> PathBuf {
+        self.path.join("README.md")
+    }
+
+    /// Reads `config.json`.
+    pub fn read_spec(&self) -> Result<RunSpec> {
+        let path = self.config();
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::File {
+            path: path.clone(),
+            problem: format!("{e} (is {} a run directory?)", self.path.display()),
+        })?;
+        serde_json::from_str(&text).map_err(|e| Error::File {
+            path,
+            problem: format!("invalid run configuration: {e}"),
+        })
+    }
+
+    /// Writes `config.json`.
+    pub fn write_spec(&self, spec: &RunSpec) -> Result<()> {
+        write_json(&self.config(), spec)
+    }
+
+    /// Reads the first `epochs` records of `metrics.jsonl` (all when `None`).
+    pub fn read_records(&self, epochs: Option<usize>) -> Result<Vec<EpochRecord>> {
+        let path = self.metrics();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(Error::Io { path, source }),
+        };
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .take(epochs.unwrap_or(usize::MAX))
+            .enumerate()
+            .map(|(i, l)| {
+                serde_json::from_str(l).map_err(|e| Error::File {
+                    path: path.clone(),
+                    problem: format!("line {}: {e}", i + 1),
+                })
+            })
+            .collect()
+    }
+
+    /// Writes `metrics.jsonl`.
+    pub fn write_records(&self, records: &[EpochRecord]) -> Result<()> {
+        let mut text = String::new();
+        for r in records {
+            text.push_str(&serde_json::to_string(r).map_err(|e| Error::Spec(e.to_string()))?);
+            text.push('\n');
+        }
+        Ok(write_atomic(&self.metrics(), text.as_bytes())?)
+    }
+
+    /// Reads `summary.json`.
+    pub fn read_summary(&self) -> Result<Summary> {
+        let path = self.summary();
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|e| Error::File {
+            path,
+            problem: e.to_string(),
+        })
+    }
+
+    /// Writes `summary.json` and the model card.
+    pub fn write_summary(&self, spec: &RunSpec, s: &Summary) -> Result<()> {
+        write_json(&self.summary(), s)?;
+        Ok(write_atomic(&self.card(), model_card(spec, s).as_bytes())?)
+    }
+}
+
+/// Pretty JSON with a final newline, written atomically.
+pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let mut s = serde_json::to_string_pretty(value).map_err(|e| Error::Spec(e.to_string()))?;
+    s.push('\n');
+    Ok(write_atomic(path, s.as_bytes())?)
+}
+
+/// A Hugging Face Hub model card for a run.
+pub fn model_card(spec: &RunSpec, s: &Summary) -> String {
+    let cos = if s.final_boundary_cos.is_empty() {
+        "–".to_string()
+    } else {
+        s.final_boundary_cos
+            .iter()
+            .map(|c| format!("{c:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "---\nlibrary_name: sgr\ntags:\n- image-classification\n- local-learning\n- {method}\nmetrics:\n- accuracy\n---\n\n\
+# {model} trained with `{method}` (K={k}) on {dataset}\n\n\
+Trained with [sgr](https://github.com/sgr-rs/sgr): local learning with Successive Gradient \
+Reconciliation (Yang et al., ICML 2024).\n\n\
+| metric | value |\n|---|---|\n\
+| test accuracy | {acc:.4} |\n| test error | {err:.2}% |\n| epochs | {epochs} |\n| steps | {steps} |\n\
+| train samples | {ntr} |\n| training time | {secs:.1} s |\n| peak memory | {mem} |\n\
+| final cos(a, b) per boundary | {cos} |\n\n\
+Files: `model.safetensors` (torchvision-style names; aux heads under `aux.<k>`), `config.json` \
+(the run specification), `metrics.jsonl` (per epoch), `summary.json`, `checkpoint.safetensors` \
+(weights, optimizer state and position, for `sgr train --resume`).\n\n\
+Method: `{method}`, split `{split}`, aux head `{head}`, optimizer `{opt:?}`, lr {lr}, batch {batch}, \
+seed {seed}.\n",
+        method = s.method,
+        model = spec.model,
+        k = s.modules,
+        dataset = s.dataset,
+        acc = s.test_accuracy,
+        err = 100.0 * s.test_error,
+        epochs = s.epochs,
+        steps = s.steps,
+        ntr = s.train_samples,
+        secs = s.train_seconds,
+        mem = s
+            .peak_memory_bytes
+            .map(|b| format!("{} MiB", b / (1024 * 1024)))
+            .unwrap_or_else(|| "–".into()),
+        cos = cos,
+        split = spec.split,
+        head = spec.aux_head,
+        opt = spec.trainer.optimizer,
+        lr = spec.trainer.lr,
+        batch = spec.batch_size,
+        seed = spec.seed,
+    )
+}

@@ -1,0 +1,288 @@
+//! The run specification: everything that decides what a run computes. It is what
+//! `sgr train --config FILE` reads and what every run writes as `config.json`: one schema.
+//! Fields left out of a file take the defaults of [`RunSpec::default`], the quickstart job (SGR
+//! on the embedded 8×8 digits).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use sgr_core::optim::OptimizerConfig;
+use sgr_core::trainer::TrainerConfig;
+use sgr_models::{HeadKind, SplitStrategy};
+
+use crate::{Error, Result};
+
+/// The data sets a run can train on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dataset {
+    /// Embedded 8x8 handwritten digits (1438 train / 359 test).
+    Digits,
+    /// CIFAR-10 binary files in the data folder.
+    Cifar10,
+    /// CIFAR-100 binary files (fine labels) in the data folder.
+    Cifar100,
+    /// MNIST IDX files (raw or .gz); padded to 32x32, grey repeated to RGB.
+    Mnist,
+    /// Fashion-MNIST IDX files (default folder: Debian's /usr/share/datasets/fashion-mnist).
+    FashionMnist,
+    /// SVHN train_32x32.mat / test_32x32.mat.
+    Svhn,
+    /// STL-10 binary files (stl10_binary).
+    Stl10,
+    /// ImageNet-style folders: `train/<class>/*` and `val/<class>/*`.
+    Imagefolder,
+}
+
+sgr_core::named_enum!(Dataset, "data set", {
+    "digits" => Digits,
+    "cifar10" => Cifar10,
+    "cifar100" => Cifar100,
+    "mnist" => Mnist,
+    "fashion-mnist" => FashionMnist,
+    "svhn" => Svhn,
+    "stl10" => Stl10,
+    "imagefolder" => Imagefolder,
+});
+
+/// Where a run computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum DeviceKind {
+    /// The CPU.
+    #[default]
+    Cpu,
+    /// The first CUDA GPU (needs a build with the `cuda` feature).
+    Cuda,
+}
+
+sgr_core::named_enum!(DeviceKind, "device", { "cpu" => Cpu, "cuda" => Cuda });
+
+impl DeviceKind {
+    /// The candle device.
+    pub fn device(&self) -> Result<candle_core::Device> {
+        match self {
+            DeviceKind::Cpu => Ok(candle_core::Device::Cpu),
+            #[cfg(feature = "cuda")]
+            DeviceKind::Cuda => Ok(candle_core::Device::new_cuda(0).map_err(sgr_core::Error::from)?),
+            #[cfg(not(feature = "cuda"))]
+            DeviceKind::Cuda => Err(Error::Spec(
+                "--device cuda: this sgr was built without GPU support; rebuild it with \
+                 `cargo build --release -p sgr-cli --features cuda` (needs the CUDA toolkit)"
+                    .into(),
+            )),
+        }
+    }
+}
+
+/// The kinds of optimizer, for choosing one by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptimizerKind {
+    /// SGD with Nesterov momentum 0.9.
+    Sgd,
+    /// AdamW with betas 0.9/0.999.
+    Adamw,
+}
+
+sgr_core::named_enum!(OptimizerKind, "optimizer", { "sgd" => Sgd, "adamw" => Adamw });
+
+impl OptimizerKind {
+    /// The optimizer's settings with `weight_decay`.
+    pub fn config(&self, weight_decay: f64) -> OptimizerConfig {
+        match self {
+            OptimizerKind::Sgd => OptimizerConfig::Sgd {
+                momentum: 0.9,
+                nesterov: true,
+                weight_decay,
+            },
+            OptimizerKind::Adamw => OptimizerConfig::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay,
+            },
+        }
+    }
+}
+
+/// The kinds of learning-rate schedule, for choosing one by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScheduleKind {
+    /// Linear warm-up, then cosine decay to 0 at the last step.
+    Cosine,
+    /// A constant learning rate.
+    Constant,
+}
+
+sgr_core::named_enum!(ScheduleKind, "schedule", { "cosine" => Cosine, "constant" => Constant });
+
+/// What a run computes: model, data, method, optimizer, schedule, device and seed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunSpec {
+    /// Model preset (`resnet20`, ...).
+    pub model: String,
+    /// Data set.
+    pub dataset: Dataset,
+    /// Folder with the data set's files (default: the data set's standard place, if any).
+    pub data_dir: Option<PathBuf>,
+    /// Number of modules K (default: 1 for end-to-end methods, 4 otherwise).
+    pub modules: Option<usize>,
+    /// How the network is cut into modules.
+    pub split: SplitStrategy,
+    /// Auxiliary head of modules 1..K-1.
+    pub aux_head: HeadKind,
+    /// Batch size.
+    pub batch_size: usize,
+    /// Seed of initialisation, shuffling, augmentation and dropout.
+    pub seed: u64,
+    /// Use only the first N training samples.
+    pub train_limit: Option<usize>,
+    /// The data set's standard training augmentation (crop, flip).
+    pub augment: bool,
+    /// RandAugment (N operations, magnitude M of 30).
+    pub randaugment: Option<(usize, usize)>,
+    /// Random Erasing probability.
+    pub random_erasing: Option<f32>,
+    /// Image side for image folders (train: random-resized-crop; eval: resize + centre crop).
+    pub image_size: usize,
+    /// Class-index file for image folders (one class folder name per line).
+    pub class_index: Option<PathBuf>,
+    /// Where to compute.
+    pub device: DeviceKind,
+    /// Method, optimizer, learning rate, schedule and epochs.
+    pub trainer: TrainerConfig,
+}
+
+impl Default for RunSpec {
+    /// The quickstart job: ResNet-20 cut into 4 modules with SGR on the embedded digits.
+    fn default() -> Self {
+        Self {
+            model: "resnet20".into(),
+            dataset: Dataset::Digits,
+            data_dir: None,
+            modules: None,
+            split: SplitStrategy::Auto,
+            aux_head: HeadKind::OneConvTwoFc,
+            batch_size: 64,
+            seed: 0,
+            train_limit: None,
+            augment: true,
+            randaugment: None,
+            random_erasing: None,
+            image_size: 224,
+            class_index: None,
+            device: DeviceKind::Cpu,
+            trainer: TrainerConfig::default(),
+        }
+    }
+}
+
+/// The default number of modules of local methods.
+pub const DEFAULT_MODULES: usize = 4;
+
+impl RunSpec {
+    /// K, with the method's default when not set.
+    pub fn num_modules(&self) -> usize {
+        self.modules.unwrap_or(if self.trainer.method.objective.is_end_to_end() {
+            1
+        } else {
+            DEFAULT_MODULES
+        })
+    }
+
+    /// Fills in defaults that depend on other fields (K, the trainer's seed) and checks every
+    /// field, so that what is written as `config.json` is complete and valid.
+    pub fn resolved(mut self) -> Result<Self> {
+        self.modules = Some(self.num_modules());
+        self.trainer.seed = self.seed;
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Checks ranges and combinations.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Spec(m));
+        let m = &self.trainer.method;
+        m.validate()?;
+        let k = self.num_modules();
+        if m.objective.is_end_to_end() && k != 1 {
+            return bad(format!(
+                "method {m} trains end to end: --modules must be 1, got {k}"
+            ));
+        }
+        if k == 0 {
+            return bad("--modules must be >= 1".into());
+        }
+        if self.batch_size == 0 || self.trainer.epochs == 0 {
+            return bad("--batch-size and --epochs must be >= 1".into());
+        }
+        if self.train_limit == Some(0) {
+            return bad("--train-limit must be >= 1".into());
+        }
+        if let Some((_, mag)) = self.randaugment {
+            if mag > 30 {
+                return bad(format!("--randaugment magnitude must be <= 30, got {mag}"));
+            }
+        }
+        if let Some(p) = self.random_erasing {
+            if !(0.0..=1.0).contains(&p) {
+                return bad(format!("--random-erasing is a probability in [0, 1], got {p}"));
+            }
+        }
+        if !(self.trainer.lr.is_finite() && self.trainer.lr > 0.0) {
+            return bad(format!("--lr must be > 0, got {}", self.trainer.lr));
+        }
+        Ok(())
+    }
+
+    /// SHA-256 of the specification's canonical JSON (fields in declaration order, every
+    /// default included): two runs with the same hash compute the same thing.
+    pub fn hash(&self) -> Result<String> {
+        let json = serde_json::to_vec(self).map_err(|e| Error::Spec(e.to_string()))?;
+        let digest = Sha256::digest(&json);
+        Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// Reads a specification from TOML, or JSON when the file name ends in `.json`; missing
+    /// fields take the defaults, unknown or duplicate fields and bad values are errors naming
+    /// the file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let file = |problem: String| Error::File {
+            path: path.to_path_buf(),
+            problem,
+        };
+        if path.extension().is_some_and(|e| e == "json") {
+            serde_json::from_str(&text).map_err(|e| file(e.to_string()))
+        } else {
+            toml::from_str(&text).map_err(|e| file(e.to_string()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_resolve_and_round_trip() {
+        let s = RunSpec::default().resolved().unwrap();
+        assert_eq!(s.modules, Some(4));
+        let json = serde_json::to_string(&s).unwrap();
+        let back: RunSpec = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(back.hash().unwrap(), s.hash().unwrap());
+        let mut other = s.clone();
+        other.trainer.lr = 0.1;
+        assert_ne!(other.hash().unwrap(), s.hash().unwrap());
+        // A partial file keeps the defaults, and bp defaults to one module.
+        let p: RunSpec =
+            toml::from_str("model = \"resnet8\"\n[trainer]\nmethod = \"bp\"\n").unwrap();
+        assert_eq!(p.num_modules(), 1);
+        assert_eq!(p.trainer.lr, 0.05);
+        assert!(toml::from_str::<RunSpec>("modle = 1").is_err());
+    }
+}

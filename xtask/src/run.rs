@@ -1,0 +1,470 @@
+//! Running one cell of a grid: `sgr train` into a directory keyed by the hash of the run's
+//! specification, reusing a finished run of the same specification.
+//!
+//! The contract with the `sgr` binary:
+//!
+//! * `sgr train <flags> --print-spec` prints exactly one line of JSON to stdout,
+//!   `{"spec_hash":"<hex>","spec":{...}}`, and exits 0 without training. The hash covers the
+//!   whole resolved run specification, every default included; `--out` is not given to it (a
+//!   run's output folder is not part of what it trains).
+//! * The `summary.json` a run writes carries the same `spec_hash`.
+//!
+//! A cell with label `L` and hash `H` runs in `OUT/<slug of L>-<first 12 hex digits of H>`. Its
+//! result is reused only when that directory's `summary.json` has `spec_hash` `H`; a directory
+//! holding anything else is removed (said on stderr) and the cell rerun.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::Deserialize;
+use sgr_schema::Summary;
+
+/// Hex digits of the spec hash in a cell's directory name.
+pub const HASH_PREFIX: usize = 12;
+
+/// What `sgr train <flags> --print-spec` prints.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct PrintSpec {
+    /// Hash of the whole resolved run specification, in hex.
+    pub spec_hash: String,
+    /// The resolved run specification (a JSON object).
+    pub spec: serde_json::Value,
+}
+
+/// Parses the stdout of `sgr train <flags> --print-spec`: exactly one non-empty line, a JSON
+/// object with `spec_hash` (at least [`HASH_PREFIX`] hex digits) and `spec` (an object); other
+/// keys are ignored.
+pub fn parse_print_spec(stdout: &str) -> Result<PrintSpec> {
+    let lines: Vec<&str> = stdout
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let [line] = lines[..] else {
+        bail!("expected one line of JSON, got {} lines", lines.len());
+    };
+    let p: PrintSpec = serde_json::from_str(line).with_context(|| {
+        format!("expected {{\"spec_hash\":\"<hex>\",\"spec\":{{...}}}}, got {line}")
+    })?;
+    ensure!(
+        p.spec_hash.len() >= HASH_PREFIX && p.spec_hash.bytes().all(|b| b.is_ascii_hexdigit()),
+        "spec_hash `{}` is not a hex string of at least {HASH_PREFIX} digits",
+        p.spec_hash
+    );
+    ensure!(p.spec.is_object(), "spec is not a JSON object: {}", p.spec);
+    Ok(p)
+}
+
+/// Runs `sgr train <args> --print-spec` and parses what it prints.
+pub fn print_spec(sgr: &Path, args: &[String]) -> Result<PrintSpec> {
+    let shown = format!("sgr train {} --print-spec", args.join(" "));
+    let out = Command::new(sgr)
+        .arg("train")
+        .args(args)
+        .arg("--print-spec")
+        .output()
+        .with_context(|| format!("running {}", sgr.display()))?;
+    if !out.status.success() {
+        bail!(
+            "`{shown}` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    parse_print_spec(&String::from_utf8_lossy(&out.stdout))
+        .with_context(|| format!("reading what `{shown}` printed"))
+}
+
+/// A label as a directory-name component: characters outside `[A-Za-z0-9._-]` (spaces, `=`,
+/// `λ`) become `_`, runs of `_` collapse to one, and no leading `.`, `-` or `_` is kept (so the
+/// name is never `.`/`..`); `run` if nothing is left.
+pub fn slug(label: &str) -> String {
+    let mut s = String::with_capacity(label.len());
+    for c in label.chars() {
+        let c = if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+            c
+        } else {
+            '_'
+        };
+        if !(c == '_' && s.ends_with('_')) {
+            s.push(c);
+        }
+    }
+    let s = s.trim_start_matches(['.', '-', '_']).trim_end_matches('_');
+    if s.is_empty() {
+        "run".into()
+    } else {
+        s.into()
+    }
+}
+
+/// The directory of the cell `label` whose specification hashes to `spec_hash`:
+/// `out/<slug>-<first HASH_PREFIX characters of the hash>`.
+pub fn cell_dir(out: &Path, label: &str, spec_hash: &str) -> PathBuf {
+    let prefix = spec_hash.get(..HASH_PREFIX).unwrap_or(spec_hash);
+    out.join(format!("{}-{prefix}", slug(label)))
+}
+
+/// What a cell's directory holds, against the specification hash it should have been run with.
+#[derive(Debug, PartialEq)]
+pub enum CellState {
+    /// There is no directory.
+    Absent,
+    /// A finished run of this specification: its summary.
+    Finished(Box<Summary>),
+    /// The directory exists without a `summary.json` (an interrupted or failed run).
+    Unfinished,
+    /// The `summary.json` is of another specification.
+    Stale {
+        /// The `spec_hash` it has (empty when written by an sgr that recorded none).
+        found: String,
+    },
+}
+
+/// The reuse decision: what `dir` holds for a cell whose specification hashes to `spec_hash`.
+/// A `summary.json` that cannot be read or parsed is an error naming it.
+pub fn inspect(dir: &Path, spec_hash: &str) -> Result<CellState> {
+    if !dir
+        .try_exists()
+        .with_context(|| format!("checking {}", dir.display()))?
+    {
+        return Ok(CellState::Absent);
+    }
+    if !dir.join("summary.json").exists() {
+        return Ok(CellState::Unfinished);
+    }
+    let s = read_summary(dir)?;
+    Ok(if s.spec_hash == spec_hash {
+        CellState::Finished(Box::new(s))
+    } else {
+        CellState::Stale { found: s.spec_hash }
+    })
+}
+
+/// Reads `dir/summary.json`.
+pub fn read_summary(dir: &Path) -> Result<Summary> {
+    let path = dir.join("summary.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a valid summary.json ({e}); delete {} to rerun this cell",
+            path.display(),
+            dir.display()
+        )
+    })
+}
+
+/// The numbers a table takes from one run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RunResult {
+    /// Final test top-1 accuracy.
+    pub accuracy: f64,
+    /// Seconds spent in training steps.
+    pub seconds: f64,
+    /// Mean over boundaries of the last epoch's cos(a, b); NaN without boundaries (K = 1).
+    pub mean_cos: f64,
+    /// Peak resident memory in MiB; NaN when the platform did not report it.
+    pub peak_mib: f64,
+}
+
+impl RunResult {
+    /// The numbers of `s`.
+    pub fn from_summary(s: &Summary) -> Self {
+        let cos = &s.final_boundary_cos;
+        Self {
+            accuracy: s.test_accuracy,
+            seconds: s.train_seconds,
+            mean_cos: if cos.is_empty() {
+                f64::NAN
+            } else {
+                cos.iter().sum::<f64>() / cos.len() as f64
+            },
+            peak_mib: s
+                .peak_memory_bytes
+                .map_or(f64::NAN, |b| b as f64 / (1024.0 * 1024.0)),
+        }
+    }
+}
+
+/// Runs the cell `label` (`sgr train <args>`) under `out`, or reuses its finished run of the
+/// same specification (see the module documentation).
+pub fn run(sgr: &Path, out: &Path, label: &str, args: &[String]) -> Result<RunResult> {
+    let spec = print_spec(sgr, args)?;
+    let dir = cell_dir(out, label, &spec.spec_hash);
+    match inspect(&dir, &spec.spec_hash)? {
+        CellState::Finished(s) => {
+            eprintln!("xtask: {label}: reusing {}", dir.display());
+            return Ok(RunResult::from_summary(&s));
+        }
+        CellState::Absent => {}
+        CellState::Unfinished => {
+            eprintln!(
+                "xtask: removing {} (no summary.json: an unfinished run) to rerun it",
+                dir.display()
+            );
+            remove(&dir)?;
+        }
+        CellState::Stale { found } => {
+            eprintln!(
+                "xtask: removing {} (its summary.json has spec_hash `{found}`, not `{}`) to rerun it",
+                dir.display(),
+                spec.spec_hash
+            );
+            remove(&dir)?;
+        }
+    }
+    train(sgr, &dir, args)?;
+    let s = read_summary(&dir)?;
+    ensure!(
+        s.spec_hash == spec.spec_hash,
+        "{}: spec_hash `{}` differs from the `{}` that --print-spec printed for the same flags",
+        dir.join("summary.json").display(),
+        s.spec_hash,
+        spec.spec_hash
+    );
+    Ok(RunResult::from_summary(&s))
+}
+
+/// Removes the directory `dir` and everything in it.
+fn remove(dir: &Path) -> Result<()> {
+    std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))
+}
+
+/// Runs `sgr train <args> --out dir`, its stdout into `dir/train.log`.
+fn train(sgr: &Path, dir: &Path, args: &[String]) -> Result<()> {
+    eprintln!(
+        "xtask: sgr train {} --out {}",
+        args.join(" "),
+        dir.display()
+    );
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let log_path = dir.join("train.log");
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    let status = Command::new(sgr)
+        .arg("train")
+        .args(args)
+        .arg("--out")
+        .arg(dir)
+        .stdout(log)
+        .status()
+        .with_context(|| format!("running {}", sgr.display()))?;
+    if !status.success() {
+        bail!(
+            "sgr train {} failed; see {}",
+            args.join(" "),
+            log_path.display()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HASH: &str = "0123456789abcdef0123456789abcdef";
+
+    fn summary(spec_hash: &str) -> Summary {
+        Summary {
+            method: "sgr".into(),
+            model: "resnet8".into(),
+            dataset: "digits".into(),
+            modules: 2,
+            epochs: 1,
+            steps: 10,
+            train_samples: 100,
+            test_samples: 50,
+            test_accuracy: 0.75,
+            test_error: 0.25,
+            test_top5: Some(1.0),
+            train_seconds: 3.0,
+            peak_memory_bytes: Some(3 * 1024 * 1024),
+            final_boundary_cos: vec![0.2, 0.4],
+            initial_test_accuracy: None,
+            spec_hash: spec_hash.into(),
+        }
+    }
+
+    fn write_summary(dir: &Path, s: &Summary) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("summary.json"), serde_json::to_string(s).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn print_spec_line_parses() {
+        let p = parse_print_spec(&format!(
+            "{{\"spec_hash\":\"{HASH}\",\"spec\":{{\"seed\":1,\"lr\":0.05}}}}\n"
+        ))
+        .unwrap();
+        assert_eq!(p.spec_hash, HASH);
+        assert_eq!(p.spec["seed"], 1);
+    }
+
+    #[test]
+    fn print_spec_output_other_than_one_valid_line_is_rejected() {
+        let good = format!("{{\"spec_hash\":\"{HASH}\",\"spec\":{{}}}}");
+        for (out, why) in [
+            (String::new(), "one line"),
+            (format!("sgr train: resnet8\n{good}\n"), "2 lines"),
+            ("{\"spec\":{}}".to_string(), "spec_hash"),
+            (format!("{{\"spec_hash\":\"{HASH}\"}}"), "spec"),
+            (
+                "{\"spec_hash\":\"0123abcd\",\"spec\":{}}".into(),
+                "at least 12",
+            ),
+            (
+                format!("{{\"spec_hash\":\"{HASH}/..\",\"spec\":{{}}}}"),
+                "hex",
+            ),
+            (
+                format!("{{\"spec_hash\":\"{HASH}\",\"spec\":[1]}}"),
+                "not a JSON object",
+            ),
+        ] {
+            let e = format!("{:#}", parse_print_spec(&out).unwrap_err());
+            assert!(e.contains(why), "{out:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn labels_become_readable_directory_names() {
+        assert_eq!(slug("sgr squared-l2 λ=0.3 s0"), "sgr_squared-l2_0.3_s0");
+        assert_eq!(slug("greedy-k4"), "greedy-k4");
+        assert_eq!(slug("a/b\\c: d"), "a_b_c_d");
+        assert_eq!(slug(".."), "run");
+        assert_eq!(slug("-x "), "x");
+        assert_eq!(slug("λ"), "run");
+        assert_eq!(
+            cell_dir(Path::new("runs/sweep"), "bp s1", HASH),
+            Path::new("runs/sweep/bp_s1-0123456789ab")
+        );
+    }
+
+    #[test]
+    fn reuse_decision_follows_the_summary_hash() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cell");
+        assert_eq!(inspect(&dir, HASH).unwrap(), CellState::Absent);
+
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("train.log"), "epoch 1").unwrap();
+        assert_eq!(inspect(&dir, HASH).unwrap(), CellState::Unfinished);
+
+        write_summary(&dir, &summary(HASH));
+        assert_eq!(
+            inspect(&dir, HASH).unwrap(),
+            CellState::Finished(Box::new(summary(HASH)))
+        );
+
+        let other = "fedcba9876543210";
+        write_summary(&dir, &summary(other));
+        assert_eq!(
+            inspect(&dir, HASH).unwrap(),
+            CellState::Stale {
+                found: other.into()
+            }
+        );
+
+        // A summary from before spec hashes were recorded parses, with an empty hash.
+        let mut old = serde_json::to_value(summary("")).unwrap();
+        old.as_object_mut().unwrap().remove("spec_hash");
+        std::fs::write(dir.join("summary.json"), old.to_string()).unwrap();
+        assert_eq!(
+            inspect(&dir, HASH).unwrap(),
+            CellState::Stale { found: "".into() }
+        );
+
+        std::fs::write(dir.join("summary.json"), "{\"method\":").unwrap();
+        let e = inspect(&dir, HASH).unwrap_err().to_string();
+        assert!(
+            e.contains(&dir.join("summary.json").display().to_string())
+                && e.contains(&format!("delete {} to rerun", dir.display())),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn results_come_from_typed_summaries() {
+        let r = RunResult::from_summary(&summary(HASH));
+        assert_eq!((r.accuracy, r.seconds, r.peak_mib), (0.75, 3.0, 3.0));
+        assert!((r.mean_cos - 0.3).abs() < 1e-12);
+        let mut s = summary(HASH);
+        s.final_boundary_cos.clear();
+        s.peak_memory_bytes = None;
+        let r = RunResult::from_summary(&s);
+        assert!(r.mean_cos.is_nan() && r.peak_mib.is_nan());
+    }
+
+    /// `run` against a stand-in `sgr` that keeps the contract: it hashes `--seed`, writes
+    /// `summary.json` with that hash and logs each invocation.
+    #[cfg(unix)]
+    #[test]
+    fn run_trains_once_per_spec_and_replaces_stale_directories() {
+        use std::os::unix::fs::PermissionsExt;
+
+        let tmp = tempfile::tempdir().unwrap();
+        let bin = tmp.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let template = serde_json::to_string(&summary("HASH")).unwrap();
+        std::fs::write(bin.join("summary.template"), template).unwrap();
+        let sgr = bin.join("sgr");
+        std::fs::write(
+            &sgr,
+            r#"#!/bin/sh
+here=$(dirname "$0")
+echo "$*" >> "$here/calls"
+spec=0; out=; seed=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --print-spec) spec=1 ;;
+    --out) out=$2; shift ;;
+    --seed) seed=$2; shift ;;
+  esac
+  shift
+done
+hash="${seed}0123456789abcdef"
+if [ "$spec" = 1 ]; then
+  printf '{"spec_hash":"%s","spec":{"seed":%s}}\n' "$hash" "$seed"
+  exit 0
+fi
+echo training
+sed "s/HASH/$hash/" "$here/summary.template" > "$out/summary.json"
+"#,
+        )
+        .unwrap();
+        std::fs::set_permissions(&sgr, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let calls = || {
+            std::fs::read_to_string(bin.join("calls"))
+                .unwrap_or_default()
+                .lines()
+                .count()
+        };
+        let out = tmp.path().join("out");
+        let args = |seed: &str| vec!["--seed".to_string(), seed.to_string()];
+
+        // A stale result in the cell's directory is removed, with everything beside it.
+        let dir = out.join("sgr_1_s1-10123456789a");
+        write_summary(&dir, &summary("deadbeef"));
+        std::fs::write(dir.join("stray"), "").unwrap();
+
+        let r = run(&sgr, &out, "sgr λ=1 s1", &args("1")).unwrap();
+        assert_eq!(r, RunResult::from_summary(&summary("x")));
+        assert_eq!(calls(), 2, "--print-spec, then training");
+        assert!(!dir.join("stray").exists());
+        assert_eq!(read_summary(&dir).unwrap().spec_hash, "10123456789abcdef");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("train.log")).unwrap(),
+            "training\n"
+        );
+
+        run(&sgr, &out, "sgr λ=1 s1", &args("1")).unwrap();
+        assert_eq!(calls(), 3, "reused: --print-spec only");
+
+        run(&sgr, &out, "sgr λ=1 s1", &args("2")).unwrap();
+        assert_eq!(calls(), 5, "another spec trains");
+        assert!(out.join("sgr_1_s1-20123456789a/summary.json").exists());
+    }
+}
