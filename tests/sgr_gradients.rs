@@ -210,7 +210,11 @@ fn finite_difference_sgr_gradient_matches_exact_on_resnet_module() {
                 err < bound,
                 "module {k} {site:?} {distance:?}: {way:?} vs exact relative error {err:e}"
             );
-            assert!((fd.distance - ex.distance).abs() <= 1e-4 * ex.distance.abs().max(1e-12));
+            let (fdd, exd) = (
+                fd.distance.to_scalar::<f64>().unwrap(),
+                ex.distance.to_scalar::<f64>().unwrap(),
+            );
+            assert!((fdd - exd).abs() <= 1e-4 * exd.abs().max(1e-12));
         }
     }
 }
@@ -354,6 +358,7 @@ fn distance_gradients_match_closed_forms() {
     let t = randn(&[4, 3, 2, 2], 0.1, 2, DType::F64);
     let b = 4.0;
     let (d, v) = Distance::SquaredL2.value_and_grad(&s, &t).unwrap();
+    let d = d.to_scalar::<f64>().unwrap();
     let diff = (&s - &t).unwrap();
     let want_d = b * diff
         .sqr()
@@ -374,6 +379,7 @@ fn distance_gradients_match_closed_forms() {
     assert!((auto.to_scalar::<f64>().unwrap() - d).abs() < 1e-12 * d);
     // cosine: ∂/∂s (1 − s·t/(|s||t|)) = −t/(|s||t|) + (s·t) s/(|s|³|t|)
     let (d, v) = Distance::Cosine.value_and_grad(&s, &t).unwrap();
+    let d = d.to_scalar::<f64>().unwrap();
     let sv = flat(std::slice::from_ref(&s));
     let tv = flat(std::slice::from_ref(&t));
     let dot: f64 = sv.iter().zip(&tv).map(|(a, b)| a * b).sum();

@@ -2,7 +2,7 @@
 //! standard cache layout (`models--owner--repo/{blobs,refs,snapshots/<commit>/<file>}`), and
 //! downloads through `hf-hub` (feature `hub`).
 //!
-//! hf-hub 1.0 does not read `HF_HUB_OFFLINE` (candle-notes.md), so it is handled here: when it
+//! hf-hub 1.0 does not read `HF_HUB_OFFLINE` (docs/candle.md), so it is handled here: when it
 //! is set, references resolve from the cache only, without touching the network.
 
 use std::path::{Path, PathBuf};

@@ -27,7 +27,7 @@ fn text(o: &Output) -> String {
 fn tensor_hash(path: &Path) -> String {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut names: Vec<String> = st.names().into_iter().cloned().collect();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     names.sort();
     let mut h = Sha256::new();
     for n in names {

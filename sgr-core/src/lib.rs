@@ -14,7 +14,7 @@
 //!   as candle custom ops, each running candle's own ops on other devices; used by [`nn`].
 //!
 //! candle-nn's fused layers (`BatchNorm`, `LayerNorm`, `softmax_last_dim`) are not used: they
-//! update statistics on every call or cut the autodiff graph silently (see candle-notes.md), and
+//! update statistics on every call or cut the autodiff graph silently (docs/candle.md), and
 //! the SGR term needs control of both. Libraries here never print: see [`events`] and `tracing`.
 
 pub mod autograd;

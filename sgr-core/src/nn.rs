@@ -1,5 +1,5 @@
 //! Building blocks written from candle primitives, so that every one of them is differentiable
-//! twice (candle-notes.md: several fused candle-nn ops cut the graph silently).
+//! twice (docs/candle.md: several fused candle-nn ops cut the graph silently).
 //!
 //! * [`Ctx`] (re-exported from [`crate::ctx`]) carries the forward mode and the tape of
 //!   non-smooth decisions that the finite-difference SGR gradient replays.

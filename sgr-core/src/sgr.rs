@@ -3,7 +3,7 @@
 //! For modules k ≥ 2 SGR adds λ·D(b_k, stopgrad(a_{k-1})) to the local loss L_k, where
 //! a_{k-1} = ∂L_{k-1}/∂h_{k-1} is the previous module's gradient at its output and
 //! b_k = ∂L_k/∂ĥ_{k-1} is module k's gradient at its (detached) input (`forward` direction, as
-//! specified in method.md). The `backward` direction instead adds λ·D(a_{k-1}, stopgrad(b_k)) to
+//! specified in docs/method.md). The `backward` direction instead adds λ·D(a_{k-1}, stopgrad(b_k)) to
 //! module k-1's objective.
 //!
 //! With v = ∂D/∂s (s the regularised gradient), the parameter gradient of the term is the

@@ -9,7 +9,7 @@
 //!
 //! candle-datasets is not used: its CIFAR reader hard-codes 10 000 records per file, its Hub
 //! loader swaps height and width, it has no shuffling or augmentation, and it pulls in a large
-//! dependency tree (candle-notes.md).
+//! dependency tree (docs/candle.md).
 
 mod cifar;
 mod dataset;

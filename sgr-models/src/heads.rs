@@ -1,4 +1,4 @@
-//! Auxiliary heads of local modules (method.md).
+//! Auxiliary heads of local modules (docs/method.md, "Auxiliary heads").
 
 use candle_core::Tensor;
 use sgr_core::network::Stage;

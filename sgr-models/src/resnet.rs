@@ -130,7 +130,7 @@ sgr_core::named_enum!(SplitStrategy, "split", { "auto" => Auto, "infopro" => Inf
 type Table = &'static [(usize, &'static [(usize, usize)])];
 
 /// InfoPro (Wang et al., ICLR 2021), `networks/resnet.py` split configuration, as transcribed
-/// in method.md: `[stage, block]` pairs after which a module ends (the final module's end is
+/// in docs/method.md ("Split plans"): `[stage, block]` pairs after which a module ends (the final module's end is
 /// implicit). K=16 for ResNet-32 is one module per block.
 const INFOPRO_RESNET32: Table = &[
     (2, &[(2, 1)]),
@@ -159,7 +159,7 @@ const INFOPRO_RESNET32: Table = &[
     ),
 ];
 
-/// InfoPro's ResNet-110 splits (method.md).
+/// InfoPro's ResNet-110 splits (docs/method.md, "Split plans").
 const INFOPRO_RESNET110: Table = &[
     (2, &[(2, 8)]),
     (3, &[(1, 17), (2, 17)]),
@@ -190,7 +190,7 @@ const INFOPRO_RESNET110: Table = &[
     ),
 ];
 
-/// InfoPro*'s memory-balanced ResNet-110 splits for CIFAR-10 (method.md).
+/// InfoPro*'s memory-balanced ResNet-110 splits for CIFAR-10 (docs/method.md, "Split plans").
 const INFOPRO_BALANCED_RESNET110: Table = &[
     (2, &[(1, 14)]),
     (3, &[(1, 9), (2, 2)]),

@@ -170,7 +170,7 @@ fn table2(args: &[String]) -> Result<()> {
     let ks = f.list("ks", "2,4,8,16")?;
     let seed = f.get("seed").unwrap_or("0").to_string();
     let out = PathBuf::from(f.get("out").unwrap_or("runs/table2"));
-    // InfoPro-repository test errors (%), CIFAR-10, 160 epochs (method.md).
+    // InfoPro-repository test errors (%), CIFAR-10, 160 epochs (docs/method.md, "Published reference numbers").
     let published: &[(&str, &str, [f64; 4], f64)] = &[
         ("resnet32", "greedy", [10.30, 16.07, 21.19, 24.59], 7.37),
         ("resnet110", "greedy", [8.21, 13.16, 15.61, 18.92], 6.50),
