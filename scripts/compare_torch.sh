@@ -2,20 +2,25 @@
 # candle (sgr bench) against the PyTorch reference (scripts/torch_reference.py), side by side in
 # one run, same model, batch, input and thread count; each method's two measurements run back to
 # back. Needs `pip install torch`; not part of CI.
-# Usage: scripts/compare_torch.sh [STEPS]        (MODEL=resnet32 THREADS=2 by default)
+# Usage: scripts/compare_torch.sh [STEPS]        (MODEL=resnet32 THREADS=2 by default;
+#        SGR_BIN=path/to/sgr measures another build, e.g. an older commit's, instead of this one)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-5}
 threads=${THREADS:-2}
 model=${MODEL:-resnet32}
 export RAYON_NUM_THREADS=$threads
-cargo build --release -p sgr-cli -q
+sgr=${SGR_BIN:-}
+if [ -z "$sgr" ]; then
+  cargo build --release -p sgr-cli -q
+  sgr=target/release/sgr
+fi
 common="--model $model --batch-size 128 --input-size 32 --in-channels 3 --classes 10 --steps $steps"
 printf '| %s method | candle img/s | PyTorch img/s | candle/PyTorch speed | candle peak MiB | PyTorch peak MiB | candle/PyTorch memory |\n|---|---|---|---|---|---|---|\n' "$model"
 methods=${METHODS:-"bp|greedy --modules 16|sgr --modules 16 --sgr-grad finite-difference|sgr --modules 16 --sgr-grad forward-difference|sgr --modules 16 --sgr-grad exact"}
 IFS='|' read -ra list <<< "$methods"
 for m in "${list[@]}"; do
-  c=$(target/release/sgr bench $common --method $m --json)
+  c=$("$sgr" bench $common --method $m --json)
   t=$(python3 scripts/torch_reference.py $common --threads "$threads" --method $m)
   python3 - "$m" "$c" "$t" <<'PY'
 import json, sys

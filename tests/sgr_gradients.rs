@@ -4,8 +4,8 @@
 
 use candle_core::{DType, Tensor, Var};
 use sgr_core::sgr::{
-    base_pass, sgr_term_grad, BasePoint, LocalModule, Distance, LocalProblem, SgrConfig,
-    SgrGrad, Site,
+    base_pass, sgr_term_grad, BasePoint, Distance, LocalModule, LocalProblem, SgrConfig, SgrGrad,
+    Site,
 };
 use sgr_integration_tests::{abs_sum, flat, labels, randn, rel_err, resnet};
 use sgr_models::HeadKind;

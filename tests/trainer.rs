@@ -2,11 +2,11 @@
 //! semantics and state round trips, checkpoints.
 
 use candle_core::{DType, Device, Tensor};
+use sgr_core::method::Method;
 use sgr_core::network::LocalNetwork;
 use sgr_core::nn::Ctx;
-use sgr_core::optim::{OptimizerConfig, Schedule};
-use sgr_core::method::Method;
 use sgr_core::objective::Batch;
+use sgr_core::optim::{OptimizerConfig, Schedule};
 use sgr_core::sgr::{base_pass, Direction, Distance, LocalModule, SgrConfig, SgrGrad};
 use sgr_core::trainer::{Trainer, TrainerConfig};
 use sgr_integration_tests::{abs_sum, labels, max_param_diff, randn, resnet};
@@ -54,8 +54,12 @@ fn k1_greedy_and_bp_take_the_same_step() {
     let before = snapshot(ta.network());
     for s in 0..3 {
         let (x, y) = batch(s);
-        let ma = ta.train_step(&Batch::labelled(x.clone(), y.clone())).unwrap();
-        let mb = tb.train_step(&Batch::labelled(x.clone(), y.clone())).unwrap();
+        let ma = ta
+            .train_step(&Batch::labelled(x.clone(), y.clone()))
+            .unwrap();
+        let mb = tb
+            .train_step(&Batch::labelled(x.clone(), y.clone()))
+            .unwrap();
         assert!((ma.losses().unwrap()[0] - mb.losses().unwrap()[0]).abs() < 1e-6);
     }
     let d = max_param_diff(ta.network(), tb.network());
@@ -89,8 +93,10 @@ fn sgr_with_zero_lambda_is_exactly_greedy() {
         let mut ts = Trainer::new(s, tcfg(Method::sgr(SgrConfig::default()), sgr)).unwrap();
         for st in 0..2 {
             let (x, y) = batch(10 + st);
-            tg.train_step(&Batch::labelled(x.clone(), y.clone())).unwrap();
-            ts.train_step(&Batch::labelled(x.clone(), y.clone())).unwrap();
+            tg.train_step(&Batch::labelled(x.clone(), y.clone()))
+                .unwrap();
+            ts.train_step(&Batch::labelled(x.clone(), y.clone()))
+                .unwrap();
         }
         let d = max_param_diff(tg.network(), ts.network());
         assert_eq!(
@@ -115,16 +121,20 @@ fn sgr_term_changes_the_step_and_aligns_gradients() {
     let mut ts = Trainer::new(s, tcfg(Method::sgr(SgrConfig::default()), sgr)).unwrap();
     let (x, y) = batch(3);
     for _ in 0..8 {
-        tg.train_step(&Batch::labelled(x.clone(), y.clone())).unwrap();
-        ts.train_step(&Batch::labelled(x.clone(), y.clone())).unwrap();
+        tg.train_step(&Batch::labelled(x.clone(), y.clone()))
+            .unwrap();
+        ts.train_step(&Batch::labelled(x.clone(), y.clone()))
+            .unwrap();
     }
     assert!(max_param_diff(tg.network(), ts.network()) > 1e-4);
     let mut obs = sgr_core::events::NoObserver;
     // One more step each to read the boundary cosines at this point.
     tg.finish_epoch(&mut obs).unwrap();
     ts.finish_epoch(&mut obs).unwrap();
-    tg.train_step(&Batch::labelled(x.clone(), y.clone())).unwrap();
-    ts.train_step(&Batch::labelled(x.clone(), y.clone())).unwrap();
+    tg.train_step(&Batch::labelled(x.clone(), y.clone()))
+        .unwrap();
+    ts.train_step(&Batch::labelled(x.clone(), y.clone()))
+        .unwrap();
     let mg = tg.finish_epoch(&mut obs).unwrap();
     let ms = ts.finish_epoch(&mut obs).unwrap();
     let mean = |m: &sgr_core::events::EpochMetrics| {
@@ -163,7 +173,8 @@ fn no_gradient_from_module_k_reaches_earlier_modules() {
         let lr = cfg.lr;
         let mut t = Trainer::new(net, cfg).unwrap();
         let (x, y) = batch(77);
-        t.train_step(&Batch::labelled(x.clone(), y.clone())).unwrap();
+        t.train_step(&Batch::labelled(x.clone(), y.clone()))
+            .unwrap();
         // Module 0 of the reference: its local loss only.
         let prob = LocalModule {
             net: &reference,
@@ -317,7 +328,8 @@ fn optimizer_state_and_weights_round_trip() {
         .unwrap();
         for s in 0..2 {
             let (x, y) = batch(s);
-            a.train_step(&Batch::labelled(x.clone(), y.clone())).unwrap();
+            a.train_step(&Batch::labelled(x.clone(), y.clone()))
+                .unwrap();
         }
         sgr_core::checkpoint::save_params(&dir.path().join("m.safetensors"), &a.network().params())
             .unwrap();
@@ -342,8 +354,10 @@ fn optimizer_state_and_weights_round_trip() {
         }
         b.set_position(0, a.global_step());
         let (x, y) = batch(7);
-        a.train_step(&Batch::labelled(x.clone(), y.clone())).unwrap();
-        b.train_step(&Batch::labelled(x.clone(), y.clone())).unwrap();
+        a.train_step(&Batch::labelled(x.clone(), y.clone()))
+            .unwrap();
+        b.train_step(&Batch::labelled(x.clone(), y.clone()))
+            .unwrap();
         assert_eq!(max_param_diff(a.network(), b.network()), 0.0, "{opt:?}");
     }
 }

@@ -11,7 +11,8 @@ use sgr_models::{HeadKind, SplitStrategy};
 use sgr_run::RunSpec;
 
 /// A clap parser for a library enum: its names as the possible values.
-pub fn named<T: Named + Clone + Send + Sync + std::str::FromStr>() -> impl TypedValueParser<Value = T>
+pub fn named<T: Named + Clone + Send + Sync + std::str::FromStr>(
+) -> impl TypedValueParser<Value = T>
 where
     T::Err: std::error::Error + Send + Sync + 'static,
 {
@@ -54,7 +55,12 @@ pub struct MethodArgs {
 }
 
 /// Sets `slot` to the flag's value when it was given, and notes the flag.
-pub fn set<T: Clone>(given: &mut Vec<&'static str>, flag: &'static str, value: &Option<T>, slot: &mut T) {
+pub fn set<T: Clone>(
+    given: &mut Vec<&'static str>,
+    flag: &'static str,
+    value: &Option<T>,
+    slot: &mut T,
+) {
     if let Some(v) = value {
         *slot = v.clone();
         given.push(flag);
@@ -93,15 +99,37 @@ impl MethodArgs {
         let method = spec.trainer.method.to_string();
         let Some(sgr) = spec.trainer.method.sgr.as_mut() else {
             if let Some((flag, _)) = sgr_flags.iter().find(|(_, g)| *g) {
-                bail!("{flag} needs a method with SGR (e.g. --method sgr); the method is `{method}`");
+                bail!(
+                    "{flag} needs a method with SGR (e.g. --method sgr); the method is `{method}`"
+                );
             }
             return Ok(given);
         };
-        set(&mut given, "--sgr-lambda", &self.sgr_lambda, &mut sgr.lambda);
-        set(&mut given, "--sgr-distance", &self.sgr_distance, &mut sgr.distance);
+        set(
+            &mut given,
+            "--sgr-lambda",
+            &self.sgr_lambda,
+            &mut sgr.lambda,
+        );
+        set(
+            &mut given,
+            "--sgr-distance",
+            &self.sgr_distance,
+            &mut sgr.distance,
+        );
         set(&mut given, "--sgr-grad", &self.sgr_grad, &mut sgr.grad);
-        set(&mut given, "--sgr-direction", &self.sgr_direction, &mut sgr.direction);
-        set(&mut given, "--sgr-warmup", &self.sgr_warmup, &mut sgr.warmup_epochs);
+        set(
+            &mut given,
+            "--sgr-direction",
+            &self.sgr_direction,
+            &mut sgr.direction,
+        );
+        set(
+            &mut given,
+            "--sgr-warmup",
+            &self.sgr_warmup,
+            &mut sgr.warmup_epochs,
+        );
         if self.sgr_fd_epsilon.is_some() {
             sgr.fd_epsilon = self.sgr_fd_epsilon;
             given.push("--sgr-fd-epsilon");

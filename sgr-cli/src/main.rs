@@ -89,4 +89,3 @@ fn init_logging(verbose: u8, quiet: bool) {
         .with_writer(std::io::stderr)
         .try_init();
 }
-

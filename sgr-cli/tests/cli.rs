@@ -535,7 +535,10 @@ fn config_files_with_flag_overrides() {
     let o = sgr(&["train", "--config", toml_path.to_str().unwrap()]);
     assert!(!o.status.success());
     let t = text(&o);
-    assert!(t.contains("unknown field `modle`") && t.contains("run.toml"), "{t}");
+    assert!(
+        t.contains("unknown field `modle`") && t.contains("run.toml"),
+        "{t}"
+    );
     std::fs::write(&json_path, r#"{"trainer": {"epochs": "two"}}"#).unwrap();
     let o = sgr(&["train", "--config", json_path.to_str().unwrap()]);
     assert!(!o.status.success());

@@ -68,7 +68,11 @@ fn default_jobs_train_the_same_bits_as_before() {
         args.extend_from_slice(flags);
         let o = sgr(&args);
         assert!(o.status.success(), "{flags:?}: {}", text(&o));
-        assert_eq!(tensor_hash(&out.join("model.safetensors")), want, "{flags:?}");
+        assert_eq!(
+            tensor_hash(&out.join("model.safetensors")),
+            want,
+            "{flags:?}"
+        );
     }
 }
 
@@ -111,8 +115,14 @@ fn resuming_a_finished_run_changes_nothing() {
     let o = sgr(&["train", "--resume", run.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
     let t = text(&o);
-    assert!(t.contains("has finished its 2 epochs") && t.contains("nothing to do"), "{t}");
-    assert!(!t.contains("stopped after") && !t.contains("resuming"), "{t}");
+    assert!(
+        t.contains("has finished its 2 epochs") && t.contains("nothing to do"),
+        "{t}"
+    );
+    assert!(
+        !t.contains("stopped after") && !t.contains("resuming"),
+        "{t}"
+    );
     assert_eq!(files(&run), before, "every file byte-identical");
 }
 
@@ -179,7 +189,11 @@ fn init_from_starts_from_trained_weights() {
         ],
     );
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("initial weights: test acc"), "{}", text(&o));
+    assert!(
+        text(&o).contains("initial weights: test acc"),
+        "{}",
+        text(&o)
+    );
     let s: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(b.join("summary.json")).unwrap()).unwrap();
     assert_eq!(s["initial_test_accuracy"], recorded["test_accuracy"]);
@@ -189,10 +203,18 @@ fn init_from_starts_from_trained_weights() {
         tensor_hash(&a.join("model.safetensors"))
     );
     // Weights of another model are a clear error naming the file.
-    let o = small(
-        &dir.path().join("c"),
-        &["--model", "resnet14", "--init-from", a.to_str().unwrap()],
-    );
+    let c = dir.path().join("c");
+    let o = sgr(&[
+        "train",
+        "--model",
+        "resnet14",
+        "--train-limit",
+        "96",
+        "--out",
+        c.to_str().unwrap(),
+        "--init-from",
+        a.to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
     assert!(text(&o).contains("model.safetensors"), "{}", text(&o));
 }

@@ -48,7 +48,10 @@ enum Tape {
     /// Decide afresh and record every decision in call order.
     Record(Vec<Decision>),
     /// Take every decision from a recording, in call order.
-    Replay { decisions: Vec<Decision>, pos: usize },
+    Replay {
+        decisions: Vec<Decision>,
+        pos: usize,
+    },
 }
 
 /// How a layer should apply a ReLU in the current pass (see [`Ctx::relu_mode`]).
@@ -299,7 +302,11 @@ mod tests {
         assert!(a.iter().flatten().all(|&v| v == 0.0 || v == 2.0));
         let mut replay = Ctx::train_replaying(rec.clone()).with_seed(99);
         let r = replay.dropout(&x, 0.5).unwrap();
-        assert_eq!(r.to_vec2::<f32>().unwrap(), a, "replay ignores the generator");
+        assert_eq!(
+            r.to_vec2::<f32>().unwrap(),
+            a,
+            "replay ignores the generator"
+        );
         assert_eq!(replay.replay_position(), Some(1));
         // A replay that asks for another kind of decision, or another shape, is an error.
         let mut wrong = Ctx::train_replaying(rec.clone());
@@ -308,7 +315,14 @@ mod tests {
         let mut wrong = Ctx::train_replaying(rec);
         let e = wrong.drop_path(&x, 0.5).unwrap_err().to_string();
         assert!(e.contains("does not fit"), "{e}");
-        assert!(Ctx::eval().dropout(&x, 0.5).unwrap().to_vec2::<f32>().unwrap()[0][0] == 1.0);
+        assert!(
+            Ctx::eval()
+                .dropout(&x, 0.5)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()[0][0]
+                == 1.0
+        );
         assert!(Ctx::train().dropout(&x, 1.0).is_err());
     }
 }

@@ -28,22 +28,32 @@ pub enum Error {
     /// The requested number of modules (or split) is not supported for a model.
     #[error("unsupported split for {model}: {requested}; supported: {supported}")]
     UnsupportedSplit {
+        /// The model.
         model: String,
+        /// The split asked for.
         requested: String,
+        /// The splits the model supports.
         supported: String,
     },
 
     /// An I/O operation on a file failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The cause.
         #[source]
         source: std::io::Error,
     },
 
     /// A checkpoint or state file is corrupt or does not match the model.
     #[error("{path}: {problem}")]
-    Checkpoint { path: PathBuf, problem: String },
+    Checkpoint {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
 
     /// The data source failed to produce a batch.
     #[error("data: {0}")]
@@ -52,8 +62,11 @@ pub enum Error {
     /// Training produced a non-finite loss.
     #[error("non-finite loss {value} in module {module} at step {step}")]
     NonFiniteLoss {
+        /// The module (0-based).
         module: usize,
+        /// The global step (0-based).
         step: usize,
+        /// The loss.
         value: f32,
     },
 }

@@ -164,10 +164,16 @@ mod tests {
             assert_eq!(m.to_string(), shown);
             assert_eq!(m.to_string().parse::<Method>().unwrap(), m);
         }
-        assert_eq!("sgr".parse::<Method>().unwrap(), Method::sgr(SgrConfig::default()));
+        assert_eq!(
+            "sgr".parse::<Method>().unwrap(),
+            Method::sgr(SgrConfig::default())
+        );
         let e = "bp+sgr".parse::<Method>().unwrap_err().to_string();
         assert!(e.contains("end to end") && e.contains("greedy+sgr"), "{e}");
         let e = "dgll".parse::<Method>().unwrap_err().to_string();
-        assert!(e.contains("unknown method `dgll`") && e.contains("bp, greedy"), "{e}");
+        assert!(
+            e.contains("unknown method `dgll`") && e.contains("bp, greedy"),
+            "{e}"
+        );
     }
 }

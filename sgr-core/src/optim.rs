@@ -50,18 +50,16 @@ impl OptimizerConfig {
     /// The weight decay.
     pub fn weight_decay(&self) -> f64 {
         match *self {
-            OptimizerConfig::Sgd { weight_decay, .. } | OptimizerConfig::AdamW { weight_decay, .. } => {
-                weight_decay
-            }
+            OptimizerConfig::Sgd { weight_decay, .. }
+            | OptimizerConfig::AdamW { weight_decay, .. } => weight_decay,
         }
     }
 
     /// Sets the weight decay.
     pub fn set_weight_decay(&mut self, wd: f64) {
         match self {
-            OptimizerConfig::Sgd { weight_decay, .. } | OptimizerConfig::AdamW { weight_decay, .. } => {
-                *weight_decay = wd
-            }
+            OptimizerConfig::Sgd { weight_decay, .. }
+            | OptimizerConfig::AdamW { weight_decay, .. } => *weight_decay = wd,
         }
     }
 

@@ -478,7 +478,9 @@ fn fd_term_grad(
         }
     }
     // ε is a step along the unit-RMS direction: one host read per module and step.
-    let sum_sq = crate::kernels::pair_sums(&v, &v)?.get(1)?.to_scalar::<f64>()?;
+    let sum_sq = crate::kernels::pair_sums(&v, &v)?
+        .get(1)?
+        .to_scalar::<f64>()?;
     let rms = (sum_sq / v.elem_count().max(1) as f64).sqrt();
     if rms == 0.0 || !rms.is_finite() {
         let grads = vars

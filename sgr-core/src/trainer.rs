@@ -204,7 +204,8 @@ impl DeviceSums {
     fn add_losses(&mut self, losses: &Tensor, step: usize) -> Result<()> {
         let k = losses.dim(0)?;
         self.losses = (&self.losses + losses)?;
-        let finite = (losses - losses)?.eq(0.0)?;
+        // NaN compares false, and ±∞ exceeds the largest finite value.
+        let finite = losses.abs()?.le(f64::MAX)?;
         let codes = (Tensor::arange(0u32, k as u32, losses.device())?.to_dtype(DType::F64)?
             + (step * k) as f64)?;
         let inf = Tensor::full(f64::INFINITY, k, losses.device())?;
@@ -461,7 +462,10 @@ impl Trainer {
         let k = self.net.num_modules() - 1;
         let mut ctx = Ctx::train().with_seed(pass_seed(self.cfg.seed, self.step, k));
         let logits = self.net.forward(&batch.input.detach(), &mut ctx)?;
-        let out = self.net.module_objective(k)?.loss(&logits, batch, &mut ctx)?;
+        let out = self
+            .net
+            .module_objective(k)?
+            .loss(&logits, batch, &mut ctx)?;
         let value = out.loss.detach().to_dtype(DType::F64)?;
         let correct = match &out.logits {
             Some(l) => batch.targets.correct(l)?,
@@ -481,12 +485,7 @@ impl Trainer {
         Ok((vec![value], correct))
     }
 
-    fn local_step(
-        &mut self,
-        batch: &Batch,
-        lr: f64,
-        lambda: f64,
-    ) -> Result<(Vec<Tensor>, Tensor)> {
+    fn local_step(&mut self, batch: &Batch, lr: f64, lambda: f64) -> Result<(Vec<Tensor>, Tensor)> {
         let k_total = self.net.num_modules();
         let sgr = self.cfg.method.sgr.clone();
         let direction = sgr.as_ref().map_or(Direction::Forward, |s| s.direction);
@@ -768,8 +767,11 @@ mod tests {
         s.add_losses(&Tensor::new(&[1.0f64, 2.0, 3.0], &d).unwrap(), 0)
             .unwrap();
         assert!(s.download(&EpochAccumulator::new(3)).is_ok());
-        s.add_losses(&Tensor::new(&[1.0f64, f64::INFINITY, f64::NAN], &d).unwrap(), 5)
-            .unwrap();
+        s.add_losses(
+            &Tensor::new(&[1.0f64, f64::INFINITY, f64::NAN], &d).unwrap(),
+            5,
+        )
+        .unwrap();
         s.add_losses(&Tensor::new(&[f64::NAN, 1.0, 1.0], &d).unwrap(), 6)
             .unwrap();
         match s.download(&EpochAccumulator::new(3)) {

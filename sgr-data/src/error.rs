@@ -1,3 +1,5 @@
+//! Typed errors of `sgr-data`.
+
 use std::path::PathBuf;
 
 /// Errors of `sgr-data`; each names the file and the problem.
@@ -7,18 +9,28 @@ pub enum DataError {
     /// Reading a file failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The cause.
         #[source]
         source: std::io::Error,
     },
     /// A file's content is not what its format requires.
     #[error("{path}: {problem}")]
-    Format { path: PathBuf, problem: String },
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// Data files are not where they were looked for.
     #[error("{what} not found in {dir}: {hint}")]
     NotFound {
+        /// What was looked for.
         what: String,
+        /// Where.
         dir: PathBuf,
+        /// What to do about it.
         hint: String,
     },
     /// A parameter is invalid.

@@ -5,10 +5,10 @@
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sgr_core::network::{LocalNetwork, SplitPlan, Stage};
-use sgr_core::objective::{CrossEntropy, LocalObjective};
 use sgr_core::nn::{
     global_avg_pool, option_a_shortcut, BatchNorm, Conv2d, Ctx, Init, Layer, Linear, Param,
 };
+use sgr_core::objective::{CrossEntropy, LocalObjective};
 use sgr_core::{Error, Result};
 
 use crate::heads::HeadKind;
@@ -403,7 +403,14 @@ impl CifarResNet {
             })
             .collect::<Result<Vec<_>>>()?;
         objectives.push(Box::new(CrossEntropy::on_logits()));
-        LocalNetwork::new(cfg.name(), units, classifier, objectives, plan, cfg.num_classes)
+        LocalNetwork::new(
+            cfg.name(),
+            units,
+            classifier,
+            objectives,
+            plan,
+            cfg.num_classes,
+        )
     }
 }
 

@@ -31,9 +31,7 @@ pub fn load_data(cfg: &RunSpec) -> Result<Data> {
     let dir = || -> Result<PathBuf> {
         match (&cfg.data_dir, cfg.dataset) {
             (Some(d), _) => Ok(d.clone()),
-            (None, Dataset::FashionMnist) => {
-                Ok(PathBuf::from("/usr/share/datasets/fashion-mnist"))
-            }
+            (None, Dataset::FashionMnist) => Ok(PathBuf::from("/usr/share/datasets/fashion-mnist")),
             (None, d) => Err(Error::Spec(format!("--dataset {d} needs --data-dir"))),
         }
     };
@@ -198,7 +196,6 @@ pub fn load_data(cfg: &RunSpec) -> Result<Data> {
     }
     Ok(data)
 }
-
 
 impl std::fmt::Debug for Data {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::DType;
-use sgr_core::checkpoint::{load_params, load_training_checkpoint, save_params};
 use sgr_core::checkpoint::save_training_checkpoint;
+use sgr_core::checkpoint::{load_params, load_training_checkpoint, save_params};
 use sgr_core::events::{EvalMetrics, Event, Observer};
 use sgr_core::network::LocalNetwork;
 use sgr_core::objective::Batch;
@@ -82,7 +82,7 @@ pub enum Resumed {
     /// The run continues.
     Ready(Box<Run>),
     /// The run had finished its planned epochs: nothing was changed.
-    Finished(Summary),
+    Finished(Box<Summary>),
 }
 
 /// A run: its specification, directory, data, trainer and history.
@@ -118,7 +118,12 @@ pub fn build_network(
 }
 
 /// The test split's loader of a specification's data (evaluation transforms, in order).
-pub fn test_loader(data: &Data, batch: usize, workers: usize, dev: &candle_core::Device) -> Result<Loader> {
+pub fn test_loader(
+    data: &Data,
+    batch: usize,
+    workers: usize,
+    dev: &candle_core::Device,
+) -> Result<Loader> {
     Ok(Loader::new(
         Arc::clone(&data.test),
         LoaderConfig {
@@ -151,7 +156,11 @@ impl Run {
 
     /// Continues the run in `dir` from its last checkpoint. A run that has finished its planned
     /// epochs (and is not extended by `changes`) is left untouched.
-    pub fn resume(dir: impl Into<PathBuf>, changes: ResumeChanges, opts: RunOptions) -> Result<Resumed> {
+    pub fn resume(
+        dir: impl Into<PathBuf>,
+        changes: ResumeChanges,
+        opts: RunOptions,
+    ) -> Result<Resumed> {
         let dir = RunDir::new(dir);
         let mut spec = dir.read_spec()?;
         if let Some(d) = changes.device {
@@ -168,13 +177,16 @@ impl Run {
         let planned = run.spec.trainer.epochs;
         let wanted = changes.epochs.unwrap_or(planned);
         let finished = pos.epoch >= planned && pos.step_in_epoch == 0;
+        if wanted != planned {
+            // Fewer epochs than are done is an error, before anything is written.
+            run.trainer.set_planned_epochs(wanted)?;
+        }
         if finished && wanted <= planned {
             if let Ok(s) = run.dir.read_summary() {
-                return Ok(Resumed::Finished(s));
+                return Ok(Resumed::Finished(Box::new(s)));
             }
         }
         if wanted != planned {
-            run.trainer.set_planned_epochs(wanted)?;
             run.spec.trainer.epochs = wanted;
             run.dir.write_spec(&run.spec)?;
         }

@@ -6,10 +6,10 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use sgr_core::optim::OptimizerConfig;
 use sgr_core::trainer::TrainerConfig;
 use sgr_models::{HeadKind, SplitStrategy};
+use sha2::{Digest, Sha256};
 
 use crate::{Error, Result};
 
@@ -63,7 +63,9 @@ impl DeviceKind {
         match self {
             DeviceKind::Cpu => Ok(candle_core::Device::Cpu),
             #[cfg(feature = "cuda")]
-            DeviceKind::Cuda => Ok(candle_core::Device::new_cuda(0).map_err(sgr_core::Error::from)?),
+            DeviceKind::Cuda => {
+                Ok(candle_core::Device::new_cuda(0).map_err(sgr_core::Error::from)?)
+            }
             #[cfg(not(feature = "cuda"))]
             DeviceKind::Cuda => Err(Error::Spec(
                 "--device cuda: this sgr was built without GPU support; rebuild it with \
@@ -183,11 +185,12 @@ pub const DEFAULT_MODULES: usize = 4;
 impl RunSpec {
     /// K, with the method's default when not set.
     pub fn num_modules(&self) -> usize {
-        self.modules.unwrap_or(if self.trainer.method.objective.is_end_to_end() {
-            1
-        } else {
-            DEFAULT_MODULES
-        })
+        self.modules
+            .unwrap_or(if self.trainer.method.objective.is_end_to_end() {
+                1
+            } else {
+                DEFAULT_MODULES
+            })
     }
 
     /// Fills in defaults that depend on other fields (K, the trainer's seed) and checks every
@@ -226,7 +229,9 @@ impl RunSpec {
         }
         if let Some(p) = self.random_erasing {
             if !(0.0..=1.0).contains(&p) {
-                return bad(format!("--random-erasing is a probability in [0, 1], got {p}"));
+                return bad(format!(
+                    "--random-erasing is a probability in [0, 1], got {p}"
+                ));
             }
         }
         if !(self.trainer.lr.is_finite() && self.trainer.lr > 0.0) {

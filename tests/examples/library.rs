@@ -3,9 +3,9 @@
 
 use candle_core::{DType, Device};
 use sgr_core::events::Event;
+use sgr_core::method::Method;
 use sgr_core::optim::{OptimizerConfig, Schedule};
 use sgr_core::sgr::SgrConfig;
-use sgr_core::method::Method;
 use sgr_core::trainer::{Trainer, TrainerConfig};
 use std::sync::Arc;
 

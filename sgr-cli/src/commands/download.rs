@@ -27,4 +27,3 @@ pub fn run(a: DownloadArgs) -> Result<()> {
     }
     Ok(())
 }
-

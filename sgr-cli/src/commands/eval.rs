@@ -105,4 +105,3 @@ pub fn run(a: EvalArgs) -> Result<()> {
     }
     Ok(())
 }
-

@@ -184,4 +184,3 @@ pub fn run(a: InspectArgs) -> Result<()> {
     );
     Ok(())
 }
-

@@ -123,9 +123,16 @@ impl SpecArgs {
         }
         let t = &mut spec.trainer;
         set(&mut g, "--epochs", &self.epochs, &mut t.epochs);
-        set(&mut g, "--batch-size", &self.batch_size, &mut spec.batch_size);
+        set(
+            &mut g,
+            "--batch-size",
+            &self.batch_size,
+            &mut spec.batch_size,
+        );
         set(&mut g, "--lr", &self.lr, &mut t.lr);
-        let wd = self.weight_decay.unwrap_or_else(|| t.optimizer.weight_decay());
+        let wd = self
+            .weight_decay
+            .unwrap_or_else(|| t.optimizer.weight_decay());
         if let Some(kind) = self.optimizer {
             t.optimizer = kind.config(wd);
             g.push("--optimizer");
@@ -181,7 +188,12 @@ impl SpecArgs {
             spec.random_erasing = self.random_erasing;
             g.push("--random-erasing");
         }
-        set(&mut g, "--image-size", &self.image_size, &mut spec.image_size);
+        set(
+            &mut g,
+            "--image-size",
+            &self.image_size,
+            &mut spec.image_size,
+        );
         if self.class_index.is_some() {
             spec.class_index = self.class_index.clone();
             g.push("--class-index");
@@ -237,7 +249,11 @@ impl Printer {
             }
             Event::Evaluated { epoch, metrics } => {
                 let Some(m) = self.last.take() else { return };
-                let cos: Vec<String> = m.boundaries.iter().map(|b| format!("{:.2}", b.cos)).collect();
+                let cos: Vec<String> = m
+                    .boundaries
+                    .iter()
+                    .map(|b| format!("{:.2}", b.cos))
+                    .collect();
                 println!(
                     "epoch {:>3}/{}  loss {:.4}  train acc {:.4}  test acc {:.4}  time {:.1}s{}",
                     epoch,
@@ -385,12 +401,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
         println!(
             "stopped after {} steps{}, in epoch {}: test acc {:.4}",
             t.global_step(),
-            if outcome.stop == Some(Stop::MaxSteps) { " (--max-steps)" } else { "" },
+            if outcome.stop == Some(Stop::MaxSteps) {
+                " (--max-steps)"
+            } else {
+                ""
+            },
             t.epoch() + 1,
             e.accuracy
         );
     }
-    let s = outcome.summary.context("internal: a finished run has a summary")?;
+    let s = outcome
+        .summary
+        .context("internal: a finished run has a summary")?;
     println!(
         "done: test accuracy {:.4} (error {:.2}%), train time {:.1}s, peak memory {} MiB; saved {}",
         s.test_accuracy,
