@@ -147,3 +147,17 @@ impl MethodArgs {
         Ok(spec.resolved()?)
     }
 }
+
+/// The shape of the random inputs of `bench` and `inspect`.
+#[derive(Args, Debug, Clone)]
+pub struct InputArgs {
+    /// Input height and width.
+    #[arg(long = "input-size", default_value_t = 32)]
+    pub size: usize,
+    /// Input channels.
+    #[arg(long = "in-channels", default_value_t = 3)]
+    pub channels: usize,
+    /// Classes.
+    #[arg(long, default_value_t = 10)]
+    pub classes: usize,
+}

@@ -3,20 +3,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-fn sgr(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sgr"))
-        .args(args)
-        .output()
-        .expect("run sgr")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+mod common;
+use common::{sgr, text};
 
 fn json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()

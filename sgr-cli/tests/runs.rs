@@ -3,24 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
+
+mod common;
+use common::{sgr, text};
 
 use sha2::{Digest, Sha256};
-
-fn sgr(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sgr"))
-        .args(args)
-        .output()
-        .expect("run sgr")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// SHA-256 over a safetensors file's tensors (names, dtypes, shapes and bytes, in name order),
 /// not its header metadata.

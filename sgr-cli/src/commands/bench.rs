@@ -9,7 +9,7 @@ use sgr_core::trainer::{Trainer, TrainerConfig};
 use sgr_run::run::build_network;
 use sgr_run::DeviceKind;
 
-use crate::args::{named, MethodArgs};
+use crate::args::{named, InputArgs, MethodArgs};
 
 /// Arguments of `sgr bench`.
 #[derive(Args, Debug)]
@@ -25,15 +25,8 @@ pub struct BenchArgs {
     /// Timed steps (after one warm-up step).
     #[arg(long, default_value_t = 5)]
     steps: usize,
-    /// Input height and width.
-    #[arg(long, default_value_t = 32)]
-    input_size: usize,
-    /// Input channels.
-    #[arg(long, default_value_t = 3)]
-    in_channels: usize,
-    /// Classes.
-    #[arg(long, default_value_t = 10)]
-    classes: usize,
+    #[command(flatten)]
+    input: InputArgs,
     /// Where to run.
     #[arg(long, value_parser = named::<DeviceKind>(), default_value = "cpu")]
     device: DeviceKind,
@@ -74,12 +67,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         seed: 0,
     };
     let device = a.device.device()?;
-    let net = build_network(&spec, a.in_channels, a.classes, &device)?;
+    let net = build_network(&spec, a.input.channels, a.input.classes, &device)?;
     let modules = net.num_modules();
     let mut trainer = Trainer::new(net, trainer_cfg)?;
-    let shape = (a.batch_size, a.in_channels, a.input_size, a.input_size);
+    let shape = (a.batch_size, a.input.channels, a.input.size, a.input.size);
     let x = candle_core::Tensor::randn(0f32, 1.0, shape, &device)?;
-    let labels: Vec<u32> = (0..a.batch_size).map(|i| (i % a.classes) as u32).collect();
+    let labels: Vec<u32> = (0..a.batch_size)
+        .map(|i| (i % a.input.classes) as u32)
+        .collect();
     let y = candle_core::Tensor::from_vec(labels, a.batch_size, &device)?;
     let batch = Batch::labelled(x, y);
     trainer.train_step(&batch)?;
@@ -100,7 +95,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         modules,
         sgr_grad: method.sgr.as_ref().map(|s| s.grad.to_string()),
         batch_size: a.batch_size,
-        input: [a.in_channels, a.input_size, a.input_size],
+        input: [a.input.channels, a.input.size, a.input.size],
         steps: a.steps,
         median_step_seconds: median,
         images_per_s: a.batch_size as f64 / median,
@@ -121,9 +116,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 .map(|g| format!(" ({g})"))
                 .unwrap_or_default(),
             report.batch_size,
-            a.in_channels,
-            a.input_size,
-            a.input_size,
+            a.input.channels,
+            a.input.size,
+            a.input.size,
             report.median_step_seconds,
             report.images_per_s,
             report

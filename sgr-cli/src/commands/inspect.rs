@@ -10,7 +10,7 @@ use sgr_models::ResNetConfig;
 use sgr_run::run::build_network;
 use sgr_run::RunSpec;
 
-use crate::args::MethodArgs;
+use crate::args::{InputArgs, MethodArgs};
 
 /// Arguments of `sgr inspect`.
 #[derive(Args, Debug)]
@@ -23,15 +23,8 @@ pub struct InspectArgs {
     /// Batch size for the measured activation memory.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
-    /// Input height and width.
-    #[arg(long, default_value_t = 32)]
-    input_size: usize,
-    /// Input channels.
-    #[arg(long, default_value_t = 3)]
-    in_channels: usize,
-    /// Classes.
-    #[arg(long, default_value_t = 10)]
-    classes: usize,
+    #[command(flatten)]
+    input: InputArgs,
 }
 
 fn mib(b: usize) -> f64 {
@@ -43,9 +36,9 @@ pub fn run(a: InspectArgs) -> Result<()> {
     use sgr_core::sgr::{LocalModule, LocalProblem, OutputShift};
     let spec = a.method.spec(&a.model)?;
     let (modules, split, head) = (spec.num_modules(), spec.split, spec.aux_head);
-    let arch = ResNetConfig::preset(&a.model, a.in_channels, a.classes)?;
+    let arch = ResNetConfig::preset(&a.model, a.input.channels, a.input.classes)?;
     let device = Device::Cpu;
-    let net = build_network(&spec, a.in_channels, a.classes, &device)?;
+    let net = build_network(&spec, a.input.channels, a.input.classes, &device)?;
     let plan = net.plan().clone();
     let n = arch.blocks_per_stage();
     let unit_name = |u: usize| {
@@ -74,10 +67,10 @@ pub fn run(a: InspectArgs) -> Result<()> {
         n,
         backbone,
         net.num_trainable() - backbone,
-        a.in_channels,
-        a.input_size,
-        a.input_size,
-        a.classes
+        a.input.channels,
+        a.input.size,
+        a.input.size,
+        a.input.classes
     );
     println!(
         "split: K={} ({:?}), aux head {}; activation memory measured at batch {} (live heap bytes held by the forward graph; peak while also running backward)",
@@ -92,7 +85,7 @@ pub fn run(a: InspectArgs) -> Result<()> {
     );
     let labels = candle_core::Tensor::from_vec(
         (0..a.batch_size)
-            .map(|i| (i % a.classes) as u32)
+            .map(|i| (i % a.input.classes) as u32)
             .collect::<Vec<_>>(),
         a.batch_size,
         &device,
@@ -100,7 +93,7 @@ pub fn run(a: InspectArgs) -> Result<()> {
     let mut h = candle_core::Tensor::randn(
         0f32,
         1.0,
-        (a.batch_size, a.in_channels, a.input_size, a.input_size),
+        (a.batch_size, a.input.channels, a.input.size, a.input.size),
         &device,
     )?;
     let batch = Batch::labelled(h.clone(), labels.clone());
@@ -137,7 +130,7 @@ pub fn run(a: InspectArgs) -> Result<()> {
         let out_shape = if k + 1 < net.num_modules() {
             format!("{:?}", &f.output.dims()[1..])
         } else {
-            format!("logits {}", a.classes)
+            format!("logits {}", a.input.classes)
         };
         println!(
             "{:<7} {:<24} {:>14} {:>10} {:>10} {:>16.1} {:>16.1}",
@@ -157,14 +150,14 @@ pub fn run(a: InspectArgs) -> Result<()> {
             modules: Some(1),
             ..spec.clone()
         },
-        a.in_channels,
-        a.classes,
+        a.input.channels,
+        a.input.classes,
         &device,
     )?;
     let x = candle_core::Tensor::randn(
         0f32,
         1.0,
-        (a.batch_size, a.in_channels, a.input_size, a.input_size),
+        (a.batch_size, a.input.channels, a.input.size, a.input.size),
         &device,
     )?;
     let before = crate::alloc::live_bytes();
