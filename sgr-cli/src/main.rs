@@ -48,14 +48,17 @@ enum Command {
 }
 
 fn main() {
-    // Like other Unix tools: end quietly when the reader of stdout goes away (`sgr ... | head`).
+    // `sgr train` keeps training when stdout closes (it ignores SIGPIPE, as Rust programs do,
+    // and stops printing); the other commands only print, so they end with their reader.
+    let cli = Cli::parse();
     #[cfg(unix)]
-    // SAFETY: restoring the default disposition of SIGPIPE before any thread is started.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    if !matches!(cli.command, Command::Train(_)) {
+        // SAFETY: restoring the default disposition of SIGPIPE before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
     }
     sgr_core::memory::tune_allocator();
-    let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
     let result = match cli.command {
         Command::Train(a) => train::run(*a),

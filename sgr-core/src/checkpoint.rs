@@ -3,7 +3,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use safetensors::tensor as st;
 
 use crate::nn::Param;
 use crate::{Error, Result};
@@ -37,8 +38,196 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     result.map_err(io)
 }
 
-/// Saves named tensors to a safetensors file atomically (temporary file, then rename).
+/// The key, in a safetensors file's `__metadata__`, of the SHA-256 checksum of its tensors.
+///
+/// The checksum is the lowercase hex SHA-256 over every tensor in name order (byte-wise), each
+/// fed as: the name's length (u64, little-endian) and its UTF-8 bytes; the dtype's safetensors
+/// spelling (`F32`, `BF16`, `U8`, ...) the same way; the rank (u64 LE) and every dimension
+/// (u64 LE); the data's length in bytes (u64 LE) and the data as stored in the file.
+pub const CHECKSUM_KEY: &str = "sgr.sha256";
+
+/// Checks that no floating-point tensor among `params` (weights and buffers such as BatchNorm
+/// running statistics) holds NaN or infinity; [`Error::NonFinite`] names the first that does.
+///
+/// One reduction per tensor, run as a tensor op on the tensor's own device, and one read back
+/// per device; integer tensors are skipped. Meant to be called after each epoch, so that a
+/// diverged run stops before it writes anything.
+pub fn check_finite(params: &[Param]) -> Result<()> {
+    match first_non_finite(params.iter().map(|p| (p.name.as_str(), p.var.as_tensor())))? {
+        Some(tensor) => Err(Error::NonFinite { tensor, path: None }),
+        None => Ok(()),
+    }
+}
+
+/// Whether NaN/inf checks apply to `dtype` (the floating-point types candle computes with).
+fn is_checked_float(dtype: DType) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
+}
+
+/// The name of the first tensor (in the order given) that holds NaN or infinity.
+fn first_non_finite<'a>(
+    tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
+) -> Result<Option<String>> {
+    // One sum per tensor (NaN and inf propagate into it), gathered per device so that a
+    // device is read back once rather than once per tensor.
+    let mut groups: Vec<(Device, Vec<(&'a str, &'a Tensor, Tensor)>)> = Vec::new();
+    for (name, t) in tensors {
+        if !is_checked_float(t.dtype()) || t.elem_count() == 0 {
+            continue;
+        }
+        let sum = t.detach().sum_all()?.to_dtype(DType::F32)?.reshape(1)?;
+        match groups.iter_mut().find(|(d, _)| d.same_device(t.device())) {
+            Some((_, g)) => g.push((name, t, sum)),
+            None => groups.push((t.device().clone(), vec![(name, t, sum)])),
+        }
+    }
+    for (_, group) in groups {
+        let sums: Vec<Tensor> = group.iter().map(|(_, _, s)| s.clone()).collect();
+        let sums = Tensor::cat(&sums, 0)?.to_vec1::<f32>()?;
+        for ((name, t, _), sum) in group.iter().zip(sums) {
+            // A non-finite sum is NaN/inf in the tensor, or finite values whose sum
+            // overflowed: x·0 is 0 for every finite x and NaN otherwise, and cannot overflow.
+            if !sum.is_finite()
+                && !t
+                    .detach()
+                    .affine(0.0, 0.0)?
+                    .sum_all()?
+                    .to_dtype(DType::F32)?
+                    .to_scalar::<f32>()?
+                    .is_finite()
+            {
+                return Ok(Some(name.to_string()));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// A tensor's bytes as a safetensors file stores them.
+struct RawTensor {
+    dtype: st::Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl st::View for &RawTensor {
+    fn dtype(&self) -> st::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Copies `t` (from any device) into the little-endian bytes safetensors stores.
+fn raw_tensor(path: &Path, name: &str, t: &Tensor) -> Result<RawTensor> {
+    use candle_core::{CpuStorage, Storage};
+    let unsupported = || Error::Checkpoint {
+        path: path.to_path_buf(),
+        problem: format!(
+            "cannot save tensor `{name}`: dtype {:?} is not supported",
+            t.dtype()
+        ),
+    };
+    let dtype = match t.dtype() {
+        DType::U8 => st::Dtype::U8,
+        DType::U32 => st::Dtype::U32,
+        DType::I16 => st::Dtype::I16,
+        DType::I32 => st::Dtype::I32,
+        DType::I64 => st::Dtype::I64,
+        DType::BF16 => st::Dtype::BF16,
+        DType::F16 => st::Dtype::F16,
+        DType::F32 => st::Dtype::F32,
+        DType::F64 => st::Dtype::F64,
+        _ => return Err(unsupported()),
+    };
+    let cpu = t
+        .detach()
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .contiguous()?;
+    let (storage, layout) = cpu.storage_and_layout();
+    let (Storage::Cpu(storage), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
+        return Err(unsupported());
+    };
+    macro_rules! le {
+        ($v:expr) => {
+            $v[a..b].iter().flat_map(|x| x.to_le_bytes()).collect()
+        };
+    }
+    let data: Vec<u8> = match storage {
+        CpuStorage::U8(v) => v[a..b].to_vec(),
+        CpuStorage::U32(v) => le!(v),
+        CpuStorage::I16(v) => le!(v),
+        CpuStorage::I32(v) => le!(v),
+        CpuStorage::I64(v) => le!(v),
+        CpuStorage::BF16(v) => le!(v),
+        CpuStorage::F16(v) => le!(v),
+        CpuStorage::F32(v) => le!(v),
+        CpuStorage::F64(v) => le!(v),
+        _ => return Err(unsupported()),
+    };
+    Ok(RawTensor {
+        dtype,
+        shape: t.dims().to_vec(),
+        data,
+    })
+}
+
+/// The [`CHECKSUM_KEY`] checksum of named tensors, sorted by name.
+fn checksum<'a>(
+    tensors: impl IntoIterator<Item = (&'a str, st::Dtype, &'a [usize], &'a [u8])>,
+) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    for (name, dtype, shape, data) in tensors {
+        field(name.as_bytes());
+        field(dtype.to_string().as_bytes());
+        let dims: Vec<u8> = shape
+            .iter()
+            .flat_map(|&d| (d as u64).to_le_bytes())
+            .collect();
+        field(&dims);
+        field(data);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Saves named tensors to a safetensors file atomically (temporary file, fsync, rename), with
+/// the [`CHECKSUM_KEY`] checksum of their data in the file's metadata.
+///
+/// Refuses, with [`Error::NonFinite`] naming the tensor and the file, to write a floating-point
+/// tensor holding NaN or infinity; nothing is written then, and a file already at `path` stays
+/// as it was.
 pub fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let mut named: Vec<(&String, &Tensor)> = tensors.iter().collect();
+    named.sort_by(|a, b| a.0.cmp(b.0));
+    if let Some(tensor) = first_non_finite(named.iter().map(|(n, t)| (n.as_str(), *t)))? {
+        return Err(Error::NonFinite {
+            tensor,
+            path: Some(path.to_path_buf()),
+        });
+    }
+    let raw: Vec<(&String, RawTensor)> = named
+        .iter()
+        .map(|(n, t)| Ok((*n, raw_tensor(path, n, t)?)))
+        .collect::<Result<_>>()?;
+    let sum = checksum(
+        raw.iter()
+            .map(|(n, r)| (n.as_str(), r.dtype, r.shape.as_slice(), r.data.as_slice())),
+    );
+    let metadata = HashMap::from([(CHECKSUM_KEY.to_string(), sum)]);
+
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -53,8 +242,14 @@ pub fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "tensors".into());
     let tmp: PathBuf = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = candle_core::safetensors::save(tensors, &tmp)
-        .map_err(Error::from)
+    let result = st::serialize_to_file(raw.iter().map(|(n, r)| (*n, r)), Some(metadata), &tmp)
+        .map_err(|e| match e {
+            st::SafeTensorError::IoError(source) => io(source),
+            e => Error::Checkpoint {
+                path: path.to_path_buf(),
+                problem: format!("cannot serialise the tensors: {e}"),
+            },
+        })
         .and_then(|_| {
             std::fs::File::open(&tmp)
                 .and_then(|f| f.sync_all())
@@ -67,12 +262,52 @@ pub fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()
     result
 }
 
-/// Loads every tensor of a safetensors file, naming the file in any error.
+/// When the file's metadata holds a [`CHECKSUM_KEY`] checksum, recomputes it over the tensor
+/// data and fails with [`Error::Corrupt`] on a mismatch. Files without one (PyTorch exports,
+/// older files) and files this parser cannot read are left to the loader.
+fn verify_checksum(path: &Path, bytes: &[u8]) -> Result<()> {
+    let Ok((_, header)) = st::SafeTensors::read_metadata(bytes) else {
+        return Ok(());
+    };
+    let Some(stored) = header.metadata().as_ref().and_then(|m| m.get(CHECKSUM_KEY)) else {
+        return Ok(());
+    };
+    let Ok(file) = st::SafeTensors::deserialize(bytes) else {
+        return Ok(());
+    };
+    let mut views = file.tensors();
+    views.sort_by(|a, b| a.0.cmp(&b.0));
+    let found = checksum(
+        views
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.dtype(), v.shape(), v.data())),
+    );
+    if found == *stored {
+        return Ok(());
+    }
+    let advice = if views.iter().any(|(n, _)| n == STATE) {
+        "resume from an earlier copy of the checkpoint, or start the run anew"
+    } else {
+        "copy or download it again, or retrain"
+    };
+    Err(Error::Corrupt {
+        path: path.to_path_buf(),
+        detail: format!(
+            "its tensor data does not match the checksum recorded when it was written \
+             ({CHECKSUM_KEY} {stored}, data {found}); {advice}"
+        ),
+    })
+}
+
+/// Loads every tensor of a safetensors file, naming the file in any error. When the file
+/// records a [`CHECKSUM_KEY`] checksum it is verified first: a mismatch is
+/// [`Error::Corrupt`]. Files without one load unchecked.
 pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     let bytes = std::fs::read(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
     })?;
+    verify_checksum(path, &bytes)?;
     candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| Error::Checkpoint {
         path: path.to_path_buf(),
         problem: format!("not a readable safetensors file ({e})"),

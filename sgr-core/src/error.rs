@@ -55,6 +55,26 @@ pub enum Error {
         problem: String,
     },
 
+    /// A file's tensor data does not match the checksum recorded in it when it was written:
+    /// it was damaged on disk or in transit.
+    #[error("{path} is corrupt: {detail}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What does not match, and what to do about it.
+        detail: String,
+    },
+
+    /// A tensor holds NaN or infinity: training diverged. When `path` is set, that file was
+    /// not written (the previous one on disk, if any, is left as it was).
+    #[error("{}", non_finite_message(.tensor, .path.as_deref()))]
+    NonFinite {
+        /// The tensor's name, e.g. `layer1.0.bn1.running_var`.
+        tensor: String,
+        /// The file that was not written because of it.
+        path: Option<PathBuf>,
+    },
+
     /// The data source failed to produce a batch.
     #[error("data: {0}")]
     Data(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -69,6 +89,18 @@ pub enum Error {
         /// The loss.
         value: f32,
     },
+}
+
+fn non_finite_message(tensor: &str, path: Option<&std::path::Path>) -> String {
+    let what =
+        format!("tensor `{tensor}` holds a non-finite value (NaN or inf): training diverged");
+    match path {
+        Some(p) => format!(
+            "{} not written: {what}; the file already on disk, if any, is left as it was",
+            p.display()
+        ),
+        None => what,
+    }
 }
 
 /// Result alias of `sgr-core`.

@@ -63,8 +63,42 @@ impl OptimizerConfig {
         }
     }
 
+    /// Checks every setting's range.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str, v: f64, range: &str| {
+            Err(Error::InvalidConfig(format!(
+                "optimizer {what} must be {range}, got {v}"
+            )))
+        };
+        let wd = self.weight_decay();
+        if !(wd.is_finite() && wd >= 0.0) {
+            return bad("weight decay (--weight-decay)", wd, "finite and >= 0");
+        }
+        match *self {
+            OptimizerConfig::Sgd { momentum, .. } => {
+                if !(0.0..1.0).contains(&momentum) {
+                    return bad("momentum", momentum, "in [0, 1)");
+                }
+            }
+            OptimizerConfig::AdamW {
+                beta1, beta2, eps, ..
+            } => {
+                for (what, b) in [("beta1", beta1), ("beta2", beta2)] {
+                    if !(0.0..1.0).contains(&b) {
+                        return bad(what, b, "in [0, 1)");
+                    }
+                }
+                if !(eps.is_finite() && eps > 0.0) {
+                    return bad("eps", eps, "finite and > 0");
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// An optimizer over `params` (buffers are skipped).
     pub fn build(&self, params: Vec<Param>) -> Result<Box<dyn Optimizer>> {
+        self.validate()?;
         let params: Vec<Param> = params
             .into_iter()
             .filter(|p| p.kind == crate::nn::ParamKind::Trainable)
@@ -323,6 +357,21 @@ impl Default for Schedule {
 }
 
 impl Schedule {
+    /// Checks the schedule's settings.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Schedule::Constant => Ok(()),
+            Schedule::Cosine { warmup_epochs: w } if !(w.is_finite() && *w >= 0.0) => Err(
+                Error::InvalidConfig(format!("--warmup-epochs must be finite and >= 0, got {w}")),
+            ),
+            Schedule::Cosine { .. } => Ok(()),
+            Schedule::Step { gamma, .. } if !(gamma.is_finite() && *gamma > 0.0) => Err(
+                Error::InvalidConfig(format!("step schedule gamma must be > 0, got {gamma}")),
+            ),
+            Schedule::Step { .. } => Ok(()),
+        }
+    }
+
     /// Learning rate at `step` (0-based) of `total_steps`, with `steps_per_epoch`.
     pub fn lr(&self, base: f64, step: usize, steps_per_epoch: usize, total_steps: usize) -> f64 {
         let spe = steps_per_epoch.max(1) as f64;

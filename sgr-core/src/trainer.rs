@@ -290,6 +290,8 @@ impl Trainer {
     /// A trainer; an end-to-end objective (`bp`) requires a single-module network.
     pub fn new(net: LocalNetwork, cfg: TrainerConfig) -> Result<Self> {
         cfg.method.validate()?;
+        cfg.optimizer.validate()?;
+        cfg.schedule.validate()?;
         if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
             return Err(Error::InvalidConfig(format!(
                 "lr must be > 0, got {}",

@@ -27,6 +27,34 @@ pub enum Error {
         problem: String,
     },
 
+    /// Another process trains in the run directory.
+    #[error(
+        "{dir} is in use by another training ({holder}); wait for it to finish, or choose \
+         another --out"
+    )]
+    Locked {
+        /// The run directory.
+        dir: PathBuf,
+        /// Who holds it, as its lock file says.
+        holder: String,
+    },
+
+    /// The output folder already holds a run.
+    #[error(
+        "{dir} already holds a run ({file}); continue it with --resume {dir}, replace it with \
+         --overwrite, or choose another --out"
+    )]
+    HoldsRun {
+        /// The run directory.
+        dir: PathBuf,
+        /// A file of the existing run.
+        file: String,
+    },
+
+    /// A tensor of the network or an evaluation is not finite: the run diverged.
+    #[error("{0}")]
+    Diverged(String),
+
     /// An I/O operation on a file failed.
     #[error("{path}: {source}")]
     Io {

@@ -19,7 +19,7 @@ use sgr_models::{CifarResNet, ResNetConfig};
 use sgr_schema::{EpochRecord, Summary};
 
 use crate::data::{load_data, Data};
-use crate::rundir::RunDir;
+use crate::rundir::{RunDir, RunLock};
 use crate::spec::{DeviceKind, RunSpec};
 use crate::{Error, Result};
 
@@ -34,6 +34,8 @@ pub struct RunOptions {
     pub init_from: Option<PathBuf>,
     /// Set to stop at the next step boundary with a checkpoint (Ctrl-C).
     pub interrupt: Option<Arc<AtomicBool>>,
+    /// Replace a run already in the output folder (its files are removed first).
+    pub overwrite: bool,
 }
 
 /// What [`Run::resume`] changes in the stored specification.
@@ -98,6 +100,7 @@ pub struct Run {
     opts: RunOptions,
     resumed_at: Option<Position>,
     initial_eval: Option<EvalMetrics>,
+    _lock: Option<RunLock>,
 }
 
 /// Builds the model a specification names, for data of `channels` and `classes`.
@@ -145,10 +148,26 @@ impl Run {
             load_params(&w, &run.trainer.network().params())?;
             run.initial_eval = Some(run.trainer.evaluate(run.test_loader.epoch(0))?);
         }
-        std::fs::create_dir_all(run.dir.path()).map_err(|source| Error::Io {
-            path: run.dir.path().to_path_buf(),
-            source,
-        })?;
+        let mut lock = run.dir.lock(false)?;
+        if run.dir.holds_run() {
+            if !run.opts.overwrite {
+                let file = run
+                    .dir
+                    .run_files()
+                    .iter()
+                    .find(|p| p.exists())
+                    .and_then(|p| p.file_name())
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                return Err(Error::HoldsRun {
+                    dir: run.dir.path().to_path_buf(),
+                    file,
+                });
+            }
+            run.dir.clear()?;
+        }
+        lock.claim()?;
+        run._lock = Some(lock);
         run.dir.write_spec(&run.spec)?;
         run.dir.write_records(&[])?;
         Ok(run)
@@ -163,6 +182,8 @@ impl Run {
     ) -> Result<Resumed> {
         let dir = RunDir::new(dir);
         let mut spec = dir.read_spec()?;
+        // Held from here: nothing below runs while another process trains the run.
+        let mut lock = dir.lock(false)?;
         if let Some(d) = changes.device {
             spec.device = d;
         }
@@ -186,6 +207,8 @@ impl Run {
                 return Ok(Resumed::Finished(Box::new(s)));
             }
         }
+        lock.claim()?;
+        run._lock = Some(lock);
         if wanted != planned {
             run.spec.trainer.epochs = wanted;
             run.dir.write_spec(&run.spec)?;
@@ -198,8 +221,8 @@ impl Run {
 
     fn open(spec: RunSpec, dir: RunDir, opts: RunOptions) -> Result<Self> {
         let device = spec.device.device()?;
+        let workers = crate::spec::check_workers(opts.workers)?;
         let data = load_data(&spec)?;
-        let workers = opts.workers.unwrap_or_else(sgr_data::default_workers);
         let train_loader = Loader::new(
             Arc::clone(&data.train),
             LoaderConfig {
@@ -225,6 +248,7 @@ impl Run {
             opts,
             resumed_at: None,
             initial_eval: None,
+            _lock: None,
         })
     }
 
@@ -303,7 +327,16 @@ impl Run {
                 }
             }
             let m = self.trainer.finish_epoch(observer)?;
+            self.check_finite(epoch + 1)?;
             let eval = self.trainer.evaluate(self.test_loader.epoch(0))?;
+            if !eval.loss.is_finite() {
+                return Err(Error::Diverged(format!(
+                    "the test loss after epoch {} is {}: the run diverged; the last good \
+                     checkpoint is the one before this epoch",
+                    epoch + 1,
+                    eval.loss
+                )));
+            }
             observer.on_event(&Event::Evaluated {
                 epoch: epoch + 1,
                 metrics: &eval,
@@ -324,6 +357,7 @@ impl Run {
             }
         }
         if stop.is_some() {
+            self.check_finite(self.trainer.epoch())?;
             save_training_checkpoint(&self.dir.checkpoint(), &self.trainer)?;
         }
         save_params(&self.dir.model(), &self.trainer.network().params())?;
@@ -349,6 +383,38 @@ impl Run {
             summary: Some(summary),
             stopped_eval,
         })
+    }
+
+    /// Every weight and buffer is finite; the error names the first tensor that is not.
+    fn check_finite(&self, epochs_done: usize) -> Result<()> {
+        let net = self.trainer.network();
+        for p in net.params() {
+            let t = p.var.as_tensor();
+            if !t.dtype().is_float() {
+                continue;
+            }
+            // NaN and ±∞ make the sum non-finite; in f64 finite f32 values cannot overflow it.
+            let sum = t
+                .to_dtype(DType::F64)
+                .and_then(|a| a.abs())
+                .and_then(|a| a.sum_all())
+                .and_then(|a| a.to_scalar::<f64>())
+                .map_err(sgr_core::Error::from)?;
+            if !sum.is_finite() {
+                let module = (0..net.num_modules())
+                    .find(|&k| net.module_params(k).iter().any(|q| q.name == p.name))
+                    .map_or(String::new(), |k| format!(" of module {}", k + 1));
+                return Err(Error::Diverged(format!(
+                    "`{}`{module} is not finite after epoch {epochs_done} (step {}): the run \
+                     diverged; nothing was saved, the last checkpoint in {} is the last good \
+                     state (try a smaller --lr or --sgr-lambda)",
+                    p.name,
+                    self.trainer.global_step(),
+                    self.dir.path().display()
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn summary(&self, eval: &EvalMetrics) -> Result<Summary> {

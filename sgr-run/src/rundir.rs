@@ -58,6 +58,81 @@ impl RunDir {
         self.path.join("README.md")
     }
 
+    /// The lock file held while a process trains the run.
+    pub fn lock_file(&self) -> PathBuf {
+        self.path.join(".sgr-lock")
+    }
+
+    /// The files a run writes (the lock file aside).
+    pub fn run_files(&self) -> [PathBuf; 6] {
+        [
+            self.config(),
+            self.metrics(),
+            self.checkpoint(),
+            self.model(),
+            self.summary(),
+            self.card(),
+        ]
+    }
+
+    /// Whether the folder holds (part of) a run.
+    pub fn holds_run(&self) -> bool {
+        self.run_files().iter().any(|p| p.exists())
+    }
+
+    /// Takes the run's lock: the folder is created if needed, and a folder that another
+    /// process trains in is an error naming that process. The lock lasts as long as the
+    /// returned guard (the operating system drops it when the process ends, even by kill -9).
+    /// With `claim`, the lock file records this process as the owner ([`RunLock::claim`]).
+    pub fn lock(&self, claim: bool) -> Result<RunLock> {
+        let io = |source| Error::Io {
+            path: self.lock_file(),
+            source,
+        };
+        std::fs::create_dir_all(&self.path).map_err(|source| Error::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(self.lock_file())
+            .map_err(io)?;
+        match f.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(self.lock_file()).unwrap_or_default();
+                return Err(Error::Locked {
+                    dir: self.path.clone(),
+                    holder: holder.trim().to_string(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        let mut lock = RunLock {
+            file: f,
+            path: self.lock_file(),
+        };
+        if claim {
+            lock.claim()?;
+        }
+        Ok(lock)
+    }
+
+    /// Removes the files of a run (before a new run replaces it, so that no folder mixes two).
+    pub fn clear(&self) -> Result<()> {
+        for p in self.run_files() {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(Error::Io { path: p, source }),
+            }
+        }
+        Ok(())
+    }
+
     /// Reads `config.json`.
     pub fn read_spec(&self) -> Result<RunSpec> {
         let path = self.config();
@@ -124,6 +199,32 @@ impl RunDir {
     pub fn write_summary(&self, spec: &RunSpec, s: &Summary) -> Result<()> {
         write_json(&self.summary(), s)?;
         Ok(write_atomic(&self.card(), model_card(spec, s).as_bytes())?)
+    }
+}
+
+/// The exclusive lock of a run directory, held until dropped.
+#[derive(Debug)]
+pub struct RunLock {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl RunLock {
+    /// Records this process as the owner in the lock file (what a second process reports).
+    pub fn claim(&mut self) -> Result<()> {
+        use std::io::{Seek, Write};
+        let io = |source| Error::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let owner = format!(
+            "process {} (sgr {})\n",
+            std::process::id(),
+            env!("CARGO_PKG_VERSION")
+        );
+        self.file.set_len(0).map_err(io)?;
+        self.file.seek(std::io::SeekFrom::Start(0)).map_err(io)?;
+        self.file.write_all(owner.as_bytes()).map_err(io)
     }
 }
 

@@ -179,6 +179,32 @@ impl Default for RunSpec {
     }
 }
 
+/// Largest batch size accepted.
+pub const MAX_BATCH: usize = 1 << 16;
+/// Smallest and largest image side accepted for image folders.
+pub const MIN_IMAGE_SIZE: usize = 8;
+/// Largest image side accepted for image folders.
+pub const MAX_IMAGE_SIZE: usize = 4096;
+/// Largest number of modules accepted.
+pub const MAX_MODULES: usize = 1024;
+/// Largest number of epochs accepted.
+pub const MAX_EPOCHS: usize = 1_000_000;
+/// Largest number of RandAugment operations accepted.
+pub const MAX_RANDAUGMENT_OPS: usize = 16;
+/// Largest number of data-loading workers accepted.
+pub const MAX_WORKERS: usize = 256;
+
+/// The number of data-loading workers: `workers`, or the default, within [`MAX_WORKERS`].
+pub fn check_workers(workers: Option<usize>) -> Result<usize> {
+    match workers {
+        Some(n) if n > MAX_WORKERS => Err(Error::Spec(format!(
+            "--workers must be at most {MAX_WORKERS}, got {n}"
+        ))),
+        Some(n) => Ok(n),
+        None => Ok(sgr_data::default_workers()),
+    }
+}
+
 /// The default number of modules of local methods.
 pub const DEFAULT_MODULES: usize = 4;
 
@@ -235,7 +261,36 @@ impl RunSpec {
             }
         }
         if !(self.trainer.lr.is_finite() && self.trainer.lr > 0.0) {
-            return bad(format!("--lr must be > 0, got {}", self.trainer.lr));
+            return bad(format!(
+                "--lr must be finite and > 0, got {}",
+                self.trainer.lr
+            ));
+        }
+        self.trainer.optimizer.validate()?;
+        self.trainer.schedule.validate()?;
+        // Bounds that keep every allocation they size reasonable.
+        for (flag, v, max) in [
+            ("--batch-size", self.batch_size, MAX_BATCH),
+            ("--image-size", self.image_size, MAX_IMAGE_SIZE),
+            ("--modules", k, MAX_MODULES),
+            ("--epochs", self.trainer.epochs, MAX_EPOCHS),
+        ] {
+            if v > max {
+                return bad(format!("{flag} must be at most {max}, got {v}"));
+            }
+        }
+        if self.image_size < MIN_IMAGE_SIZE {
+            return bad(format!(
+                "--image-size must be at least {MIN_IMAGE_SIZE}, got {}",
+                self.image_size
+            ));
+        }
+        if let Some((ops, _)) = self.randaugment {
+            if ops > MAX_RANDAUGMENT_OPS {
+                return bad(format!(
+                    "--randaugment takes at most {MAX_RANDAUGMENT_OPS} operations, got {ops}"
+                ));
+            }
         }
         Ok(())
     }
@@ -260,11 +315,14 @@ impl RunSpec {
             path: path.to_path_buf(),
             problem,
         };
-        if path.extension().is_some_and(|e| e == "json") {
-            serde_json::from_str(&text).map_err(|e| file(e.to_string()))
+        let spec: Self = if path.extension().is_some_and(|e| e == "json") {
+            serde_json::from_str(&text).map_err(|e| file(e.to_string()))?
         } else {
-            toml::from_str(&text).map_err(|e| file(e.to_string()))
-        }
+            toml::from_str(&text).map_err(|e| file(e.to_string()))?
+        };
+        // Ranges are checked here too, so that an error names the file the value came from.
+        spec.validate().map_err(|e| file(e.to_string()))?;
+        Ok(spec)
     }
 }
 

@@ -52,6 +52,14 @@ pub fn run(a: EvalArgs) -> Result<()> {
         }
         None => {
             let path = PathBuf::from(&a.checkpoint);
+            if !path.exists() {
+                anyhow::bail!(
+                    "--checkpoint {}: no such file or directory; give a run directory, a \
+                     model.safetensors file with its run's config.json beside it, or \
+                     hf://owner/repo",
+                    path.display()
+                );
+            }
             if path.is_dir() {
                 (path.clone(), path.join("model.safetensors"))
             } else {
@@ -73,7 +81,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let data = load_data(&cfg)?;
     let net = build_network(&cfg, data.channels, data.classes, &device)?;
     sgr_core::checkpoint::load_params(&weights, &net.params())?;
-    let workers = a.workers.unwrap_or_else(sgr_data::default_workers);
+    let workers = sgr_run::spec::check_workers(a.workers)?;
     let loader = test_loader(&data, a.batch_size.max(1), workers, &device)?;
     let t = Instant::now();
     let m = sgr_core::trainer::evaluate(&net, loader.epoch(0))?;

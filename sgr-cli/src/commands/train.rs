@@ -16,6 +16,15 @@ use sgr_run::{
 
 use crate::args::{named, set, MethodArgs};
 
+/// `println!` that ignores a closed stdout (`sgr train | head -1`): the training goes on and
+/// saves its model; only the printing stops.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 /// Flags that set fields of the run specification.
 #[derive(Args, Debug, Clone, Default)]
 pub struct SpecArgs {
@@ -103,6 +112,9 @@ pub struct TrainArgs {
     /// Data-loading worker threads (0: on the training thread).
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Replace the run already in --out (its files are removed before training starts).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     /// Print the resolved run specification and its hash as one JSON line, and exit.
     #[arg(long, conflicts_with = "resume")]
     pub print_spec: bool,
@@ -245,7 +257,7 @@ impl Printer {
                 self.last = Some((*m).clone());
             }
             Event::Evaluated { epoch: 0, metrics } => {
-                println!("initial weights: test acc {:.4}", metrics.accuracy)
+                say!("initial weights: test acc {:.4}", metrics.accuracy)
             }
             Event::Evaluated { epoch, metrics } => {
                 let Some(m) = self.last.take() else { return };
@@ -254,7 +266,7 @@ impl Printer {
                     .iter()
                     .map(|b| format!("{:.2}", b.cos))
                     .collect();
-                println!(
+                say!(
                     "epoch {:>3}/{}  loss {:.4}  train acc {:.4}  test acc {:.4}  time {:.1}s{}",
                     epoch,
                     self.epochs,
@@ -304,6 +316,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         max_steps: a.max_steps,
         init_from: a.init_from.as_deref().map(init_weights).transpose()?,
         interrupt: Some(Arc::clone(&interrupted)),
+        overwrite: a.overwrite,
     };
     let mut run = match &a.resume {
         Some(dir) => {
@@ -320,7 +333,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             };
             match Run::resume(dir, changes, opts)? {
                 Resumed::Finished(s) => {
-                    println!(
+                    say!(
                         "{} has finished its {} epochs (test accuracy {:.4}); nothing to do. To train longer: sgr train --resume {} --epochs N",
                         dir.display(),
                         s.epochs,
@@ -341,7 +354,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             let spec = spec.resolved()?;
             if a.print_spec {
                 let v = serde_json::json!({ "spec_hash": spec.hash()?, "spec": spec });
-                println!("{v}");
+                say!("{v}");
                 return Ok(());
             }
             let out = a.out.clone().unwrap_or_else(|| {
@@ -359,7 +372,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let spec = run.spec().clone();
     let (ntrain, ntest) = run.sizes();
     let net = run.trainer().network();
-    println!(
+    say!(
         "sgr train: {} on {} ({} train / {} test), method {}, K={} (module ends after blocks {:?}), {} parameters",
         spec.model,
         spec.dataset,
@@ -371,7 +384,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         net.num_trainable()
     );
     if let Some(p) = run.resumed_at() {
-        println!(
+        say!(
             "resuming {} at epoch {}, step {} of the epoch (global step {})",
             run.dir().path().display(),
             p.epoch + 1,
@@ -390,7 +403,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let t = run.trainer();
     let out = run.dir().path().display();
     if outcome.stop == Some(Stop::Interrupted) {
-        println!(
+        say!(
             "interrupted at epoch {}, step {} of the epoch: checkpoint saved; continue with `sgr train --resume {out}`",
             t.epoch() + 1,
             t.steps_in_epoch(),
@@ -398,7 +411,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         std::process::exit(130);
     }
     if let Some(e) = &outcome.stopped_eval {
-        println!(
+        say!(
             "stopped after {} steps{}, in epoch {}: test acc {:.4}",
             t.global_step(),
             if outcome.stop == Some(Stop::MaxSteps) {
@@ -413,7 +426,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let s = outcome
         .summary
         .context("internal: a finished run has a summary")?;
-    println!(
+    say!(
         "done: test accuracy {:.4} (error {:.2}%), train time {:.1}s, peak memory {} MiB; saved {}",
         s.test_accuracy,
         100.0 * s.test_error,

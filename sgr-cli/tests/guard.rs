@@ -1,0 +1,251 @@
+//! Nothing lost, nobody in: divergence is an error and is never saved, a run directory has one
+//! owner, a folder holding a run is not silently replaced, numbers are checked, and a closed
+//! stdout does not stop a training.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{sgr, text};
+
+/// Every float tensor of a safetensors file is finite.
+fn all_finite(path: &Path) -> bool {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors().iter().all(|(_, t)| match t.dtype() {
+        safetensors::Dtype::F32 => t
+            .data()
+            .chunks_exact(4)
+            .all(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
+        safetensors::Dtype::F64 => t.data().chunks_exact(8).all(|c| {
+            f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]).is_finite()
+        }),
+        _ => true,
+    })
+}
+
+#[test]
+fn divergence_is_an_error_and_is_never_saved() {
+    for epochs in ["1", "3"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run");
+        let o = sgr(&[
+            "train",
+            "--model",
+            "resnet8",
+            "--train-limit",
+            "256",
+            "--epochs",
+            epochs,
+            "--sgr-lambda",
+            "1e4",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let t = text(&o);
+        assert!(
+            !o.status.success(),
+            "a diverged run exits with an error: {t}"
+        );
+        assert!(t.contains("diverged") && t.contains("not finite"), "{t}");
+        for f in ["model.safetensors", "checkpoint.safetensors"] {
+            let p = out.join(f);
+            assert!(!p.exists() || all_finite(&p), "{f} holds non-finite values");
+        }
+        assert!(!out.join("summary.json").exists());
+    }
+}
+
+fn long_run(out: &Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_sgr"))
+        .args(["train", "--model", "resnet8", "--epochs", "200", "--out"])
+        .arg(out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_run_directory_has_one_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut first = long_run(&out);
+    let t0 = Instant::now();
+    while !out.join("config.json").exists() && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let config = std::fs::read(out.join("config.json")).unwrap();
+    for args in [
+        vec![
+            "train",
+            "--model",
+            "resnet8",
+            "--overwrite",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        vec!["train", "--resume", out.to_str().unwrap()],
+    ] {
+        let t1 = Instant::now();
+        let o = sgr(&args);
+        let t = text(&o);
+        assert!(!o.status.success(), "{args:?}: {t}");
+        assert!(
+            t.contains("in use by another training")
+                && t.contains(&format!("process {}", first.id())),
+            "{args:?}: {t}"
+        );
+        assert!(t1.elapsed() < Duration::from_secs(30), "it fails at once");
+    }
+    assert_eq!(std::fs::read(out.join("config.json")).unwrap(), config);
+    first.kill().unwrap();
+    first.wait().unwrap();
+}
+
+#[test]
+fn a_folder_holding_a_run_is_kept_unless_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let small = |extra: &[&str]| {
+        let mut a = vec![
+            "train",
+            "--model",
+            "resnet8",
+            "--train-limit",
+            "32",
+            "--epochs",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        sgr(&a)
+    };
+    let o = small(&[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let snapshot = |d: &Path| -> Vec<(String, Vec<u8>)> {
+        let mut v: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = snapshot(&out);
+    let o = small(&["--lr", "0.2"]);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(
+        t.contains("already holds a run") && t.contains("--overwrite"),
+        "{t}"
+    );
+    assert!(snapshot(&out) == before, "the old run is untouched");
+    // --overwrite replaces it whole: one epoch of the new run, none of the old two.
+    let o = small(&["--lr", "0.2", "--max-steps", "1", "--overwrite"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["trainer"]["lr"], 0.2);
+    let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 1, "no epoch of the old run is left");
+}
+
+#[test]
+fn numbers_are_checked_with_errors_naming_the_flag() {
+    let cases: [(&[&str], &str); 8] = [
+        (
+            &["train", "--workers", "18446744073709551615"],
+            "--workers must be at most",
+        ),
+        (
+            &[
+                "train",
+                "--dataset",
+                "imagefolder",
+                "--data-dir",
+                "/x",
+                "--image-size",
+                "0",
+            ],
+            "--image-size must be at least",
+        ),
+        (
+            &["train", "--image-size", "100000"],
+            "--image-size must be at most",
+        ),
+        (
+            &["train", "--warmup-epochs", "inf"],
+            "--warmup-epochs must be finite",
+        ),
+        (
+            &["train", "--weight-decay=-1"],
+            "weight decay (--weight-decay) must be finite and >= 0",
+        ),
+        (&["train", "--lr", "nan"], "--lr must be finite and > 0"),
+        (&["train", "--sgr-lambda", "inf"], "lambda must be finite"),
+        (
+            &["train", "--batch-size", "18446744073709551615"],
+            "--batch-size must be at most",
+        ),
+    ];
+    for (args, want) in cases {
+        let o = sgr(args);
+        let t = text(&o);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(t.contains(want), "{args:?}: `{want}` not in: {t}");
+        assert!(!t.contains("panicked"), "{t}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("run.toml");
+    std::fs::write(&toml, "[trainer]\nlr = -0.5\n").unwrap();
+    let o = sgr(&["train", "--config", toml.to_str().unwrap()]);
+    let t = text(&o);
+    assert!(
+        !o.status.success()
+            && t.contains("run.toml")
+            && t.contains("--lr must be finite and > 0, got -0.5"),
+        "{t}"
+    );
+    let json = dir.path().join("run.json");
+    std::fs::write(&json, r#"{"batch_size": 8, "batch_size": 16}"#).unwrap();
+    let o = sgr(&["train", "--config", json.to_str().unwrap()]);
+    let t = text(&o);
+    assert!(
+        !o.status.success() && t.contains("run.json") && t.contains("duplicate field"),
+        "{t}"
+    );
+}
+
+#[test]
+fn a_closed_stdout_stops_the_printing_not_the_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let cmd = format!(
+        "'{}' train --model resnet8 --train-limit 64 --epochs 3 --out '{}' | head -1",
+        env!("CARGO_BIN_EXE_sgr"),
+        out.display()
+    );
+    let o = Command::new("sh").args(["-c", &cmd]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("sgr train:"));
+    // head exits after the first line; the training still finishes and saves everything.
+    assert!(out.join("model.safetensors").is_file());
+    assert!(out.join("summary.json").is_file());
+}
+
+#[test]
+fn eval_of_a_missing_checkpoint_names_it() {
+    let o = sgr(&["eval", "--checkpoint", "/nonexistent"]);
+    let t = text(&o);
+    assert!(!o.status.success());
+    assert!(t.contains("/nonexistent: no such file or directory"), "{t}");
+    assert!(!t.contains("/config.json"), "{t}");
+}
