@@ -161,3 +161,20 @@ pub struct InputArgs {
     #[arg(long, default_value_t = 10)]
     pub classes: usize,
 }
+
+impl InputArgs {
+    /// Checks the shape, so that the random inputs' allocation stays bounded.
+    pub fn check(&self, batch: usize) -> Result<()> {
+        use sgr_run::spec::{MAX_BATCH, MAX_IMAGE_SIZE};
+        let within = |flag: &str, v: usize, lo: usize, hi: usize| {
+            if v < lo || v > hi {
+                bail!("{flag} must be in {lo}..={hi}, got {v}");
+            }
+            Ok(())
+        };
+        within("--batch-size", batch, 1, MAX_BATCH)?;
+        within("--input-size", self.size, 1, MAX_IMAGE_SIZE)?;
+        within("--in-channels", self.channels, 1, 1024)?;
+        within("--classes", self.classes, 2, 1 << 20)
+    }
+}

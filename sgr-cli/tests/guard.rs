@@ -160,7 +160,19 @@ fn a_folder_holding_a_run_is_kept_unless_overwritten() {
 
 #[test]
 fn numbers_are_checked_with_errors_naming_the_flag() {
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 11] = [
+        (
+            &["bench", "--batch-size", "18446744073709551615"],
+            "--batch-size must be in 1..=",
+        ),
+        (
+            &["inspect", "--input-size", "100000"],
+            "--input-size must be in 1..=",
+        ),
+        (
+            &["eval", "--checkpoint", "/", "--batch-size", "0"],
+            "--batch-size must be in 1..=",
+        ),
         (
             &["train", "--workers", "18446744073709551615"],
             "--workers must be at most",
@@ -239,6 +251,21 @@ fn a_closed_stdout_stops_the_printing_not_the_training() {
     // head exits after the first line; the training still finishes and saves everything.
     assert!(out.join("model.safetensors").is_file());
     assert!(out.join("summary.json").is_file());
+}
+
+#[test]
+fn a_missing_file_is_reported_once() {
+    let o = sgr(&[
+        "train",
+        "--init-from",
+        "/nonexistent.safetensors",
+        "--out",
+        "/tmp/unused",
+    ]);
+    let t = text(&o);
+    assert!(!o.status.success());
+    assert!(t.contains("/nonexistent.safetensors"), "{t}");
+    assert_eq!(t.matches("os error 2").count(), 1, "{t}");
 }
 
 #[test]

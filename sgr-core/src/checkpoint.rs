@@ -64,13 +64,16 @@ fn is_checked_float(dtype: DType) -> bool {
     matches!(dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
 }
 
+/// A tensor's name, the tensor, and its sum (one element, f32).
+type Summed<'a> = (&'a str, &'a Tensor, Tensor);
+
 /// The name of the first tensor (in the order given) that holds NaN or infinity.
 fn first_non_finite<'a>(
     tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
 ) -> Result<Option<String>> {
     // One sum per tensor (NaN and inf propagate into it), gathered per device so that a
     // device is read back once rather than once per tensor.
-    let mut groups: Vec<(Device, Vec<(&'a str, &'a Tensor, Tensor)>)> = Vec::new();
+    let mut groups: Vec<(Device, Vec<Summed<'a>>)> = Vec::new();
     for (name, t) in tensors {
         if !is_checked_float(t.dtype()) || t.elem_count() == 0 {
             continue;
@@ -294,7 +297,7 @@ fn verify_checksum(path: &Path, bytes: &[u8]) -> Result<()> {
         path: path.to_path_buf(),
         detail: format!(
             "its tensor data does not match the checksum recorded when it was written \
-             ({CHECKSUM_KEY} {stored}, data {found}); {advice}"
+             (`{CHECKSUM_KEY}`); {advice}"
         ),
     })
 }
@@ -314,7 +317,9 @@ pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tens
     })
 }
 
-/// Saves model parameters (and buffers) under their names.
+/// Saves model parameters (and buffers) under their names, with the [`CHECKSUM_KEY`] checksum
+/// in the file's metadata. Refuses to write NaN or infinity: [`Error::NonFinite`] names the
+/// tensor and the file, and a file already at `path` stays as it was.
 pub fn save_params(path: &Path, params: &[Param]) -> Result<()> {
     let map: HashMap<String, Tensor> = params
         .iter()
@@ -323,7 +328,8 @@ pub fn save_params(path: &Path, params: &[Param]) -> Result<()> {
     save_tensors(path, &map)
 }
 
-/// Loads parameters saved by [`save_params`] into `params`. Every parameter must be present with
+/// Loads parameters saved by [`save_params`] (or any safetensors file with the same names)
+/// into `params`; a recorded checksum that does not match is [`Error::Corrupt`]. Every parameter must be present with
 /// its shape; extra tensors in the file are an error (another model). Nothing is modified
 /// unless the whole file matches.
 pub fn load_params(path: &Path, params: &[Param]) -> Result<()> {
@@ -349,7 +355,12 @@ const STATE: &str = "trainer_state_json";
 
 /// Writes a whole training checkpoint — weights and buffers, every module's optimizer state,
 /// and the trainer's position and partial epoch metrics — as ONE safetensors file, written
-/// atomically, so a checkpoint on disk is always complete and self-consistent.
+/// atomically, so a checkpoint on disk is always complete and self-consistent, with the
+/// [`CHECKSUM_KEY`] checksum of its tensors in its metadata.
+///
+/// Refuses to write NaN or infinity anywhere (weights, buffers, optimizer state):
+/// [`Error::NonFinite`] names the tensor (a model tensor by its own name, optimizer state as
+/// `optim/<module>/<key>`) and the file, and a checkpoint already at `path` stays as it was.
 pub fn save_training_checkpoint(path: &Path, trainer: &crate::trainer::Trainer) -> Result<()> {
     let mut map: HashMap<String, Tensor> = HashMap::new();
     for p in trainer.network().params() {
@@ -366,13 +377,24 @@ pub fn save_training_checkpoint(path: &Path, trainer: &crate::trainer::Trainer) 
     })?;
     let n = json.len();
     map.insert(STATE.into(), Tensor::from_vec(json, n, &Device::Cpu)?);
-    save_tensors(path, &map)
+    save_tensors(path, &map).map_err(|e| match e {
+        // Name a model tensor as the model does (`layer1.0.bn1.running_var`).
+        Error::NonFinite { tensor, path } => Error::NonFinite {
+            tensor: tensor
+                .strip_prefix(MODEL)
+                .map(str::to_string)
+                .unwrap_or(tensor),
+            path,
+        },
+        e => e,
+    })
 }
 
 /// Restores a checkpoint written by [`save_training_checkpoint`] into `trainer` (built with the
 /// same configuration). Checks everything before changing anything: a missing tensor, a wrong
 /// shape, a tensor of another model or a corrupt file is an error naming the file and the
-/// tensor, and leaves the trainer untouched.
+/// tensor, and leaves the trainer untouched. A recorded checksum that does not match is
+/// [`Error::Corrupt`], advising to resume from an earlier copy or start anew.
 pub fn load_training_checkpoint(path: &Path, trainer: &mut crate::trainer::Trainer) -> Result<()> {
     let device = trainer
         .network()

@@ -36,8 +36,9 @@ pub enum Error {
         supported: String,
     },
 
-    /// An I/O operation on a file failed.
-    #[error("{path}: {source}")]
+    /// An I/O operation on a file failed (the message names the file; the cause is the
+    /// `source()`, which error reporters print after it).
+    #[error("{path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -69,7 +70,8 @@ pub enum Error {
     /// not written (the previous one on disk, if any, is left as it was).
     #[error("{}", non_finite_message(.tensor, .path.as_deref()))]
     NonFinite {
-        /// The tensor's name, e.g. `layer1.0.bn1.running_var`.
+        /// The tensor's name, e.g. `layer1.0.bn1.running_var` (optimizer state in a training
+        /// checkpoint: `optim/<module>/<key>`).
         tensor: String,
         /// The file that was not written because of it.
         path: Option<PathBuf>,

@@ -33,8 +33,14 @@ impl ImageDataset {
         labels: Vec<u32>,
     ) -> Result<Self> {
         let name = name.into();
-        let per = channels * height * width;
-        if per == 0 || pixels.len() != per * labels.len() {
+        let per = crate::size::product(&[channels, height, width]);
+        let Some(total) = per.and_then(|per| per.checked_mul(labels.len())) else {
+            return Err(DataError::Invalid(format!(
+                "{name}: {} images of {channels}x{height}x{width} overflow the address space",
+                labels.len()
+            )));
+        };
+        if per == Some(0) || pixels.len() != total {
             return Err(DataError::Invalid(format!(
                 "{name}: {} pixel bytes for {} labels of {channels}x{height}x{width}",
                 pixels.len(),

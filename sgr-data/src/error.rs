@@ -6,8 +6,8 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DataError {
-    /// Reading a file failed.
-    #[error("{path}: {source}")]
+    /// Reading a file failed (the message names the file; the cause is the `source()`).
+    #[error("{path}")]
     Io {
         /// The file.
         path: PathBuf,

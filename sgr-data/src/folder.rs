@@ -1,6 +1,12 @@
 //! ImageNet-style folders: `root/<class>/<image>` with JPEG or PNG files. Classes are indexed by
 //! sorted folder name, or by an optional class-index file (one class name per line, the line
 //! number being the index). Images are decoded when a sample is requested.
+//!
+//! Symbolic links: a class folder may be a link (e.g. to a class of a larger data set), but no
+//! two class folders may resolve to the same place or one inside another, nor to a folder
+//! holding the root. Inside a class folder, linked directories are not descended into (they
+//! could loop, or reach another class), and a linked file is read only if it resolves to a
+//! regular file; other special files (FIFOs, devices, sockets) are skipped too.
 
 use std::path::{Path, PathBuf};
 
@@ -32,17 +38,63 @@ fn is_image(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Images under `dir`, in sorted order, descending into real (not linked) directories only.
 fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+    let mut entries: Vec<(PathBuf, std::fs::FileType)> = std::fs::read_dir(dir)
         .map_err(io_err(dir))?
-        .map(|e| e.map(|e| e.path()).map_err(io_err(dir)))
+        .map(|e| {
+            let e = e.map_err(io_err(dir))?;
+            let kind = e.file_type().map_err(io_err(&e.path()))?;
+            Ok((e.path(), kind))
+        })
         .collect::<Result<_>>()?;
-    entries.sort();
-    for p in entries {
-        if p.is_dir() {
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    for (p, kind) in entries {
+        if kind.is_dir() {
             collect_images(&p, out)?;
         } else if is_image(&p) {
-            out.push(p);
+            let regular = kind.is_file()
+                || (kind.is_symlink()
+                    && std::fs::metadata(&p).map(|m| m.is_file()).unwrap_or(false));
+            if regular {
+                out.push(p);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses class folders that resolve to the same place, one inside another, or to a folder
+/// holding the root: their images would be read twice, under two labels.
+fn check_disjoint(root: &Path, folders: &[String]) -> Result<()> {
+    let canon = |p: &Path| std::fs::canonicalize(p).map_err(io_err(p));
+    let real_root = canon(root)?;
+    let mut real: Vec<(PathBuf, &str)> = Vec::with_capacity(folders.len());
+    for f in folders {
+        let r = canon(&root.join(f))?;
+        if real_root.starts_with(&r) {
+            return Err(DataError::Format {
+                path: root.join(f),
+                problem: format!(
+                    "class folder `{f}` resolves to {}, which holds the data set root: remove the link",
+                    r.display()
+                ),
+            });
+        }
+        real.push((r, f));
+    }
+    real.sort();
+    for w in real.windows(2) {
+        if w[1].0.starts_with(&w[0].0) {
+            return Err(DataError::Format {
+                path: root.join(w[1].1),
+                problem: format!(
+                    "class folders `{}` and `{}` overlap (both reach {}): each image must belong to one class",
+                    w[0].1,
+                    w[1].1,
+                    w[1].0.display()
+                ),
+            });
         }
     }
     Ok(())
@@ -65,6 +117,7 @@ impl ImageFolder {
                 hint: "expected root/<class>/<image>.jpg|png".into(),
             });
         }
+        check_disjoint(root, &folders)?;
         let classes: Vec<String> = match class_index {
             None => folders.clone(),
             Some(p) => {

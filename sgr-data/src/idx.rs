@@ -1,73 +1,117 @@
 //! IDX files (MNIST, Fashion-MNIST), raw or gzip: big-endian magic 0x00000803 (u8 images,
 //! 3 dimensions) or 0x00000801 (u8 labels, 1 dimension), then the dimensions as u32 BE.
 
-use std::io::Read;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use crate::{DataError, ImageDataset, Result};
 
-fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).map_err(|source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(raw.as_slice())
-            .read_to_end(&mut out)
-            .map_err(|e| DataError::Format {
-                path: path.to_path_buf(),
+/// An IDX file's bytes, raw or decompressed from gzip (any number of members, as `zcat`).
+struct Stream<'a> {
+    path: &'a Path,
+    gzip: bool,
+    inner: Box<dyn Read + 'a>,
+}
+
+impl<'a> Stream<'a> {
+    fn open(path: &'a Path) -> Result<Self> {
+        let io = |source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut file = BufReader::new(File::open(path).map_err(io)?);
+        let gzip = file.fill_buf().map_err(io)?.starts_with(&[0x1f, 0x8b]);
+        let inner: Box<dyn Read> = if gzip {
+            Box::new(flate2::read::MultiGzDecoder::new(file))
+        } else {
+            Box::new(file)
+        };
+        Ok(Self { path, gzip, inner })
+    }
+
+    fn error(&self, e: std::io::Error) -> DataError {
+        if self.gzip {
+            DataError::Format {
+                path: self.path.to_path_buf(),
                 problem: format!("corrupt or truncated gzip stream: {e}"),
-            })?;
-        Ok(out)
-    } else {
-        Ok(raw)
+            }
+        } else {
+            DataError::Io {
+                path: self.path.to_path_buf(),
+                source: e,
+            }
+        }
+    }
+
+    /// Reads at most `limit` bytes: fewer only at the end of the data.
+    fn read_up_to(&mut self, limit: u64) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        match (&mut self.inner).take(limit).read_to_end(&mut out) {
+            Ok(_) => Ok(out),
+            Err(e) => Err(self.error(e)),
+        }
     }
 }
 
-/// Parses an IDX file of u8 values: returns the dimensions and the values.
+/// Parses an IDX file of u8 values (raw or gzip): returns the dimensions and the values.
+///
+/// The header is read first; no more than the payload it declares (plus one byte, to tell a
+/// file that is too long) is read or decompressed.
 pub fn read_idx(path: &Path, expect_dims: usize) -> Result<(Vec<usize>, Vec<u8>)> {
-    let bytes = read_maybe_gz(path)?;
+    if !(1..=255).contains(&expect_dims) {
+        return Err(DataError::Invalid(format!(
+            "IDX files have 1 to 255 dimensions, not {expect_dims}"
+        )));
+    }
     let bad = |problem: String| DataError::Format {
         path: path.to_path_buf(),
         problem,
     };
-    if bytes.len() < 4 {
+    let mut s = Stream::open(path)?;
+    let magic = s.read_up_to(4)?;
+    if magic.len() < 4 {
         return Err(bad(format!(
             "truncated: {} bytes, no IDX header",
-            bytes.len()
+            magic.len()
         )));
     }
-    let magic = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    let magic = u32::from_be_bytes([magic[0], magic[1], magic[2], magic[3]]);
     let want = 0x0000_0800 | expect_dims as u32;
     if magic != want {
         return Err(bad(format!(
             "wrong magic 0x{magic:08x}, expected 0x{want:08x} (u8 data with {expect_dims} dimension(s))"
         )));
     }
-    let header = 4 + 4 * expect_dims;
-    if bytes.len() < header {
-        return Err(bad(format!("truncated header: {} bytes", bytes.len())));
-    }
-    let dims: Vec<usize> = (0..expect_dims)
-        .map(|d| {
-            let o = 4 + 4 * d;
-            u32::from_be_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]) as usize
-        })
-        .collect();
-    let n: usize = dims.iter().product();
-    if bytes.len() - header != n {
+    let raw_dims = s.read_up_to(4 * expect_dims as u64)?;
+    if raw_dims.len() < 4 * expect_dims {
         return Err(bad(format!(
-            "{} data bytes for dimensions {dims:?} ({n} expected){}",
-            bytes.len() - header,
-            if bytes.len() - header < n {
-                " — truncated"
-            } else {
-                ""
-            }
+            "truncated header: {} bytes",
+            4 + raw_dims.len()
         )));
     }
-    Ok((dims, bytes[header..].to_vec()))
+    let dims: Vec<usize> = raw_dims
+        .chunks_exact(4)
+        .map(|d| u32::from_be_bytes([d[0], d[1], d[2], d[3]]) as usize)
+        .collect();
+    let n = crate::size::product(&dims).ok_or_else(|| {
+        bad(format!(
+            "dimensions {dims:?} overflow: their product is not a size (corrupt header?)"
+        ))
+    })?;
+    let data = s.read_up_to((n as u64).saturating_add(1))?;
+    if data.len() > n {
+        return Err(bad(format!(
+            "holds more than the {n} bytes dimensions {dims:?} declare (corrupt header, or not one IDX file)"
+        )));
+    }
+    if data.len() < n {
+        return Err(bad(format!(
+            "{} data bytes for dimensions {dims:?} ({n} expected) — truncated",
+            data.len()
+        )));
+    }
+    Ok((dims, data))
 }
 
 /// Loads an image file and its label file into a data set.
@@ -78,6 +122,15 @@ pub fn load_idx_pair(
     name: &str,
 ) -> Result<ImageDataset> {
     let (idims, pixels) = read_idx(images, 3)?;
+    if idims[1] == 0 || idims[2] == 0 {
+        return Err(DataError::Format {
+            path: images.to_path_buf(),
+            problem: format!(
+                "images of {}x{} pixels: an image file needs a positive height and width",
+                idims[1], idims[2]
+            ),
+        });
+    }
     let (ldims, lab) = read_idx(labels, 1)?;
     if idims[0] != ldims[0] {
         return Err(DataError::Format {

@@ -63,8 +63,23 @@ impl Image {
     }
 }
 
+/// The most pixels a decoded image may have (8192 × 8192): its `f32` planes take 12 bytes a
+/// pixel, and a small compressed file can declare a huge image.
+pub const MAX_PIXELS: u64 = 1 << 26;
+
+/// Most pixels one byte of a file can hold, with a 2x margin: deflate (PNG) inflates at most
+/// 1032:1 and a pixel takes at least one bit; a JPEG codes each 8x8 block in at least one bit.
+fn pixels_per_byte(format: Option<image::ImageFormat>) -> u64 {
+    match format {
+        Some(image::ImageFormat::Jpeg) => 2 * 512,
+        _ => 2 * 8 * 1032,
+    }
+}
+
 /// Decodes a JPEG or PNG file to RGB: grey, grey+alpha, RGBA and 16-bit images are converted
-/// (alpha dropped, 16-bit scaled to [0, 1]).
+/// (alpha dropped, 16-bit scaled to [0, 1]). A file cut short, an image of more than
+/// [`MAX_PIXELS`] pixels, or one whose declared size its file is too small to hold, is an
+/// error.
 pub fn decode_rgb(path: &Path) -> Result<Image> {
     let bytes = std::fs::read(path).map_err(|source| DataError::Io {
         path: path.to_path_buf(),
@@ -75,10 +90,36 @@ pub fn decode_rgb(path: &Path) -> Result<Image> {
 
 /// Like [`decode_rgb`] from bytes; `path` only names the source in errors.
 pub fn decode_rgb_bytes(bytes: &[u8], path: &Path) -> Result<Image> {
-    let img = image::load_from_memory(bytes).map_err(|e| DataError::Format {
+    let bad = |problem: String| DataError::Format {
         path: path.to_path_buf(),
-        problem: format!("cannot decode image: {e}"),
-    })?;
+        problem,
+    };
+    let cannot = |e: image::ImageError| bad(format!("cannot decode image: {e}"));
+    let format = image::guess_format(bytes).ok();
+    match format {
+        Some(image::ImageFormat::Png) => crate::complete::png(bytes).map_err(bad)?,
+        Some(image::ImageFormat::Jpeg) => crate::complete::jpeg(bytes).map_err(bad)?,
+        _ => {}
+    }
+    let decoder = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| bad(format!("cannot read image: {e}")))?
+        .into_decoder()
+        .map_err(cannot)?;
+    let (w, h) = image::ImageDecoder::dimensions(&decoder);
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels > MAX_PIXELS {
+        return Err(bad(format!(
+            "image of {w}x{h} pixels is larger than the {MAX_PIXELS} pixels allowed (corrupt header?)"
+        )));
+    }
+    if pixels > (bytes.len() as u64).saturating_mul(pixels_per_byte(format)) {
+        return Err(bad(format!(
+            "image of {w}x{h} pixels cannot be held in {} bytes: corrupt header or truncated file",
+            bytes.len()
+        )));
+    }
+    let img = image::DynamicImage::from_decoder(decoder).map_err(cannot)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let hw = w * h;
     let mut data = vec![0f32; 3 * hw];

@@ -12,6 +12,7 @@
 //! dependency tree (docs/candle.md).
 
 mod cifar;
+mod complete;
 mod dataset;
 mod digits;
 #[cfg(feature = "download")]
@@ -21,6 +22,7 @@ mod folder;
 mod idx;
 mod image;
 mod loader;
+mod size;
 mod stl10;
 mod svhn;
 pub mod transforms;
@@ -31,7 +33,7 @@ pub use digits::{digits, DIGITS_CSV_GZ};
 pub use error::{DataError, Result};
 pub use folder::{ImageFolder, IMAGE_EXTENSIONS};
 pub use idx::{load_idx_pair, load_mnist_dir, read_idx};
-pub use image::{decode_rgb, decode_rgb_bytes, Image, Source, Subset};
+pub use image::{decode_rgb, decode_rgb_bytes, Image, Source, Subset, MAX_PIXELS};
 pub use loader::{default_workers, Batches, Loader, LoaderConfig, Normalize};
 pub use stl10::{load_stl10_dir, load_stl10_pair};
 pub use svhn::{load_svhn_dir, load_svhn_mat, read_mat_v5, MatArray, MatData};

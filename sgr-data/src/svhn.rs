@@ -3,6 +3,8 @@
 //!
 //! The MATLAB v5 reader here handles what such files use: little-endian level-5 files, numeric
 //! matrices of any numeric storage type, small data elements, and zlib-compressed elements.
+//! Compressed elements are inflated only up to the size their inner tag declares, and may nest
+//! at most 16 deep.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -105,12 +107,21 @@ const MI_UINT64: u32 = 13;
 const MI_MATRIX: u32 = 14;
 const MI_COMPRESSED: u32 = 15;
 
+/// How deep miCOMPRESSED elements may nest in one another; real files nest one level.
+const MAX_NESTING: usize = 16;
+
 fn numeric(t: u32, d: &[u8]) -> std::result::Result<MatData, String> {
-    let conv = |size: usize, f: &dyn Fn(&[u8]) -> f64| -> MatData {
-        MatData::F64(d.chunks_exact(size).map(f).collect())
+    let conv = |size: usize, f: &dyn Fn(&[u8]) -> f64| -> std::result::Result<MatData, String> {
+        if d.len() % size != 0 {
+            return Err(format!(
+                "{} data bytes of type {t} are not a whole number of {size}-byte values",
+                d.len()
+            ));
+        }
+        Ok(MatData::F64(d.chunks_exact(size).map(f).collect()))
     };
-    Ok(match t {
-        MI_UINT8 => MatData::U8(d.to_vec()),
+    match t {
+        MI_UINT8 => Ok(MatData::U8(d.to_vec())),
         MI_INT8 => conv(1, &|c| c[0] as i8 as f64),
         MI_INT16 => conv(2, &|c| i16::from_le_bytes([c[0], c[1]]) as f64),
         MI_UINT16 => conv(2, &|c| u16::from_le_bytes([c[0], c[1]]) as f64),
@@ -126,8 +137,8 @@ fn numeric(t: u32, d: &[u8]) -> std::result::Result<MatData, String> {
         MI_UINT64 => conv(8, &|c| {
             u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f64
         }),
-        other => return Err(format!("unsupported numeric data type {other}")),
-    })
+        other => Err(format!("unsupported numeric data type {other}")),
+    }
 }
 
 fn matrix(d: &[u8]) -> std::result::Result<Option<(String, MatArray)>, String> {
@@ -155,8 +166,9 @@ fn matrix(d: &[u8]) -> std::result::Result<Option<(String, MatArray)>, String> {
     let (_, name) = c.element()?.ok_or("matrix without a name")?;
     let name = String::from_utf8_lossy(name).into_owned();
     let (rt, rd) = c.element()?.ok_or("matrix without data")?;
-    let data = numeric(rt, rd)?;
-    let n: usize = dims.iter().product();
+    let n = crate::size::product(&dims)
+        .ok_or_else(|| format!("array `{name}`: dimensions {dims:?} overflow"))?;
+    let data = numeric(rt, rd).map_err(|e| format!("array `{name}`: {e}"))?;
     if data.len() != n {
         return Err(format!(
             "array `{name}` has {} values for dimensions {dims:?}",
@@ -166,7 +178,42 @@ fn matrix(d: &[u8]) -> std::result::Result<Option<(String, MatArray)>, String> {
     Ok(Some((name, MatArray { dims, data })))
 }
 
-fn elements(b: &[u8], out: &mut HashMap<String, MatArray>) -> std::result::Result<(), String> {
+/// Inflates a miCOMPRESSED element's data: the element it holds, read no further than the
+/// size that element's tag declares (padded to 8 bytes) plus one byte, to tell one too long.
+fn inflate(d: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    let corrupt = |e: std::io::Error| format!("corrupt compressed element: {e}");
+    let mut z = flate2::read::ZlibDecoder::new(d);
+    let mut raw = Vec::new();
+    (&mut z).take(8).read_to_end(&mut raw).map_err(corrupt)?;
+    if raw.len() < 8 {
+        return Err(format!(
+            "truncated compressed element: it inflates to {} bytes, less than an element tag",
+            raw.len()
+        ));
+    }
+    let t = u32le(&raw, 0);
+    let declared: u64 = if t >> 16 != 0 {
+        8
+    } else {
+        8 + u64::from(u32le(&raw, 4)).div_ceil(8) * 8
+    };
+    (&mut z)
+        .take(declared - 8 + 1)
+        .read_to_end(&mut raw)
+        .map_err(corrupt)?;
+    if raw.len() as u64 > declared {
+        return Err(format!(
+            "compressed element inflates to more than the {declared} bytes its inner tag declares"
+        ));
+    }
+    Ok(raw)
+}
+
+fn elements(
+    b: &[u8],
+    out: &mut HashMap<String, MatArray>,
+    depth: usize,
+) -> std::result::Result<(), String> {
     let mut c = Cursor { b, pos: 0 };
     while let Some((t, d)) = c.element()? {
         match t {
@@ -176,11 +223,12 @@ fn elements(b: &[u8], out: &mut HashMap<String, MatArray>) -> std::result::Resul
                 }
             }
             MI_COMPRESSED => {
-                let mut raw = Vec::new();
-                flate2::read::ZlibDecoder::new(d)
-                    .read_to_end(&mut raw)
-                    .map_err(|e| format!("corrupt compressed element: {e}"))?;
-                elements(&raw, out)?;
+                if depth >= MAX_NESTING {
+                    return Err(format!(
+                        "compressed elements nested more than {MAX_NESTING} deep (corrupt or hostile file)"
+                    ));
+                }
+                elements(&inflate(d)?, out, depth + 1)?;
             }
             _ => {}
         }
@@ -217,7 +265,7 @@ pub fn read_mat_v5(path: &Path) -> Result<HashMap<String, MatArray>> {
         _ => return Err(bad("bad endian indicator in the MAT header".into())),
     }
     let mut out = HashMap::new();
-    elements(&b[128..], &mut out).map_err(bad)?;
+    elements(&b[128..], &mut out, 0).map_err(bad)?;
     Ok(out)
 }
 

@@ -55,8 +55,9 @@ pub enum Error {
     #[error("{0}")]
     Diverged(String),
 
-    /// An I/O operation on a file failed.
-    #[error("{path}: {source}")]
+    /// An I/O operation on a file failed (the message names the file; the cause is the
+    /// `source()`, which error reporters print after it).
+    #[error("{path}")]
     Io {
         /// The file.
         path: PathBuf,

@@ -385,36 +385,25 @@ impl Run {
         })
     }
 
-    /// Every weight and buffer is finite; the error names the first tensor that is not.
+    /// Every weight and buffer is finite; the error names the first tensor that is not, its
+    /// module and the step.
     fn check_finite(&self, epochs_done: usize) -> Result<()> {
         let net = self.trainer.network();
-        for p in net.params() {
-            let t = p.var.as_tensor();
-            if !t.dtype().is_float() {
-                continue;
-            }
-            // NaN and ±∞ make the sum non-finite; in f64 finite f32 values cannot overflow it.
-            let sum = t
-                .to_dtype(DType::F64)
-                .and_then(|a| a.abs())
-                .and_then(|a| a.sum_all())
-                .and_then(|a| a.to_scalar::<f64>())
-                .map_err(sgr_core::Error::from)?;
-            if !sum.is_finite() {
+        match sgr_core::checkpoint::check_finite(&net.params()) {
+            Err(sgr_core::Error::NonFinite { tensor, .. }) => {
                 let module = (0..net.num_modules())
-                    .find(|&k| net.module_params(k).iter().any(|q| q.name == p.name))
+                    .find(|&k| net.module_params(k).iter().any(|q| q.name == tensor))
                     .map_or(String::new(), |k| format!(" of module {}", k + 1));
-                return Err(Error::Diverged(format!(
-                    "`{}`{module} is not finite after epoch {epochs_done} (step {}): the run \
-                     diverged; nothing was saved, the last checkpoint in {} is the last good \
-                     state (try a smaller --lr or --sgr-lambda)",
-                    p.name,
+                Err(Error::Diverged(format!(
+                    "`{tensor}`{module} is not finite after epoch {epochs_done} (step {}): the \
+                     run diverged; nothing was saved, the last checkpoint in {} is the last \
+                     good state (try a smaller --lr or --sgr-lambda)",
                     self.trainer.global_step(),
                     self.dir.path().display()
-                )));
+                )))
             }
+            other => Ok(other?),
         }
-        Ok(())
     }
 
     fn summary(&self, eval: &EvalMetrics) -> Result<Summary> {

@@ -11,7 +11,10 @@ fn seeds() -> Vec<(String, &'static str)> {
     vec![
         (serde_json::to_string_pretty(&spec).unwrap(), "json"),
         (toml::to_string(&spec).unwrap(), "toml"),
-        ("[trainer]\nlr = 0.1\nepochs = 2\n[trainer.sgr]\nlambda = 0.5\n".into(), "toml"),
+        (
+            "[trainer]\nlr = 0.1\nepochs = 2\n[trainer.sgr]\nlambda = 0.5\n".into(),
+            "toml",
+        ),
     ]
 }
 
@@ -42,8 +45,22 @@ fn check(text: &[u8], ext: &str) {
 
 /// Values that break ranges and parsers, spliced in place of a value.
 const HOSTILE: &[&str] = &[
-    "-0.5", "-0", "0", "1e400", "-1e400", "nan", "inf", "18446744073709551616",
-    "18446744073709551615", "\"\"", "[]", "{}", "true", "null", "\"cosine\"", "-1",
+    "-0.5",
+    "-0",
+    "0",
+    "1e400",
+    "-1e400",
+    "nan",
+    "inf",
+    "18446744073709551616",
+    "18446744073709551615",
+    "\"\"",
+    "[]",
+    "{}",
+    "true",
+    "null",
+    "\"cosine\"",
+    "-1",
 ];
 
 #[test]

@@ -52,9 +52,10 @@ struct BenchReport {
 
 /// Runs `sgr bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
-    if a.steps == 0 || a.batch_size == 0 {
-        bail!("--steps and --batch-size must be >= 1");
+    if a.steps == 0 || a.steps > 1_000_000 {
+        bail!("--steps must be in 1..=1000000, got {}", a.steps);
     }
+    a.input.check(a.batch_size)?;
     let spec = a.method.spec(&a.model)?;
     let method = spec.trainer.method.clone();
     let trainer_cfg = TrainerConfig {

@@ -39,6 +39,13 @@ pub struct EvalArgs {
 
 /// Runs `sgr eval`.
 pub fn run(a: EvalArgs) -> Result<()> {
+    if a.batch_size == 0 || a.batch_size > sgr_run::spec::MAX_BATCH {
+        anyhow::bail!(
+            "--batch-size must be in 1..={}, got {}",
+            sgr_run::spec::MAX_BATCH,
+            a.batch_size
+        );
+    }
     let (dir, weights) = match crate::hub::HfRef::parse(&a.checkpoint) {
         Some(r) => {
             let r = r?;
@@ -82,7 +89,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let net = build_network(&cfg, data.channels, data.classes, &device)?;
     sgr_core::checkpoint::load_params(&weights, &net.params())?;
     let workers = sgr_run::spec::check_workers(a.workers)?;
-    let loader = test_loader(&data, a.batch_size.max(1), workers, &device)?;
+    let loader = test_loader(&data, a.batch_size, workers, &device)?;
     let t = Instant::now();
     let m = sgr_core::trainer::evaluate(&net, loader.epoch(0))?;
     if a.json {

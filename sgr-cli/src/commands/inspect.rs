@@ -34,6 +34,7 @@ fn mib(b: usize) -> f64 {
 /// Runs `sgr inspect`.
 pub fn run(a: InspectArgs) -> Result<()> {
     use sgr_core::sgr::{LocalModule, LocalProblem, OutputShift};
+    a.input.check(a.batch_size)?;
     let spec = a.method.spec(&a.model)?;
     let (modules, split, head) = (spec.num_modules(), spec.split, spec.aux_head);
     let arch = ResNetConfig::preset(&a.model, a.input.channels, a.input.classes)?;
