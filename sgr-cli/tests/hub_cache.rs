@@ -5,6 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+use common::text;
+
 /// The commit of the hand-made snapshot.
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
@@ -86,14 +89,6 @@ fn sgr_in(root: &Path, args: &[&str]) -> Output {
         .expect("run sgr")
 }
 
-/// stdout and stderr of a run.
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// Asserts that the run failed cleanly (no panic) with an error holding every one of `needles`,
 /// and that nothing from the outside folder was printed; returns its text.

@@ -55,6 +55,12 @@ pub(crate) fn jpeg(b: &[u8]) -> Result<(), String> {
             0xd9 => return Ok(()),
             // Standalone markers: RSTn, TEM, and a stuffed zero out of place.
             0x00 | 0x01 | 0xd0..=0xd7 => continue,
+            0x02..=0xbf => {
+                return Err(format!(
+                    "corrupt JPEG: 0xFF{code:02X} at byte {} is not a JPEG marker",
+                    pos - 2
+                ))
+            }
             _ => {}
         }
         let Some(len) = b.get(pos..pos + 2) else {
@@ -100,7 +106,9 @@ mod tests {
         let scan = b"\xff\xd8\xff\xda\x00\x02\x12\xff\x00\x34\xff\xd0\x56\xff\xd9";
         assert!(super::jpeg(scan).is_ok());
         assert!(super::jpeg(&scan[..scan.len() - 1]).is_err());
-        // A segment length pointing past the end.
+        // A segment length pointing past the end; a reserved marker.
         assert!(super::jpeg(b"\xff\xd8\xff\xe0\x00\x10abc").is_err());
+        let e = super::jpeg(b"\xff\xd8\xff garbage\xff\xd9").unwrap_err();
+        assert!(e.contains("0xFF20 at byte 2"), "{e}");
     }
 }

@@ -97,10 +97,11 @@ pub fn decode_rgb_bytes(bytes: &[u8], path: &Path) -> Result<Image> {
     let cannot = |e: image::ImageError| bad(format!("cannot decode image: {e}"));
     let format = image::guess_format(bytes).ok();
     match format {
-        Some(image::ImageFormat::Png) => crate::complete::png(bytes).map_err(bad)?,
-        Some(image::ImageFormat::Jpeg) => crate::complete::jpeg(bytes).map_err(bad)?,
-        _ => {}
+        Some(image::ImageFormat::Png) => crate::complete::png(bytes),
+        Some(image::ImageFormat::Jpeg) => crate::complete::jpeg(bytes),
+        _ => Ok(()),
     }
+    .map_err(|e| bad(format!("cannot decode image: {e}")))?;
     let decoder = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| bad(format!("cannot read image: {e}")))?

@@ -319,3 +319,11 @@ fn images_larger_than_the_pixel_limit_are_an_error() {
     let e = err_text(decode_rgb_bytes(&png, Path::new("huge.png")));
     assert!(e.contains("huge.png") && e.contains("20000x20000"), "{e}");
 }
+
+#[test]
+fn images_larger_than_their_file_can_hold_are_an_error() {
+    // 4000x4000 grey pixels declared in about a hundred bytes: deflate cannot inflate that far.
+    let png = common::png_file(4000, 4000, &[0u8; 4001]);
+    let e = err_text(decode_rgb_bytes(&png, Path::new("tiny.png")));
+    assert!(e.contains("tiny.png") && e.contains("cannot be held"), "{e}");
+}

@@ -1,4 +1,5 @@
-//! Helpers shared by the tests of the `sgr` binary.
+//! Helpers shared by the tests of the `sgr` binary (each test binary uses a subset).
+#![allow(dead_code)]
 
 use std::process::{Command, Output};
 
