@@ -89,7 +89,6 @@ fn sgr_in(root: &Path, args: &[&str]) -> Output {
         .expect("run sgr")
 }
 
-
 /// Asserts that the run failed cleanly (no panic) with an error holding every one of `needles`,
 /// and that nothing from the outside folder was printed; returns its text.
 fn refused(o: &Output, needles: &[&str]) -> String {

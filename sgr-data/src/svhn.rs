@@ -112,7 +112,7 @@ const MAX_NESTING: usize = 16;
 
 fn numeric(t: u32, d: &[u8]) -> std::result::Result<MatData, String> {
     let conv = |size: usize, f: &dyn Fn(&[u8]) -> f64| -> std::result::Result<MatData, String> {
-        if d.len() % size != 0 {
+        if !d.len().is_multiple_of(size) {
             return Err(format!(
                 "{} data bytes of type {t} are not a whole number of {size}-byte values",
                 d.len()

@@ -325,5 +325,36 @@ fn images_larger_than_their_file_can_hold_are_an_error() {
     // 4000x4000 grey pixels declared in about a hundred bytes: deflate cannot inflate that far.
     let png = common::png_file(4000, 4000, &[0u8; 4001]);
     let e = err_text(decode_rgb_bytes(&png, Path::new("tiny.png")));
-    assert!(e.contains("tiny.png") && e.contains("cannot be held"), "{e}");
+    assert!(
+        e.contains("tiny.png") && e.contains("cannot be held"),
+        "{e}"
+    );
+}
+
+/// Inputs `fuzz.rs` shrank to when run on the readers before these fixes (each panicked with
+/// "attempt to multiply with overflow"; its random image-folder trees hung on self-links,
+/// `self_links_do_not_hang` above).
+#[test]
+fn inputs_the_fuzzer_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let idx_cases: [(&str, Vec<u8>); 2] = [
+        (
+            "random-idx",
+            vec![0, 0, 8, 3, 0, 0, 0, 2, 159, 1, 26, 122, 206, 21, 28, 88],
+        ),
+        (
+            "extreme-idx",
+            idx_bytes(0x803, &[16777216, 16777216, 2147483647], &[]),
+        ),
+    ];
+    for (name, bytes) in idx_cases {
+        std::fs::write(p(name), bytes).unwrap();
+        let e = err_text(read_idx(&p(name), 3));
+        assert!(e.contains(name) && e.contains("overflow"), "{e}");
+    }
+    let m = mat_matrix("X", 6, &[i32::MAX, 32, i32::MAX], 1, &[]);
+    std::fs::write(p("extreme.mat"), mat_file(&m)).unwrap();
+    let e = err_text(read_mat_v5(&p("extreme.mat")));
+    assert!(e.contains("extreme.mat") && e.contains("overflow"), "{e}");
 }
