@@ -519,4 +519,53 @@ mod tests {
             assert!(e.contains("is not hf://owner/repo"), "{bad}: {e}");
         }
     }
+
+    /// Any text after `hf://` parses or is refused, never panics, and what parses cannot name a
+    /// path outside the repository.
+    #[test]
+    fn any_reference_parses_safely() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+        let mut r = TestRunner::new_with_rng(
+            Config {
+                cases: 512,
+                failure_persistence: None,
+                ..Config::default()
+            },
+            TestRng::from_seed(RngAlgorithm::ChaCha, &[5; 32]),
+        );
+        let piece = prop_oneof![
+            Just("/".to_string()),
+            Just("..".to_string()),
+            Just(".".to_string()),
+            Just("@".to_string()),
+            Just("\\".to_string()),
+            Just("\0".to_string()),
+            "[a-z0-9._-]{0,6}",
+            any::<String>(),
+        ];
+        r.run(&proptest::collection::vec(piece, 0..8), |parts| {
+            let s = format!("hf://{}", parts.concat());
+            if let Some(Ok(h)) = HfRef::parse(&s) {
+                for part in [Some(&h.owner), Some(&h.repo), h.revision.as_ref()]
+                    .into_iter()
+                    .flatten()
+                {
+                    prop_assert!(
+                        !part.contains('/') && part != ".." && !part.is_empty(),
+                        "{s}"
+                    );
+                }
+                if let Some(f) = &h.file {
+                    prop_assert!(
+                        !f.starts_with('/') && !f.contains('\\') && !f.contains('\0'),
+                        "{s}"
+                    );
+                    prop_assert!(f.split('/').all(|c| c != ".." && c != "."), "{s}");
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    }
 }

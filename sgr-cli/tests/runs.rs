@@ -37,7 +37,7 @@ fn tensor_hash(path: &Path) -> String {
 #[test]
 fn default_jobs_train_the_same_bits_as_before() {
     let dir = tempfile::tempdir().unwrap();
-    for (flags, want) in [
+    for (i, (flags, want)) in [
         (
             &[][..],
             "112aff4555bb188c2277d02c76951875639e7f856c55491f5a04750093c4eda0",
@@ -50,8 +50,11 @@ fn default_jobs_train_the_same_bits_as_before() {
             &["--method", "bp"][..],
             "9cf8918ce284fe9a51260a349edbbcbe81de06e5e16829c324564fb690060ca2",
         ),
-    ] {
-        let out = dir.path().join(format!("run{}", flags.len()));
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = dir.path().join(format!("run{i}"));
         let mut args = vec!["train", "--out", out.to_str().unwrap()];
         args.extend_from_slice(flags);
         let o = sgr(&args);
