@@ -12,10 +12,9 @@ use sgr_core::checkpoint::{
 use sgr_core::method::Method;
 use sgr_core::network::LocalNetwork;
 use sgr_core::objective::Batch;
-use sgr_core::optim::{OptimizerConfig, Schedule};
-use sgr_core::trainer::{Trainer, TrainerConfig};
+use sgr_core::trainer::Trainer;
 use sgr_core::Error;
-use sgr_integration_tests::{labels, randn, resnet};
+use sgr_integration_tests::{labels, randn, resnet, trainer_config};
 use sgr_models::HeadKind;
 
 const RUNNING_VAR: &str = "layer1.0.bn1.running_var";
@@ -25,16 +24,7 @@ fn net(seed: u64) -> LocalNetwork {
 }
 
 fn trainer(seed: u64) -> Trainer {
-    let cfg = TrainerConfig {
-        method: Method::greedy(),
-        seed: 0,
-        optimizer: OptimizerConfig::default(),
-        lr: 0.1,
-        schedule: Schedule::Constant,
-        epochs: 1,
-        steps_per_epoch: 10,
-    };
-    Trainer::new(net(seed), cfg).unwrap()
+    Trainer::new(net(seed), trainer_config(Method::greedy())).unwrap()
 }
 
 /// A trainer after two steps, so that its optimizers hold momentum buffers.

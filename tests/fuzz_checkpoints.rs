@@ -1,5 +1,5 @@
-//! Property tests: a checkpoint or model file of any content loads or fails with an error,
-//! never a panic, and a file that loads after a mutation has the checksum it claims.
+//! Property tests: a checkpoint or model file of any content loads or fails with an error that
+//! names the file, never a panic.
 
 use candle_core::DType;
 use proptest::prelude::*;
@@ -8,22 +8,13 @@ use sgr_core::checkpoint::{
     load_params, load_training_checkpoint, save_params, save_training_checkpoint,
 };
 use sgr_core::method::Method;
-use sgr_core::optim::{OptimizerConfig, Schedule};
-use sgr_core::trainer::{Trainer, TrainerConfig};
-use sgr_integration_tests::resnet;
+use sgr_core::trainer::Trainer;
+use sgr_integration_tests::{resnet, trainer_config};
 use sgr_models::HeadKind;
 
 fn trainer() -> Trainer {
-    let cfg = TrainerConfig {
-        method: Method::greedy(),
-        optimizer: OptimizerConfig::default(),
-        lr: 0.1,
-        schedule: Schedule::Constant,
-        epochs: 1,
-        steps_per_epoch: 10,
-        seed: 0,
-    };
-    Trainer::new(resnet(8, 3, 2, HeadKind::ZeroConvOneFc, 3, DType::F32), cfg).unwrap()
+    let net = resnet(8, 3, 2, HeadKind::ZeroConvOneFc, 3, DType::F32);
+    Trainer::new(net, trainer_config(Method::greedy())).unwrap()
 }
 
 /// A fixed-seed runner, so that CI sees the same cases every run.

@@ -30,6 +30,20 @@ pub fn resnet(
     .expect("build network")
 }
 
+/// The trainer settings the tests share: `method`, SGD with PyTorch's defaults here, lr 0.1,
+/// constant schedule, one epoch of 10 steps, seed 0.
+pub fn trainer_config(method: sgr_core::method::Method) -> sgr_core::trainer::TrainerConfig {
+    sgr_core::trainer::TrainerConfig {
+        method,
+        optimizer: sgr_core::optim::OptimizerConfig::default(),
+        lr: 0.1,
+        schedule: sgr_core::optim::Schedule::Constant,
+        epochs: 1,
+        steps_per_epoch: 10,
+        seed: 0,
+    }
+}
+
 /// A tensor of N(0, std²) entries.
 pub fn randn(shape: &[usize], std: f64, seed: u64, dtype: DType) -> Tensor {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);

@@ -6,26 +6,18 @@ use sgr_core::method::Method;
 use sgr_core::network::LocalNetwork;
 use sgr_core::nn::Ctx;
 use sgr_core::objective::Batch;
-use sgr_core::optim::{OptimizerConfig, Schedule};
+use sgr_core::optim::OptimizerConfig;
 use sgr_core::sgr::{base_pass, Direction, Distance, LocalModule, SgrConfig, SgrGrad};
 use sgr_core::trainer::{Trainer, TrainerConfig};
-use sgr_integration_tests::{abs_sum, labels, max_param_diff, randn, resnet};
+use sgr_integration_tests::{abs_sum, labels, max_param_diff, randn, resnet, trainer_config};
 use sgr_models::HeadKind;
 
 /// The method with `sgr` as its SGR settings when it has the term.
 fn tcfg(method: Method, sgr: SgrConfig) -> TrainerConfig {
-    TrainerConfig {
-        method: Method {
-            sgr: method.sgr.map(|_| sgr),
-            ..method
-        },
-        seed: 0,
-        optimizer: OptimizerConfig::default(),
-        lr: 0.1,
-        schedule: Schedule::Constant,
-        epochs: 1,
-        steps_per_epoch: 10,
-    }
+    trainer_config(Method {
+        sgr: method.sgr.map(|_| sgr),
+        ..method
+    })
 }
 
 fn batch(seed: u64) -> (Tensor, Tensor) {
