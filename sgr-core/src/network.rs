@@ -94,6 +94,7 @@ pub struct LocalNetwork {
     objectives: Vec<Box<dyn LocalObjective>>,
     plan: SplitPlan,
     num_classes: usize,
+    unit_labels: Vec<String>,
 }
 
 impl LocalNetwork {
@@ -117,6 +118,7 @@ impl LocalNetwork {
                 plan.num_modules()
             )));
         }
+        let unit_labels = (0..units.len()).map(|i| format!("unit{i}")).collect();
         Ok(Self {
             name: name.into(),
             units,
@@ -124,7 +126,26 @@ impl LocalNetwork {
             objectives,
             plan,
             num_classes,
+            unit_labels,
         })
+    }
+
+    /// Names the units for reports (`stem`, `layer1.0`, `blocks.3`, ...); one label per unit.
+    pub fn with_unit_labels(mut self, labels: Vec<String>) -> Result<Self> {
+        if labels.len() != self.units.len() {
+            return Err(Error::InvalidConfig(format!(
+                "{} unit labels for {} units",
+                labels.len(),
+                self.units.len()
+            )));
+        }
+        self.unit_labels = labels;
+        Ok(self)
+    }
+
+    /// The label of unit `i` (`unit<i>` unless the builder named it).
+    pub fn unit_label(&self, i: usize) -> &str {
+        self.unit_labels.get(i).map(String::as_str).unwrap_or("?")
     }
 
     /// Model name, e.g. `resnet32`.

@@ -5,21 +5,48 @@ use sgr_core::network::Stage;
 use sgr_core::nn::{global_avg_pool, BatchNorm, Conv2d, Ctx, Init, Layer, Linear, Param};
 use sgr_core::Result;
 
-/// Which auxiliary head a module carries.
+/// Which auxiliary head a module carries. Each family accepts its own kinds and says which when
+/// given another (docs/models.md, "Auxiliary heads").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum HeadKind {
+    /// The family's usual head: `1c2f` for CIFAR ResNets, `infopro` for ImageNet ResNets,
+    /// `token` for Transformers.
+    #[default]
+    Auto,
     /// Greedy SL's head: global average pool + Linear(C → classes).
     ZeroConvOneFc,
-    /// InfoPro's head: conv3×3 (no bias) + BN + ReLU + GAP + Linear(→128) + ReLU +
+    /// InfoPro's CIFAR head: conv3×3 (no bias) + BN + ReLU + GAP + Linear(→128) + ReLU +
     /// Linear(128 → classes); the conv maps 16→32 and 32→64 with stride 2, 64→64 with stride 1.
-    #[default]
     OneConvTwoFc,
+    /// The auxiliary classifier InfoPro uses on ImageNet ResNets.
+    Infopro,
+    /// The auxiliary classifier DGL uses on ImageNet ResNets.
+    Dgl,
+    /// Transformers: LayerNorm, the class token, Linear.
+    Token,
+    /// Transformers: LayerNorm, the mean of the patch tokens, Linear.
+    Mean,
+    /// Transformers: one extra Transformer block, then [`HeadKind::Token`].
+    BlockToken,
+    /// Transformers: one extra Transformer block, then [`HeadKind::Mean`].
+    BlockMean,
 }
 
-sgr_core::named_enum!(HeadKind, "aux head", { "0c1f" => ZeroConvOneFc, "1c2f" => OneConvTwoFc });
+sgr_core::named_enum!(HeadKind, "aux head", {
+    "auto" => Auto,
+    "0c1f" => ZeroConvOneFc,
+    "1c2f" => OneConvTwoFc,
+    "infopro" => Infopro,
+    "dgl" => Dgl,
+    "token" => Token,
+    "mean" => Mean,
+    "block-token" => BlockToken,
+    "block-mean" => BlockMean,
+});
 
 impl HeadKind {
-    /// Builds the head for a feature map of `channels` channels, named `prefix.*`.
+    /// Builds a CIFAR ResNet head (`0c1f`, `1c2f`) for a feature map of `channels` channels,
+    /// named `prefix.*`; other kinds are an error.
     pub fn build(
         &self,
         prefix: &str,
@@ -51,6 +78,11 @@ impl HeadKind {
                     fc1: Linear::new(format!("{prefix}.fc1"), init, cout, 128)?,
                     fc2: Linear::new(format!("{prefix}.fc2"), init, 128, classes)?,
                 })
+            }
+            other => {
+                return Err(sgr_core::Error::InvalidConfig(format!(
+                    "the aux head `{other}` is not a CIFAR ResNet head; use 0c1f or 1c2f"
+                )))
             }
         })
     }

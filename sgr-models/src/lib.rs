@@ -3,12 +3,19 @@
 //! The model zoo of sgr. Each architecture ships its split definitions (how to cut it into K
 //! gradient-isolated modules) and its auxiliary heads next to the architecture.
 //!
+//! * [`zoo`]: every preset by name, built as a [`sgr_core::network::LocalNetwork`].
 //! * [`resnet`]: CIFAR ResNets of depth 6n+2 (ResNet-20/32/44/56/110) with the option-A
 //!   shortcut, torchvision-style parameter names, InfoPro's split tables.
-//! * [`heads`]: the `0c1f` (Greedy SL) and `1c2f` (InfoPro) auxiliary heads.
+//! * [`heads`]: the auxiliary head kinds; the CIFAR `0c1f` (Greedy SL) and `1c2f` (InfoPro)
+//!   heads.
+//! * [`split`]: split strategies, published split points, and the memory-balanced split.
 
 pub mod heads;
 pub mod resnet;
+pub mod split;
+pub mod zoo;
 
 pub use heads::HeadKind;
-pub use resnet::{CifarResNet, ResNetConfig, SplitStrategy};
+pub use resnet::{CifarResNet, ResNetConfig};
+pub use split::SplitStrategy;
+pub use zoo::{Input, ModelOptions};

@@ -12,6 +12,8 @@ use sgr_core::objective::{CrossEntropy, LocalObjective};
 use sgr_core::{Error, Result};
 
 use crate::heads::HeadKind;
+use crate::zoo::ModelOptions;
+use crate::split::{resolve, Published, SplitRequest, SplitStrategy, Table};
 
 /// Architecture of a CIFAR ResNet.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,25 +112,6 @@ impl ResNetConfig {
     }
 }
 
-/// How a ResNet is cut into K modules.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SplitStrategy {
-    /// InfoPro's table when the model has one for K, otherwise uniform by block.
-    #[default]
-    Auto,
-    /// InfoPro's published split points (ResNet-32, ResNet-110); one module per block is also
-    /// accepted (ResNet-32 K=16, ResNet-110 K=55, the AugLocal/MAN/HPFF protocol).
-    Infopro,
-    /// InfoPro*'s memory-balanced splits (ResNet-110, K = 2, 3, 4).
-    InfoproBalanced,
-    /// K contiguous groups of blocks, as equal as possible (the stem counts as a block).
-    Uniform,
-}
-
-sgr_core::named_enum!(SplitStrategy, "split", { "auto" => Auto, "infopro" => Infopro, "infopro-balanced" => InfoproBalanced, "uniform" => Uniform });
-
-type Table = &'static [(usize, &'static [(usize, usize)])];
-
 /// InfoPro (Wang et al., ICLR 2021), `networks/resnet.py` split configuration, as transcribed
 /// in docs/method.md ("Split plans"): `[stage, block]` pairs after which a module ends (the final module's end is
 /// implicit). K=16 for ResNet-32 is one module per block.
@@ -197,68 +180,32 @@ const INFOPRO_BALANCED_RESNET110: Table = &[
     (4, &[(1, 6), (1, 14), (2, 8)]),
 ];
 
-fn table_for(depth: usize, strategy: SplitStrategy) -> Option<Table> {
-    match (depth, strategy) {
-        (32, SplitStrategy::Infopro | SplitStrategy::Auto) => Some(INFOPRO_RESNET32),
-        (110, SplitStrategy::Infopro | SplitStrategy::Auto) => Some(INFOPRO_RESNET110),
-        (110, SplitStrategy::InfoproBalanced) => Some(INFOPRO_BALANCED_RESNET110),
-        _ => None,
-    }
+fn published(cfg: &ResNetConfig) -> Result<Published> {
+    let (infopro, balanced) = match cfg.depth {
+        32 => (Some(INFOPRO_RESNET32), None),
+        110 => (Some(INFOPRO_RESNET110), Some(INFOPRO_BALANCED_RESNET110)),
+        _ => (None, None),
+    };
+    Published::from_tables(&cfg.name(), infopro, balanced, |s, b| cfg.unit_of(s, b))
 }
 
-/// The split plan of `cfg` into `k` modules with `strategy`; unsupported values are an error
-/// naming the supported ones.
-pub fn split_plan(cfg: &ResNetConfig, k: usize, strategy: SplitStrategy) -> Result<SplitPlan> {
+/// The split plan of `cfg` into `k` modules with `strategy` (`ends`: the measured end points of
+/// the balanced split); unsupported values are an error naming the supported ones.
+pub fn split_plan(
+    cfg: &ResNetConfig,
+    k: usize,
+    strategy: SplitStrategy,
+    ends: Option<&[usize]>,
+) -> Result<SplitPlan> {
     cfg.validate()?;
-    let units = cfg.units();
-    if k == 1 {
-        return SplitPlan::single(units);
-    }
-    let table = table_for(cfg.depth, strategy);
-    if let Some(entry) = table.and_then(|t| t.iter().find(|(kk, _)| *kk == k)) {
-        let mut ends = Vec::with_capacity(k);
-        for &(s, b) in entry.1 {
-            ends.push(cfg.unit_of(s, b).ok_or_else(|| {
-                Error::InvalidConfig(format!("split point [{s},{b}] is not in {}", cfg.name()))
-            })?);
-        }
-        ends.push(units - 1);
-        return SplitPlan::new(units, ends);
-    }
-    match strategy {
-        SplitStrategy::Uniform | SplitStrategy::Auto => {
-            if k == 0 || k > units {
-                return Err(Error::UnsupportedSplit {
-                    model: cfg.name(),
-                    requested: format!("K={k}"),
-                    supported: format!("K from 1 to {units} (one module per block)"),
-                });
-            }
-            SplitPlan::uniform(units, k)
-        }
-        SplitStrategy::Infopro if k == units => SplitPlan::uniform(units, k),
-        SplitStrategy::Infopro | SplitStrategy::InfoproBalanced => {
-            let supported = match table {
-                Some(t) => {
-                    let mut ks: Vec<String> = vec!["1".into()];
-                    ks.extend(t.iter().map(|(kk, _)| kk.to_string()));
-                    if strategy == SplitStrategy::Infopro {
-                        ks.push(format!("{units} (one module per block)"));
-                    }
-                    format!("K in {{{}}}", ks.join(", "))
-                }
-                None => format!(
-                    "{} has no InfoPro table (InfoPro: resnet32, resnet110; balanced: resnet110); use --split uniform",
-                    cfg.name()
-                ),
-            };
-            Err(Error::UnsupportedSplit {
-                model: cfg.name(),
-                requested: format!("K={k} with the {strategy:?} split"),
-                supported,
-            })
-        }
-    }
+    resolve(&SplitRequest {
+        model: &cfg.name(),
+        units: cfg.units(),
+        modules: k,
+        strategy,
+        published: &published(cfg)?,
+        ends,
+    })
 }
 
 /// Stem: conv3×3(in → 16) + BN + ReLU.
@@ -335,24 +282,28 @@ impl Stage for Classifier {
 pub struct CifarResNet {
     /// Architecture.
     pub config: ResNetConfig,
-    /// Number of modules K.
-    pub modules: usize,
-    /// How to cut.
-    pub split: SplitStrategy,
-    /// Aux head of modules 1..K-1.
-    pub head: HeadKind,
-    /// Initialisation seed (the backbone's weights do not depend on K or the head).
-    pub seed: u64,
+    /// K, split, aux head and seed.
+    pub options: ModelOptions,
 }
 
 impl CifarResNet {
     /// Builds the network on `device` in `dtype`.
     pub fn build(&self, device: &Device, dtype: DType) -> Result<LocalNetwork> {
         let cfg = &self.config;
+        let o = &self.options;
         cfg.validate()?;
-        let plan = split_plan(cfg, self.modules, self.split)?;
+        let plan = split_plan(cfg, o.modules, o.split, o.split_ends.as_deref())?;
+        let head = match o.head {
+            HeadKind::Auto => HeadKind::OneConvTwoFc,
+            h @ (HeadKind::ZeroConvOneFc | HeadKind::OneConvTwoFc) => h,
+            other => {
+                return Err(Error::InvalidConfig(format!(
+                    "the aux head `{other}` is not one of CIFAR ResNets'; use 0c1f or 1c2f"
+                )))
+            }
+        };
         let n = cfg.blocks_per_stage();
-        let mut init = Init::new(self.seed, device, dtype);
+        let mut init = Init::new(o.seed, device, dtype);
         let mut units: Vec<Box<dyn Stage>> = Vec::with_capacity(cfg.units());
         units.push(Box::new(Stem {
             conv: Conv2d::new("conv1", &mut init, cfg.in_channels, 16, 3, 1, 1)?,
@@ -386,14 +337,14 @@ impl CifarResNet {
         let classifier = Box::new(Classifier {
             fc: Linear::new("fc", &mut init, 64, cfg.num_classes)?,
         });
-        let mut head_init = Init::new(self.seed.wrapping_add(0x9E37_79B9_7F4A_7C15), device, dtype);
+        let mut head_init = Init::new(o.seed.wrapping_add(0x9E37_79B9_7F4A_7C15), device, dtype);
         // Cross-entropy on an aux head for modules 1..K-1 (Greedy SL); the last module's
         // objective is the classifier's cross-entropy.
         let mut objectives = plan.ends()[..plan.num_modules() - 1]
             .iter()
             .enumerate()
             .map(|(k, &end)| {
-                let head = self.head.build(
+                let head = head.build(
                     &format!("aux.{k}"),
                     &mut head_init,
                     cfg.unit_channels(end),
@@ -403,6 +354,12 @@ impl CifarResNet {
             })
             .collect::<Result<Vec<_>>>()?;
         objectives.push(Box::new(CrossEntropy::on_logits()));
+        let labels = (0..cfg.units())
+            .map(|u| match u {
+                0 => "stem".to_string(),
+                u => format!("layer{}.{}", (u - 1) / n + 1, (u - 1) % n),
+            })
+            .collect();
         LocalNetwork::new(
             cfg.name(),
             units,
@@ -410,7 +367,8 @@ impl CifarResNet {
             objectives,
             plan,
             cfg.num_classes,
-        )
+        )?
+        .with_unit_labels(labels)
     }
 }
 
@@ -428,18 +386,18 @@ mod tests {
 
     #[test]
     fn infopro_tables_map_to_units() {
-        let p = split_plan(&cfg(32), 4, SplitStrategy::Infopro).unwrap();
+        let p = split_plan(&cfg(32), 4, SplitStrategy::Infopro, None).unwrap();
         // [1,2] -> 3, [2,1] -> 7, [3,0] -> 11, end 15.
         assert_eq!(p.ends(), &[3, 7, 11, 15]);
-        let p = split_plan(&cfg(32), 16, SplitStrategy::Infopro).unwrap();
+        let p = split_plan(&cfg(32), 16, SplitStrategy::Infopro, None).unwrap();
         assert_eq!(p.ends(), (0..16).collect::<Vec<_>>().as_slice());
-        let p = split_plan(&cfg(110), 55, SplitStrategy::Infopro).unwrap();
+        let p = split_plan(&cfg(110), 55, SplitStrategy::Infopro, None).unwrap();
         assert_eq!(p.num_modules(), 55);
-        let p = split_plan(&cfg(110), 2, SplitStrategy::InfoproBalanced).unwrap();
+        let p = split_plan(&cfg(110), 2, SplitStrategy::InfoproBalanced, None).unwrap();
         assert_eq!(p.ends(), &[15, 54]);
         for (k, _) in INFOPRO_RESNET110 {
             assert_eq!(
-                split_plan(&cfg(110), *k, SplitStrategy::Infopro)
+                split_plan(&cfg(110), *k, SplitStrategy::Infopro, None)
                     .unwrap()
                     .num_modules(),
                 *k
@@ -449,7 +407,7 @@ mod tests {
 
     #[test]
     fn unsupported_k_names_supported_values() {
-        let e = split_plan(&cfg(32), 5, SplitStrategy::Infopro)
+        let e = split_plan(&cfg(32), 5, SplitStrategy::Infopro, None)
             .unwrap_err()
             .to_string();
         assert!(
@@ -457,22 +415,22 @@ mod tests {
                 || e.contains("K in {1, 2, 3, 4, 8, 16"),
             "{e}"
         );
-        let e = split_plan(&cfg(20), 11, SplitStrategy::Uniform)
+        let e = split_plan(&cfg(20), 11, SplitStrategy::Uniform, None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("K from 1 to 10"), "{e}");
-        let e = split_plan(&cfg(20), 2, SplitStrategy::Infopro)
+        let e = split_plan(&cfg(20), 2, SplitStrategy::Infopro, None)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("no InfoPro table"), "{e}");
+        assert!(e.contains("no InfoPro split points"), "{e}");
         assert!(ResNetConfig::preset("resnet33", 3, 10).is_err());
     }
 
     #[test]
     fn uniform_split_is_balanced() {
-        let p = split_plan(&cfg(20), 4, SplitStrategy::Uniform).unwrap();
+        let p = split_plan(&cfg(20), 4, SplitStrategy::Uniform, None).unwrap();
         assert_eq!(p.ends(), &[2, 5, 7, 9]);
-        let p = split_plan(&cfg(20), 4, SplitStrategy::Auto).unwrap();
+        let p = split_plan(&cfg(20), 4, SplitStrategy::Auto, None).unwrap();
         assert_eq!(p.ends(), &[2, 5, 7, 9]);
     }
 
@@ -480,10 +438,7 @@ mod tests {
     fn torchvision_names_and_counts() {
         let net = CifarResNet {
             config: cfg(32),
-            modules: 1,
-            split: SplitStrategy::Auto,
-            head: HeadKind::OneConvTwoFc,
-            seed: 0,
+            options: ModelOptions::default(),
         }
         .build(&Device::Cpu, DType::F32)
         .unwrap();

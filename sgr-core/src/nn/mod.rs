@@ -13,6 +13,9 @@ use rand_chacha::ChaCha8Rng;
 pub use crate::ctx::{Ctx, Decision, ReluMode};
 use crate::Result;
 
+pub mod pool;
+pub mod transformer;
+
 /// Whether a named tensor is trained or is a buffer (BatchNorm running statistics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParamKind {

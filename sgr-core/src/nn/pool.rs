@@ -1,0 +1,1 @@
+//! Pooling layers (max-pool with padding and a correct backward).

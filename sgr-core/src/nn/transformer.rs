@@ -1,0 +1,1 @@
+//! Transformer layers written from candle primitives (LayerNorm, GELU, softmax, attention).

@@ -1,0 +1,123 @@
+//! The zoo by name: which presets exist, and building any of them as a [`LocalNetwork`] cut
+//! into modules (docs/models.md).
+
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+use sgr_core::network::LocalNetwork;
+use sgr_core::{Error, Result};
+
+use crate::heads::HeadKind;
+use crate::resnet::{CifarResNet, ResNetConfig};
+use crate::split::SplitStrategy;
+
+/// What the data hands the model: image channels, classes and image side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Input {
+    /// Image channels (3 for RGB).
+    pub channels: usize,
+    /// Number of classes.
+    pub classes: usize,
+    /// Image side in pixels (square images).
+    pub size: usize,
+}
+
+/// How a model is cut and trained, the same for every family: K, the split, the auxiliary
+/// head, the initialisation seed and the stochastic regularisers. Defaults: end to end, the
+/// family's own head, no dropout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelOptions {
+    /// Number of modules K.
+    pub modules: usize,
+    /// How to cut.
+    pub split: SplitStrategy,
+    /// The measured end points of a [`SplitStrategy::Balanced`] split (one per module).
+    pub split_ends: Option<Vec<usize>>,
+    /// The auxiliary head of modules 1..K-1 ([`HeadKind::Auto`]: the family's usual one).
+    pub head: HeadKind,
+    /// Initialisation seed (the backbone's weights do not depend on K or the head).
+    pub seed: u64,
+    /// Dropout probability inside Transformer blocks (attention, projection and MLP outputs).
+    pub dropout: f64,
+    /// Largest stochastic-depth probability, reached at the last block (linear in depth).
+    pub drop_path: f64,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        Self {
+            modules: 1,
+            split: SplitStrategy::Auto,
+            split_ends: None,
+            head: HeadKind::Auto,
+            seed: 0,
+            dropout: 0.0,
+            drop_path: 0.0,
+        }
+    }
+}
+
+impl ModelOptions {
+    /// Checks the probabilities.
+    pub fn validate(&self) -> Result<()> {
+        for (what, p) in [("dropout", self.dropout), ("drop_path", self.drop_path)] {
+            if !(0.0..1.0).contains(&p) {
+                return Err(Error::InvalidConfig(format!(
+                    "{what} must be a probability in [0, 1), got {p}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The families of the zoo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// CIFAR ResNets (depth 6n+2, option-A shortcuts).
+    CifarResNet,
+}
+
+/// Every model name the zoo builds, in the order `--help` lists them.
+pub fn names() -> Vec<&'static str> {
+    let mut v: Vec<&'static str> = ResNetConfig::PRESETS.iter().map(|(n, _)| *n).collect();
+    v.sort_by_key(|n| (n.len(), *n));
+    v
+}
+
+/// The family of a model name.
+pub fn family(name: &str) -> Result<Family> {
+    if ResNetConfig::PRESETS.iter().any(|(n, _)| *n == name) {
+        return Ok(Family::CifarResNet);
+    }
+    Err(Error::UnknownName {
+        what: "model",
+        given: name.to_string(),
+        valid: names().join(", "),
+    })
+}
+
+/// Number of splittable units (stem plus blocks) of a model, for K = one module per block.
+pub fn units(name: &str, input: Input) -> Result<usize> {
+    match family(name)? {
+        Family::CifarResNet => Ok(ResNetConfig::preset(name, input.channels, input.classes)?.units()),
+    }
+}
+
+/// Builds model `name` for `input`, cut and headed as `opts` says.
+pub fn build(
+    name: &str,
+    input: Input,
+    opts: &ModelOptions,
+    device: &Device,
+    dtype: DType,
+) -> Result<LocalNetwork> {
+    opts.validate()?;
+    match family(name)? {
+        Family::CifarResNet => CifarResNet {
+            config: ResNetConfig::preset(name, input.channels, input.classes)?,
+            options: opts.clone(),
+        }
+        .build(device, dtype),
+    }
+}
