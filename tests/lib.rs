@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sgr_core::network::LocalNetwork;
-use sgr_models::{CifarResNet, HeadKind, ResNetConfig, SplitStrategy};
+use sgr_models::{CifarResNet, HeadKind, ModelOptions, ResNetConfig, SplitStrategy};
 
 /// A CIFAR ResNet of `depth` for `in_channels`-channel input and 10 classes.
 pub fn resnet(
@@ -21,10 +21,13 @@ pub fn resnet(
             in_channels,
             num_classes: 10,
         },
-        modules: k,
-        split: SplitStrategy::Uniform,
-        head,
-        seed,
+        options: ModelOptions {
+            modules: k,
+            split: SplitStrategy::Uniform,
+            head,
+            seed,
+            ..ModelOptions::default()
+        },
     }
     .build(&Device::Cpu, dtype)
     .expect("build network")

@@ -67,3 +67,21 @@ pub fn peak_bytes() -> usize {
 pub fn reset_peak() {
     PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
 }
+
+/// The counting allocator as the library's memory meter.
+#[derive(Debug, Clone, Copy)]
+pub struct Meter;
+
+impl sgr_run::memory::MemoryMeter for Meter {
+    fn live(&self) -> u64 {
+        live_bytes() as u64
+    }
+
+    fn peak(&self) -> u64 {
+        peak_bytes() as u64
+    }
+
+    fn reset_peak(&self) {
+        reset_peak()
+    }
+}

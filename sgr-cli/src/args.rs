@@ -28,10 +28,12 @@ pub struct MethodArgs {
     /// Number of gradient-isolated modules K [default: 1 for bp, 4 otherwise]
     #[arg(long = "modules", short = 'k')]
     pub modules: Option<usize>,
-    /// How to cut the network into modules [default: auto]
+    /// How to cut the network into modules (balanced: measured, minimising the largest
+    /// module's training memory) [default: auto]
     #[arg(long, value_parser = named::<SplitStrategy>())]
     pub split: Option<SplitStrategy>,
-    /// Auxiliary head of modules 1..K-1 [default: 1c2f]
+    /// Auxiliary head of modules 1..K-1 (auto: 1c2f for CIFAR ResNets, infopro for ImageNet
+    /// ResNets, token for Transformers) [default: auto]
     #[arg(long, value_parser = named::<HeadKind>())]
     pub aux_head: Option<HeadKind>,
     /// SGR weight lambda [default: 1]
@@ -163,6 +165,15 @@ pub struct InputArgs {
 }
 
 impl InputArgs {
+    /// The shape as the zoo takes it.
+    pub fn input(&self) -> sgr_models::Input {
+        sgr_models::Input {
+            channels: self.channels,
+            classes: self.classes,
+            size: self.size,
+        }
+    }
+
     /// Checks the shape, so that the random inputs' allocation stays bounded.
     pub fn check(&self, batch: usize) -> Result<()> {
         use sgr_run::spec::{MAX_BATCH, MAX_IMAGE_SIZE};

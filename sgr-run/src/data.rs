@@ -24,6 +24,19 @@ pub struct Data {
     pub channels: usize,
     /// Number of classes.
     pub classes: usize,
+    /// Image side the network sees (square images).
+    pub size: usize,
+}
+
+impl Data {
+    /// The shape the network sees.
+    pub fn input(&self) -> sgr_models::Input {
+        sgr_models::Input {
+            channels: self.channels,
+            classes: self.classes,
+            size: self.size,
+        }
+    }
 }
 
 /// Reads the specification's data set with its transform pipelines.
@@ -43,6 +56,13 @@ pub fn load_data(cfg: &RunSpec) -> Result<Data> {
                      pre: Vec<Transform>|
      -> Data {
         let to_rgb = pre.contains(&Transform::GreyToRgb);
+        let size = pre
+            .iter()
+            .find_map(|t| match t {
+                Transform::PadTo { size } => Some(*size),
+                _ => None,
+            })
+            .unwrap_or(train.height);
         let mut norm = Normalize::from_dataset(&train);
         let channels = if to_rgb { 3 } else { train.channels };
         if to_rgb {
@@ -58,6 +78,7 @@ pub fn load_data(cfg: &RunSpec) -> Result<Data> {
         Data {
             classes: train.num_classes,
             channels,
+            size,
             train: Arc::new(train),
             test: Arc::new(test),
             train_pipeline: Pipeline::new(tr),
@@ -162,6 +183,7 @@ pub fn load_data(cfg: &RunSpec) -> Result<Data> {
             Data {
                 classes: train.num_classes(),
                 channels: 3,
+                size,
                 train: Arc::new(train),
                 test: Arc::new(test),
                 train_pipeline: Pipeline::new(tr),
@@ -204,6 +226,7 @@ impl std::fmt::Debug for Data {
             .field("test", &self.test.len())
             .field("channels", &self.channels)
             .field("classes", &self.classes)
+            .field("size", &self.size)
             .finish_non_exhaustive()
     }
 }

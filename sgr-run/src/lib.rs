@@ -7,13 +7,15 @@
 //! * [`rundir`]: the files of a run directory, written atomically, and the model card;
 //! * [`run`]: create or resume a [`Run`], train it with an evaluation and a checkpoint per
 //!   epoch, stop on a step budget or an interrupt, write the model and the typed [`Summary`];
-//! * [`data`]: the data sets with their standard transforms.
+//! * [`data`]: the data sets with their standard transforms;
+//! * [`memory`]: training memory measured on real steps, and the memory-balanced split.
 //!
 //! Progress is reported through `sgr-core`'s [`Observer`](sgr_core::events::Observer) events;
 //! the records it writes are `sgr-schema`'s types, so tools read them without a tensor library.
 
 pub mod data;
 mod error;
+pub mod memory;
 pub mod run;
 pub mod rundir;
 pub mod spec;

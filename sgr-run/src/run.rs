@@ -15,7 +15,7 @@ use sgr_core::network::LocalNetwork;
 use sgr_core::objective::Batch;
 use sgr_core::trainer::Trainer;
 use sgr_data::{Loader, LoaderConfig};
-use sgr_models::{CifarResNet, ResNetConfig};
+use sgr_models::Input;
 use sgr_schema::{EpochRecord, Summary};
 
 use crate::data::{load_data, Data};
@@ -24,7 +24,7 @@ use crate::spec::{DeviceKind, RunSpec};
 use crate::{Error, Result};
 
 /// How one invocation of a run behaves (none of it is part of the [`RunSpec`]).
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct RunOptions {
     /// Data-loading worker threads (default: [`sgr_data::default_workers`]).
     pub workers: Option<usize>,
@@ -36,6 +36,23 @@ pub struct RunOptions {
     pub interrupt: Option<Arc<AtomicBool>>,
     /// Replace a run already in the output folder (its files are removed first).
     pub overwrite: bool,
+    /// Counts heap bytes, for measuring a balanced split (`split = "balanced"` without
+    /// `split_ends`): the split is measured on the run's data shape and batch size, and its
+    /// ends are written to `config.json`.
+    pub meter: Option<Arc<dyn crate::memory::MemoryMeter>>,
+}
+
+impl std::fmt::Debug for RunOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("workers", &self.workers)
+            .field("max_steps", &self.max_steps)
+            .field("init_from", &self.init_from)
+            .field("interrupt", &self.interrupt)
+            .field("overwrite", &self.overwrite)
+            .field("meter", &self.meter.is_some())
+            .finish()
+    }
 }
 
 /// What [`Run::resume`] changes in the stored specification.
@@ -103,21 +120,19 @@ pub struct Run {
     _lock: Option<RunLock>,
 }
 
-/// Builds the model a specification names, for data of `channels` and `classes`.
+/// Builds the model a specification names, for data of the given shape.
 pub fn build_network(
     spec: &RunSpec,
-    channels: usize,
-    classes: usize,
+    input: Input,
     device: &candle_core::Device,
 ) -> Result<LocalNetwork> {
-    Ok(CifarResNet {
-        config: ResNetConfig::preset(&spec.model, channels, classes)?,
-        modules: spec.num_modules(),
-        split: spec.split,
-        head: spec.aux_head,
-        seed: spec.seed,
-    }
-    .build(device, DType::F32)?)
+    Ok(sgr_models::zoo::build(
+        &spec.model,
+        input,
+        &spec.model_options(),
+        device,
+        DType::F32,
+    )?)
 }
 
 /// The test split's loader of a specification's data (evaluation transforms, in order).
@@ -219,10 +234,21 @@ impl Run {
         Ok(Resumed::Ready(Box::new(run)))
     }
 
-    fn open(spec: RunSpec, dir: RunDir, opts: RunOptions) -> Result<Self> {
+    fn open(mut spec: RunSpec, dir: RunDir, opts: RunOptions) -> Result<Self> {
         let device = spec.device.device()?;
         let workers = crate::spec::check_workers(opts.workers)?;
         let data = load_data(&spec)?;
+        if spec.split == sgr_models::SplitStrategy::Balanced && spec.split_ends.is_none() {
+            let meter = opts.meter.clone().ok_or_else(|| {
+                Error::Spec(
+                    "--split balanced is measured with a memory meter: pass \
+                     RunOptions::meter (the sgr binary does), or give split_ends"
+                        .into(),
+                )
+            })?;
+            spec =
+                crate::memory::balanced_spec(&spec, data.input(), spec.batch_size, meter, &device)?;
+        }
         let train_loader = Loader::new(
             Arc::clone(&data.train),
             LoaderConfig {
@@ -235,7 +261,7 @@ impl Run {
         let test_loader = test_loader(&data, 256, workers, &device)?;
         let mut tcfg = spec.trainer.clone();
         tcfg.steps_per_epoch = train_loader.batches_per_epoch();
-        let net = build_network(&spec, data.channels, data.classes, &device)?;
+        let net = build_network(&spec, data.input(), &device)?;
         let trainer = Trainer::new(net, tcfg)?;
         Ok(Self {
             spec,

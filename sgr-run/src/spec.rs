@@ -121,7 +121,7 @@ sgr_core::named_enum!(ScheduleKind, "schedule", { "cosine" => Cosine, "constant"
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RunSpec {
-    /// Model preset (`resnet20`, ...).
+    /// Model preset (`resnet20`, `resnet50`, `deit-s`, ...; `sgr_models::zoo::names`).
     pub model: String,
     /// Data set.
     pub dataset: Dataset,
@@ -131,8 +131,15 @@ pub struct RunSpec {
     pub modules: Option<usize>,
     /// How the network is cut into modules.
     pub split: SplitStrategy,
-    /// Auxiliary head of modules 1..K-1.
+    /// The measured end points of the balanced split, one per module (filled in when the
+    /// split is measured; see `crate::memory::balanced_ends`).
+    pub split_ends: Option<Vec<usize>>,
+    /// Auxiliary head of modules 1..K-1 (`auto`: the model family's usual head).
     pub aux_head: HeadKind,
+    /// Dropout probability inside Transformer blocks.
+    pub dropout: f64,
+    /// Stochastic-depth probability of the last Transformer block (linear in depth).
+    pub drop_path: f64,
     /// Batch size.
     pub batch_size: usize,
     /// Seed of initialisation, shuffling, augmentation and dropout.
@@ -164,7 +171,10 @@ impl Default for RunSpec {
             data_dir: None,
             modules: None,
             split: SplitStrategy::Auto,
-            aux_head: HeadKind::OneConvTwoFc,
+            split_ends: None,
+            aux_head: HeadKind::Auto,
+            dropout: 0.0,
+            drop_path: 0.0,
             batch_size: 64,
             seed: 0,
             train_limit: None,
@@ -209,14 +219,35 @@ pub fn check_workers(workers: Option<usize>) -> Result<usize> {
 pub const DEFAULT_MODULES: usize = 4;
 
 impl RunSpec {
-    /// K, with the method's default when not set.
+    /// K, with the default when not set: 1 for end-to-end methods, the number of measured
+    /// ends for the balanced split, one module per unit for the block split, else 4.
     pub fn num_modules(&self) -> usize {
-        self.modules
-            .unwrap_or(if self.trainer.method.objective.is_end_to_end() {
-                1
-            } else {
-                DEFAULT_MODULES
-            })
+        if let Some(k) = self.modules {
+            return k;
+        }
+        if self.trainer.method.objective.is_end_to_end() {
+            return 1;
+        }
+        match (&self.split_ends, self.split) {
+            (Some(ends), _) => ends.len(),
+            (None, SplitStrategy::Block) => {
+                sgr_models::zoo::units(&self.model).unwrap_or(DEFAULT_MODULES)
+            }
+            _ => DEFAULT_MODULES,
+        }
+    }
+
+    /// The model's options: K, split, head, seed, dropout.
+    pub fn model_options(&self) -> sgr_models::ModelOptions {
+        sgr_models::ModelOptions {
+            modules: self.num_modules(),
+            split: self.split,
+            split_ends: self.split_ends.clone(),
+            head: self.aux_head,
+            seed: self.seed,
+            dropout: self.dropout,
+            drop_path: self.drop_path,
+        }
     }
 
     /// Fills in defaults that depend on other fields (K, the trainer's seed) and checks every
@@ -242,6 +273,8 @@ impl RunSpec {
         if k == 0 {
             return bad("--modules must be >= 1".into());
         }
+        sgr_models::zoo::family(&self.model)?;
+        self.model_options().validate()?;
         if self.batch_size == 0 || self.trainer.epochs == 0 {
             return bad("--batch-size and --epochs must be >= 1".into());
         }

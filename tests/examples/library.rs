@@ -10,7 +10,7 @@ use sgr_core::trainer::{Trainer, TrainerConfig};
 use std::sync::Arc;
 
 use sgr_data::{Loader, LoaderConfig, Normalize, Pipeline};
-use sgr_models::{CifarResNet, HeadKind, ResNetConfig, SplitStrategy};
+use sgr_models::{CifarResNet, HeadKind, ModelOptions, ResNetConfig, SplitStrategy};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Keep freed memory for the next step instead of page-faulting it in again (glibc).
@@ -31,10 +31,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // ResNet-20 cut into 4 gradient-isolated modules, each with a 1c2f auxiliary head.
     let net = CifarResNet {
         config: ResNetConfig::preset("resnet20", 1, 10)?,
-        modules: 4,
-        split: SplitStrategy::Uniform,
-        head: HeadKind::OneConvTwoFc,
-        seed: 0,
+        options: ModelOptions {
+            modules: 4,
+            split: SplitStrategy::Uniform,
+            head: HeadKind::OneConvTwoFc,
+            ..ModelOptions::default()
+        },
     }
     .build(&device, DType::F32)?;
 

@@ -56,7 +56,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         bail!("--steps must be in 1..=1000000, got {}", a.steps);
     }
     a.input.check(a.batch_size)?;
-    let spec = a.method.spec(&a.model)?;
+    let mut spec = a.method.spec(&a.model)?;
+    let device = a.device.device()?;
+    if spec.split == sgr_models::SplitStrategy::Balanced && spec.split_ends.is_none() {
+        let meter = std::sync::Arc::new(crate::alloc::Meter);
+        spec =
+            sgr_run::memory::balanced_spec(&spec, a.input.input(), a.batch_size, meter, &device)?;
+    }
     let method = spec.trainer.method.clone();
     let trainer_cfg = TrainerConfig {
         method: method.clone(),
@@ -67,8 +73,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         steps_per_epoch: a.steps + 1,
         seed: 0,
     };
-    let device = a.device.device()?;
-    let net = build_network(&spec, a.input.channels, a.input.classes, &device)?;
+    let net = build_network(&spec, a.input.input(), &device)?;
     let modules = net.num_modules();
     let mut trainer = Trainer::new(net, trainer_cfg)?;
     let shape = (a.batch_size, a.input.channels, a.input.size, a.input.size);

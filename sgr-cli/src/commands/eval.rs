@@ -86,7 +86,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     cfg.train_limit = None;
     let device = a.device.device()?;
     let data = load_data(&cfg)?;
-    let net = build_network(&cfg, data.channels, data.classes, &device)?;
+    let net = build_network(&cfg, data.input(), &device)?;
     sgr_core::checkpoint::load_params(&weights, &net.params())?;
     let workers = sgr_run::spec::check_workers(a.workers)?;
     let loader = test_loader(&data, a.batch_size, workers, &device)?;

@@ -1,13 +1,15 @@
-//! `sgr inspect`: model summary, split plan, per-module parameters and measured activation
-//! memory (with the counting allocator of this binary).
+//! `sgr inspect`: model summary, split plan, per-module parameters, and the training memory of
+//! one real step per module against end-to-end BP (counted by this binary's allocator).
+
+use std::sync::Arc;
 
 use anyhow::Result;
 use candle_core::Device;
 use clap::Args;
-use sgr_core::nn::Ctx;
-use sgr_core::objective::Batch;
-use sgr_models::ResNetConfig;
-use sgr_run::run::build_network;
+use sgr_core::method::Method;
+use sgr_core::nn::{Param, ParamKind};
+use sgr_models::SplitStrategy;
+use sgr_run::memory::{balanced_spec, measure_step, random_batch, warm_trainer, MemoryMeter};
 use sgr_run::RunSpec;
 
 use crate::args::{InputArgs, MethodArgs};
@@ -15,166 +17,123 @@ use crate::args::{InputArgs, MethodArgs};
 /// Arguments of `sgr inspect`.
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// Model.
+    /// Model (any of `sgr train --model`).
     #[arg(long, default_value = "resnet32")]
     model: String,
     #[command(flatten)]
     method: MethodArgs,
-    /// Batch size for the measured activation memory.
+    /// Batch size of the measured step.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
     #[command(flatten)]
     input: InputArgs,
 }
 
-fn mib(b: usize) -> f64 {
+fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
+}
+
+fn trainable(ps: &[Param], aux: bool) -> usize {
+    ps.iter()
+        .filter(|p| p.kind == ParamKind::Trainable && p.name.starts_with("aux.") == aux)
+        .map(|p| p.var.elem_count())
+        .sum()
 }
 
 /// Runs `sgr inspect`.
 pub fn run(a: InspectArgs) -> Result<()> {
-    use sgr_core::sgr::{LocalModule, LocalProblem, OutputShift};
     a.input.check(a.batch_size)?;
-    let spec = a.method.spec(&a.model)?;
-    let (modules, split, head) = (spec.num_modules(), spec.split, spec.aux_head);
-    let arch = ResNetConfig::preset(&a.model, a.input.channels, a.input.classes)?;
+    let input = a.input.input();
     let device = Device::Cpu;
-    let net = build_network(&spec, a.input.channels, a.input.classes, &device)?;
-    let plan = net.plan().clone();
-    let n = arch.blocks_per_stage();
-    let unit_name = |u: usize| {
-        if u == 0 {
-            "stem".to_string()
-        } else {
-            format!("layer{}.{}", (u - 1) / n + 1, (u - 1) % n)
-        }
-    };
-    let count = |ps: Vec<sgr_core::nn::Param>| -> usize {
-        ps.iter()
-            .filter(|p| p.kind == sgr_core::nn::ParamKind::Trainable)
-            .map(|p| p.var.elem_count())
-            .sum()
-    };
-    let backbone = count(
-        net.params()
-            .into_iter()
-            .filter(|p| !p.name.starts_with("aux."))
-            .collect(),
-    );
+    let meter: Arc<dyn MemoryMeter> = Arc::new(crate::alloc::Meter);
+    let mut spec = a.method.spec(&a.model)?;
+    if spec.split == SplitStrategy::Balanced && spec.split_ends.is_none() {
+        spec = balanced_spec(&spec, input, a.batch_size, Arc::clone(&meter), &device)?;
+    }
+    let mut trainer = warm_trainer(&spec, input, &device)?;
+    let net = trainer.network();
+    let all = net.params();
     println!(
-        "{}: depth {}, {} blocks per stage, {} backbone parameters, {} in aux heads; input {}x{}x{}, {} classes",
+        "{}: {} backbone parameters, {} in aux heads; {} units; input {}x{}x{}, {} classes",
         a.model,
-        arch.depth,
-        n,
-        backbone,
-        net.num_trainable() - backbone,
-        a.input.channels,
-        a.input.size,
-        a.input.size,
-        a.input.classes
+        trainable(&all, false),
+        trainable(&all, true),
+        net.plan().units(),
+        input.channels,
+        input.size,
+        input.size,
+        input.classes
     );
+    let plan = net.plan().clone();
+    let ends: Vec<&str> = plan.ends().iter().map(|&u| net.unit_label(u)).collect();
     println!(
-        "split: K={} ({:?}), aux head {}; activation memory measured at batch {} (live heap bytes held by the forward graph; peak while also running backward)",
-        modules,
-        split,
-        head,
+        "method {}, K={} with the {} split (modules end after {}), aux head {}; one training \
+         step at batch {} measured as live heap bytes (weights, optimizer state, activations)",
+        spec.trainer.method,
+        plan.num_modules(),
+        spec.split,
+        ends.join(", "),
+        spec.aux_head,
         a.batch_size
     );
+    let modules: Vec<(String, usize, usize)> = (0..plan.num_modules())
+        .map(|k| {
+            let r = plan.range(k);
+            let blocks = if r.len() == 1 {
+                net.unit_label(r.start).to_string()
+            } else {
+                format!("{}..{}", net.unit_label(r.start), net.unit_label(r.end - 1))
+            };
+            let p = net.module_params(k);
+            (blocks, trainable(&p, false), trainable(&p, true))
+        })
+        .collect();
+    let batch = random_batch(input, a.batch_size, &device)?;
+    let step = measure_step(&mut trainer, &batch, Arc::clone(&meter))?;
     println!(
-        "{:<7} {:<24} {:>14} {:>10} {:>10} {:>16} {:>16}",
-        "module", "blocks", "output", "body", "head", "activations MiB", "fwd+bwd peak MiB"
+        "{:<7} {:<28} {:>12} {:>10} {:>14} {:>16}",
+        "module", "blocks", "body params", "head", "step peak MiB", "above start MiB"
     );
-    let labels = candle_core::Tensor::from_vec(
-        (0..a.batch_size)
-            .map(|i| (i % a.input.classes) as u32)
-            .collect::<Vec<_>>(),
-        a.batch_size,
-        &device,
-    )?;
-    let mut h = candle_core::Tensor::randn(
-        0f32,
-        1.0,
-        (a.batch_size, a.input.channels, a.input.size, a.input.size),
-        &device,
-    )?;
-    let batch = Batch::labelled(h.clone(), labels.clone());
-    let mut worst = 0usize;
-    for k in 0..net.num_modules() {
-        let r = plan.range(k);
-        let blocks = if r.len() == 1 {
-            unit_name(r.start)
-        } else {
-            format!("{}..{}", unit_name(r.start), unit_name(r.end - 1))
-        };
-        let all = net.module_params(k);
-        let head_params = count(
-            all.iter()
-                .filter(|p| p.name.starts_with("aux."))
-                .cloned()
-                .collect(),
-        );
-        let body_params = count(all) - head_params;
-        let prob = LocalModule {
-            net: &net,
-            k,
-            batch: &batch,
-        };
-        let x = h.detach();
-        let before = crate::alloc::live_bytes();
-        crate::alloc::reset_peak();
-        let f = prob.forward(&x, OutputShift::None, &mut Ctx::train_frozen_stats())?;
-        let held = crate::alloc::live_bytes().saturating_sub(before);
-        let grads = f.loss.backward()?;
-        let peak = crate::alloc::peak_bytes().saturating_sub(before);
-        drop(grads);
-        worst = worst.max(peak);
-        let out_shape = if k + 1 < net.num_modules() {
-            format!("{:?}", &f.output.dims()[1..])
-        } else {
-            format!("logits {}", a.input.classes)
-        };
+    for (k, (blocks, body, head)) in modules.iter().enumerate() {
+        let m = step.modules.iter().find(|m| m.module == k);
+        let (peak, above) = m.map_or((f64::NAN, f64::NAN), |m| {
+            (mib(m.peak), mib(m.peak.saturating_sub(m.start)))
+        });
         println!(
-            "{:<7} {:<24} {:>14} {:>10} {:>10} {:>16.1} {:>16.1}",
+            "{:<7} {:<28} {:>12} {:>10} {:>14.1} {:>16.1}",
             k + 1,
             blocks,
-            out_shape,
-            body_params,
-            head_params,
-            mib(held),
-            mib(peak)
+            body,
+            head,
+            peak,
+            above
         );
-        h = f.output.detach();
     }
-    // The same network trained end to end keeps the whole graph.
-    let whole = build_network(
-        &RunSpec {
-            modules: Some(1),
-            ..spec.clone()
+    drop(trainer);
+    // The same model trained end to end, measured the same way.
+    let bp_spec = RunSpec {
+        modules: Some(1),
+        split: SplitStrategy::Auto,
+        split_ends: None,
+        trainer: sgr_core::trainer::TrainerConfig {
+            method: Method::bp(),
+            ..spec.trainer.clone()
         },
-        a.input.channels,
-        a.input.classes,
-        &device,
-    )?;
-    let x = candle_core::Tensor::randn(
-        0f32,
-        1.0,
-        (a.batch_size, a.input.channels, a.input.size, a.input.size),
-        &device,
-    )?;
-    let before = crate::alloc::live_bytes();
-    crate::alloc::reset_peak();
-    let logits = whole.forward(&x, &mut Ctx::train_frozen_stats())?;
-    let held = crate::alloc::live_bytes().saturating_sub(before);
-    let loss = sgr_core::loss::cross_entropy(&logits, &labels)?;
-    let grads = loss.backward()?;
-    let peak = crate::alloc::peak_bytes().saturating_sub(before);
-    drop(grads);
+        ..spec.clone()
+    };
+    let mut bp = warm_trainer(&bp_spec, input, &device)?;
+    let bp_step = measure_step(&mut bp, &batch, meter)?;
     println!(
-        "end-to-end (bp): activations {:.1} MiB, fwd+bwd peak {:.1} MiB; largest local module peak {:.1} MiB ({:.0}% of bp)",
-        mib(held),
-        mib(peak),
-        mib(worst),
-        100.0 * worst as f64 / peak.max(1) as f64
+        "end-to-end (bp): step peak {:.1} MiB ({:.1} MiB before the step); {} K={}: step peak \
+         {:.1} MiB ({:.1} MiB before), saving {:.1}% ({:.0}% of bp)",
+        mib(bp_step.peak),
+        mib(bp_step.before),
+        spec.trainer.method,
+        plan.num_modules(),
+        mib(step.peak),
+        mib(step.before),
+        100.0 * (1.0 - step.peak as f64 / bp_step.peak.max(1) as f64),
+        100.0 * step.peak as f64 / bp_step.peak.max(1) as f64
     );
     Ok(())
 }

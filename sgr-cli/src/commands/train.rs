@@ -28,9 +28,16 @@ macro_rules! say {
 /// Flags that set fields of the run specification.
 #[derive(Args, Debug, Clone, Default)]
 pub struct SpecArgs {
-    /// Model: resnet8, resnet14, resnet20, resnet32, resnet44, resnet56, resnet110 [default: resnet20]
+    /// Model: CIFAR ResNets resnet8..resnet110, ImageNet ResNets resnet18..resnet152, ViTs
+    /// deit-ti, deit-s, deit-b, vit-b16, vit-cifar (`sgr inspect` lists them) [default: resnet20]
     #[arg(long)]
     pub model: Option<String>,
+    /// Dropout inside Transformer blocks [default: 0]
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// Stochastic depth of the last Transformer block (linear in depth) [default: 0]
+    #[arg(long)]
+    pub drop_path: Option<f64>,
     /// Data set [default: digits]
     #[arg(long, value_parser = named::<Dataset>())]
     pub dataset: Option<Dataset>,
@@ -128,6 +135,8 @@ impl SpecArgs {
     fn apply(&self, spec: &mut RunSpec) -> Result<Vec<&'static str>> {
         let mut g = self.method.apply(spec)?;
         set(&mut g, "--model", &self.model, &mut spec.model);
+        set(&mut g, "--dropout", &self.dropout, &mut spec.dropout);
+        set(&mut g, "--drop-path", &self.drop_path, &mut spec.drop_path);
         set(&mut g, "--dataset", &self.dataset, &mut spec.dataset);
         if self.data_dir.is_some() {
             spec.data_dir = self.data_dir.clone();
@@ -317,6 +326,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         init_from: a.init_from.as_deref().map(init_weights).transpose()?,
         interrupt: Some(Arc::clone(&interrupted)),
         overwrite: a.overwrite,
+        meter: Some(Arc::new(crate::alloc::Meter)),
     };
     let mut run = match &a.resume {
         Some(dir) => {
