@@ -44,6 +44,7 @@ pub fn trainer_config(method: sgr_core::method::Method) -> sgr_core::trainer::Tr
         epochs: 1,
         steps_per_epoch: 10,
         seed: 0,
+        ..Default::default()
     }
 }
 

@@ -52,6 +52,7 @@ fn trainer(method: Method) -> Trainer {
         epochs: 1,
         steps_per_epoch: 10,
         seed: 0,
+        ..Default::default()
     };
     Trainer::new(net, cfg).unwrap()
 }

@@ -26,6 +26,7 @@ pub use sgr_kernels as kernels;
 pub mod loss;
 pub mod memory;
 pub mod method;
+pub mod mix;
 pub mod names;
 pub mod network;
 pub mod nn;

@@ -21,6 +21,9 @@ pub enum OptimizerConfig {
         nesterov: bool,
         /// L2 weight decay.
         weight_decay: f64,
+        /// Which parameters the weight decay applies to.
+        #[serde(default, skip_serializing_if = "DecayScope::is_all")]
+        decay: DecayScope,
     },
     /// AdamW (decoupled weight decay).
     AdamW {
@@ -32,7 +35,44 @@ pub enum OptimizerConfig {
         eps: f64,
         /// Decoupled weight decay.
         weight_decay: f64,
+        /// Which parameters the weight decay applies to (files without the field: all, as
+        /// before the field existed; new AdamW settings exempt norms, biases and tokens).
+        #[serde(default, skip_serializing_if = "DecayScope::is_all")]
+        decay: DecayScope,
     },
+}
+
+/// Which parameters weight decay applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DecayScope {
+    /// Every trainable parameter (InfoPro's CIFAR SGD setting).
+    #[default]
+    All,
+    /// Weight matrices and kernels only: not biases, normalisation parameters (any tensor of
+    /// rank ≤ 1), position embeddings or class tokens (timm's and DeiT's parameter groups).
+    Weights,
+}
+
+crate::named_enum!(DecayScope, "weight-decay scope", { "all" => All, "weights" => Weights });
+
+impl DecayScope {
+    fn is_all(&self) -> bool {
+        *self == DecayScope::All
+    }
+
+    /// Whether weight decay applies to `p` under this scope.
+    pub fn decays(&self, p: &Param) -> bool {
+        match self {
+            DecayScope::All => true,
+            DecayScope::Weights => {
+                let n = &p.name;
+                p.var.rank() > 1
+                    && !n.ends_with("pos_embed")
+                    && !n.ends_with("cls_token")
+                    && !n.ends_with(".bias")
+            }
+        }
+    }
 }
 
 impl Default for OptimizerConfig {
@@ -42,6 +82,7 @@ impl Default for OptimizerConfig {
             momentum: 0.9,
             nesterov: true,
             weight_decay: 1e-4,
+            decay: DecayScope::All,
         }
     }
 }
@@ -60,6 +101,15 @@ impl OptimizerConfig {
         match self {
             OptimizerConfig::Sgd { weight_decay, .. }
             | OptimizerConfig::AdamW { weight_decay, .. } => *weight_decay = wd,
+        }
+    }
+
+    /// Sets which parameters the weight decay applies to.
+    pub fn set_decay_scope(&mut self, scope: DecayScope) {
+        match self {
+            OptimizerConfig::Sgd { decay, .. } | OptimizerConfig::AdamW { decay, .. } => {
+                *decay = scope
+            }
         }
     }
 
@@ -108,6 +158,7 @@ impl OptimizerConfig {
                 momentum,
                 nesterov,
                 weight_decay,
+                decay,
             } => {
                 if nesterov && momentum <= 0.0 {
                     return Err(Error::InvalidConfig(
@@ -115,6 +166,7 @@ impl OptimizerConfig {
                     ));
                 }
                 Box::new(Sgd {
+                    decays: params.iter().map(|p| decay.decays(p)).collect(),
                     params,
                     momentum,
                     nesterov,
@@ -127,7 +179,9 @@ impl OptimizerConfig {
                 beta2,
                 eps,
                 weight_decay,
+                decay,
             } => Box::new(AdamW {
+                decays: params.iter().map(|p| decay.decays(p)).collect(),
                 params,
                 beta1,
                 beta2,
@@ -173,6 +227,7 @@ fn set(var: &Var, value: &Tensor) -> Result<()> {
 #[derive(Debug)]
 pub struct Sgd {
     params: Vec<Param>,
+    decays: Vec<bool>,
     momentum: f64,
     nesterov: bool,
     weight_decay: f64,
@@ -182,12 +237,12 @@ pub struct Sgd {
 impl Optimizer for Sgd {
     fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         check_len(&self.params, grads)?;
-        for (p, g) in self.params.iter().zip(grads) {
+        for ((p, g), &decays) in self.params.iter().zip(grads).zip(&self.decays) {
             // Detached: a result that tracks the variable would chain every step's state to the
             // previous one through its op graph and never be freed.
             let w = &p.var.as_tensor().detach();
             let g = g.detach();
-            let mut d = if self.weight_decay != 0.0 {
+            let mut d = if self.weight_decay != 0.0 && decays {
                 (&g + (w * self.weight_decay)?)?
             } else {
                 g
@@ -248,6 +303,7 @@ fn check_shape(name: &str, want: &Tensor, got: &Tensor) -> Result<()> {
 #[derive(Debug)]
 pub struct AdamW {
     params: Vec<Param>,
+    decays: Vec<bool>,
     beta1: f64,
     beta2: f64,
     eps: f64,
@@ -264,7 +320,7 @@ impl Optimizer for AdamW {
         let t = self.step as i32;
         let bc1 = 1.0 - self.beta1.powi(t);
         let bc2 = 1.0 - self.beta2.powi(t);
-        for (p, g) in self.params.iter().zip(grads) {
+        for ((p, g), &decays) in self.params.iter().zip(grads).zip(&self.decays) {
             // Detached: a result that tracks the variable would chain every step's state to the
             // previous one through its op graph and never be freed.
             let w = &p.var.as_tensor().detach();
@@ -280,7 +336,8 @@ impl Optimizer for AdamW {
             let v = ((v_prev * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let denom = ((&v / bc2)?.sqrt()? + self.eps)?;
             let upd = ((&m / bc1)?.div(&denom)? * lr)?;
-            let decayed = (w * (1.0 - lr * self.weight_decay))?;
+            let wd = if decays { self.weight_decay } else { 0.0 };
+            let decayed = (w * (1.0 - lr * wd))?;
             set(&p.var, &(decayed - upd)?)?;
             self.m.insert(p.name.clone(), m);
             self.v.insert(p.name.clone(), v);
@@ -398,6 +455,52 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weights_scope_exempts_norms_biases_and_tokens() {
+        let dev = candle_core::Device::Cpu;
+        let p = |name: &str, shape: &[usize]| Param {
+            name: name.into(),
+            var: Var::ones(shape, candle_core::DType::F32, &dev).unwrap(),
+            kind: crate::nn::ParamKind::Trainable,
+        };
+        let ps = [
+            p("blocks.0.attn.qkv.weight", &[6, 2]),
+            p("blocks.0.attn.qkv.bias", &[6]),
+            p("blocks.0.norm1.weight", &[2]),
+            p("pos_embed", &[1, 5, 2]),
+            p("cls_token", &[1, 1, 2]),
+            p("layer1.0.conv1.weight", &[2, 2, 3, 3]),
+        ];
+        let decayed: Vec<bool> = ps.iter().map(|q| DecayScope::Weights.decays(q)).collect();
+        assert_eq!(decayed, [true, false, false, false, false, true]);
+        assert!(ps.iter().all(|q| DecayScope::All.decays(q)));
+        // An exempt parameter with zero gradient stays put under AdamW's decay.
+        let cfg = OptimizerConfig::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.5,
+            decay: DecayScope::Weights,
+        };
+        let mut opt = cfg.build(ps.to_vec()).unwrap();
+        let zeros: Vec<Tensor> = ps
+            .iter()
+            .map(|q| q.var.as_tensor().zeros_like().unwrap())
+            .collect();
+        opt.step(&zeros, 0.1).unwrap();
+        let first = |q: &Param| {
+            q.var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()[0]
+        };
+        assert!((first(&ps[0]) - 0.95).abs() < 1e-6, "decayed by lr·wd");
+        assert_eq!(first(&ps[1]), 1.0);
+        assert_eq!(first(&ps[3]), 1.0);
+    }
 
     #[test]
     fn cosine_with_warmup() {

@@ -15,6 +15,7 @@ use crate::ctx::{Ctx, Decision};
 use crate::events::{BoundaryMetrics, EpochMetrics, EvalMetrics, Event, Observer, StepMetrics};
 use crate::loss::{correct_count, cross_entropy, topk_correct_count};
 use crate::method::{Estimator, Method};
+use crate::mix::{MixConfig, MixDraw};
 use crate::network::{collect_grads, LocalNetwork};
 use crate::objective::Batch;
 use crate::optim::{Optimizer, OptimizerConfig, Schedule};
@@ -43,6 +44,13 @@ pub struct TrainerConfig {
     /// Seed of the random decisions of forward passes (dropout, drop-path); each module's pass
     /// at each step draws from its own generator derived from it.
     pub seed: u64,
+    /// Label smoothing of hard labels (0: none; the DeiT recipe uses 0.1).
+    pub label_smoothing: f64,
+    /// Mixup and cutmix of training batches (soft targets), drawn per step from the seed.
+    pub mix: Option<MixConfig>,
+    /// Largest L2 norm of each optimizer's gradients (per module; the whole network for `bp`),
+    /// as `torch.nn.utils.clip_grad_norm_`.
+    pub clip_grad_norm: Option<f64>,
 }
 
 impl Default for TrainerConfig {
@@ -55,12 +63,16 @@ impl Default for TrainerConfig {
                 momentum: 0.9,
                 nesterov: true,
                 weight_decay: 5e-4,
+                decay: crate::optim::DecayScope::All,
             },
             lr: 0.05,
             schedule: Schedule::Cosine { warmup_epochs: 0.0 },
             epochs: 6,
             steps_per_epoch: 0,
             seed: 0,
+            label_smoothing: 0.0,
+            mix: None,
+            clip_grad_norm: None,
         }
     }
 }
@@ -80,6 +92,16 @@ struct TrainerConfigRepr {
     epochs: usize,
     steps_per_epoch: usize,
     seed: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    label_smoothing: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mix: Option<MixConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    clip_grad_norm: Option<f64>,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 impl Default for TrainerConfigRepr {
@@ -107,6 +129,9 @@ impl TryFrom<TrainerConfigRepr> for TrainerConfig {
             epochs: r.epochs,
             steps_per_epoch: r.steps_per_epoch,
             seed: r.seed,
+            label_smoothing: r.label_smoothing,
+            mix: r.mix,
+            clip_grad_norm: r.clip_grad_norm,
         })
     }
 }
@@ -123,6 +148,9 @@ impl From<TrainerConfig> for TrainerConfigRepr {
             epochs: c.epochs,
             steps_per_epoch: c.steps_per_epoch,
             seed: c.seed,
+            label_smoothing: c.label_smoothing,
+            mix: c.mix,
+            clip_grad_norm: c.clip_grad_norm,
         }
     }
 }
@@ -277,6 +305,24 @@ struct Pending {
 }
 
 /// The seed of module `k`'s forward pass at `step` (SplitMix64 of the three).
+/// Scales `grads` so that their joint L2 norm is at most `max`, on the device (no host sync):
+/// `g · min(1, max / (‖g‖ + 1e-6))`, as `torch.nn.utils.clip_grad_norm_`.
+pub fn clip_grad_norm(grads: &mut [Tensor], max: f64) -> Result<()> {
+    if grads.is_empty() {
+        return Ok(());
+    }
+    let sq: Vec<Tensor> = grads
+        .iter()
+        .map(|g| g.to_dtype(DType::F64)?.sqr()?.sum_all())
+        .collect::<candle_core::Result<_>>()?;
+    let norm = Tensor::stack(&sq, 0)?.sum_all()?.sqrt()?;
+    let coef = ((norm + 1e-6)?.recip()? * max)?.clamp(0.0, 1.0)?;
+    for g in grads.iter_mut() {
+        *g = g.broadcast_mul(&coef.to_dtype(g.dtype())?)?;
+    }
+    Ok(())
+}
+
 fn pass_seed(seed: u64, step: usize, k: usize) -> u64 {
     let mut z = seed
         ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -431,6 +477,21 @@ impl Trainer {
         let t0 = Instant::now();
         let lr = self.lr_now();
         let lambda = self.lambda_now();
+        let mixed;
+        let batch = if self.cfg.mix.is_some() || self.cfg.label_smoothing > 0.0 {
+            let draw = match &self.cfg.mix {
+                Some(m) => {
+                    let (_, _, h, w) = batch.input.dims4()?;
+                    m.draw(pass_seed(self.cfg.seed, self.step, usize::MAX), h, w)
+                }
+                None => MixDraw::None,
+            };
+            let classes = self.net.num_classes();
+            mixed = crate::mix::apply(batch, draw, classes, self.cfg.label_smoothing)?;
+            &mixed
+        } else {
+            batch
+        };
         let (losses, correct) = match (self.cfg.method.estimator, self.cfg.method.objective) {
             (_, o) if o.is_end_to_end() => self.bp_step(batch, lr)?,
             (Estimator::Backprop, _) => self.local_step(batch, lr, lambda)?,
@@ -483,8 +544,16 @@ impl Trainer {
             .collect();
         let grads = collect_grads(&store, &vars)?;
         drop(store);
-        self.optimizers[0].step(&grads, lr)?;
+        self.update(0, grads, lr)?;
         Ok((vec![value], correct))
+    }
+
+    /// Module `k`'s optimizer step, after gradient clipping when configured.
+    fn update(&mut self, k: usize, mut grads: Vec<Tensor>, lr: f64) -> Result<()> {
+        if let Some(max) = self.cfg.clip_grad_norm {
+            clip_grad_norm(&mut grads, max)?;
+        }
+        self.optimizers[k].step(&grads, lr)
     }
 
     fn local_step(&mut self, batch: &Batch, lr: f64, lambda: f64) -> Result<(Vec<Tensor>, Tensor)> {
@@ -551,7 +620,7 @@ impl Trainer {
                         add_scaled(&mut grads, &term.grads, lambda)?;
                         sgr_d = Some((k - 1, term.distance));
                     }
-                    self.optimizers[k].step(&grads, lr)?;
+                    self.update(k, grads, lr)?;
                 }
                 Direction::Backward => {
                     if let Some(p) = pending.take() {
@@ -581,7 +650,7 @@ impl Trainer {
                             add_scaled(&mut g, &term.grads, lambda)?;
                             sgr_d = Some((k - 1, term.distance));
                         }
-                        self.optimizers[p.k].step(&g, lr)?;
+                        self.update(p.k, g, lr)?;
                     }
                     if k + 1 < k_total {
                         let output_grad = bp.output_grad.clone().ok_or_else(|| {
@@ -596,7 +665,7 @@ impl Trainer {
                             seed,
                         });
                     } else {
-                        self.optimizers[k].step(&grads, lr)?;
+                        self.update(k, grads, lr)?;
                     }
                 }
             }
@@ -748,8 +817,19 @@ mod tests {
             epochs: 2,
             steps_per_epoch: 3,
             seed: 4,
+            ..TrainerConfig::default()
         };
         let v = serde_json::to_value(&c).unwrap();
+        // Recipe fields left at their defaults are not written (older specs hash the same).
+        assert!(v.get("mix").is_none() && v.get("label_smoothing").is_none());
+        let recipe = TrainerConfig {
+            label_smoothing: 0.1,
+            mix: Some(MixConfig::default()),
+            clip_grad_norm: Some(1.0),
+            ..c.clone()
+        };
+        let r = serde_json::to_value(&recipe).unwrap();
+        assert_eq!(serde_json::from_value::<TrainerConfig>(r).unwrap(), recipe);
         assert_eq!(v["method"], "sgr");
         assert_eq!(v["sgr"]["lambda"], crate::sgr::DEFAULT_LAMBDA);
         assert_eq!(serde_json::from_value::<TrainerConfig>(v).unwrap(), c);

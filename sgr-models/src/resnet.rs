@@ -12,8 +12,8 @@ use sgr_core::objective::{CrossEntropy, LocalObjective};
 use sgr_core::{Error, Result};
 
 use crate::heads::HeadKind;
-use crate::zoo::ModelOptions;
 use crate::split::{resolve, Published, SplitRequest, SplitStrategy, Table};
+use crate::zoo::ModelOptions;
 
 /// Architecture of a CIFAR ResNet.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -138,8 +138,9 @@ pub fn resolve(req: &SplitRequest<'_>) -> Result<SplitPlan> {
         })
     };
     match req.strategy {
-        SplitStrategy::Auto => table(&req.published.infopro)
-            .unwrap_or_else(|| SplitPlan::uniform(units, k)),
+        SplitStrategy::Auto => {
+            table(&req.published.infopro).unwrap_or_else(|| SplitPlan::uniform(units, k))
+        }
         SplitStrategy::Uniform => SplitPlan::uniform(units, k),
         SplitStrategy::Block if k == units => SplitPlan::uniform(units, k),
         SplitStrategy::Block => Err(Error::UnsupportedSplit {
@@ -163,7 +164,9 @@ pub fn resolve(req: &SplitRequest<'_>) -> Result<SplitPlan> {
                 return plan;
             }
             let supported = if t.is_empty() {
-                format!("{model} has no {name} split points; use --split uniform, block or balanced")
+                format!(
+                    "{model} has no {name} split points; use --split uniform, block or balanced"
+                )
             } else {
                 let mut ks: Vec<String> = vec!["1".into()];
                 ks.extend(t.iter().map(|(kk, _)| kk.to_string()));
@@ -247,7 +250,9 @@ mod tests {
     use super::*;
 
     fn costs(held: &[u64]) -> Vec<UnitCost> {
-        held.iter().map(|&h| UnitCost { held: h, tail: 0 }).collect()
+        held.iter()
+            .map(|&h| UnitCost { held: h, tail: 0 })
+            .collect()
     }
 
     /// Every contiguous split into k modules, by brute force.
@@ -299,8 +304,14 @@ mod tests {
     #[test]
     fn balanced_moves_cuts_towards_heavy_units() {
         // A heavy first unit (an ImageNet stem) gets a module of its own.
-        assert_eq!(balanced_ends(&costs(&[10, 1, 1, 1, 1]), 2).unwrap(), vec![0, 4]);
-        assert_eq!(balanced_ends(&costs(&[1, 1, 1, 1, 10]), 2).unwrap(), vec![3, 4]);
+        assert_eq!(
+            balanced_ends(&costs(&[10, 1, 1, 1, 1]), 2).unwrap(),
+            vec![0, 4]
+        );
+        assert_eq!(
+            balanced_ends(&costs(&[1, 1, 1, 1, 10]), 2).unwrap(),
+            vec![3, 4]
+        );
         assert!(balanced_ends(&costs(&[1, 1]), 3).is_err());
     }
 
@@ -318,19 +329,39 @@ mod tests {
             published: &published,
             ends: None,
         };
-        assert_eq!(resolve(&req(2, SplitStrategy::Auto)).unwrap().ends(), &[3, 7]);
-        assert_eq!(resolve(&req(2, SplitStrategy::Uniform)).unwrap().ends(), &[3, 7]);
-        assert_eq!(resolve(&req(3, SplitStrategy::Auto)).unwrap().ends(), &[2, 5, 7]);
-        assert_eq!(resolve(&req(8, SplitStrategy::Block)).unwrap().num_modules(), 8);
-        let e = resolve(&req(3, SplitStrategy::Block)).unwrap_err().to_string();
+        assert_eq!(
+            resolve(&req(2, SplitStrategy::Auto)).unwrap().ends(),
+            &[3, 7]
+        );
+        assert_eq!(
+            resolve(&req(2, SplitStrategy::Uniform)).unwrap().ends(),
+            &[3, 7]
+        );
+        assert_eq!(
+            resolve(&req(3, SplitStrategy::Auto)).unwrap().ends(),
+            &[2, 5, 7]
+        );
+        assert_eq!(
+            resolve(&req(8, SplitStrategy::Block))
+                .unwrap()
+                .num_modules(),
+            8
+        );
+        let e = resolve(&req(3, SplitStrategy::Block))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("K=8"), "{e}");
-        let e = resolve(&req(3, SplitStrategy::Infopro)).unwrap_err().to_string();
+        let e = resolve(&req(3, SplitStrategy::Infopro))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("K in {1, 2, 8 (one module per block)}"), "{e}");
         let e = resolve(&req(2, SplitStrategy::InfoproBalanced))
             .unwrap_err()
             .to_string();
         assert!(e.contains("no InfoPro*'s balanced split points"), "{e}");
-        let e = resolve(&req(2, SplitStrategy::Balanced)).unwrap_err().to_string();
+        let e = resolve(&req(2, SplitStrategy::Balanced))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("measured"), "{e}");
         let ends = [0usize, 7];
         let ok = SplitRequest {
@@ -338,7 +369,9 @@ mod tests {
             ..req(2, SplitStrategy::Balanced)
         };
         assert_eq!(resolve(&ok).unwrap().ends(), &[0, 7]);
-        let e = resolve(&req(9, SplitStrategy::Uniform)).unwrap_err().to_string();
+        let e = resolve(&req(9, SplitStrategy::Uniform))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("K from 1 to 8"), "{e}");
     }
 }

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use sgr_core::optim::OptimizerConfig;
+use sgr_core::optim::{DecayScope, OptimizerConfig};
 use sgr_core::trainer::TrainerConfig;
 use sgr_models::{HeadKind, SplitStrategy};
 use sha2::{Digest, Sha256};
@@ -95,12 +95,14 @@ impl OptimizerKind {
                 momentum: 0.9,
                 nesterov: true,
                 weight_decay,
+                decay: DecayScope::All,
             },
             OptimizerKind::Adamw => OptimizerConfig::AdamW {
                 beta1: 0.9,
                 beta2: 0.999,
                 eps: 1e-8,
                 weight_decay,
+                decay: DecayScope::Weights,
             },
         }
     }
@@ -300,6 +302,15 @@ impl RunSpec {
             ));
         }
         self.trainer.optimizer.validate()?;
+        sgr_core::mix::check_smoothing(self.trainer.label_smoothing)?;
+        if let Some(m) = &self.trainer.mix {
+            m.validate()?;
+        }
+        if let Some(c) = self.trainer.clip_grad_norm {
+            if !(c.is_finite() && c > 0.0) {
+                return bad(format!("--clip-grad-norm must be finite and > 0, got {c}"));
+            }
+        }
         self.trainer.schedule.validate()?;
         // Bounds that keep every allocation they size reasonable.
         for (flag, v, max) in [

@@ -51,6 +51,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             epochs,
             steps_per_epoch: train_loader.batches_per_epoch(),
             seed: 0,
+            ..Default::default()
         },
     )?;
     for epoch in 0..epochs {

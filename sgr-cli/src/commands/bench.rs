@@ -72,6 +72,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         epochs: 1,
         steps_per_epoch: a.steps + 1,
         seed: 0,
+        ..Default::default()
     };
     let net = build_network(&spec, a.input.input(), &device)?;
     let modules = net.num_modules();

@@ -61,6 +61,23 @@ pub struct SpecArgs {
     /// Weight decay [default: 5e-4]
     #[arg(long)]
     pub weight_decay: Option<f64>,
+    /// Which parameters weight decay applies to (weights: not norms, biases, position
+    /// embeddings or class tokens) [default: all for sgd, weights for adamw]
+    #[arg(long, value_parser = named::<sgr_core::optim::DecayScope>())]
+    pub decay_scope: Option<sgr_core::optim::DecayScope>,
+    /// Label smoothing (DeiT recipe: 0.1) [default: 0]
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
+    /// Mixup with Beta(ALPHA, ALPHA) mixing weights (DeiT recipe: 0.8); with --cutmix, each
+    /// batch takes one of the two at random
+    #[arg(long, value_name = "ALPHA")]
+    pub mixup: Option<f64>,
+    /// Cutmix with Beta(ALPHA, ALPHA) box areas (DeiT recipe: 1.0)
+    #[arg(long, value_name = "ALPHA")]
+    pub cutmix: Option<f64>,
+    /// Clip each optimizer's gradient L2 norm to MAX
+    #[arg(long, value_name = "MAX")]
+    pub clip_grad_norm: Option<f64>,
     /// Learning-rate schedule [default: cosine]
     #[arg(long, value_parser = named::<ScheduleKind>())]
     pub schedule: Option<ScheduleKind>,
@@ -161,6 +178,28 @@ impl SpecArgs {
         if self.weight_decay.is_some() {
             t.optimizer.set_weight_decay(wd);
             g.push("--weight-decay");
+        }
+        if let Some(scope) = self.decay_scope {
+            t.optimizer.set_decay_scope(scope);
+            g.push("--decay-scope");
+        }
+        set(
+            &mut g,
+            "--label-smoothing",
+            &self.label_smoothing,
+            &mut t.label_smoothing,
+        );
+        if self.mixup.is_some() || self.cutmix.is_some() {
+            t.mix = Some(sgr_core::mix::MixConfig {
+                mixup_alpha: self.mixup.unwrap_or(0.0),
+                cutmix_alpha: self.cutmix.unwrap_or(0.0),
+                ..sgr_core::mix::MixConfig::default()
+            });
+            g.push("--mixup/--cutmix");
+        }
+        if self.clip_grad_norm.is_some() {
+            t.clip_grad_norm = self.clip_grad_norm;
+            g.push("--clip-grad-norm");
         }
         use sgr_core::optim::Schedule;
         let warmup = match (self.warmup_epochs, &t.schedule) {

@@ -1,0 +1,1 @@
+//! torchvision ResNets: parameter counts, gradients, and logits against PyTorch fixtures.

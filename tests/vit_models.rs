@@ -1,0 +1,1 @@
+//! ViT/DeiT: parameter counts, gradients, and logits against timm fixtures.
