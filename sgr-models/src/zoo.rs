@@ -8,7 +8,9 @@ use sgr_core::{Error, Result};
 
 use crate::heads::HeadKind;
 use crate::resnet::{CifarResNet, ResNetConfig};
+use crate::resnet_imagenet::{ImageNetResNet, ImageNetResNetConfig};
 use crate::split::SplitStrategy;
+use crate::vit::{VisionTransformer, VitConfig};
 
 /// What the data hands the model: image channels, classes and image side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,19 +78,33 @@ impl ModelOptions {
 pub enum Family {
     /// CIFAR ResNets (depth 6n+2, option-A shortcuts).
     CifarResNet,
+    /// torchvision's ImageNet ResNets (7×7 stem, max-pool, basic or bottleneck blocks).
+    ImageNetResNet,
+    /// timm's Vision Transformers (DeiT, ViT, and `vit-cifar`).
+    Vit,
 }
 
 /// Every model name the zoo builds, in the order `--help` lists them.
 pub fn names() -> Vec<&'static str> {
-    let mut v: Vec<&'static str> = ResNetConfig::PRESETS.iter().map(|(n, _)| *n).collect();
-    v.sort_by_key(|n| (n.len(), *n));
-    v
+    let mut cifar: Vec<&'static str> = ResNetConfig::PRESETS.iter().map(|(n, _)| *n).collect();
+    cifar.sort_by_key(|n| (n.len(), *n));
+    cifar
+        .into_iter()
+        .chain(ImageNetResNetConfig::PRESETS.iter().map(|p| p.0))
+        .chain(VitConfig::PRESETS)
+        .collect()
 }
 
 /// The family of a model name.
 pub fn family(name: &str) -> Result<Family> {
     if ResNetConfig::PRESETS.iter().any(|(n, _)| *n == name) {
         return Ok(Family::CifarResNet);
+    }
+    if ImageNetResNetConfig::PRESETS.iter().any(|p| p.0 == name) {
+        return Ok(Family::ImageNetResNet);
+    }
+    if VitConfig::PRESETS.contains(&name) {
+        return Ok(Family::Vit);
     }
     Err(Error::UnknownName {
         what: "model",
@@ -97,10 +113,19 @@ pub fn family(name: &str) -> Result<Family> {
     })
 }
 
+/// A shape every preset accepts, for questions that do not depend on the input.
+const PROBE: Input = Input {
+    channels: 3,
+    classes: 10,
+    size: 224,
+};
+
 /// Number of splittable units (stem plus blocks) of a model, for K = one module per block.
 pub fn units(name: &str) -> Result<usize> {
     match family(name)? {
         Family::CifarResNet => Ok(ResNetConfig::preset(name, 3, 10)?.units()),
+        Family::ImageNetResNet => Ok(ImageNetResNetConfig::preset(name, &PROBE)?.units()),
+        Family::Vit => Ok(VitConfig::preset(name, &PROBE)?.units()),
     }
 }
 
@@ -119,5 +144,49 @@ pub fn build(
             options: opts.clone(),
         }
         .build(device, dtype),
+        Family::ImageNetResNet => ImageNetResNet {
+            config: ImageNetResNetConfig::preset(name, &input)?,
+            options: opts.clone(),
+        }
+        .build(device, dtype),
+        Family::Vit => VisionTransformer {
+            config: VitConfig::preset(name, &input)?,
+            options: opts.clone(),
+        }
+        .build(device, dtype),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_builds_and_unknown_names_list_them() {
+        for name in names() {
+            assert!(family(name).is_ok(), "{name}");
+            assert!(units(name).unwrap() >= 2, "{name}");
+        }
+        let e = family("resnet19").unwrap_err().to_string();
+        assert!(
+            e.contains("resnet18") && e.contains("deit-s") && e.contains("resnet110"),
+            "{e}"
+        );
+        let net = build(
+            "vit-cifar",
+            Input {
+                channels: 3,
+                classes: 10,
+                size: 32,
+            },
+            &ModelOptions {
+                modules: 2,
+                ..ModelOptions::default()
+            },
+            &Device::Cpu,
+            DType::F32,
+        )
+        .unwrap();
+        assert_eq!(net.num_modules(), 2);
     }
 }
