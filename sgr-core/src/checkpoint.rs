@@ -340,7 +340,7 @@ pub fn load_params(path: &Path, params: &[Param]) -> Result<()> {
     let map = load_tensors(path, &device)?;
     check_model_tensors(path, params, &map)?;
     for p in params {
-        let t = &map[&p.name];
+        let t = map[&p.name].reshape(p.var.dims())?;
         p.var.set(&t.to_dtype(p.var.dtype())?)?;
     }
     Ok(())
@@ -474,6 +474,12 @@ pub fn load_training_checkpoint(path: &Path, trainer: &mut crate::trainer::Train
     trainer.load_state(state)
 }
 
+/// A one-element tensor stored as a scalar where the model holds `[1]` (or the reverse):
+/// PyTorch writes BatchNorm's `num_batches_tracked` with shape `[]`.
+fn scalar_counter(file: &[usize], model: &[usize]) -> bool {
+    matches!((file, model), ([], [1]) | ([1], []))
+}
+
 fn check_model_tensors(path: &Path, params: &[Param], map: &HashMap<String, Tensor>) -> Result<()> {
     let bad = |problem: String| Error::Checkpoint {
         path: path.to_path_buf(),
@@ -483,7 +489,7 @@ fn check_model_tensors(path: &Path, params: &[Param], map: &HashMap<String, Tens
         let t = map
             .get(&p.name)
             .ok_or_else(|| bad(format!("tensor `{}` is missing", p.name)))?;
-        if t.dims() != p.var.dims() {
+        if t.dims() != p.var.dims() && !scalar_counter(t.dims(), p.var.dims()) {
             return Err(bad(format!(
                 "tensor `{}` has shape {:?}, the model expects {:?}",
                 p.name,
@@ -503,4 +509,47 @@ fn check_model_tensors(path: &Path, params: &[Param], map: &HashMap<String, Tens
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::ParamKind;
+
+    /// PyTorch's BatchNorm counter is an int64 scalar; it loads into the model's `[1]`.
+    #[test]
+    fn a_pytorch_scalar_counter_loads() {
+        let dev = Device::Cpu;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("torch.safetensors");
+        let counter = Tensor::new(7i64, &dev).unwrap();
+        let w = Tensor::new(&[1f32, 2.0], &dev).unwrap();
+        let map: HashMap<String, Tensor> = [
+            ("bn1.num_batches_tracked".to_string(), counter),
+            ("bn1.weight".to_string(), w),
+        ]
+        .into();
+        candle_core::safetensors::save(&map, &path).unwrap();
+        let params = vec![
+            Param {
+                name: "bn1.num_batches_tracked".into(),
+                var: candle_core::Var::zeros(1, candle_core::DType::F32, &dev).unwrap(),
+                kind: ParamKind::Buffer,
+            },
+            Param {
+                name: "bn1.weight".into(),
+                var: candle_core::Var::zeros(2, candle_core::DType::F32, &dev).unwrap(),
+                kind: ParamKind::Trainable,
+            },
+        ];
+        load_params(&path, &params).unwrap();
+        assert_eq!(
+            params[0].var.as_tensor().to_vec1::<f32>().unwrap(),
+            vec![7.0]
+        );
+        assert_eq!(
+            params[1].var.as_tensor().to_vec1::<f32>().unwrap(),
+            vec![1.0, 2.0]
+        );
+    }
 }
