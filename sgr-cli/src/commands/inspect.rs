@@ -53,11 +53,14 @@ pub fn run(a: InspectArgs) -> Result<()> {
     let mut trainer = warm_trainer(&spec, input, &device)?;
     let net = trainer.network();
     let all = net.params();
+    let (backbone, aux) = (trainable(&all, false), trainable(&all, true));
+    // The parameters hold the network's tensors: drop them before anything is measured.
+    drop(all);
     println!(
         "{}: {} backbone parameters, {} in aux heads; {} units; input {}x{}x{}, {} classes",
         a.model,
-        trainable(&all, false),
-        trainable(&all, true),
+        backbone,
+        aux,
         net.plan().units(),
         input.channels,
         input.size,
