@@ -21,13 +21,17 @@ pub enum Decision {
     Relu(Tensor),
     /// The scaled keep mask of a dropout or drop-path (0 or `1 / (1 - p)`).
     Dropout(Tensor),
+    /// The selections of a max-pool: for every output element `(n, c, i, j)`, the flat index
+    /// (`u32`, row-major over the whole NCHW input) of the input element its window picked
+    /// ([`crate::nn::pool::max_pool2d`]).
+    MaxPool(Tensor),
 }
 
 impl Decision {
     /// The mask tensor.
     pub fn mask(&self) -> &Tensor {
         match self {
-            Decision::Relu(m) | Decision::Dropout(m) => m,
+            Decision::Relu(m) | Decision::Dropout(m) | Decision::MaxPool(m) => m,
         }
     }
 
@@ -35,6 +39,7 @@ impl Decision {
         match self {
             Decision::Relu(_) => "ReLU",
             Decision::Dropout(_) => "dropout",
+            Decision::MaxPool(_) => "max-pool",
         }
     }
 }
@@ -169,6 +174,21 @@ impl Ctx {
             Tape::Record(_) => Ok(ReluMode::Record),
             Tape::Replay { .. } => match self.next_replay("ReLU")? {
                 Decision::Relu(m) => Ok(ReluMode::Replay(m)),
+                _ => unreachable!("next_replay checks the kind"),
+            },
+        }
+    }
+
+    /// How the next max-pool selects its window elements, in [`ReluMode`]'s three cases:
+    /// select afresh ([`ReluMode::Plain`]), select afresh and hand the selection to
+    /// [`Ctx::record`] as a [`Decision::MaxPool`] ([`ReluMode::Record`]), or use the recorded
+    /// selection ([`ReluMode::Replay`], consumed: call this exactly once per max-pool).
+    pub fn max_pool_mode(&mut self) -> Result<ReluMode> {
+        match &self.tape {
+            Tape::Off => Ok(ReluMode::Plain),
+            Tape::Record(_) => Ok(ReluMode::Record),
+            Tape::Replay { .. } => match self.next_replay("max-pool")? {
+                Decision::MaxPool(m) => Ok(ReluMode::Replay(m)),
                 _ => unreachable!("next_replay checks the kind"),
             },
         }

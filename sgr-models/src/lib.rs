@@ -12,7 +12,9 @@
 
 pub mod heads;
 pub mod resnet;
+pub mod resnet_imagenet;
 pub mod split;
+pub mod vit;
 pub mod zoo;
 
 pub use heads::HeadKind;

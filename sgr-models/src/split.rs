@@ -215,8 +215,8 @@ pub fn balanced_ends(costs: &[UnitCost], k: usize) -> Result<Vec<usize>> {
     // best[m][j]: the smallest largest-module cost of units 0..=j cut into m+1 modules.
     let mut best = vec![vec![u64::MAX; n]; k];
     let mut cut = vec![vec![0usize; n]; k];
-    for j in 0..n {
-        best[0][j] = module_cost(costs, 0, j);
+    for (j, b) in best[0].iter_mut().enumerate() {
+        *b = module_cost(costs, 0, j);
     }
     for m in 1..k {
         for j in m..n {

@@ -90,6 +90,28 @@ impl Init {
         self.var(data, shape)
     }
 
+    /// N(0, std²) entries truncated to `[a, b]` (absolute bounds, by rejection), as timm's
+    /// `trunc_normal_(t, std=std, a=a, b=b)`; timm's ViT uses std 0.02 within ±2.
+    pub fn trunc_normal(&mut self, shape: &[usize], std: f64, a: f64, b: f64) -> Result<Var> {
+        // Rejection needs an interval of non-negligible mass.
+        let (lo, hi) = (a / std, b / std);
+        if !(std > 0.0 && a < b && hi > -6.0 && lo < 6.0 && hi - lo > 1e-3) {
+            return Err(crate::Error::InvalidConfig(format!(
+                "truncated normal with std {std} on [{a}, {b}]: the interval must be non-empty \
+                 and hold a non-negligible part of the distribution"
+            )));
+        }
+        let n: usize = shape.iter().product();
+        let mut data = Vec::with_capacity(n);
+        while data.len() < n {
+            let z = self.normal();
+            if (lo..=hi).contains(&z) {
+                data.push(z * std);
+            }
+        }
+        self.var(data, shape)
+    }
+
     /// U(-bound, bound) entries.
     pub fn uniform(&mut self, shape: &[usize], bound: f64) -> Result<Var> {
         let n: usize = shape.iter().product();
@@ -119,17 +141,19 @@ fn param(name: String, var: &Var, kind: ParamKind) -> Param {
     }
 }
 
-/// 2-D convolution without bias (ResNet style), Kaiming-normal (fan-out) initialisation.
+/// 2-D convolution, without bias (ResNet style, [`Conv2d::new`]) or with one
+/// ([`Conv2d::with_bias`], e.g. a ViT patch embedding).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     name: String,
     weight: Var,
+    bias: Option<Var>,
     stride: usize,
     padding: usize,
 }
 
 impl Conv2d {
-    /// `k`×`k` convolution `cin → cout`.
+    /// `k`×`k` convolution `cin → cout` without bias, Kaiming-normal (fan-out) initialisation.
     pub fn new(
         name: impl Into<String>,
         init: &mut Init,
@@ -143,6 +167,28 @@ impl Conv2d {
         Ok(Self {
             name: name.into(),
             weight: init.randn(&[cout, cin, k, k], std)?,
+            bias: None,
+            stride,
+            padding,
+        })
+    }
+
+    /// `k`×`k` convolution `cin → cout` with a bias, PyTorch's default initialisation (weight
+    /// and bias U(±1/√fan_in), fan_in = cin·k²), as timm's `patch_embed.proj`.
+    pub fn with_bias(
+        name: impl Into<String>,
+        init: &mut Init,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let bound = 1.0 / ((cin * k * k) as f64).sqrt();
+        Ok(Self {
+            name: name.into(),
+            weight: init.uniform(&[cout, cin, k, k], bound)?,
+            bias: Some(init.uniform(&[cout], bound)?),
             stride,
             padding,
         })
@@ -152,22 +198,39 @@ impl Conv2d {
     /// ([`crate::kernels::conv2d`] dispatches). Both are differentiable twice.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.weight.as_tensor();
-        Ok(crate::kernels::conv2d(x, w, self.stride, self.padding)?)
+        let y = crate::kernels::conv2d(x, w, self.stride, self.padding)?;
+        match &self.bias {
+            None => Ok(y),
+            Some(b) => Ok(y.broadcast_add(&b.as_tensor().reshape((1, b.dim(0)?, 1, 1))?)?),
+        }
     }
 
     /// The weight, shape `(cout, cin, k, k)`.
     pub fn weight(&self) -> &Var {
         &self.weight
     }
+
+    /// The bias, shape `(cout,)`, if the convolution has one.
+    pub fn bias(&self) -> Option<&Var> {
+        self.bias.as_ref()
+    }
 }
 
 impl Layer for Conv2d {
     fn params(&self) -> Vec<Param> {
-        vec![param(
+        let mut p = vec![param(
             format!("{}.weight", self.name),
             &self.weight,
             ParamKind::Trainable,
-        )]
+        )];
+        if let Some(b) = &self.bias {
+            p.push(param(
+                format!("{}.bias", self.name),
+                b,
+                ParamKind::Trainable,
+            ));
+        }
+        p
     }
 }
 
@@ -362,10 +425,41 @@ impl Linear {
         })
     }
 
-    /// Forward pass on `(batch, cin)`.
+    /// A layer from its tensors: `weight` `(cout, cin)`, `bias` `(cout,)` (another
+    /// initialisation, e.g. timm's truncated normal with a zero bias).
+    pub fn from_vars(name: impl Into<String>, weight: Var, bias: Var) -> Result<Self> {
+        let (cout, _) = weight.dims2()?;
+        if bias.dims() != [cout] {
+            return Err(crate::Error::InvalidConfig(format!(
+                "linear layer with weight {:?} needs a bias of shape [{cout}], got {:?}",
+                weight.dims(),
+                bias.dims()
+            )));
+        }
+        Ok(Self {
+            name: name.into(),
+            weight,
+            bias,
+        })
+    }
+
+    /// Forward pass on `(batch, cin)`, or on `(..., cin)` of any rank ≥ 2 (the leading axes
+    /// flattened into one for the matrix product, e.g. the tokens of a Transformer).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.matmul(&self.weight.as_tensor().t()?)?
-            .broadcast_add(self.bias.as_tensor())?)
+        let w = self.weight.as_tensor();
+        if x.rank() <= 2 {
+            return Ok(x.matmul(&w.t()?)?.broadcast_add(self.bias.as_tensor())?);
+        }
+        let dims = x.dims();
+        let (lead, cin) = dims.split_at(dims.len() - 1);
+        let rows: usize = lead.iter().product();
+        let y = x
+            .reshape((rows, cin[0]))?
+            .matmul(&w.t()?)?
+            .broadcast_add(self.bias.as_tensor())?;
+        let mut out = lead.to_vec();
+        out.push(w.dim(0)?);
+        Ok(y.reshape(out)?)
     }
 }
 
