@@ -128,7 +128,8 @@ def main():
     ap.add_argument("--model", default="resnet32")
     ap.add_argument("--method", default="bp", choices=["bp", "greedy", "sgr"])
     ap.add_argument("--modules", type=int, default=None)
-    ap.add_argument("--aux-head", default="1c2f")
+    ap.add_argument("--aux-head", default="auto",
+                    help="auto: 1c2f (CIFAR ResNets), infopro (ImageNet ResNets), token (ViTs)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--input-size", type=int, default=32)
@@ -141,9 +142,24 @@ def main():
     ap.add_argument("--sgr-fd-epsilon", type=float, default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    depth = int(a.model.replace("resnet", ""))
     k = 1 if a.method == "bp" else (a.modules or 4)
-    mods = build(depth, a.in_channels, a.classes, k, a.aux_head)
+    cifar = a.model.startswith("resnet") and (int(a.model[6:]) - 2) % 6 == 0 and int(a.model[6:]) >= 8
+    if cifar:
+        mods = build(int(a.model[6:]), a.in_channels, a.classes, k, "1c2f" if a.aux_head == "auto" else a.aux_head)
+    else:
+        # The zoo's other models (torchvision ResNets, timm ViTs) as scripts/torch_train.py
+        # builds them: the same units, uniform split and aux heads as sgr.
+        import os
+        import sys
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import torch_train
+        head = a.aux_head
+        if head in ("auto", "1c2f"):
+            head = "infopro" if a.model in torch_train.RESNETS else "token"
+        t = argparse.Namespace(model=a.model, modules=k, aux_head=head, seed=0, dropout=0.0,
+                               drop_path=0.0, classes=a.classes, image_size=a.input_size)
+        local, _, _ = torch_train.build(t)
+        mods = [(m.body, m.head) for m in local]
     opts = []
     for body, head in mods:
         params = list(body.parameters()) + (list(head.parameters()) if head is not None else [])

@@ -48,6 +48,14 @@ import torch.nn.functional as F
 # depend on K or the head.
 HEAD_SEED_OFFSET = 0x9E3779B97F4A7C15
 VIT_CIFAR = dict(patch_size=4, embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0)
+# sgr-models/src/vit.rs presets (patch 16 for 224×224).
+VIT_PRESETS = {
+    "vit-cifar": VIT_CIFAR,
+    "deit-ti": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0),
+    "deit-s": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0),
+    "deit-b": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0),
+}
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,16 +236,17 @@ class ResNetClassifier(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def resnet18_units(classes):
+def resnet_units(name, classes):
     import torchvision
-    m = torchvision.models.resnet18(num_classes=classes)
+    m = getattr(torchvision.models, name)(num_classes=classes)
     units = [nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool)]
     channels = [64]
     names = ["stem"]
     for s, layer in enumerate([m.layer1, m.layer2, m.layer3, m.layer4], 1):
         for b, blk in enumerate(layer):
             units.append(blk)
-            channels.append(blk.conv2.out_channels)
+            last = blk.conv3 if hasattr(blk, "conv3") else blk.conv2
+            channels.append(last.out_channels)
             names.append(f"layer{s}.{b}")
     return units, channels, names, ResNetClassifier(m.fc)
 
@@ -296,15 +305,16 @@ class TokenHead(nn.Module):
         return self.head(h[:, 1:].mean(1) if self.mean else h[:, 0])
 
 
-def vit_cifar_units(classes, dropout, drop_path):
+def vit_units(name, classes, dropout, drop_path, image_size=32):
     from timm.models.vision_transformer import VisionTransformer
-    v = VisionTransformer(img_size=32, in_chans=3, num_classes=classes, global_pool="token",
-                          qkv_bias=True, drop_rate=0.0, pos_drop_rate=dropout,
-                          proj_drop_rate=dropout, attn_drop_rate=dropout,
-                          drop_path_rate=drop_path, **VIT_CIFAR)
+    cfg = VIT_PRESETS[name]
+    v = VisionTransformer(img_size=image_size, in_chans=3, num_classes=classes,
+                          global_pool="token", qkv_bias=True, drop_rate=0.0,
+                          pos_drop_rate=dropout, proj_drop_rate=dropout, attn_drop_rate=dropout,
+                          drop_path_rate=drop_path, **cfg)
     units = [VitEmbed(v)] + list(v.blocks)
     names = ["embed"] + [f"blocks.{i}" for i in range(len(v.blocks))]
-    return units, [VIT_CIFAR["embed_dim"]] * len(units), names, VitClassifier(v)
+    return units, [cfg["embed_dim"]] * len(units), names, VitClassifier(v)
 
 
 class LocalModule(nn.Module):
@@ -317,12 +327,16 @@ class LocalModule(nn.Module):
 def build(a):
     """The network as K LocalModules, the split ends and the unit labels."""
     torch.manual_seed(a.seed)
-    if a.model == "resnet18":
+    classes = getattr(a, "classes", 10)
+    is_resnet = a.model in RESNETS
+    if is_resnet:
         if a.dropout or a.drop_path:
-            raise SystemExit("resnet18 has no dropout or drop-path")
-        units, channels, names, classifier = resnet18_units(10)
+            raise SystemExit(f"{a.model} has no dropout or drop-path")
+        units, channels, names, classifier = resnet_units(a.model, classes)
     else:
-        units, channels, names, classifier = vit_cifar_units(10, a.dropout, a.drop_path)
+        units, channels, names, classifier = vit_units(
+            a.model, classes, a.dropout, a.drop_path, getattr(a, "image_size", 32))
+    cfg = VIT_PRESETS.get(a.model)
     ends = uniform_ends(len(units), a.modules)
     torch.manual_seed((a.seed + HEAD_SEED_OFFSET) % (1 << 63))
     mods, start = [], 0
@@ -331,13 +345,16 @@ def build(a):
         head = None
         if j == len(ends) - 1:
             body.append(classifier)
-        elif a.model == "resnet18":
+        elif is_resnet:
             c = channels[end]
-            head = {"infopro": lambda: InfoproHead(c, 10), "dgl": lambda: DglHead(c, 10),
-                    "0c1f": lambda: GapLinearHead(c, 10)}[a.aux_head]()
+            # DGL's map-size bookkeeping halves the side for bottleneck ResNets (as sgr).
+            bottleneck = a.model not in ("resnet18", "resnet34")
+            head = {"infopro": lambda: InfoproHead(c, classes),
+                    "dgl": lambda: DglHead(c, classes, halve_side=bottleneck),
+                    "0c1f": lambda: GapLinearHead(c, classes)}[a.aux_head]()
         else:
-            head = TokenHead(a.aux_head, VIT_CIFAR["embed_dim"], VIT_CIFAR["num_heads"],
-                             VIT_CIFAR["mlp_ratio"], 10, a.dropout)
+            head = TokenHead(a.aux_head, cfg["embed_dim"], cfg["num_heads"],
+                             cfg["mlp_ratio"], classes, a.dropout)
         mods.append(LocalModule(nn.Sequential(*body), head))
         start = end + 1
     # Unfused attention: twice differentiable (the CPU flash kernel is not), the same in all

@@ -498,9 +498,11 @@ fn fd_term_grad(
     } else {
         &[1.0, -1.0]
     };
-    let mut losses = Vec::with_capacity(2);
+    // One pass at a time: each pass's graph is freed before the next is built, so the
+    // difference costs one module graph of memory, like the base pass.
+    let mut sums: Option<Vec<Tensor>> = None;
     for &sign in signs {
-        // the point site + sign·ε·v/rms, each in one parallel pass
+        // the point site + sign·ε·v/rms
         let c = sign * eps / rms;
         let mut ctx = Ctx::train_replaying(masks.to_vec());
         let f = match site {
@@ -520,25 +522,34 @@ fn fd_term_grad(
                 masks.len()
             )));
         }
-        losses.push(f.loss);
+        let store = f.loss.backward()?;
+        drop(f);
+        let g = collect_grads(&store, &vars)?;
+        drop(store);
+        sums = Some(match sums {
+            None => g,
+            // ∇L(ĥ + εu) − ∇L(ĥ − εu)
+            Some(plus) => plus
+                .into_iter()
+                .zip(g)
+                .map(|(a, b)| Ok((a - b)?))
+                .collect::<Result<Vec<_>>>()?,
+        });
     }
+    let diff = sums.unwrap_or_default();
     let grads = match base_grads {
         // rms · [∇L(ĥ + εu) − ∇L(ĥ)] / ε
         Some(g0) => {
-            let store = losses[0].backward()?;
             let scale = rms / eps;
-            collect_grads(&store, &vars)?
-                .into_iter()
+            diff.into_iter()
                 .zip(g0)
                 .map(|(g, g0)| Ok(((g - g0)? * scale)?))
                 .collect::<Result<Vec<_>>>()?
         }
-        // rms · [∇L(ĥ + εu) − ∇L(ĥ − εu)] / (2ε), one backward through both passes
+        // rms · [∇L(ĥ + εu) − ∇L(ĥ − εu)] / (2ε)
         None => {
-            let store = (&losses[0] - &losses[1])?.backward()?;
             let scale = rms / (2.0 * eps);
-            collect_grads(&store, &vars)?
-                .into_iter()
+            diff.into_iter()
                 .map(|g| Ok((g * scale)?))
                 .collect::<Result<Vec<_>>>()?
         }

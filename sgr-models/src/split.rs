@@ -187,23 +187,57 @@ pub fn resolve(req: &SplitRequest<'_>) -> Result<SplitPlan> {
 /// What one unit costs in training memory, measured (bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct UnitCost {
-    /// Bytes the unit's forward graph holds until the backward pass.
+    /// Bytes the unit's forward graph holds until the backward pass (plus the gradients of its
+    /// weights), in a module that does not record its decisions.
     pub held: u64,
-    /// Peak bytes above `held` while a module ending at this unit runs its step: its local
-    /// objective (head, decoder) and the transient memory of the backward and SGR passes.
+    /// The same in a module that records its non-smooth decisions (ReLU masks, max-pool
+    /// selections, dropout masks) for the SGR finite differences: the tape is held too.
+    pub held_recording: u64,
+    /// Peak bytes above the graphs while a module containing this unit runs its step: the
+    /// backward's in-flight gradients at this unit, the head when the module ends here, the
+    /// SGR passes.
     pub tail: u64,
 }
 
-/// The cost model of a module `i..=j`: the graphs of its units, plus the tail of its last unit.
-pub fn module_cost(costs: &[UnitCost], i: usize, j: usize) -> u64 {
-    costs[i..=j].iter().map(|c| c.held).sum::<u64>() + costs[j].tail
+/// Which modules of a split record their decisions (the SGR finite differences replay them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Recording {
+    /// None (no SGR, or its exact gradient).
+    #[default]
+    None,
+    /// Every module but the first (SGR's forward direction).
+    AllButFirst,
+    /// Every module but the last (SGR's backward direction).
+    AllButLast,
+}
+
+impl Recording {
+    /// Whether module `m` of `k` records.
+    pub fn records(&self, m: usize, k: usize) -> bool {
+        match self {
+            Recording::None => false,
+            Recording::AllButFirst => m > 0,
+            Recording::AllButLast => m + 1 < k,
+        }
+    }
+}
+
+/// The cost model of a module of units `i..=j`: the graphs of its units, plus the largest tail
+/// among them (the backward's in-flight gradients are largest at the widest unit; the head's
+/// graph is small beside them).
+pub fn module_cost(costs: &[UnitCost], i: usize, j: usize, records: bool) -> u64 {
+    let graphs: u64 = costs[i..=j]
+        .iter()
+        .map(|c| if records { c.held_recording } else { c.held })
+        .sum();
+    graphs + costs[i..=j].iter().map(|c| c.tail).max().unwrap_or(0)
 }
 
 /// The end points of the contiguous split of `costs.len()` units into `k` modules that
 /// minimises the largest [`module_cost`], found exactly by dynamic programming over all
 /// contiguous partitions (O(K·n²)). Among optimal splits it returns the one whose earlier modules
 /// end as late as possible.
-pub fn balanced_ends(costs: &[UnitCost], k: usize) -> Result<Vec<usize>> {
+pub fn balanced_ends(costs: &[UnitCost], k: usize, recording: Recording) -> Result<Vec<usize>> {
     let n = costs.len();
     if k == 0 || k > n {
         return Err(Error::UnsupportedSplit {
@@ -216,9 +250,10 @@ pub fn balanced_ends(costs: &[UnitCost], k: usize) -> Result<Vec<usize>> {
     let mut best = vec![vec![u64::MAX; n]; k];
     let mut cut = vec![vec![0usize; n]; k];
     for (j, b) in best[0].iter_mut().enumerate() {
-        *b = module_cost(costs, 0, j);
+        *b = module_cost(costs, 0, j, recording.records(0, k));
     }
     for m in 1..k {
+        let records = recording.records(m, k);
         for j in m..n {
             // The last module is i..=j; the first m modules cover 0..i.
             for i in m..=j {
@@ -226,7 +261,7 @@ pub fn balanced_ends(costs: &[UnitCost], k: usize) -> Result<Vec<usize>> {
                 if prev == u64::MAX {
                     continue;
                 }
-                let c = prev.max(module_cost(costs, i, j));
+                let c = prev.max(module_cost(costs, i, j, records));
                 if c <= best[m][j] {
                     best[m][j] = c;
                     cut[m][j] = i;
@@ -251,23 +286,29 @@ mod tests {
 
     fn costs(held: &[u64]) -> Vec<UnitCost> {
         held.iter()
-            .map(|&h| UnitCost { held: h, tail: 0 })
+            .map(|&h| UnitCost {
+                held: h,
+                held_recording: h,
+                tail: 0,
+            })
             .collect()
     }
 
     /// Every contiguous split into k modules, by brute force.
-    fn brute(c: &[UnitCost], k: usize) -> u64 {
-        fn go(c: &[UnitCost], start: usize, k: usize) -> u64 {
+    fn brute(c: &[UnitCost], k: usize, rec: Recording) -> u64 {
+        fn go(c: &[UnitCost], start: usize, m: usize, k: usize, rec: Recording) -> u64 {
             let n = c.len();
-            if k == 1 {
-                return module_cost(c, start, n - 1);
+            if m + 1 == k {
+                return module_cost(c, start, n - 1, rec.records(m, k));
             }
-            (start..=n - k)
-                .map(|end| module_cost(c, start, end).max(go(c, end + 1, k - 1)))
+            (start..=n - (k - m))
+                .map(|end| {
+                    module_cost(c, start, end, rec.records(m, k)).max(go(c, end + 1, m + 1, k, rec))
+                })
                 .min()
                 .unwrap()
         }
-        go(c, 0, k)
+        go(c, 0, 0, k, rec)
     }
 
     #[test]
@@ -280,22 +321,29 @@ mod tests {
                         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
                         UnitCost {
                             held: (seed >> 33) % 100,
+                            held_recording: (seed >> 33) % 100 + (seed >> 40) % 50,
                             tail: (seed >> 20) % 30,
                         }
                     })
                     .collect();
                 for k in 1..=n {
-                    let ends = balanced_ends(&c, k).unwrap();
-                    assert_eq!(ends.len(), k);
-                    let plan = SplitPlan::new(n, ends.clone()).unwrap();
-                    let worst = (0..k)
-                        .map(|m| {
-                            let r = plan.range(m);
-                            module_cost(&c, r.start, r.end - 1)
-                        })
-                        .max()
-                        .unwrap();
-                    assert_eq!(worst, brute(&c, k), "n={n} k={k} ends={ends:?}");
+                    for rec in [
+                        Recording::None,
+                        Recording::AllButFirst,
+                        Recording::AllButLast,
+                    ] {
+                        let ends = balanced_ends(&c, k, rec).unwrap();
+                        assert_eq!(ends.len(), k);
+                        let plan = SplitPlan::new(n, ends.clone()).unwrap();
+                        let worst = (0..k)
+                            .map(|m| {
+                                let r = plan.range(m);
+                                module_cost(&c, r.start, r.end - 1, rec.records(m, k))
+                            })
+                            .max()
+                            .unwrap();
+                        assert_eq!(worst, brute(&c, k, rec), "n={n} k={k} ends={ends:?}");
+                    }
                 }
             }
         }
@@ -304,15 +352,31 @@ mod tests {
     #[test]
     fn balanced_moves_cuts_towards_heavy_units() {
         // A heavy first unit (an ImageNet stem) gets a module of its own.
+        let none = Recording::None;
         assert_eq!(
-            balanced_ends(&costs(&[10, 1, 1, 1, 1]), 2).unwrap(),
+            balanced_ends(&costs(&[10, 1, 1, 1, 1]), 2, none).unwrap(),
             vec![0, 4]
         );
         assert_eq!(
-            balanced_ends(&costs(&[1, 1, 1, 1, 10]), 2).unwrap(),
+            balanced_ends(&costs(&[1, 1, 1, 1, 10]), 2, none).unwrap(),
             vec![3, 4]
         );
-        assert!(balanced_ends(&costs(&[1, 1]), 3).is_err());
+        assert!(balanced_ends(&costs(&[1, 1]), 3, none).is_err());
+        // Recording modules hold their tapes too: the first module (which does not record
+        // under the forward direction) takes more units.
+        let c: Vec<UnitCost> = [4u64, 4, 4, 4]
+            .iter()
+            .map(|&h| UnitCost {
+                held: h,
+                held_recording: 2 * h,
+                tail: 0,
+            })
+            .collect();
+        assert_eq!(balanced_ends(&c, 2, none).unwrap(), vec![1, 3]);
+        assert_eq!(
+            balanced_ends(&c, 2, Recording::AllButFirst).unwrap(),
+            vec![2, 3]
+        );
     }
 
     #[test]

@@ -14,8 +14,9 @@ use std::sync::{Arc, Mutex};
 use candle_core::{Device, Tensor};
 use sgr_core::nn::{Ctx, ParamKind};
 use sgr_core::objective::Batch;
+use sgr_core::sgr::{Direction, SgrGrad};
 use sgr_core::trainer::{Trainer, TrainerConfig};
-use sgr_models::split::{balanced_ends, UnitCost};
+use sgr_models::split::{balanced_ends, Recording, UnitCost};
 use sgr_models::{Input, SplitStrategy};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Metadata, Subscriber};
@@ -216,51 +217,81 @@ pub fn unit_costs(
     let mut trainer = warm_trainer(&per_unit, input, device)?;
     let b = random_batch(input, batch, device)?;
     let step = measure_step(&mut trainer, &b, Arc::clone(&meter))?;
-    // Each unit's forward graph (and the gradients of its weights) on its own.
+    // Each unit's forward graph (and the gradients of its weights) on its own, with and without
+    // the tape of decisions that the SGR finite differences record.
     let net = trainer.network();
-    let mut held = Vec::with_capacity(units);
+    let mut measured = Vec::with_capacity(units);
     let mut h = b.input.clone();
     for k in 0..units {
         let x = h.detach();
-        let before = meter.live();
-        let out = net.module_body(k, &x, &mut Ctx::train_frozen_stats())?;
-        let graph = meter.live().saturating_sub(before);
         let grads: u64 = net
             .module_params(k)
             .iter()
             .filter(|p| p.kind == ParamKind::Trainable && !p.name.starts_with("aux."))
             .map(|p| (p.var.elem_count() * p.var.dtype().size_in_bytes()) as u64)
             .sum();
-        held.push(graph + grads);
-        h = out.detach();
+        let graph = |mut ctx: Ctx| -> Result<(u64, Tensor)> {
+            let before = meter.live();
+            let out = net.module_body(k, &x, &mut ctx)?;
+            let bytes = meter.live().saturating_sub(before);
+            drop(ctx);
+            Ok((bytes, out.detach()))
+        };
+        let (plain, out) = graph(Ctx::train_frozen_stats())?;
+        let (recording, _) = graph(Ctx::train_recording())?;
+        measured.push((plain + grads, recording.max(plain) + grads));
+        h = out;
     }
+    let recording = recording_of(spec);
     Ok(step
         .modules
         .iter()
-        .zip(held)
-        .map(|(m, held)| UnitCost {
-            held,
-            tail: m.peak.saturating_sub(m.start).saturating_sub(held),
+        .zip(measured)
+        .enumerate()
+        .map(|(k, (m, (held, held_recording)))| {
+            let own = if recording.records(k, units) {
+                held_recording
+            } else {
+                held
+            };
+            UnitCost {
+                held,
+                held_recording,
+                tail: m.peak.saturating_sub(m.start).saturating_sub(own),
+            }
         })
         .collect())
 }
 
+/// Which modules of `spec`'s method record their decisions for the SGR finite differences.
+pub fn recording_of(spec: &RunSpec) -> Recording {
+    match &spec.trainer.method.sgr {
+        Some(s) if s.grad != SgrGrad::Exact => match s.direction {
+            Direction::Forward => Recording::AllButFirst,
+            Direction::Backward => Recording::AllButLast,
+        },
+        _ => Recording::None,
+    }
+}
+
 /// `spec` with its split measured and balanced: [`unit_costs`], then the exact minimax
-/// partition ([`balanced_ends`]) into `spec`'s K modules, written to `split_ends`.
+/// partition ([`balanced_ends`]) into `spec`'s K modules, written to `split_ends`; with the
+/// measured costs.
 pub fn balanced_spec(
     spec: &RunSpec,
     input: Input,
     batch: usize,
     meter: Arc<dyn MemoryMeter>,
     device: &Device,
-) -> Result<RunSpec> {
+) -> Result<(RunSpec, Vec<UnitCost>)> {
     let k = spec.num_modules();
     let costs = unit_costs(spec, input, batch, meter, device)?;
-    let ends = balanced_ends(&costs, k)?;
-    Ok(RunSpec {
+    let ends = balanced_ends(&costs, k, recording_of(spec))?;
+    let spec = RunSpec {
         modules: Some(k),
         split: SplitStrategy::Balanced,
         split_ends: Some(ends),
         ..spec.clone()
-    })
+    };
+    Ok((spec, costs))
 }

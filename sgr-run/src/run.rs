@@ -247,7 +247,8 @@ impl Run {
                 )
             })?;
             spec =
-                crate::memory::balanced_spec(&spec, data.input(), spec.batch_size, meter, &device)?;
+                crate::memory::balanced_spec(&spec, data.input(), spec.batch_size, meter, &device)?
+                    .0;
         }
         let train_loader = Loader::new(
             Arc::clone(&data.train),

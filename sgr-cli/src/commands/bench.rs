@@ -61,7 +61,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if spec.split == sgr_models::SplitStrategy::Balanced && spec.split_ends.is_none() {
         let meter = std::sync::Arc::new(crate::alloc::Meter);
         spec =
-            sgr_run::memory::balanced_spec(&spec, a.input.input(), a.batch_size, meter, &device)?;
+            sgr_run::memory::balanced_spec(&spec, a.input.input(), a.batch_size, meter, &device)?.0;
     }
     let method = spec.trainer.method.clone();
     let trainer_cfg = TrainerConfig {

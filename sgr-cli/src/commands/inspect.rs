@@ -47,8 +47,11 @@ pub fn run(a: InspectArgs) -> Result<()> {
     let device = Device::Cpu;
     let meter: Arc<dyn MemoryMeter> = Arc::new(crate::alloc::Meter);
     let mut spec = a.method.spec(&a.model)?;
+    let mut costs = None;
     if spec.split == SplitStrategy::Balanced && spec.split_ends.is_none() {
-        spec = balanced_spec(&spec, input, a.batch_size, Arc::clone(&meter), &device)?;
+        let (s, c) = balanced_spec(&spec, input, a.batch_size, Arc::clone(&meter), &device)?;
+        spec = s;
+        costs = Some(c);
     }
     let mut trainer = warm_trainer(&spec, input, &device)?;
     let net = trainer.network();
@@ -94,16 +97,32 @@ pub fn run(a: InspectArgs) -> Result<()> {
     let batch = random_batch(input, a.batch_size, &device)?;
     let step = measure_step(&mut trainer, &batch, Arc::clone(&meter))?;
     println!(
-        "{:<7} {:<28} {:>12} {:>10} {:>14} {:>16}",
-        "module", "blocks", "body params", "head", "step peak MiB", "above start MiB"
+        "{:<7} {:<28} {:>12} {:>10} {:>14} {:>16}{}",
+        "module",
+        "blocks",
+        "body params",
+        "head",
+        "step peak MiB",
+        "above start MiB",
+        if costs.is_some() {
+            "  model MiB (above start)"
+        } else {
+            ""
+        }
     );
     for (k, (blocks, body, head)) in modules.iter().enumerate() {
         let m = step.modules.iter().find(|m| m.module == k);
         let (peak, above) = m.map_or((f64::NAN, f64::NAN), |m| {
             (mib(m.peak), mib(m.peak.saturating_sub(m.start)))
         });
+        let predicted = costs.as_ref().map_or(String::new(), |c| {
+            let r = plan.range(k);
+            let records = sgr_run::memory::recording_of(&spec).records(k, plan.num_modules());
+            let cost = sgr_models::split::module_cost(c, r.start, r.end - 1, records);
+            format!(" {:>24.1}", mib(cost))
+        });
         println!(
-            "{:<7} {:<28} {:>12} {:>10} {:>14.1} {:>16.1}",
+            "{:<7} {:<28} {:>12} {:>10} {:>14.1} {:>16.1}{predicted}",
             k + 1,
             blocks,
             body,
