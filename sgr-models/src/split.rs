@@ -190,19 +190,20 @@ pub struct UnitCost {
     /// Bytes the unit's forward graph holds until the backward pass (plus the gradients of its
     /// weights), in a module that does not record its decisions.
     pub held: u64,
-    /// The same in a module that records its non-smooth decisions (ReLU masks, max-pool
-    /// selections, dropout masks) for the SGR finite differences: the tape is held too.
-    pub held_recording: u64,
+    /// The same in a module that carries an SGR term: the tape of non-smooth decisions its
+    /// finite differences replay (ReLU masks, max-pool selections, dropout masks), and the
+    /// extra gradient buffers of the term (`sgr_run::memory::SGR_GRAD_SETS`).
+    pub held_sgr: u64,
     /// Peak bytes above the graphs while a module containing this unit runs its step: the
     /// backward's in-flight gradients at this unit, the head when the module ends here, the
     /// SGR passes.
     pub tail: u64,
 }
 
-/// Which modules of a split record their decisions (the SGR finite differences replay them).
+/// Which modules of a split carry an SGR term.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Recording {
-    /// None (no SGR, or its exact gradient).
+pub enum SgrModules {
+    /// None (no SGR).
     #[default]
     None,
     /// Every module but the first (SGR's forward direction).
@@ -211,13 +212,13 @@ pub enum Recording {
     AllButLast,
 }
 
-impl Recording {
-    /// Whether module `m` of `k` records.
+impl SgrModules {
+    /// Whether module `m` of `k` carries the term.
     pub fn records(&self, m: usize, k: usize) -> bool {
         match self {
-            Recording::None => false,
-            Recording::AllButFirst => m > 0,
-            Recording::AllButLast => m + 1 < k,
+            SgrModules::None => false,
+            SgrModules::AllButFirst => m > 0,
+            SgrModules::AllButLast => m + 1 < k,
         }
     }
 }
@@ -228,7 +229,7 @@ impl Recording {
 pub fn module_cost(costs: &[UnitCost], i: usize, j: usize, records: bool) -> u64 {
     let graphs: u64 = costs[i..=j]
         .iter()
-        .map(|c| if records { c.held_recording } else { c.held })
+        .map(|c| if records { c.held_sgr } else { c.held })
         .sum();
     graphs + costs[i..=j].iter().map(|c| c.tail).max().unwrap_or(0)
 }
@@ -237,7 +238,7 @@ pub fn module_cost(costs: &[UnitCost], i: usize, j: usize, records: bool) -> u64
 /// minimises the largest [`module_cost`], found exactly by dynamic programming over all
 /// contiguous partitions (O(K·n²)). Among optimal splits it returns the one whose earlier modules
 /// end as late as possible.
-pub fn balanced_ends(costs: &[UnitCost], k: usize, recording: Recording) -> Result<Vec<usize>> {
+pub fn balanced_ends(costs: &[UnitCost], k: usize, recording: SgrModules) -> Result<Vec<usize>> {
     let n = costs.len();
     if k == 0 || k > n {
         return Err(Error::UnsupportedSplit {
@@ -288,15 +289,15 @@ mod tests {
         held.iter()
             .map(|&h| UnitCost {
                 held: h,
-                held_recording: h,
+                held_sgr: h,
                 tail: 0,
             })
             .collect()
     }
 
     /// Every contiguous split into k modules, by brute force.
-    fn brute(c: &[UnitCost], k: usize, rec: Recording) -> u64 {
-        fn go(c: &[UnitCost], start: usize, m: usize, k: usize, rec: Recording) -> u64 {
+    fn brute(c: &[UnitCost], k: usize, rec: SgrModules) -> u64 {
+        fn go(c: &[UnitCost], start: usize, m: usize, k: usize, rec: SgrModules) -> u64 {
             let n = c.len();
             if m + 1 == k {
                 return module_cost(c, start, n - 1, rec.records(m, k));
@@ -321,16 +322,16 @@ mod tests {
                         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
                         UnitCost {
                             held: (seed >> 33) % 100,
-                            held_recording: (seed >> 33) % 100 + (seed >> 40) % 50,
+                            held_sgr: (seed >> 33) % 100 + (seed >> 40) % 50,
                             tail: (seed >> 20) % 30,
                         }
                     })
                     .collect();
                 for k in 1..=n {
                     for rec in [
-                        Recording::None,
-                        Recording::AllButFirst,
-                        Recording::AllButLast,
+                        SgrModules::None,
+                        SgrModules::AllButFirst,
+                        SgrModules::AllButLast,
                     ] {
                         let ends = balanced_ends(&c, k, rec).unwrap();
                         assert_eq!(ends.len(), k);
@@ -352,7 +353,7 @@ mod tests {
     #[test]
     fn balanced_moves_cuts_towards_heavy_units() {
         // A heavy first unit (an ImageNet stem) gets a module of its own.
-        let none = Recording::None;
+        let none = SgrModules::None;
         assert_eq!(
             balanced_ends(&costs(&[10, 1, 1, 1, 1]), 2, none).unwrap(),
             vec![0, 4]
@@ -362,19 +363,19 @@ mod tests {
             vec![3, 4]
         );
         assert!(balanced_ends(&costs(&[1, 1]), 3, none).is_err());
-        // Recording modules hold their tapes too: the first module (which does not record
-        // under the forward direction) takes more units.
+        // Modules with an SGR term hold more: the first module (which has none under the
+        // forward direction) takes more units.
         let c: Vec<UnitCost> = [4u64, 4, 4, 4]
             .iter()
             .map(|&h| UnitCost {
                 held: h,
-                held_recording: 2 * h,
+                held_sgr: 2 * h,
                 tail: 0,
             })
             .collect();
         assert_eq!(balanced_ends(&c, 2, none).unwrap(), vec![1, 3]);
         assert_eq!(
-            balanced_ends(&c, 2, Recording::AllButFirst).unwrap(),
+            balanced_ends(&c, 2, SgrModules::AllButFirst).unwrap(),
             vec![2, 3]
         );
     }

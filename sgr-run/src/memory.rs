@@ -16,7 +16,7 @@ use sgr_core::nn::{Ctx, ParamKind};
 use sgr_core::objective::Batch;
 use sgr_core::sgr::{Direction, SgrGrad};
 use sgr_core::trainer::{Trainer, TrainerConfig};
-use sgr_models::split::{balanced_ends, Recording, UnitCost};
+use sgr_models::split::{balanced_ends, SgrModules, UnitCost};
 use sgr_models::{Input, SplitStrategy};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Metadata, Subscriber};
@@ -220,6 +220,11 @@ pub fn unit_costs(
     // Each unit's forward graph (and the gradients of its weights) on its own, with and without
     // the tape of decisions that the SGR finite differences record.
     let net = trainer.network();
+    let (records, sets) = match &spec.trainer.method.sgr {
+        Some(s) if s.grad == SgrGrad::Exact => (false, EXACT_GRAD_SETS),
+        Some(_) => (true, SGR_GRAD_SETS),
+        None => (false, 1),
+    };
     let mut measured = Vec::with_capacity(units);
     let mut h = b.input.clone();
     for k in 0..units {
@@ -238,41 +243,52 @@ pub fn unit_costs(
             Ok((bytes, out.detach()))
         };
         let (plain, out) = graph(Ctx::train_frozen_stats())?;
-        let (recording, _) = graph(Ctx::train_recording())?;
-        measured.push((plain + grads, recording.max(plain) + grads));
+        let taped = if records {
+            graph(Ctx::train_recording())?.0.max(plain)
+        } else {
+            plain
+        };
+        measured.push((plain + grads, taped + sets * grads));
         h = out;
     }
-    let recording = recording_of(spec);
+    let recording = sgr_modules_of(spec);
     Ok(step
         .modules
         .iter()
         .zip(measured)
         .enumerate()
-        .map(|(k, (m, (held, held_recording)))| {
+        .map(|(k, (m, (held, held_sgr)))| {
             let own = if recording.records(k, units) {
-                held_recording
+                held_sgr
             } else {
                 held
             };
             UnitCost {
                 held,
-                held_recording,
+                held_sgr,
                 tail: m.peak.saturating_sub(m.start).saturating_sub(own),
             }
         })
         .collect())
 }
 
-/// Which modules of `spec`'s method record their decisions for the SGR finite differences.
-pub fn recording_of(spec: &RunSpec) -> Recording {
+/// Which modules of `spec`'s method carry an SGR term.
+pub fn sgr_modules_of(spec: &RunSpec) -> SgrModules {
     match &spec.trainer.method.sgr {
-        Some(s) if s.grad != SgrGrad::Exact => match s.direction {
-            Direction::Forward => Recording::AllButFirst,
-            Direction::Backward => Recording::AllButLast,
+        Some(s) => match s.direction {
+            Direction::Forward => SgrModules::AllButFirst,
+            Direction::Backward => SgrModules::AllButLast,
         },
-        _ => Recording::None,
+        None => SgrModules::None,
     }
 }
+
+/// Parameter-sized gradient buffers alive at the peak of a module with an SGR term computed by
+/// finite differences: the base pass's gradients, the two passes' gradients and their
+/// difference (`sgr_core::sgr::sgr_term_grad`). A plain module holds one.
+pub const SGR_GRAD_SETS: u64 = 4;
+/// The same for the exact double backward: the base gradients, the term's, their sum.
+pub const EXACT_GRAD_SETS: u64 = 3;
 
 /// `spec` with its split measured and balanced: [`unit_costs`], then the exact minimax
 /// partition ([`balanced_ends`]) into `spec`'s K modules, written to `split_ends`; with the
@@ -286,7 +302,7 @@ pub fn balanced_spec(
 ) -> Result<(RunSpec, Vec<UnitCost>)> {
     let k = spec.num_modules();
     let costs = unit_costs(spec, input, batch, meter, device)?;
-    let ends = balanced_ends(&costs, k, recording_of(spec))?;
+    let ends = balanced_ends(&costs, k, sgr_modules_of(spec))?;
     let spec = RunSpec {
         modules: Some(k),
         split: SplitStrategy::Balanced,

@@ -117,7 +117,7 @@ pub fn run(a: InspectArgs) -> Result<()> {
         });
         let predicted = costs.as_ref().map_or(String::new(), |c| {
             let r = plan.range(k);
-            let records = sgr_run::memory::recording_of(&spec).records(k, plan.num_modules());
+            let records = sgr_run::memory::sgr_modules_of(&spec).records(k, plan.num_modules());
             let cost = sgr_models::split::module_cost(c, r.start, r.end - 1, records);
             format!(" {:>24.1}", mib(cost))
         });
