@@ -4,8 +4,9 @@
 # full test set. Needs a Python with torch, torchvision and timm (PYTHON=...); not part of CI.
 #
 # Usage: scripts/compare_accuracy.sh [OUT_DIR]
-#   LIMIT=10000 EPOCHS=3 by default; the sgr jobs and the PyTorch jobs run as two streams side by
-#   side, one thread each (the comparison is of accuracy, not time).
+#   LIMIT=10000 EPOCHS=3 BATCH=128 by default; ONLY=REGEX keeps the jobs whose label matches
+#   (e.g. ONLY=vit). The sgr jobs and the PyTorch jobs run as two streams side by side, one
+#   thread each (the comparison is of accuracy, not time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-target/compare-accuracy}
@@ -15,7 +16,7 @@ epochs=${EPOCHS:-3}
 mkdir -p "$out"
 cargo build --release -p sgr-cli -q
 sgr=target/release/sgr
-common="--dataset fashion-mnist --train-limit $limit --epochs $epochs --batch-size 128 --seed 0"
+common="--dataset fashion-mnist --train-limit $limit --epochs $epochs --batch-size ${BATCH:-128} --seed 0"
 resnet="--model resnet18 --lr 0.05"
 vit="--model vit-cifar --optimizer adamw --lr 1e-3 --weight-decay 0.05 --warmup-epochs 0.5"
 # label|flags (the same flags for both implementations)
@@ -25,6 +26,13 @@ jobs=(
   "vit-cifar bp|$vit --method bp"
   "vit-cifar sgr K=2 (lambda 0.01)|$vit --method sgr --modules 2 --sgr-lambda 0.01"
 )
+if [ -n "${ONLY:-}" ]; then
+  kept=()
+  for j in "${jobs[@]}"; do
+    if [[ "${j%%|*}" =~ $ONLY ]]; then kept+=("$j"); fi
+  done
+  jobs=("${kept[@]}")
+fi
 run_sgr() {
   local i=0
   for j in "${jobs[@]}"; do
