@@ -134,7 +134,7 @@ pub struct RunSpec {
     /// How the network is cut into modules.
     pub split: SplitStrategy,
     /// The measured end points of the balanced split, one per module (filled in when the
-    /// split is measured; see `crate::memory::balanced_ends`).
+    /// split is measured; see `crate::memory::balanced_spec`).
     pub split_ends: Option<Vec<usize>>,
     /// Auxiliary head of modules 1..K-1 (`auto`: the model family's usual head).
     pub aux_head: HeadKind,
