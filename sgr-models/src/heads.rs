@@ -130,3 +130,26 @@ impl Stage for Head1c2f {
         p
     }
 }
+
+/// The objectives of a split: cross-entropy on an auxiliary head `aux.<k>` for modules
+/// 1..K-1, the classifier's own cross-entropy for the last. `build(k, prefix, init)` makes
+/// module k's head; heads draw from a generator seeded apart from the backbone's, so the
+/// backbone's weights do not depend on K or the head.
+pub fn head_objectives(
+    plan: &sgr_core::network::SplitPlan,
+    seed: u64,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+    mut build: impl FnMut(usize, &str, &mut Init) -> Result<Box<dyn Stage>>,
+) -> Result<Vec<Box<dyn sgr_core::objective::LocalObjective>>> {
+    use sgr_core::objective::{CrossEntropy, LocalObjective};
+    let mut init = Init::new(seed.wrapping_add(0x9E37_79B9_7F4A_7C15), device, dtype);
+    let mut objectives = (0..plan.num_modules() - 1)
+        .map(|k| {
+            let head = build(k, &format!("aux.{k}"), &mut init)?;
+            Ok(Box::new(CrossEntropy::on_head(head)) as Box<dyn LocalObjective>)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    objectives.push(Box::new(CrossEntropy::on_logits()));
+    Ok(objectives)
+}

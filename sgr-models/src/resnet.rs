@@ -8,10 +8,9 @@ use sgr_core::network::{LocalNetwork, SplitPlan, Stage};
 use sgr_core::nn::{
     global_avg_pool, option_a_shortcut, BatchNorm, Conv2d, Ctx, Init, Layer, Linear, Param,
 };
-use sgr_core::objective::{CrossEntropy, LocalObjective};
 use sgr_core::{Error, Result};
 
-use crate::heads::HeadKind;
+use crate::heads::{head_objectives, HeadKind};
 use crate::split::{resolve, Published, SplitRequest, SplitStrategy, Table};
 use crate::zoo::ModelOptions;
 
@@ -337,23 +336,15 @@ impl CifarResNet {
         let classifier = Box::new(Classifier {
             fc: Linear::new("fc", &mut init, 64, cfg.num_classes)?,
         });
-        let mut head_init = Init::new(o.seed.wrapping_add(0x9E37_79B9_7F4A_7C15), device, dtype);
-        // Cross-entropy on an aux head for modules 1..K-1 (Greedy SL); the last module's
-        // objective is the classifier's cross-entropy.
-        let mut objectives = plan.ends()[..plan.num_modules() - 1]
-            .iter()
-            .enumerate()
-            .map(|(k, &end)| {
-                let head = head.build(
-                    &format!("aux.{k}"),
-                    &mut head_init,
-                    cfg.unit_channels(end),
-                    cfg.num_classes,
-                )?;
-                Ok(Box::new(CrossEntropy::on_head(head)) as Box<dyn LocalObjective>)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        objectives.push(Box::new(CrossEntropy::on_logits()));
+        // Cross-entropy on an aux head for modules 1..K-1 (Greedy SL).
+        let objectives = head_objectives(&plan, o.seed, device, dtype, |k, prefix, init| {
+            head.build(
+                prefix,
+                init,
+                cfg.unit_channels(plan.ends()[k]),
+                cfg.num_classes,
+            )
+        })?;
         let labels = (0..cfg.units())
             .map(|u| match u {
                 0 => "stem".to_string(),

@@ -17,10 +17,9 @@ use serde::{Deserialize, Serialize};
 use sgr_core::network::{LocalNetwork, SplitPlan, Stage};
 use sgr_core::nn::pool::{adaptive_avg_pool2d, MaxPool2d};
 use sgr_core::nn::{global_avg_pool, BatchNorm, Conv2d, Ctx, Init, Layer, Linear, Param};
-use sgr_core::objective::{CrossEntropy, LocalObjective};
 use sgr_core::{Error, Result};
 
-use crate::heads::HeadKind;
+use crate::heads::{head_objectives, HeadKind};
 use crate::split::{resolve, Published, SplitRequest, SplitStrategy, Table};
 use crate::zoo::{Input, ModelOptions};
 
@@ -744,17 +743,9 @@ impl ImageNetResNet {
         let classifier = Box::new(Classifier {
             fc: Linear::new("fc", &mut init, cin, cfg.num_classes)?,
         });
-        // The heads draw from a generator of their own, so the backbone does not depend on K.
-        let mut head_init = Init::new(o.seed.wrapping_add(0x9E37_79B9_7F4A_7C15), device, dtype);
-        let mut objectives = plan.ends()[..plan.num_modules() - 1]
-            .iter()
-            .enumerate()
-            .map(|(k, &end)| {
-                let h = build_head(head, &format!("aux.{k}"), &mut head_init, cfg, end)?;
-                Ok(Box::new(CrossEntropy::on_head(h)) as Box<dyn LocalObjective>)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        objectives.push(Box::new(CrossEntropy::on_logits()));
+        let objectives = head_objectives(&plan, o.seed, device, dtype, |k, prefix, init| {
+            build_head(head, prefix, init, cfg, plan.ends()[k])
+        })?;
         let labels = (0..cfg.units()).map(|u| cfg.unit_label(u)).collect();
         LocalNetwork::new(
             cfg.name(),

@@ -14,10 +14,9 @@ use serde::{Deserialize, Serialize};
 use sgr_core::network::{LocalNetwork, SplitPlan, Stage};
 use sgr_core::nn::transformer::{timm_linear, Block, BlockDrop, LayerNorm, TIMM_INIT_STD};
 use sgr_core::nn::{Conv2d, Ctx, Init, Layer, Linear, Param, ParamKind};
-use sgr_core::objective::{CrossEntropy, LocalObjective};
 use sgr_core::{Error, Result};
 
-use crate::heads::HeadKind;
+use crate::heads::{head_objectives, HeadKind};
 use crate::split::{resolve, Published, SplitRequest, SplitStrategy};
 use crate::zoo::{Input, ModelOptions};
 
@@ -399,16 +398,10 @@ impl VisionTransformer {
             norm: LayerNorm::new("norm", &mut init, d)?,
             head: timm_linear("head", &mut init, d, cfg.num_classes)?,
         });
-        // Aux heads from their own generator: the backbone does not depend on K or the head.
-        let mut head_init = Init::new(o.seed.wrapping_add(0x9E37_79B9_7F4A_7C15), device, dtype);
-        let mut objectives = (0..plan.num_modules() - 1)
-            .map(|k| {
-                let head = head_kind(o.head, plan.range(k) == (0..1))?;
-                let h = build_head(head, &format!("aux.{k}"), &mut head_init, cfg, o.dropout)?;
-                Ok(Box::new(CrossEntropy::on_head(Box::new(h))) as Box<dyn LocalObjective>)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        objectives.push(Box::new(CrossEntropy::on_logits()));
+        let objectives = head_objectives(&plan, o.seed, device, dtype, |k, prefix, init| {
+            let head = head_kind(o.head, plan.range(k) == (0..1))?;
+            Ok(Box::new(build_head(head, prefix, init, cfg, o.dropout)?) as Box<dyn Stage>)
+        })?;
         let labels = std::iter::once("embed".to_string())
             .chain((0..cfg.depth).map(|i| format!("blocks.{i}")))
             .collect();
