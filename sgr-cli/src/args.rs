@@ -22,7 +22,8 @@ where
 /// Method, split, head and SGR flags, shared by `train`, `bench` and `inspect`.
 #[derive(Args, Debug, Clone, Default)]
 pub struct MethodArgs {
-    /// Training method, OBJECTIVE[+sgr]: bp, greedy, greedy+sgr (or sgr) [default: sgr]
+    /// Training method, OBJECTIVE[+sgr]: bp, greedy, dgl, infopro, infopro-contrast, each but
+    /// bp with +sgr (sgr = greedy+sgr) [default: sgr]
     #[arg(long)]
     pub method: Option<Method>,
     /// Number of gradient-isolated modules K [default: 1 for bp, 4 otherwise]
@@ -54,6 +55,31 @@ pub struct MethodArgs {
     /// Finite-difference step [default: 5e-3 central, 1e-3 one-sided]
     #[arg(long)]
     pub sgr_fd_epsilon: Option<f64>,
+    /// InfoPro's reconstruction weight λ1 at the first and the last local module, "FIRST,LAST"
+    /// (linear in between) [default: 5,0.2]
+    #[arg(long, value_name = "FIRST,LAST", value_parser = weight_pair)]
+    pub infopro_recon: Option<(f64, f64)>,
+    /// InfoPro's task weight λ2 (cross-entropy or contrastive) at the first and the last local
+    /// module, "FIRST,LAST" [default: 0.05,0.5]
+    #[arg(long, value_name = "FIRST,LAST", value_parser = weight_pair)]
+    pub infopro_task: Option<(f64, f64)>,
+    /// Temperature of infopro-contrast's supervised contrastive loss [default: 0.07]
+    #[arg(long)]
+    pub contrast_temperature: Option<f64>,
+}
+
+/// `A,B` (two weights) or `A` (the same at both ends).
+fn weight_pair(s: &str) -> std::result::Result<(f64, f64), String> {
+    let num = |x: &str| {
+        x.trim()
+            .parse::<f64>()
+            .map_err(|_| format!("`{s}`: expected FIRST,LAST weights such as 5,0.2"))
+    };
+    match s.split(',').collect::<Vec<_>>().as_slice() {
+        [a] => num(a).map(|a| (a, a)),
+        [a, b] => Ok((num(a)?, num(b)?)),
+        _ => Err(format!("`{s}`: expected FIRST,LAST weights such as 5,0.2")),
+    }
 }
 
 /// Sets `slot` to the flag's value when it was given, and notes the flag.
@@ -90,6 +116,38 @@ impl MethodArgs {
         }
         set(&mut given, "--split", &self.split, &mut spec.split);
         set(&mut given, "--aux-head", &self.aux_head, &mut spec.aux_head);
+        let infopro_flags = [
+            ("--infopro-recon", self.infopro_recon.is_some()),
+            ("--infopro-task", self.infopro_task.is_some()),
+            (
+                "--contrast-temperature",
+                self.contrast_temperature.is_some(),
+            ),
+        ];
+        if let Some((flag, _)) = infopro_flags.iter().find(|(_, g)| *g) {
+            let m = &spec.trainer.method;
+            if !m.objective.is_infopro() {
+                bail!("{flag} needs an InfoPro method (--method infopro, infopro-contrast, or either with +sgr); the method is `{m}`");
+            }
+            if *flag == "--contrast-temperature"
+                && m.objective != sgr_core::method::Objective::InfoproContrast
+            {
+                bail!("--contrast-temperature needs --method infopro-contrast[+sgr]; the method is `{m}`");
+            }
+        }
+        let ip = &mut spec.infopro;
+        if let Some((a, b)) = self.infopro_recon {
+            (ip.recon_first, ip.recon_last) = (a, b);
+            given.push("--infopro-recon");
+        }
+        if let Some((a, b)) = self.infopro_task {
+            (ip.task_first, ip.task_last) = (a, b);
+            given.push("--infopro-task");
+        }
+        if let Some(t) = self.contrast_temperature {
+            ip.temperature = t;
+            given.push("--contrast-temperature");
+        }
         let sgr_flags: [(&'static str, bool); 6] = [
             ("--sgr-lambda", self.sgr_lambda.is_some()),
             ("--sgr-distance", self.sgr_distance.is_some()),

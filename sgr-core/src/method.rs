@@ -17,14 +17,32 @@ pub enum Objective {
     Bp,
     /// Greedy SL: cross-entropy on an auxiliary head per module.
     Greedy,
+    /// DGL (Belilovsky et al. 2020): cross-entropy on DGL's MLP-SR auxiliary head.
+    Dgl,
+    /// InfoPro (Wang et al. 2021): reconstruction by a decoder plus cross-entropy on a head.
+    Infopro,
+    /// InfoPro with a supervised contrastive loss in place of the cross-entropy.
+    InfoproContrast,
 }
 
-crate::named_enum!(Objective, "objective", { "bp" => Bp, "greedy" => Greedy });
+crate::named_enum!(Objective, "objective", {
+    "bp" => Bp,
+    "greedy" => Greedy,
+    "dgl" => Dgl,
+    "infopro" => Infopro,
+    "infopro-contrast" => InfoproContrast,
+});
 
 impl Objective {
     /// Whether the objective trains the whole network as one graph (K = 1).
     pub fn is_end_to_end(&self) -> bool {
         matches!(self, Objective::Bp)
+    }
+
+    /// Whether the objective is InfoPro's (a decoder and the [`crate::objective::InfoproConfig`]
+    /// weights).
+    pub fn is_infopro(&self) -> bool {
+        matches!(self, Objective::Infopro | Objective::InfoproContrast)
     }
 }
 
@@ -159,6 +177,11 @@ mod tests {
             ("greedy", "greedy"),
             ("sgr", "sgr"),
             ("greedy+sgr", "sgr"),
+            ("dgl", "dgl"),
+            ("dgl+sgr", "dgl+sgr"),
+            ("infopro+sgr", "infopro+sgr"),
+            ("infopro-contrast", "infopro-contrast"),
+            ("infopro-contrast+sgr", "infopro-contrast+sgr"),
         ] {
             let m: Method = given.parse().unwrap();
             assert_eq!(m.to_string(), shown);
@@ -172,8 +195,14 @@ mod tests {
         assert!(e.contains("end to end") && e.contains("greedy+sgr"), "{e}");
         let e = "dgll".parse::<Method>().unwrap_err().to_string();
         assert!(
-            e.contains("unknown method `dgll`") && e.contains("bp, greedy"),
+            e.contains("unknown method `dgll`")
+                && e.contains("bp, greedy, greedy+sgr, dgl, dgl+sgr, infopro, infopro+sgr")
+                && e.contains("infopro-contrast+sgr"),
             "{e}"
         );
+        for bad in ["bp+sgr+sgr", "infopro+sgr+sgr", "+sgr", "sgr+sgr", "dgl+"] {
+            let e = bad.parse::<Method>().unwrap_err().to_string();
+            assert!(e.contains("infopro-contrast+sgr"), "{bad}: {e}");
+        }
     }
 }

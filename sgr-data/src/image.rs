@@ -165,9 +165,10 @@ pub trait Source: Send + Sync {
     fn image(&self, i: usize) -> Result<Image>;
 }
 
-/// The first `n` samples of another source (`--train-limit`).
+/// A contiguous range of another source's samples (`--train-limit`, `--validation`).
 pub struct Subset {
     inner: std::sync::Arc<dyn Source>,
+    start: usize,
     n: usize,
     name: String,
 }
@@ -177,7 +178,25 @@ impl Subset {
     pub fn first(inner: std::sync::Arc<dyn Source>, n: usize) -> Self {
         let n = n.min(inner.len());
         let name = format!("{}[..{n}]", inner.name());
-        Self { inner, n, name }
+        Self {
+            inner,
+            start: 0,
+            n,
+            name,
+        }
+    }
+
+    /// Samples `range` of `inner`, clipped to its length.
+    pub fn range(inner: std::sync::Arc<dyn Source>, range: std::ops::Range<usize>) -> Self {
+        let end = range.end.min(inner.len());
+        let start = range.start.min(end);
+        let name = format!("{}[{start}..{end}]", inner.name());
+        Self {
+            inner,
+            start,
+            n: end - start,
+            name,
+        }
     }
 }
 
@@ -195,10 +214,10 @@ impl Source for Subset {
     }
 
     fn label(&self, i: usize) -> u32 {
-        self.inner.label(i)
+        self.inner.label(self.start + i)
     }
 
     fn image(&self, i: usize) -> Result<Image> {
-        self.inner.image(i)
+        self.inner.image(self.start + i)
     }
 }

@@ -6,8 +6,8 @@
 //! * [`zoo`]: every preset by name, built as a [`sgr_core::network::LocalNetwork`].
 //! * [`resnet`]: CIFAR ResNets of depth 6n+2 (ResNet-20/32/44/56/110) with the option-A
 //!   shortcut, torchvision-style parameter names, InfoPro's split tables.
-//! * [`heads`]: the auxiliary head kinds; the CIFAR `0c1f` (Greedy SL) and `1c2f` (InfoPro)
-//!   heads.
+//! * [`heads`]: the auxiliary head kinds (the CIFAR `0c1f` of Greedy SL and `1c2f` of InfoPro,
+//!   DGL's MLP-SR head) and the local objectives of each method built on them.
 //! * [`split`]: split strategies, published split points, and the memory-balanced split.
 
 pub mod heads;

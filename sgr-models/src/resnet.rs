@@ -292,12 +292,12 @@ impl CifarResNet {
         let o = &self.options;
         cfg.validate()?;
         let plan = split_plan(cfg, o.modules, o.split, o.split_ends.as_deref())?;
-        let head = match o.head {
+        let head = match o.head_kind() {
             HeadKind::Auto => HeadKind::OneConvTwoFc,
-            h @ (HeadKind::ZeroConvOneFc | HeadKind::OneConvTwoFc) => h,
+            h @ (HeadKind::ZeroConvOneFc | HeadKind::OneConvTwoFc | HeadKind::Dgl) => h,
             other => {
                 return Err(Error::InvalidConfig(format!(
-                    "the aux head `{other}` is not one of CIFAR ResNets'; use 0c1f or 1c2f"
+                    "the aux head `{other}` is not one of CIFAR ResNets'; use 0c1f, 1c2f or dgl"
                 )))
             }
         };
@@ -336,15 +336,18 @@ impl CifarResNet {
         let classifier = Box::new(Classifier {
             fc: Linear::new("fc", &mut init, 64, cfg.num_classes)?,
         });
-        // Cross-entropy on an aux head for modules 1..K-1 (Greedy SL).
-        let objectives = head_objectives(&plan, o.seed, device, dtype, |k, prefix, init| {
-            head.build(
-                prefix,
-                init,
-                cfg.unit_channels(plan.ends()[k]),
-                cfg.num_classes,
-            )
-        })?;
+        let channels = |k: usize| cfg.unit_channels(plan.ends()[k]);
+        let objectives = head_objectives(
+            &plan,
+            o,
+            (cfg.in_channels, cfg.num_classes),
+            device,
+            dtype,
+            Some(&channels),
+            |k, prefix, init, outputs| {
+                head.build(prefix, init, cfg.unit_channels(plan.ends()[k]), outputs)
+            },
+        )?;
         let labels = (0..cfg.units())
             .map(|u| match u {
                 0 => "stem".to_string(),

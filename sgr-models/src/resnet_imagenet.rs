@@ -15,11 +15,11 @@
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sgr_core::network::{LocalNetwork, SplitPlan, Stage};
-use sgr_core::nn::pool::{adaptive_avg_pool2d, MaxPool2d};
+use sgr_core::nn::pool::MaxPool2d;
 use sgr_core::nn::{global_avg_pool, BatchNorm, Conv2d, Ctx, Init, Layer, Linear, Param};
 use sgr_core::{Error, Result};
 
-use crate::heads::{head_objectives, HeadKind};
+use crate::heads::{head_objectives, DglHead, HeadKind};
 use crate::split::{resolve, Published, SplitRequest, SplitStrategy, Table};
 use crate::zoo::{Input, ModelOptions};
 
@@ -395,14 +395,14 @@ impl Stage for Classifier {
 
 /// conv (no bias) + BN, with a ReLU after.
 #[derive(Debug)]
-struct ConvBnRelu {
+pub(crate) struct ConvBnRelu {
     conv: Conv2d,
     bn: BatchNorm,
 }
 
 impl ConvBnRelu {
     #[allow(clippy::too_many_arguments)]
-    fn new(
+    pub(crate) fn new(
         prefix: &str,
         conv_index: usize,
         init: &mut Init,
@@ -426,11 +426,11 @@ impl ConvBnRelu {
         })
     }
 
-    fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         self.bn.forward_act(&self.conv.forward(x)?, None, true, ctx)
     }
 
-    fn params(&self) -> Vec<Param> {
+    pub(crate) fn params(&self) -> Vec<Param> {
         cat_params(&[&self.conv, &self.bn])
     }
 }
@@ -456,12 +456,14 @@ pub struct InfoproHead {
 }
 
 impl InfoproHead {
-    /// The head for a `channels`-channel feature map of `cfg`, named `prefix.*`.
+    /// The head for a `channels`-channel feature map of `cfg` with `outputs` outputs (the
+    /// classes, or a contrastive projection's width), named `prefix.*`.
     pub fn new(
         prefix: &str,
         init: &mut Init,
         cfg: &ImageNetResNetConfig,
         channels: usize,
+        outputs: usize,
     ) -> Result<Self> {
         let [_, w1, w2, w3] = cfg.widths;
         let wide = 4 * w3;
@@ -471,7 +473,7 @@ impl InfoproHead {
             ConvBnRelu::new(prefix, 6, init, w2, w3, 3, 2, 1)?,
             ConvBnRelu::new(prefix, 9, init, w3, wide, 1, 1, 0)?,
         ];
-        let fc = Linear::new(format!("{prefix}.14"), init, wide, cfg.num_classes)?;
+        let fc = Linear::new(format!("{prefix}.14"), init, wide, outputs)?;
         Ok(Self { layers, fc })
     }
 }
@@ -487,106 +489,6 @@ impl Stage for InfoproHead {
 
     fn params(&self) -> Vec<Param> {
         let mut p: Vec<Param> = self.layers.iter().flat_map(|l| l.params()).collect();
-        p.extend(self.fc.params());
-        p
-    }
-}
-
-/// Convolutions of DGL's auxiliary net (`nlin`, default 3: `--nlin` of `imagenet_dgl.py`).
-const DGL_NLIN: usize = 3;
-/// Hidden layers of DGL's auxiliary MLP (`mlp`, default 3: `--mlp` of `imagenet_dgl.py`).
-const DGL_MLP: usize = 3;
-
-/// DGL's ImageNet auxiliary classifier (Belilovsky et al., ICML 2020), `auxillary_classifier2`
-/// in eugenium/DGL, `imagenet_dgl/models/auxillary_classifier.py`, as
-/// `imagenet_dgl/models/resnet.py` builds it (`feature_size = input_features = C`,
-/// `batchn=True`) with the defaults `--nlin 3 --mlp 3` of `imagenet_dgl/imagenet_dgl.py` (the
-/// README's ResNet-152 K=2 command passes neither):
-///
-/// adaptive average pool to ⌈s/4⌉×⌈s/4⌉, 3 × [conv1×1(C → C, no bias) + BN + ReLU],
-/// adaptive average pool to 2×2, flatten (4C), 3 × [Linear(4C → 4C) + BatchNorm1d + ReLU],
-/// Linear(4C → classes).
-///
-/// `s` is DGL's `in_size` bookkeeping of the feature map's side: the stem's and a basic
-/// block's actual side, but half the actual side (rounded down) for bottleneck blocks, since
-/// DGL's `_make_layer` halves it whenever a block has a projection shortcut, also in `layer1`
-/// whose stride is 1 (at 224×224: 28, 14, 7, 3 for the four stages instead of 56, 28, 14, 7);
-/// this reproduces that. DGL's sizes are fixed for 224×224 input; here `s` follows the actual
-/// feature map (the same numbers at 224). DGL also builds a BatchNorm (`self.bn`) that its
-/// forward skips when `mlp > 0`; it is left out. Names follow DGL's modules: `aux.<k>.blocks.<n>.0`
-/// (conv), `.blocks.<n>.1` (BN), `.classifier.<i>` (Linear at 0, 3, 6, 9; BatchNorm1d at 1,
-/// 4, 7). DGL's last module uses the network's own classifier, as here.
-#[derive(Debug)]
-pub struct DglHead {
-    blocks: Vec<ConvBnRelu>,
-    mlp: Vec<(Linear, BatchNorm)>,
-    fc: Linear,
-    halve_side: bool,
-}
-
-impl DglHead {
-    /// The head for a `channels`-channel feature map, named `prefix.*`; `halve_side` applies
-    /// DGL's bottleneck bookkeeping of the side (see the type's documentation).
-    pub fn new(
-        prefix: &str,
-        init: &mut Init,
-        channels: usize,
-        classes: usize,
-        halve_side: bool,
-    ) -> Result<Self> {
-        let c = channels;
-        let blocks = (0..DGL_NLIN)
-            .map(|n| ConvBnRelu::new(&format!("{prefix}.blocks.{n}"), 0, init, c, c, 1, 1, 0))
-            .collect::<Result<Vec<_>>>()?;
-        let f = 4 * c;
-        let mlp = (0..DGL_MLP)
-            .map(|l| {
-                Ok((
-                    Linear::new(format!("{prefix}.classifier.{}", 3 * l), init, f, f)?,
-                    BatchNorm::new(format!("{prefix}.classifier.{}", 3 * l + 1), init, f)?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let fc = Linear::new(
-            format!("{prefix}.classifier.{}", 3 * DGL_MLP),
-            init,
-            f,
-            classes,
-        )?;
-        Ok(Self {
-            blocks,
-            mlp,
-            fc,
-            halve_side,
-        })
-    }
-}
-
-impl Stage for DglHead {
-    fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
-        let (b, _, h, w) = x.dims4()?;
-        let side = |n: usize| {
-            let s = if self.halve_side { n / 2 } else { n };
-            s.div_ceil(4).max(1)
-        };
-        let mut out = adaptive_avg_pool2d(x, side(h), side(w))?;
-        for blk in &self.blocks {
-            out = blk.forward(&out, ctx)?;
-        }
-        let out = adaptive_avg_pool2d(&out, 2, 2)?;
-        let mut out = out.reshape((b, out.elem_count() / b))?;
-        for (lin, bn) in &self.mlp {
-            out = bn.forward_act(&lin.forward(&out)?, None, true, ctx)?;
-        }
-        self.fc.forward(&out)
-    }
-
-    fn params(&self) -> Vec<Param> {
-        let mut p: Vec<Param> = self.blocks.iter().flat_map(|l| l.params()).collect();
-        for (lin, bn) in &self.mlp {
-            p.extend(lin.params());
-            p.extend(bn.params());
-        }
         p.extend(self.fc.params());
         p
     }
@@ -636,18 +538,19 @@ fn build_head(
     init: &mut Init,
     cfg: &ImageNetResNetConfig,
     end: usize,
+    outputs: usize,
 ) -> Result<Box<dyn Stage>> {
     let channels = cfg.unit_channels(end);
     Ok(match resolve_head(kind)? {
-        HeadKind::Infopro => Box::new(InfoproHead::new(prefix, init, cfg, channels)?),
+        HeadKind::Infopro => Box::new(InfoproHead::new(prefix, init, cfg, channels, outputs)?),
         HeadKind::Dgl => Box::new(DglHead::new(
             prefix,
             init,
             channels,
-            cfg.num_classes,
+            outputs,
             end > 0 && cfg.block == BlockKind::Bottleneck,
         )?),
-        _ => Box::new(GapLinearHead::new(prefix, init, channels, cfg.num_classes)?),
+        _ => Box::new(GapLinearHead::new(prefix, init, channels, outputs)?),
     })
 }
 
@@ -677,7 +580,7 @@ impl ImageNetResNet {
             )));
         }
         let plan = split_plan(cfg, o.modules, o.split, o.split_ends.as_deref())?;
-        let head = resolve_head(o.head)?;
+        let head = resolve_head(o.head_kind())?;
         let mut init = Init::new(o.seed, device, dtype);
         let mut units: Vec<Box<dyn Stage>> = Vec::with_capacity(cfg.units());
         units.push(Box::new(Stem {
@@ -743,9 +646,16 @@ impl ImageNetResNet {
         let classifier = Box::new(Classifier {
             fc: Linear::new("fc", &mut init, cin, cfg.num_classes)?,
         });
-        let objectives = head_objectives(&plan, o.seed, device, dtype, |k, prefix, init| {
-            build_head(head, prefix, init, cfg, plan.ends()[k])
-        })?;
+        let channels = |k: usize| cfg.unit_channels(plan.ends()[k]);
+        let objectives = head_objectives(
+            &plan,
+            o,
+            (cfg.in_channels, cfg.num_classes),
+            device,
+            dtype,
+            Some(&channels),
+            |k, prefix, init, outputs| build_head(head, prefix, init, cfg, plan.ends()[k], outputs),
+        )?;
         let labels = (0..cfg.units()).map(|u| cfg.unit_label(u)).collect();
         LocalNetwork::new(
             cfg.name(),
@@ -989,7 +899,7 @@ mod tests {
         // The InfoPro head at torchvision's widths: 512 → 128 → 256 → 512 → 2048 → classes.
         let mut init = Init::new(0, &Device::Cpu, DType::F32);
         let full = preset("resnet101");
-        let head = InfoproHead::new("aux.0", &mut init, &full, 512).unwrap();
+        let head = InfoproHead::new("aux.0", &mut init, &full, 512, 1000).unwrap();
         let shapes: Vec<Vec<usize>> = head
             .params()
             .iter()

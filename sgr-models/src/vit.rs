@@ -316,6 +316,7 @@ fn build_head(
     prefix: &str,
     init: &mut Init,
     cfg: &VitConfig,
+    outputs: usize,
     drop: f64,
 ) -> Result<TokenHead> {
     let d = cfg.embed_dim;
@@ -341,7 +342,7 @@ fn build_head(
     Ok(TokenHead {
         block,
         norm: LayerNorm::new(format!("{prefix}.norm"), init, d)?,
-        head: timm_linear(format!("{prefix}.head"), init, d, cfg.num_classes)?,
+        head: timm_linear(format!("{prefix}.head"), init, d, outputs)?,
         mean: matches!(kind, HeadKind::Mean | HeadKind::BlockMean),
     })
 }
@@ -366,7 +367,7 @@ impl VisionTransformer {
         cfg.validate()?;
         o.validate()?;
         let plan = split_plan(cfg, o.modules, o.split, o.split_ends.as_deref())?;
-        head_kind(o.head, false)?;
+        head_kind(o.head_kind(), false)?;
         let d = cfg.embed_dim;
         let mut init = Init::new(o.seed, device, dtype);
         let mut units: Vec<Box<dyn Stage>> = Vec::with_capacity(cfg.units());
@@ -398,10 +399,21 @@ impl VisionTransformer {
             norm: LayerNorm::new("norm", &mut init, d)?,
             head: timm_linear("head", &mut init, d, cfg.num_classes)?,
         });
-        let objectives = head_objectives(&plan, o.seed, device, dtype, |k, prefix, init| {
-            let head = head_kind(o.head, plan.range(k) == (0..1))?;
-            Ok(Box::new(build_head(head, prefix, init, cfg, o.dropout)?) as Box<dyn Stage>)
-        })?;
+        let objectives = head_objectives(
+            &plan,
+            o,
+            (cfg.in_channels, cfg.num_classes),
+            device,
+            dtype,
+            None,
+            |k, prefix, init, outputs| {
+                let head = head_kind(o.head_kind(), plan.range(k) == (0..1))?;
+                Ok(
+                    Box::new(build_head(head, prefix, init, cfg, outputs, o.dropout)?)
+                        as Box<dyn Stage>,
+                )
+            },
+        )?;
         let labels = std::iter::once("embed".to_string())
             .chain((0..cfg.depth).map(|i| format!("blocks.{i}")))
             .collect();

@@ -3,7 +3,9 @@
 
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
+use sgr_core::method::Objective;
 use sgr_core::network::LocalNetwork;
+use sgr_core::objective::{InfoproConfig, PixelStats};
 use sgr_core::{Error, Result};
 
 use crate::heads::HeadKind;
@@ -23,9 +25,9 @@ pub struct Input {
     pub size: usize,
 }
 
-/// How a model is cut and trained, the same for every family: K, the split, the auxiliary
-/// head, the initialisation seed and the stochastic regularisers. Defaults: end to end, the
-/// family's own head, no dropout.
+/// How a model is cut and trained, the same for every family: K, the split, the local
+/// objective and its auxiliary head, the initialisation seed and the stochastic regularisers.
+/// Defaults: end to end, Greedy SL's objective on the family's own head, no dropout.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelOptions {
@@ -43,6 +45,13 @@ pub struct ModelOptions {
     pub dropout: f64,
     /// Largest stochastic-depth probability, reached at the last block (linear in depth).
     pub drop_path: f64,
+    /// The local objective of modules 1..K-1 (`bp` and `greedy` build the same objectives).
+    pub objective: Objective,
+    /// InfoPro's weights and contrastive settings (`infopro`, `infopro-contrast`).
+    pub infopro: InfoproConfig,
+    /// The statistics the input is normalised with, for InfoPro's reconstruction target
+    /// (`None`: the input is the image itself, in [0, 1]).
+    pub pixels: Option<PixelStats>,
 }
 
 impl Default for ModelOptions {
@@ -55,11 +64,23 @@ impl Default for ModelOptions {
             seed: 0,
             dropout: 0.0,
             drop_path: 0.0,
+            objective: Objective::Greedy,
+            infopro: InfoproConfig::default(),
+            pixels: None,
         }
     }
 }
 
 impl ModelOptions {
+    /// The aux head asked for, with `auto` meaning DGL's head under the `dgl` objective (and
+    /// the family's usual head otherwise, which the family resolves).
+    pub fn head_kind(&self) -> HeadKind {
+        match (self.head, self.objective) {
+            (HeadKind::Auto, Objective::Dgl) => HeadKind::Dgl,
+            (h, _) => h,
+        }
+    }
+
     /// Checks the probabilities.
     pub fn validate(&self) -> Result<()> {
         for (what, p) in [("dropout", self.dropout), ("drop_path", self.drop_path)] {

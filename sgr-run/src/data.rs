@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use sgr_core::objective::PixelStats;
 use sgr_data::{
     CifarKind, ImageDataset, ImageFolder, Normalize, Pipeline, Source, Subset, Transform,
 };
@@ -26,6 +27,12 @@ pub struct Data {
     pub classes: usize,
     /// Image side the network sees (square images).
     pub size: usize,
+    /// The per-channel statistics the images are normalised with (InfoPro's reconstruction
+    /// target undoes them).
+    pub pixels: PixelStats,
+    /// Whether `test` holds validation images taken out of the training set
+    /// (`RunSpec::validation`) rather than the test split.
+    pub validation: bool,
 }
 
 impl Data {
@@ -79,6 +86,8 @@ pub fn load_data(cfg: &RunSpec) -> Result<Data> {
             classes: train.num_classes,
             channels,
             size,
+            pixels: pixel_stats(&norm),
+            validation: false,
             train: Arc::new(train),
             test: Arc::new(test),
             train_pipeline: Pipeline::new(tr),
@@ -184,6 +193,8 @@ pub fn load_data(cfg: &RunSpec) -> Result<Data> {
                 classes: train.num_classes(),
                 channels: 3,
                 size,
+                pixels: pixel_stats(&norm),
+                validation: false,
                 train: Arc::new(train),
                 test: Arc::new(test),
                 train_pipeline: Pipeline::new(tr),
@@ -213,10 +224,28 @@ pub fn load_data(cfg: &RunSpec) -> Result<Data> {
             .steps
             .push(Transform::RandomErasing { p });
     }
+    if let Some(n) = cfg.validation {
+        let len = data.train.len();
+        if n >= len {
+            return Err(Error::Spec(format!(
+                "--validation {n}: the training set has only {len} images; hold out fewer"
+            )));
+        }
+        data.test = Arc::new(Subset::range(data.train.clone(), len - n..len));
+        data.train = Arc::new(Subset::range(data.train, 0..len - n));
+        data.validation = true;
+    }
     if let Some(n) = cfg.train_limit {
         data.train = Arc::new(Subset::first(data.train, n));
     }
     Ok(data)
+}
+
+fn pixel_stats(n: &Normalize) -> PixelStats {
+    PixelStats {
+        mean: n.mean.iter().map(|&v| v as f64).collect(),
+        std: n.std.iter().map(|&v| v as f64).collect(),
+    }
 }
 
 impl std::fmt::Debug for Data {

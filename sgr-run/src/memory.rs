@@ -187,7 +187,7 @@ pub fn random_batch(input: Input, batch: usize, device: &Device) -> Result<Batch
 /// not depend on the learning rate), after one warm-up step on a batch of 2 so that the
 /// optimizer state exists before anything is measured.
 pub fn warm_trainer(spec: &RunSpec, input: Input, device: &Device) -> Result<Trainer> {
-    let net = build_network(spec, input, device)?;
+    let net = build_network(spec, input, None, device)?;
     let cfg = TrainerConfig {
         steps_per_epoch: 1_000_000,
         ..spec.trainer.clone()

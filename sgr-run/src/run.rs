@@ -12,7 +12,7 @@ use sgr_core::checkpoint::save_training_checkpoint;
 use sgr_core::checkpoint::{load_params, load_training_checkpoint, save_params};
 use sgr_core::events::{EvalMetrics, Event, Observer};
 use sgr_core::network::LocalNetwork;
-use sgr_core::objective::Batch;
+use sgr_core::objective::{Batch, PixelStats};
 use sgr_core::trainer::Trainer;
 use sgr_data::{Loader, LoaderConfig};
 use sgr_models::Input;
@@ -120,16 +120,23 @@ pub struct Run {
     _lock: Option<RunLock>,
 }
 
-/// Builds the model a specification names, for data of the given shape.
+/// Builds the model a specification names, for data of the given shape normalised with
+/// `pixels` (`None` for inputs that are not images, such as the random batches of
+/// `crate::memory`).
 pub fn build_network(
     spec: &RunSpec,
     input: Input,
+    pixels: Option<&PixelStats>,
     device: &candle_core::Device,
 ) -> Result<LocalNetwork> {
+    let opts = sgr_models::ModelOptions {
+        pixels: pixels.cloned(),
+        ..spec.model_options()
+    };
     Ok(sgr_models::zoo::build(
         &spec.model,
         input,
-        &spec.model_options(),
+        &opts,
         device,
         DType::F32,
     )?)
@@ -262,7 +269,7 @@ impl Run {
         let test_loader = test_loader(&data, 256, workers, &device)?;
         let mut tcfg = spec.trainer.clone();
         tcfg.steps_per_epoch = train_loader.batches_per_epoch();
-        let net = build_network(&spec, data.input(), &device)?;
+        let net = build_network(&spec, data.input(), Some(&data.pixels), &device)?;
         let trainer = Trainer::new(net, tcfg)?;
         Ok(Self {
             spec,
@@ -459,6 +466,7 @@ impl Run {
                 .unwrap_or_default(),
             initial_test_accuracy: self.initial_eval.as_ref().map(|e| e.accuracy),
             spec_hash: self.spec.hash()?,
+            validation: self.data.validation,
         })
     }
 }

@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use sgr_core::objective::InfoproConfig;
 use sgr_core::optim::{DecayScope, OptimizerConfig};
 use sgr_core::trainer::TrainerConfig;
 use sgr_models::{HeadKind, SplitStrategy};
@@ -142,12 +143,19 @@ pub struct RunSpec {
     pub dropout: f64,
     /// Stochastic-depth probability of the last Transformer block (linear in depth).
     pub drop_path: f64,
+    /// InfoPro's loss weights and contrastive settings (methods `infopro*`).
+    #[serde(skip_serializing_if = "InfoproConfig::is_default")]
+    pub infopro: InfoproConfig,
     /// Batch size.
     pub batch_size: usize,
     /// Seed of initialisation, shuffling, augmentation and dropout.
     pub seed: u64,
-    /// Use only the first N training samples.
+    /// Use only the first N training samples (after the validation images are taken out).
     pub train_limit: Option<usize>,
+    /// Hold out the last N images of the training set and evaluate on them instead of the
+    /// test split (for choosing hyperparameters without looking at the test set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validation: Option<usize>,
     /// The data set's standard training augmentation (crop, flip).
     pub augment: bool,
     /// RandAugment (N operations, magnitude M of 30).
@@ -177,9 +185,11 @@ impl Default for RunSpec {
             aux_head: HeadKind::Auto,
             dropout: 0.0,
             drop_path: 0.0,
+            infopro: InfoproConfig::default(),
             batch_size: 64,
             seed: 0,
             train_limit: None,
+            validation: None,
             augment: true,
             randaugment: None,
             random_erasing: None,
@@ -239,7 +249,8 @@ impl RunSpec {
         }
     }
 
-    /// The model's options: K, split, head, seed, dropout.
+    /// The model's options: K, split, objective, head, seed, dropout (no pixel statistics:
+    /// the data supplies them, see `crate::run::build_network`).
     pub fn model_options(&self) -> sgr_models::ModelOptions {
         sgr_models::ModelOptions {
             modules: self.num_modules(),
@@ -249,6 +260,9 @@ impl RunSpec {
             seed: self.seed,
             dropout: self.dropout,
             drop_path: self.drop_path,
+            objective: self.trainer.method.objective,
+            infopro: self.infopro.clone(),
+            pixels: None,
         }
     }
 
@@ -282,6 +296,12 @@ impl RunSpec {
         }
         if self.train_limit == Some(0) {
             return bad("--train-limit must be >= 1".into());
+        }
+        if self.validation == Some(0) {
+            return bad("--validation must be >= 1 (or left out)".into());
+        }
+        if m.objective.is_infopro() {
+            self.infopro.validate()?;
         }
         if let Some((_, mag)) = self.randaugment {
             if mag > 30 {

@@ -107,6 +107,10 @@ pub struct Summary {
     /// Hash of the run specification (`config.json`): runs with equal hashes trained the same.
     #[serde(default)]
     pub spec_hash: String,
+    /// Whether the `test_*` fields measure validation images held out of the training set
+    /// (`validation` in `config.json`) rather than the test split.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub validation: bool,
 }
 
 #[cfg(test)]

@@ -285,6 +285,7 @@ mod tests {
             final_boundary_cos: vec![0.2, 0.4],
             initial_test_accuracy: None,
             spec_hash: spec_hash.into(),
+            validation: false,
         }
     }
 

@@ -74,7 +74,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         seed: 0,
         ..Default::default()
     };
-    let net = build_network(&spec, a.input.input(), &device)?;
+    let net = build_network(&spec, a.input.input(), None, &device)?;
     let modules = net.num_modules();
     let mut trainer = Trainer::new(net, trainer_cfg)?;
     let shape = (a.batch_size, a.input.channels, a.input.size, a.input.size);

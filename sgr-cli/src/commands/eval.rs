@@ -83,10 +83,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if a.data_dir.is_some() {
         cfg.data_dir = a.data_dir.clone();
     }
+    // The test split, also for runs that evaluated on held-out training images.
     cfg.train_limit = None;
+    cfg.validation = None;
     let device = a.device.device()?;
     let data = load_data(&cfg)?;
-    let net = build_network(&cfg, data.input(), &device)?;
+    let net = build_network(&cfg, data.input(), Some(&data.pixels), &device)?;
     sgr_core::checkpoint::load_params(&weights, &net.params())?;
     let workers = sgr_run::spec::check_workers(a.workers)?;
     let loader = test_loader(&data, a.batch_size, workers, &device)?;

@@ -87,9 +87,13 @@ pub struct SpecArgs {
     /// Seed of initialisation and shuffling [default: 0]
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Use only the first N training samples.
+    /// Use only the first N training samples (after --validation takes its images out).
     #[arg(long)]
     pub train_limit: Option<usize>,
+    /// Hold out the last N training images and evaluate on them instead of the test split
+    /// (choose hyperparameters there, never on the test set).
+    #[arg(long, value_name = "N")]
+    pub validation: Option<usize>,
     /// Turn off the data set's standard training augmentation (crop, flip).
     #[arg(long)]
     pub no_augment: bool,
@@ -230,6 +234,10 @@ impl SpecArgs {
             spec.train_limit = self.train_limit;
             g.push("--train-limit");
         }
+        if self.validation.is_some() {
+            spec.validation = self.validation;
+            g.push("--validation");
+        }
         if self.no_augment {
             spec.augment = false;
             g.push("--no-augment");
@@ -265,6 +273,8 @@ impl SpecArgs {
 
 /// Renders run events: a progress bar per epoch on a terminal, one line per epoch.
 struct Printer {
+    /// What the evaluations measure: `test`, or `val` (images held out of the training set).
+    eval_name: &'static str,
     epochs: usize,
     steps_per_epoch: usize,
     bar: Option<indicatif::ProgressBar>,
@@ -305,7 +315,11 @@ impl Printer {
                 self.last = Some((*m).clone());
             }
             Event::Evaluated { epoch: 0, metrics } => {
-                say!("initial weights: test acc {:.4}", metrics.accuracy)
+                say!(
+                    "initial weights: {} acc {:.4}",
+                    self.eval_name,
+                    metrics.accuracy
+                )
             }
             Event::Evaluated { epoch, metrics } => {
                 let Some(m) = self.last.take() else { return };
@@ -315,11 +329,12 @@ impl Printer {
                     .map(|b| format!("{:.2}", b.cos))
                     .collect();
                 say!(
-                    "epoch {:>3}/{}  loss {:.4}  train acc {:.4}  test acc {:.4}  time {:.1}s{}",
+                    "epoch {:>3}/{}  loss {:.4}  train acc {:.4}  {} acc {:.4}  time {:.1}s{}",
                     epoch,
                     self.epochs,
                     m.train_loss,
                     m.train_accuracy,
+                    self.eval_name,
                     metrics.accuracy,
                     m.seconds,
                     if cos.is_empty() {
@@ -442,6 +457,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
         );
     }
     let mut printer = Printer {
+        eval_name: if spec.validation.is_some() {
+            "val"
+        } else {
+            "test"
+        },
         epochs: spec.trainer.epochs,
         steps_per_epoch: run.batches_per_epoch(),
         bar: None,
@@ -476,7 +496,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         .summary
         .context("internal: a finished run has a summary")?;
     say!(
-        "done: test accuracy {:.4} (error {:.2}%), train time {:.1}s, peak memory {} MiB; saved {}",
+        "done: {} accuracy {:.4} (error {:.2}%), train time {:.1}s, peak memory {} MiB; saved {}",
+        if s.validation { "validation" } else { "test" },
         s.test_accuracy,
         100.0 * s.test_error,
         s.train_seconds,

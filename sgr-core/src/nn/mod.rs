@@ -15,6 +15,7 @@ use crate::Result;
 
 pub mod pool;
 pub mod transformer;
+pub mod upsample;
 
 /// Whether a named tensor is trained or is a buffer (BatchNorm running statistics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,6 +204,15 @@ impl Conv2d {
             None => Ok(y),
             Some(b) => Ok(y.broadcast_add(&b.as_tensor().reshape((1, b.dim(0)?, 1, 1))?)?),
         }
+    }
+
+    /// Adds a bias with PyTorch's default initialisation, U(±1/√fan_in) with fan_in = cin·k²
+    /// (InfoPro's decoder: Kaiming fan-out weights, default biases).
+    pub fn and_default_bias(mut self, init: &mut Init) -> Result<Self> {
+        let (cout, cin, kh, kw) = self.weight.as_tensor().dims4()?;
+        let bound = 1.0 / ((cin * kh * kw) as f64).sqrt();
+        self.bias = Some(init.uniform(&[cout], bound)?);
+        Ok(self)
     }
 
     /// The weight, shape `(cout, cin, k, k)`.

@@ -164,3 +164,6 @@ impl LocalObjective for CrossEntropy {
         })
     }
 }
+
+mod infopro;
+pub use infopro::{Decoder, InfoproConfig, InfoproObjective, PixelStats, TaskLoss};
