@@ -437,11 +437,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let (ntrain, ntest) = run.sizes();
     let net = run.trainer().network();
     say!(
-        "sgr train: {} on {} ({} train / {} test), method {}, K={} (module ends after blocks {:?}), {} parameters",
+        "sgr train: {} on {} ({} train / {} {}), method {}, K={} (module ends after blocks {:?}), {} parameters",
         spec.model,
         spec.dataset,
         ntrain,
         ntest,
+        if spec.validation.is_some() {
+            "validation, held out of the training set"
+        } else {
+            "test"
+        },
         spec.trainer.method,
         spec.num_modules(),
         net.plan().ends(),
