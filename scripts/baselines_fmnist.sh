@@ -7,6 +7,7 @@
 #   Phases, in order when none is named:
 #     val    the SGR settings, chosen on 5 000 images held out of the training set
 #            (--validation 5000) with greedy+sgr; the best by validation accuracy is used below
+#            (greedy itself, λ = 0, runs there too, for comparison)
 #     main   bp, greedy, dgl, infopro, infopro-contrast, each but bp also with +sgr, seed 0
 #     seeds  the best local baseline of `main` (lowest test error) and its +sgr, seeds 1 and 2
 #   A run whose summary.json exists is skipped; one with a checkpoint is resumed, so the script
@@ -68,6 +69,7 @@ for phase in "${phases[@]}"; do
         run "val-sgr-$1-$2" --method sgr --sgr-grad forward-difference --sgr-distance "$1" \
           --sgr-lambda "$2" --modules 16 --validation 5000 --train-limit 10000 --seed 0
       done
+      run val-greedy --method greedy --modules 16 --validation 5000 --train-limit 10000 --seed 0
       ;;
     main)
       sgr_flags=$(chosen)

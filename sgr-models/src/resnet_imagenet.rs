@@ -936,6 +936,64 @@ mod tests {
         );
     }
 
+    /// The baselines' objectives on an ImageNet ResNet: `dgl` picks DGL's head, InfoPro adds a
+    /// decoder per local module and its contrastive mode a 128-d projection, and each gives a
+    /// finite loss on a batch.
+    #[test]
+    fn baseline_objectives_build_and_give_losses() {
+        use sgr_core::method::Objective;
+        use sgr_core::objective::Batch;
+        let cfg = ImageNetResNetConfig {
+            block: BlockKind::Basic,
+            layers: [1, 1, 1, 1],
+            widths: [4, 8, 16, 32],
+            stem_width: 4,
+            in_channels: 3,
+            num_classes: 10,
+        };
+        let x = Tensor::randn(0f32, 1.0, (4, 3, 32, 32), &Device::Cpu).unwrap();
+        let y = Tensor::new(&[0u32, 1, 0, 1], &Device::Cpu).unwrap();
+        let batch = Batch::labelled(x.clone(), y);
+        for objective in [
+            Objective::Dgl,
+            Objective::Infopro,
+            Objective::InfoproContrast,
+        ] {
+            let net = build(
+                cfg.clone(),
+                ModelOptions {
+                    modules: 2,
+                    split: SplitStrategy::Uniform,
+                    objective,
+                    ..ModelOptions::default()
+                },
+            );
+            let names: Vec<String> = net.params().into_iter().map(|p| p.name).collect();
+            let has = |n: &str| names.iter().any(|m| m == n);
+            assert_eq!(
+                has("aux.0.classifier.9.weight"),
+                objective == Objective::Dgl
+            );
+            assert_eq!(has("aux.0.decoder.3.bias"), objective != Objective::Dgl);
+            if objective == Objective::InfoproContrast {
+                let fc = net
+                    .params()
+                    .into_iter()
+                    .find(|p| p.name == "aux.0.14.weight");
+                assert_eq!(fc.unwrap().var.dims(), [128, 128]);
+            }
+            let mut ctx = Ctx::train();
+            let h = net.module_body(0, &x, &mut ctx).unwrap();
+            let out = net
+                .module_objective(0)
+                .unwrap()
+                .loss(&h, &batch, &mut ctx)
+                .unwrap();
+            let v = out.loss.to_scalar::<f32>().unwrap();
+            assert!(v.is_finite() && v > 0.0, "{objective}: {v}");
+        }
+    }
+
     #[test]
     fn dropout_is_rejected() {
         let e = ImageNetResNet {
