@@ -3,7 +3,7 @@
 //! exact double backward, and λ = 0 is the base method bit for bit. The losses themselves are
 //! checked against PyTorch in `baselines_reference.rs`.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use sgr_core::method::{Method, Objective};
 use sgr_core::objective::{Batch, PixelStats};
 use sgr_core::sgr::{
@@ -11,7 +11,8 @@ use sgr_core::sgr::{
 };
 use sgr_core::trainer::Trainer;
 use sgr_integration_tests::{
-    abs_sum, flat, labels, max_param_diff, randn, rel_err, trainer_config,
+    assert_module_learns, flat, labels, max_param_diff, randn, rel_err, sgr_config, site_grad,
+    target_near, trainer_config,
 };
 use sgr_models::{CifarResNet, ModelOptions, ResNetConfig, SplitStrategy};
 
@@ -59,31 +60,6 @@ fn batch(n: usize, side: usize, seed: u64, dtype: DType) -> Batch {
     )
 }
 
-fn site_grad(bp: &sgr_core::sgr::BasePass, site: Site) -> Tensor {
-    match site {
-        Site::Input => bp.input_grad.clone().expect("input grad"),
-        Site::Output => bp.output_grad.clone().expect("output grad"),
-    }
-}
-
-fn near(s0: &Tensor, seed: u64) -> Tensor {
-    let rms = flat(std::slice::from_ref(s0))
-        .iter()
-        .map(|v| v * v)
-        .sum::<f64>()
-        .sqrt()
-        / (s0.elem_count() as f64).sqrt();
-    (s0 + randn(s0.dims(), rms, seed, s0.dtype())).unwrap()
-}
-
-fn sgr(distance: Distance, grad: SgrGrad) -> SgrConfig {
-    SgrConfig {
-        distance,
-        grad,
-        ..SgrConfig::default()
-    }
-}
-
 /// Under every baseline, each trainable parameter of each module, heads and decoders included,
 /// gets a non-zero gradient from the local loss and from the SGR term in all three ways at
 /// both sites.
@@ -94,32 +70,24 @@ fn every_parameter_of_every_baseline_gets_a_gradient() {
         let b = batch(12, 8, 1, DType::F32);
         let mut h = b.input.clone();
         for k in 0..net.num_modules() {
-            let prob = LocalModule {
-                net: &net,
-                k,
-                batch: &b,
-            };
             let names: Vec<String> = net
                 .module_trainable(k)
                 .into_iter()
                 .map(|p| p.name)
                 .collect();
             if k + 1 < net.num_modules() {
+                let head = format!("aux.{k}.");
                 assert!(
-                    names.iter().any(|n| n.starts_with(&format!("aux.{k}."))),
+                    names.iter().any(|n| n.starts_with(&head)),
                     "{objective}: module {k} has no head"
                 );
-                if objective != Objective::Dgl {
-                    assert!(
-                        names
-                            .iter()
-                            .any(|n| n.starts_with(&format!("aux.{k}.decoder.3"))),
-                        "{objective}: module {k} has no decoder: {names:?}"
-                    );
-                }
+                let decoder = format!("aux.{k}.decoder.3.");
+                assert_eq!(
+                    names.iter().any(|n| n.starts_with(&decoder)),
+                    objective != Objective::Dgl,
+                    "{objective}: module {k}: {names:?}"
+                );
             }
-            let base = base_pass(&prob, &h, k > 0, true).unwrap();
-            let mut checks = vec![("local loss".to_string(), base.grads.clone())];
             let mut sites = vec![];
             if k > 0 {
                 sites.push(Site::Input);
@@ -127,38 +95,12 @@ fn every_parameter_of_every_baseline_gets_a_gradient() {
             if k + 1 < net.num_modules() {
                 sites.push(Site::Output);
             }
-            for site in sites {
-                let s0 = site_grad(&base, site);
-                let t = near(&s0, 3);
-                for way in [
-                    SgrGrad::FiniteDifference,
-                    SgrGrad::ForwardDifference,
-                    SgrGrad::Exact,
-                ] {
-                    let term = sgr_term_grad(
-                        &prob,
-                        &h,
-                        site,
-                        &s0,
-                        &t,
-                        BasePoint::of(&base),
-                        &sgr(Distance::SquaredL2, way),
-                    )
-                    .unwrap();
-                    checks.push((format!("SGR {way:?} at {site:?}"), term.grads));
-                }
-            }
-            for (what, grads) in checks {
-                assert_eq!(grads.len(), names.len());
-                for (g, n) in grads.iter().zip(&names) {
-                    let s = abs_sum(g);
-                    assert!(
-                        s > 0.0 && s.is_finite(),
-                        "{objective} module {k} {what}: `{n}` got {s}"
-                    );
-                }
-            }
-            h = base.output;
+            let ways = [
+                SgrGrad::FiniteDifference,
+                SgrGrad::ForwardDifference,
+                SgrGrad::Exact,
+            ];
+            h = assert_module_learns(&net, k, &b, &h, &sites, &ways, objective.name()).output;
         }
     }
 }
@@ -194,7 +136,7 @@ fn sgr_gradient_through_each_baseline_matches_the_exact_double_backward() {
             };
             let base = base_pass(&prob, &x, k > 0, true).unwrap();
             let s0 = site_grad(&base, site);
-            let t = near(&s0, 11);
+            let t = target_near(&s0, 11);
             let term = |way| {
                 sgr_term_grad(
                     &prob,
@@ -203,7 +145,7 @@ fn sgr_gradient_through_each_baseline_matches_the_exact_double_backward() {
                     &s0,
                     &t,
                     BasePoint::of(&base),
-                    &sgr(distance, way),
+                    &sgr_config(distance, way),
                 )
                 .unwrap()
             };
@@ -240,7 +182,7 @@ fn each_baseline_with_zero_lambda_sgr_is_the_baseline_bit_for_bit() {
                 trainer_config(Method {
                     sgr: Some(SgrConfig {
                         lambda: 0.0,
-                        ..sgr(Distance::SquaredL2, grad)
+                        ..sgr_config(Distance::SquaredL2, grad)
                     }),
                     ..Method::plain(objective)
                 }),

@@ -4,6 +4,10 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sgr_core::network::LocalNetwork;
+use sgr_core::objective::Batch;
+use sgr_core::sgr::{
+    base_pass, sgr_term_grad, BasePass, BasePoint, Distance, LocalModule, SgrConfig, SgrGrad, Site,
+};
 use sgr_models::{CifarResNet, HeadKind, ModelOptions, ResNetConfig, SplitStrategy};
 
 /// A CIFAR ResNet of `depth` for `in_channels`-channel input and 10 classes.
@@ -132,4 +136,77 @@ pub fn abs_sum(t: &Tensor) -> f64 {
         .and_then(|t| t.to_dtype(DType::F64))
         .and_then(|t| t.to_scalar::<f64>())
         .expect("abs sum")
+}
+
+/// The local gradient a base pass computed at `site`.
+pub fn site_grad(bp: &BasePass, site: Site) -> Tensor {
+    match site {
+        Site::Input => bp.input_grad.clone().expect("input grad"),
+        Site::Output => bp.output_grad.clone().expect("output grad"),
+    }
+}
+
+/// A target near s0 (so D is neither 0 nor dominated by t): s0 + noise of the same RMS.
+pub fn target_near(s0: &Tensor, seed: u64) -> Tensor {
+    let rms = s0
+        .sqr()
+        .and_then(|t| t.mean_all())
+        .and_then(|t| t.to_dtype(DType::F64))
+        .and_then(|t| t.to_scalar::<f64>())
+        .expect("rms")
+        .sqrt();
+    (s0 + randn(s0.dims(), rms, seed, s0.dtype())).expect("target")
+}
+
+/// SGR settings with `distance` and `grad`, the others at their defaults.
+pub fn sgr_config(distance: Distance, grad: SgrGrad) -> SgrConfig {
+    SgrConfig {
+        distance,
+        grad,
+        ..SgrConfig::default()
+    }
+}
+
+/// Runs module `k`'s base pass on its input `h` and asserts that every trainable parameter of
+/// the module (body and objective) gets a non-zero, finite gradient from the local loss and
+/// from the SGR term (squared L2) in each of `ways` at each of `sites`. Returns the base pass,
+/// whose output is the next module's input. `label` prefixes failure messages.
+pub fn assert_module_learns(
+    net: &LocalNetwork,
+    k: usize,
+    batch: &Batch,
+    h: &Tensor,
+    sites: &[Site],
+    ways: &[SgrGrad],
+    label: &str,
+) -> BasePass {
+    let prob = LocalModule { net, k, batch };
+    let names: Vec<String> = net
+        .module_trainable(k)
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    let base = base_pass(&prob, h, sites.contains(&Site::Input), true).expect("base pass");
+    let mut checks = vec![("local loss".to_string(), base.grads.clone())];
+    for &site in sites {
+        let s0 = site_grad(&base, site);
+        let t = target_near(&s0, 1);
+        for &way in ways {
+            let c = sgr_config(Distance::SquaredL2, way);
+            let term =
+                sgr_term_grad(&prob, h, site, &s0, &t, BasePoint::of(&base), &c).expect("SGR term");
+            checks.push((format!("SGR {way:?} at {site:?}"), term.grads));
+        }
+    }
+    for (what, grads) in checks {
+        assert_eq!(grads.len(), names.len(), "{label} module {k} {what}");
+        for (g, n) in grads.iter().zip(&names) {
+            let s = abs_sum(g);
+            assert!(
+                s > 0.0 && s.is_finite(),
+                "{label} module {k} {what}: `{n}` got {s}"
+            );
+        }
+    }
+    base
 }

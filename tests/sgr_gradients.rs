@@ -4,42 +4,13 @@
 
 use candle_core::{DType, Tensor, Var};
 use sgr_core::sgr::{
-    base_pass, sgr_term_grad, BasePoint, Distance, LocalModule, LocalProblem, SgrConfig, SgrGrad,
-    Site,
+    base_pass, sgr_term_grad, BasePoint, Distance, LocalModule, LocalProblem, SgrGrad, Site,
 };
-use sgr_integration_tests::{abs_sum, flat, labels, randn, rel_err, resnet};
+use sgr_integration_tests::{
+    abs_sum, assert_module_learns, flat, labels, randn, rel_err, resnet, sgr_config, site_grad,
+    target_near,
+};
 use sgr_models::HeadKind;
-
-fn site_grad(bp: &sgr_core::sgr::BasePass, site: Site) -> Tensor {
-    match site {
-        Site::Input => bp.input_grad.clone().expect("input grad"),
-        Site::Output => bp.output_grad.clone().expect("output grad"),
-    }
-}
-
-/// A target near s0 (so D is neither 0 nor dominated by t): s0 + noise of the same RMS.
-fn target_near(s0: &Tensor, seed: u64) -> Tensor {
-    let rms = s0
-        .sqr()
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-        .sqrt();
-    let noise = randn(s0.dims(), rms, seed, s0.dtype());
-    (s0 + noise).unwrap()
-}
-
-fn cfg(distance: Distance, grad: SgrGrad) -> SgrConfig {
-    SgrConfig {
-        distance,
-        grad,
-        ..SgrConfig::default()
-    }
-}
 
 /// J(θ) = L(θ) + λ·D(s(θ), t), where s is the local gradient at `site`.
 fn objective(
@@ -111,7 +82,7 @@ fn exact_sgr_gradient_equals_f64_finite_differences_of_j() {
             &s0,
             &t,
             BasePoint::default(),
-            &cfg(distance, SgrGrad::Exact),
+            &sgr_config(distance, SgrGrad::Exact),
         )
         .unwrap();
         let exact: Vec<Tensor> = base
@@ -192,7 +163,7 @@ fn finite_difference_sgr_gradient_matches_exact_on_resnet_module() {
         // (finite differences) and the primitive BatchNorm (second-order thread), which can flip
         // a pre-activation at ~1e-7.
         let term = |way| {
-            let c = cfg(distance, way);
+            let c = sgr_config(distance, way);
             sgr_term_grad(&prob, &x, site, &s0, &t, BasePoint::of(&base), &c).unwrap()
         };
         let ex = term(SgrGrad::Exact);
@@ -238,7 +209,7 @@ fn replayed_masks_are_what_makes_the_difference_accurate() {
     let base = base_pass(&prob, &x, true, true).unwrap();
     let s0 = base.input_grad.clone().unwrap();
     let t = target_near(&s0, 5);
-    let c = cfg(Distance::SquaredL2, SgrGrad::FiniteDifference);
+    let c = sgr_config(Distance::SquaredL2, SgrGrad::FiniteDifference);
     let ex = sgr_term_grad(
         &prob,
         &x,
@@ -246,7 +217,7 @@ fn replayed_masks_are_what_makes_the_difference_accurate() {
         &s0,
         &t,
         BasePoint::default(),
-        &cfg(Distance::SquaredL2, SgrGrad::Exact),
+        &sgr_config(Distance::SquaredL2, SgrGrad::Exact),
     )
     .unwrap();
     let replayed =
@@ -281,58 +252,20 @@ fn replayed_masks_are_what_makes_the_difference_accurate() {
 fn every_trainable_parameter_gets_a_nonzero_gradient() {
     for head in [HeadKind::ZeroConvOneFc, HeadKind::OneConvTwoFc] {
         let net = resnet(8, 3, 4, head, 3, DType::F32);
-        let x0 = randn(&[8, 3, 8, 8], 1.0, 1, DType::F32);
-        let y = labels(8, 2);
-        let mut h = x0.clone();
+        let batch = sgr_integration_tests::targets(&labels(8, 2));
+        let mut h = randn(&[8, 3, 8, 8], 1.0, 1, DType::F32);
         for k in 0..net.num_modules() {
-            let prob = LocalModule {
-                net: &net,
-                k,
-                batch: &sgr_integration_tests::targets(&y),
-            };
-            let names: Vec<String> = net
-                .module_trainable(k)
-                .into_iter()
-                .map(|p| p.name)
-                .collect();
-            let base = base_pass(&prob, &h, true, true).unwrap();
-            let mut checks = vec![("local loss".to_string(), base.grads.clone())];
             let mut sites = vec![Site::Input];
             if k + 1 < net.num_modules() {
                 sites.push(Site::Output);
             }
-            for site in sites {
-                let s0 = site_grad(&base, site);
-                let t = target_near(&s0, 1);
-                for way in [
-                    SgrGrad::FiniteDifference,
-                    SgrGrad::ForwardDifference,
-                    SgrGrad::Exact,
-                ] {
-                    let term = sgr_term_grad(
-                        &prob,
-                        &h,
-                        site,
-                        &s0,
-                        &t,
-                        BasePoint::of(&base),
-                        &cfg(Distance::SquaredL2, way),
-                    )
-                    .unwrap();
-                    checks.push((format!("SGR {way:?} at {site:?}"), term.grads));
-                }
-            }
-            for (what, grads) in checks {
-                assert_eq!(grads.len(), names.len());
-                for (g, n) in grads.iter().zip(&names) {
-                    let s = abs_sum(g);
-                    assert!(
-                        s > 0.0 && s.is_finite(),
-                        "{head:?} module {k} {what}: `{n}` got {s}"
-                    );
-                }
-            }
-            h = base.output;
+            let ways = [
+                SgrGrad::FiniteDifference,
+                SgrGrad::ForwardDifference,
+                SgrGrad::Exact,
+            ];
+            let label = format!("{head:?}");
+            h = assert_module_learns(&net, k, &batch, &h, &sites, &ways, &label).output;
         }
     }
     // bp: the whole network as one graph.

@@ -17,7 +17,10 @@ use sgr_core::sgr::{
     base_pass, sgr_term_grad, BasePoint, Distance, LocalModule, SgrConfig, SgrGrad, Site,
 };
 use sgr_core::trainer::Trainer;
-use sgr_integration_tests::{abs_sum, flat, labels, randn, rel_err, targets, trainer_config};
+use sgr_integration_tests::{
+    abs_sum, assert_module_learns, flat, labels, randn, rel_err, sgr_config, site_grad,
+    target_near, targets, trainer_config,
+};
 use sgr_models::resnet_imagenet::{BlockKind, ImageNetResNet, ImageNetResNetConfig};
 use sgr_models::{HeadKind, ModelOptions, SplitStrategy};
 
@@ -208,27 +211,6 @@ fn options(k: usize, head: HeadKind, seed: u64) -> ModelOptions {
     }
 }
 
-/// A target near s0 (so D is neither 0 nor dominated by t): s0 + noise of the same RMS.
-fn target_near(s0: &Tensor, seed: u64) -> Tensor {
-    let rms = (abs_sum(&s0.sqr().unwrap()) / s0.elem_count() as f64).sqrt();
-    (s0 + randn(s0.dims(), rms, seed, s0.dtype())).unwrap()
-}
-
-fn site_grad(bp: &sgr_core::sgr::BasePass, site: Site) -> Tensor {
-    match site {
-        Site::Input => bp.input_grad.clone().expect("input grad"),
-        Site::Output => bp.output_grad.clone().expect("output grad"),
-    }
-}
-
-fn sgr_cfg(distance: Distance, grad: SgrGrad) -> SgrConfig {
-    SgrConfig {
-        distance,
-        grad,
-        ..SgrConfig::default()
-    }
-}
-
 /// Every trainable parameter gets a non-zero gradient: from end-to-end back-propagation (bp),
 /// from each module's local loss (greedy), and from the SGR term in both ways at both sites,
 /// for BasicBlock and Bottleneck ResNets with InfoPro's and DGL's heads.
@@ -238,48 +220,18 @@ fn every_trainable_parameter_gets_a_nonzero_gradient() {
         let cfg = tiny(block);
         for head in [HeadKind::Infopro, HeadKind::Dgl] {
             let net = build(&cfg, options(3, head, 3), DType::F32);
-            let y = labels(8, 2);
+            let batch = targets(&labels(8, 2));
             let mut h = randn(&[8, 3, 32, 32], 1.0, 1, DType::F32);
             for k in 0..net.num_modules() {
-                let prob = LocalModule {
-                    net: &net,
-                    k,
-                    batch: &targets(&y),
-                };
-                let names: Vec<String> = net
-                    .module_trainable(k)
-                    .into_iter()
-                    .map(|p| p.name)
-                    .collect();
-                let base = base_pass(&prob, &h, true, true).unwrap();
-                if k == 0 {
-                    assert!(base.masks.iter().any(|d| matches!(d, Decision::MaxPool(_))));
-                }
-                let mut checks = vec![("greedy local loss".to_string(), base.grads.clone())];
                 let mut sites = vec![Site::Input];
                 if k + 1 < net.num_modules() {
                     sites.push(Site::Output);
                 }
-                for site in sites {
-                    let s0 = site_grad(&base, site);
-                    let t = target_near(&s0, 1);
-                    for way in [SgrGrad::FiniteDifference, SgrGrad::Exact] {
-                        let c = sgr_cfg(Distance::SquaredL2, way);
-                        let term =
-                            sgr_term_grad(&prob, &h, site, &s0, &t, BasePoint::of(&base), &c)
-                                .unwrap();
-                        checks.push((format!("SGR {way:?} at {site:?}"), term.grads));
-                    }
-                }
-                for (what, grads) in checks {
-                    assert_eq!(grads.len(), names.len());
-                    for (g, n) in grads.iter().zip(&names) {
-                        let s = abs_sum(g);
-                        assert!(
-                            s > 0.0 && s.is_finite(),
-                            "{block:?} {head:?} module {k} {what}: `{n}` got {s}"
-                        );
-                    }
+                let ways = [SgrGrad::FiniteDifference, SgrGrad::Exact];
+                let label = format!("{block:?} {head:?}");
+                let base = assert_module_learns(&net, k, &batch, &h, &sites, &ways, &label);
+                if k == 0 {
+                    assert!(base.masks.iter().any(|d| matches!(d, Decision::MaxPool(_))));
                 }
                 h = base.output;
             }
@@ -381,7 +333,7 @@ fn finite_difference_sgr_gradient_matches_exact_on_bottleneck_modules() {
         let term = |way, eps| {
             let c = SgrConfig {
                 fd_epsilon: eps,
-                ..sgr_cfg(distance, way)
+                ..sgr_config(distance, way)
             };
             sgr_term_grad(&prob, &x, site, &s0, &t, BasePoint::of(&base), &c).unwrap()
         };

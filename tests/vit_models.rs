@@ -12,11 +12,14 @@ use sgr_core::nn::{Ctx, Decision};
 use sgr_core::objective::Batch;
 use sgr_core::optim::{DecayScope, OptimizerConfig};
 use sgr_core::sgr::{
-    base_pass, base_pass_in, sgr_term_grad, BasePass, BasePoint, Distance, LocalModule, SgrConfig,
-    SgrGrad, Site,
+    base_pass, base_pass_in, sgr_term_grad, BasePoint, Distance, LocalModule, SgrConfig, SgrGrad,
+    Site,
 };
 use sgr_core::trainer::Trainer;
-use sgr_integration_tests::{abs_sum, flat, labels, randn, rel_err, targets, trainer_config};
+use sgr_integration_tests::{
+    abs_sum, assert_module_learns, flat, labels, randn, rel_err, sgr_config, site_grad,
+    target_near, targets, trainer_config,
+};
 use sgr_models::vit::{VisionTransformer, VitConfig};
 use sgr_models::{HeadKind, ModelOptions, SplitStrategy};
 
@@ -153,27 +156,6 @@ fn images(n: usize, seed: u64) -> Tensor {
     randn(&[n, 3, 16, 16], 1.0, seed, DType::F32)
 }
 
-fn site_grad(bp: &BasePass, site: Site) -> Tensor {
-    match site {
-        Site::Input => bp.input_grad.clone().expect("input grad"),
-        Site::Output => bp.output_grad.clone().expect("output grad"),
-    }
-}
-
-/// A target near s0: s0 + noise of the same RMS.
-fn target_near(s0: &Tensor, seed: u64) -> Tensor {
-    let rms = (abs_sum(&s0.sqr().unwrap()) / s0.elem_count() as f64).sqrt();
-    (s0 + randn(s0.dims(), rms, seed, s0.dtype())).unwrap()
-}
-
-fn cfg(distance: Distance, grad: SgrGrad) -> SgrConfig {
-    SgrConfig {
-        distance,
-        grad,
-        ..SgrConfig::default()
-    }
-}
-
 /// Every trainable parameter — cls_token and pos_embed, every block, the final norm and head,
 /// every aux head — gets a non-zero gradient from bp, from each module's greedy local loss, and
 /// from the SGR term (finite difference and exact, both sites), for each aux head kind.
@@ -196,44 +178,14 @@ fn every_trainable_parameter_gets_a_nonzero_gradient() {
         let mut h = x0.clone();
         let mut seen = 0;
         for k in 0..net.num_modules() {
-            let prob = LocalModule {
-                net: &net,
-                k,
-                batch: &batch,
-            };
-            let names: Vec<String> = net
-                .module_trainable(k)
-                .into_iter()
-                .map(|p| p.name)
-                .collect();
-            seen += names.len();
-            let base = base_pass(&prob, &h, true, true).unwrap();
-            let mut checks = vec![("greedy local loss".to_string(), base.grads.clone())];
+            seen += net.module_trainable(k).len();
             let mut sites = vec![Site::Input];
             if k + 1 < net.num_modules() {
                 sites.push(Site::Output);
             }
-            for site in sites {
-                let s0 = site_grad(&base, site);
-                let t = target_near(&s0, 1);
-                for way in [SgrGrad::FiniteDifference, SgrGrad::Exact] {
-                    let c = cfg(Distance::SquaredL2, way);
-                    let term =
-                        sgr_term_grad(&prob, &h, site, &s0, &t, BasePoint::of(&base), &c).unwrap();
-                    checks.push((format!("SGR {way:?} at {site:?}"), term.grads));
-                }
-            }
-            for (what, grads) in checks {
-                assert_eq!(grads.len(), names.len());
-                for (g, n) in grads.iter().zip(&names) {
-                    let s = abs_sum(g);
-                    assert!(
-                        s > 0.0 && s.is_finite(),
-                        "{head:?} module {k} {what}: `{n}` got {s}"
-                    );
-                }
-            }
-            h = base.output;
+            let ways = [SgrGrad::FiniteDifference, SgrGrad::Exact];
+            let label = format!("{head:?}");
+            h = assert_module_learns(&net, k, &batch, &h, &sites, &ways, &label).output;
         }
         assert_eq!(
             seen,
@@ -361,7 +313,7 @@ fn finite_difference_sgr_gradient_matches_exact_with_dropout_and_drop_path() {
         let s0 = site_grad(&base, site);
         let t = target_near(&s0, 7 + ci as u64);
         let term = |way, point| {
-            sgr_term_grad(&prob, &x, site, &s0, &t, point, &cfg(distance, way)).unwrap()
+            sgr_term_grad(&prob, &x, site, &s0, &t, point, &sgr_config(distance, way)).unwrap()
         };
         let ex = term(SgrGrad::Exact, BasePoint::of(&base));
         for (way, bound) in [
