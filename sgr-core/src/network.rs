@@ -177,11 +177,17 @@ impl LocalNetwork {
         self.num_classes
     }
 
-    /// Whole-network forward pass to logits (end-to-end BP and evaluation).
+    /// Whole-network forward pass to logits (end-to-end BP and evaluation). In evaluation mode
+    /// each unit's output is detached: the weights are variables, so candle would otherwise
+    /// keep every intermediate of the whole network alive until the logits are dropped (at
+    /// batch 256, 1.8 GB of ResNet-32 activations instead of one block's).
     pub fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         let mut h = x.clone();
         for u in &self.units {
             h = u.forward(&h, ctx)?;
+            if !ctx.is_train() {
+                h = h.detach();
+            }
         }
         self.classifier.forward(&h, ctx)
     }
