@@ -228,6 +228,29 @@ fn infopro_weights_are_interpolated_and_transformers_are_refused() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("feature map") && e.contains("greedy"), "{e}");
+    let e = sgr_models::zoo::build(
+        "vit-cifar",
+        sgr_models::Input {
+            channels: 3,
+            classes: 10,
+            size: 32,
+        },
+        &ModelOptions {
+            modules: 2,
+            objective: Objective::Dgl,
+            ..ModelOptions::default()
+        },
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("method dgl") && e.contains("greedy"), "{e}");
+    // A batch of one has nothing to contrast with: a loss of 0, not NaN.
+    let f = randn(&[1, 8], 1.0, 4, DType::F32);
+    let y = labels(1, 4);
+    let l = sgr_core::loss::supervised_contrastive(&f, &y, 0.07).unwrap();
+    assert_eq!(l.to_scalar::<f32>().unwrap(), 0.0);
     // The contrastive loss compares hard labels: soft targets are refused, not misread.
     let net = net(8, 2, Objective::InfoproContrast, DType::F32);
     let b = batch(8, 8, 3, DType::F32);

@@ -107,7 +107,7 @@ fn infopro_flags_reach_config_json_and_bad_combinations_are_refused() {
     assert_eq!(c["task_first"], 1.0);
     assert_eq!(c["task_last"], 1.0);
     assert_eq!(c["temperature"], 0.1);
-    let cases: [(&[&str], &[&str]); 6] = [
+    let cases: [(&[&str], &[&str]); 9] = [
         (
             &["train", "--method", "bp+sgr"],
             &["end to end", "dgl+sgr", "infopro-contrast+sgr"],
@@ -137,6 +137,26 @@ fn infopro_flags_reach_config_json_and_bad_combinations_are_refused() {
         (
             &["train", "--method", "infopro", "--infopro-recon=-1"],
             &["recon_first must be finite and ≥ 0"],
+        ),
+        (
+            &[
+                "train",
+                "--method",
+                "infopro",
+                "--infopro-recon",
+                "0",
+                "--infopro-task",
+                "0,1",
+            ],
+            &["both 0", "first local module"],
+        ),
+        (
+            &["train", "--method", "infopro-contrast", "--mixup", "0.8"],
+            &["hard labels", "--mixup"],
+        ),
+        (
+            &["train", "--method", "dgl", "--aux-head", "1c2f"],
+            &["DGL's own aux head", "greedy --aux-head 1c2f"],
         ),
     ];
     for (args, wants) in cases {

@@ -85,6 +85,11 @@ pub fn supervised_contrastive(
     temperature: f64,
 ) -> Result<Tensor> {
     let n = features.dim(0)?;
+    if n < 2 {
+        // No other sample to contrast with: the loss is 0 (kept on the graph, so the caller's
+        // backward still reaches the features).
+        return Ok((features.sum_all()? * 0.0)?);
+    }
     let dtype = features.dtype();
     let device = features.device();
     let sim = (features.matmul(&features.t()?)? / temperature)?;

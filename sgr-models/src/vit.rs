@@ -367,6 +367,14 @@ impl VisionTransformer {
         cfg.validate()?;
         o.validate()?;
         let plan = split_plan(cfg, o.modules, o.split, o.split_ends.as_deref())?;
+        if o.objective == sgr_core::method::Objective::Dgl {
+            return Err(Error::InvalidConfig(
+                "method dgl trains DGL's convolutional aux head, which needs a feature map; \
+                 Vision Transformers train with greedy (aux heads token, mean, block-token, \
+                 block-mean), with or without +sgr"
+                    .into(),
+            ));
+        }
         head_kind(o.head_kind(), false)?;
         let d = cfg.embed_dim;
         let mut init = Init::new(o.seed, device, dtype);

@@ -81,8 +81,16 @@ impl ModelOptions {
         }
     }
 
-    /// Checks the probabilities.
+    /// Checks the probabilities and that `dgl` keeps DGL's head.
     pub fn validate(&self) -> Result<()> {
+        if self.objective == Objective::Dgl && !matches!(self.head, HeadKind::Auto | HeadKind::Dgl)
+        {
+            return Err(Error::InvalidConfig(format!(
+                "method dgl trains DGL's own aux head, not `{}`; for cross-entropy on another \
+                 head use greedy --aux-head {}",
+                self.head, self.head
+            )));
+        }
         for (what, p) in [("dropout", self.dropout), ("drop_path", self.drop_path)] {
             if !(0.0..1.0).contains(&p) {
                 return Err(Error::InvalidConfig(format!(

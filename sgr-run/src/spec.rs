@@ -153,7 +153,8 @@ pub struct RunSpec {
     /// Use only the first N training samples (after the validation images are taken out).
     pub train_limit: Option<usize>,
     /// Hold out the last N images of the training set and evaluate on them instead of the
-    /// test split (for choosing hyperparameters without looking at the test set).
+    /// test split (for choosing hyperparameters without looking at the test set). The
+    /// normalisation statistics stay those of the whole training set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub validation: Option<usize>,
     /// The data set's standard training augmentation (crop, flip).
@@ -302,6 +303,27 @@ impl RunSpec {
         }
         if m.objective.is_infopro() {
             self.infopro.validate()?;
+        } else if !self.infopro.is_default() {
+            return bad(format!(
+                "the `infopro` settings apply to the methods infopro and infopro-contrast \
+                 (with or without +sgr); the method is {m}: remove them or change the method"
+            ));
+        }
+        if m.objective == sgr_core::method::Objective::InfoproContrast
+            && (self.trainer.mix.is_some() || self.trainer.label_smoothing > 0.0)
+        {
+            return bad(format!(
+                "method {m} compares samples by their hard labels: it cannot train with \
+                 --mixup, --cutmix or --label-smoothing"
+            ));
+        }
+        if self.validation.is_some() && self.dataset == Dataset::Imagefolder {
+            return bad(
+                "--validation holds out the last training images, and an image folder lists \
+                 them class by class (they would all be of the last classes): make a \
+                 validation folder instead and pass it as the data set's val/"
+                    .into(),
+            );
         }
         if let Some((_, mag)) = self.randaugment {
             if mag > 30 {

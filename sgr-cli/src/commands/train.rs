@@ -398,9 +398,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
             match Run::resume(dir, changes, opts)? {
                 Resumed::Finished(s) => {
                     say!(
-                        "{} has finished its {} epochs (test accuracy {:.4}); nothing to do. To train longer: sgr train --resume {} --epochs N",
+                        "{} has finished its {} epochs ({} accuracy {:.4}); nothing to do. To train longer: sgr train --resume {} --epochs N",
                         dir.display(),
                         s.epochs,
+                        if s.validation { "validation" } else { "test" },
                         s.test_accuracy,
                         dir.display()
                     );

@@ -15,11 +15,11 @@ use crate::nn::{BatchNorm, Conv2d, Init, Layer, Param};
 use crate::{Error, Result};
 
 /// The weights of InfoPro's two terms and the contrastive settings. The weights are set for the
-/// first local module (`*_first`) and the last one (`*_last`, module K−1) and interpolated
-/// linearly in between, as InfoPro's code does; the last module (the network's classifier) has
-/// neither term. Defaults: InfoPro's published setting for ResNet-32 at K = 16
-/// (`--ixx_1 5 --ixy_1 0.05 --ixx_2 0.2 --ixy_2 0.5`), temperature 0.07, a 128-d projection and
-/// a 12-channel decoder.
+/// first local module (`*_first`) and the last local one (`*_last`, module K−2 counting from 0)
+/// and interpolated linearly in between, as InfoPro's code does; the last module (the network's
+/// classifier) has neither term. Defaults: InfoPro's published setting for ResNet-32 at K = 16
+/// in its contrastive mode (`--ixx_1 5 --ixy_1 0.05 --ixx_2 0.2 --ixy_2 0.5`; InfoPro publishes
+/// other weights for other K), temperature 0.07, a 128-d projection and a 12-channel decoder.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct InfoproConfig {
@@ -33,7 +33,8 @@ pub struct InfoproConfig {
     pub task_last: f64,
     /// Temperature of the supervised contrastive loss.
     pub temperature: f64,
-    /// Width of the contrastive projection (the head's output).
+    /// Width of the contrastive projection (the head's output; the hidden layer of `1c2f`
+    /// stays 128 wide, InfoPro's default).
     pub feature_dim: usize,
     /// Hidden channels of the decoder.
     pub decoder_width: usize,
@@ -93,6 +94,17 @@ impl InfoproConfig {
                 "infopro.temperature must be finite and > 0, got {}",
                 self.temperature
             )));
+        }
+        for (end, recon, task) in [
+            ("first", self.recon_first, self.task_first),
+            ("last", self.recon_last, self.task_last),
+        ] {
+            if recon == 0.0 && task == 0.0 {
+                return Err(Error::InvalidConfig(format!(
+                    "infopro.recon_{end} and infopro.task_{end} are both 0: the {end} local \
+                     module would have no loss; give one of them a weight > 0"
+                )));
+            }
         }
         if self.feature_dim == 0 || self.decoder_width == 0 {
             return Err(Error::InvalidConfig(
@@ -290,7 +302,9 @@ impl LocalObjective for InfoproObjective {
             terms.push((binary_cross_entropy_with_logits(&z, &target)? * self.recon_weight)?);
         }
         let loss = match terms.len() {
-            0 => h.zeros_like()?.sum_all()?,
+            // Both weights 0 (only a library user can build this; configs refuse it): a zero
+            // loss that still depends on `h`.
+            0 => (h.sum_all()? * 0.0)?,
             1 => terms.pop().expect("one term"),
             _ => (&terms[0] + &terms[1])?,
         };
