@@ -210,42 +210,30 @@ fn infopro_weights_are_interpolated_and_transformers_are_refused() {
     let (r, t) = cfg.weights(7, 16);
     assert!((r - 2.6).abs() < 1e-12 && (t - 0.275).abs() < 1e-12);
     assert_eq!(cfg.weights(0, 2), (5.0, 0.05));
-    let e = sgr_models::zoo::build(
-        "vit-cifar",
-        sgr_models::Input {
-            channels: 3,
-            classes: 10,
-            size: 32,
-        },
-        &ModelOptions {
-            modules: 2,
-            objective: Objective::Infopro,
-            ..ModelOptions::default()
-        },
-        &Device::Cpu,
-        DType::F32,
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("feature map") && e.contains("greedy"), "{e}");
-    let e = sgr_models::zoo::build(
-        "vit-cifar",
-        sgr_models::Input {
-            channels: 3,
-            classes: 10,
-            size: 32,
-        },
-        &ModelOptions {
-            modules: 2,
-            objective: Objective::Dgl,
-            ..ModelOptions::default()
-        },
-        &Device::Cpu,
-        DType::F32,
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("method dgl") && e.contains("greedy"), "{e}");
+    // Transformers have no feature map for InfoPro's decoder or DGL's head.
+    for (objective, want) in [
+        (Objective::Infopro, "feature map"),
+        (Objective::Dgl, "method dgl"),
+    ] {
+        let e = sgr_models::zoo::build(
+            "vit-cifar",
+            sgr_models::Input {
+                channels: 3,
+                classes: 10,
+                size: 32,
+            },
+            &ModelOptions {
+                modules: 2,
+                objective,
+                ..ModelOptions::default()
+            },
+            &Device::Cpu,
+            DType::F32,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(want) && e.contains("greedy"), "{objective}: {e}");
+    }
     // A batch of one has nothing to contrast with: a loss of 0, not NaN.
     let f = randn(&[1, 8], 1.0, 4, DType::F32);
     let y = labels(1, 4);

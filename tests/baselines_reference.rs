@@ -25,7 +25,7 @@ use sgr_core::network::SplitPlan;
 use sgr_core::nn::upsample::upsample_bilinear;
 use sgr_core::nn::ParamKind;
 use sgr_core::objective::{Batch, InfoproConfig, LocalObjective, PixelStats};
-use sgr_integration_tests::flat;
+use sgr_integration_tests::{flat, load_state_dict};
 use sgr_models::heads::head_objectives;
 use sgr_models::{HeadKind, ModelOptions};
 
@@ -262,35 +262,6 @@ fn build_objective(
     objectives.remove(0)
 }
 
-/// Sets every tensor of `objective` from the fixture by name (dtype cast; PyTorch's int64
-/// scalar counters into our `[1]`); the fixture must hold exactly the objective's tensors.
-fn load_weights(objective: &dyn LocalObjective, map: &HashMap<String, Tensor>) {
-    let mut theirs: Vec<&str> = map
-        .keys()
-        .filter(|k| !k.starts_with("__"))
-        .map(|k| k.as_str())
-        .collect();
-    theirs.sort();
-    let params = objective.params();
-    let mut ours: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
-    ours.sort();
-    assert_eq!(
-        ours, theirs,
-        "the fixture and the objective name the same tensors"
-    );
-    for p in &params {
-        let t = &map[&p.name];
-        let t = if p.name.ends_with("num_batches_tracked") {
-            assert_eq!(t.dims(), &[] as &[usize]);
-            t.reshape(p.var.dims()).unwrap()
-        } else {
-            assert_eq!(t.dims(), p.var.dims(), "{}", p.name);
-            t.clone()
-        };
-        p.var.set(&t.to_dtype(p.var.dtype()).unwrap()).unwrap();
-    }
-}
-
 /// The fixed direction of the Hessian-vector product: v[i] = ((37·i) mod 17)/8 − 1 over the
 /// row-major flattened tensor (exact in f32).
 fn hvp_direction(dims: &[usize], dtype: DType) -> Tensor {
@@ -442,7 +413,7 @@ fn check_objective(name: &str, dtype: DType, edit: impl Fn(&mut ModelOptions)) -
     let mut reports = Vec::new();
     for second_order in [false, true] {
         let objective = build_objective(&cfg, dtype, &edit);
-        load_weights(objective.as_ref(), &map);
+        load_state_dict(&objective.params(), &map);
         let got = evaluate(objective.as_ref(), &map, dtype, second_order);
         let path = if second_order {
             "primitive BN, second order"

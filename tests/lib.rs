@@ -210,3 +210,37 @@ pub fn assert_module_learns(
     }
     base
 }
+
+/// Sets every tensor of `params` from a PyTorch state dict `map` by name, unchanged except for
+/// the dtype and `num_batches_tracked` (PyTorch's int64 scalar, a `[1]` tensor here). Names
+/// starting with `__` are a fixture's extras; the rest must be exactly `params`' names.
+pub fn load_state_dict(
+    params: &[sgr_core::nn::Param],
+    map: &std::collections::HashMap<String, Tensor>,
+) {
+    let mut theirs: Vec<&str> = map
+        .keys()
+        .filter(|k| !k.starts_with("__"))
+        .map(|k| k.as_str())
+        .collect();
+    theirs.sort();
+    let mut ours: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
+    ours.sort();
+    assert_eq!(
+        ours, theirs,
+        "the state dict and the model name the same tensors"
+    );
+    for p in params {
+        let t = &map[&p.name];
+        let t = if p.name.ends_with("num_batches_tracked") {
+            assert_eq!(t.dims(), &[] as &[usize]);
+            t.reshape(p.var.dims()).expect("reshape")
+        } else {
+            assert_eq!(t.dims(), p.var.dims(), "{}", p.name);
+            t.clone()
+        };
+        p.var
+            .set(&t.to_dtype(p.var.dtype()).expect("dtype"))
+            .expect("set");
+    }
+}

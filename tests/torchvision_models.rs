@@ -18,8 +18,8 @@ use sgr_core::sgr::{
 };
 use sgr_core::trainer::Trainer;
 use sgr_integration_tests::{
-    abs_sum, assert_module_learns, flat, labels, randn, rel_err, sgr_config, site_grad,
-    target_near, targets, trainer_config,
+    abs_sum, assert_module_learns, flat, labels, load_state_dict, randn, rel_err, sgr_config,
+    site_grad, target_near, targets, trainer_config,
 };
 use sgr_models::resnet_imagenet::{BlockKind, ImageNetResNet, ImageNetResNetConfig};
 use sgr_models::{HeadKind, ModelOptions, SplitStrategy};
@@ -50,32 +50,6 @@ fn build(cfg: &ImageNetResNetConfig, options: ModelOptions, dtype: DType) -> Loc
     }
     .build(&Device::Cpu, dtype)
     .expect("build")
-}
-
-/// Sets every tensor of `net` from the torchvision state dict `map` by name, unchanged except
-/// for dtype and for `num_batches_tracked` (a PyTorch int64 scalar, a `[1]` float here); the
-/// state dict must hold exactly the network's tensors.
-fn load_state_dict(net: &LocalNetwork, map: &HashMap<String, Tensor>) {
-    let mut model: Vec<&String> = map.keys().filter(|k| !k.starts_with("__")).collect();
-    model.sort();
-    let mut ours: Vec<String> = net.params().into_iter().map(|p| p.name).collect();
-    ours.sort();
-    assert_eq!(
-        model.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-        ours.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-        "the torchvision state dict and the network name the same tensors"
-    );
-    for p in net.params() {
-        let t = &map[&p.name];
-        let t = if p.name.ends_with("num_batches_tracked") {
-            assert_eq!(t.dims(), &[] as &[usize]);
-            t.reshape(p.var.dims()).unwrap()
-        } else {
-            assert_eq!(t.dims(), p.var.dims(), "{}", p.name);
-            t.clone()
-        };
-        p.var.set(&t.to_dtype(p.var.dtype()).unwrap()).unwrap();
-    }
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -112,7 +86,7 @@ fn torchvision_weights_load_unchanged_and_give_pytorchs_logits() {
             (DType::F64, "__logits_f64__", 1e-10),
         ] {
             let net = build(&cfg, ModelOptions::default(), dtype);
-            load_state_dict(&net, &map);
+            load_state_dict(&net.params(), &map);
             let y = net
                 .forward(&x.to_dtype(dtype).unwrap(), &mut Ctx::eval())
                 .unwrap();
@@ -140,7 +114,7 @@ fn batchnorm_train_and_eval_modes_behave_as_pytorchs() {
     for name in ["basic", "bottleneck"] {
         let (map, cfg) = fixture(name);
         let net = build(&cfg, ModelOptions::default(), DType::F64);
-        load_state_dict(&net, &map);
+        load_state_dict(&net.params(), &map);
         let x = map["__input__"].to_dtype(DType::F64).unwrap();
         let before = buffers(&net);
         let e1 = net.forward(&x, &mut Ctx::eval()).unwrap();
