@@ -71,15 +71,9 @@ fn every_baseline_trains_with_and_without_sgr() {
 
 /// The tensor names of a safetensors file.
 fn sgr_core_names(path: &Path) -> Vec<String> {
-    let bytes = std::fs::read(path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    header
-        .as_object()
+    sgr_core::checkpoint::load_tensors(path, &candle_core::Device::Cpu)
         .unwrap()
-        .keys()
-        .filter(|k| *k != "__metadata__")
-        .cloned()
+        .into_keys()
         .collect()
 }
 
