@@ -299,6 +299,96 @@ pub fn reconciliation(epochs: &[Epoch], title: &str, path: &Path) -> Result<()> 
     render_png(&svg, path)
 }
 
+/// A line chart from data ([`sgr_schema::LineChart`]): one coloured line with markers per
+/// series, dashed for reference series, the legend outside the plot area's lines.
+pub fn lines(chart: &sgr_schema::LineChart, path: &Path) -> Result<()> {
+    let points = || chart.series.iter().flat_map(|s| s.points.iter());
+    if points().next().is_none() {
+        bail!("the chart `{}` has no points to draw", chart.title);
+    }
+    if let Some(p) = points().find(|p| !p.0.is_finite() || !p.1.is_finite()) {
+        bail!("the chart `{}` has a non-finite point {p:?}", chart.title);
+    }
+    let fx = |x: f64| if chart.x_log2 { x.log2() } else { x };
+    if chart.x_log2 && points().any(|p| p.0 <= 0.0) {
+        bail!("the chart `{}` has x_log2 with an x <= 0", chart.title);
+    }
+    let (x0, x1) = points().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+        (a.min(fx(p.0)), b.max(fx(p.0)))
+    });
+    let (y0, y1) = points().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+        (a.min(p.1), b.max(p.1))
+    });
+    let pad_x = ((x1 - x0) * 0.05).max(0.25);
+    let pad_y = ((y1 - y0) * 0.08).max(0.5);
+    let xs: Vec<f64> = {
+        let mut v: Vec<f64> = points().map(|p| p.0).collect();
+        v.sort_by(f64::total_cmp);
+        v.dedup();
+        v
+    };
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (1000, 620)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let mut c = ChartBuilder::on(&root)
+            .margin(20)
+            .caption(&chart.title, ("sans-serif", 20))
+            .x_label_area_size(45)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x0 - pad_x..x1 + pad_x, (y0 - pad_y).max(0.0)..y1 + pad_y)
+            .map_err(err)?;
+        let x_label = |v: &f64| {
+            let x = if chart.x_log2 { v.exp2() } else { *v };
+            match xs.iter().find(|&&t| (fx(t) - v).abs() < 1e-9) {
+                Some(t) => format!("{t}"),
+                None if chart.x_log2 => String::new(),
+                None => format!("{x:.3}"),
+            }
+        };
+        let mut mesh = c.configure_mesh();
+        mesh.x_desc(&chart.x_label)
+            .y_desc(&chart.y_label)
+            .label_style(("sans-serif", 14))
+            .x_label_formatter(&x_label);
+        if chart.x_log2 {
+            // One tick per power of two between the ends; only those with data are labelled.
+            mesh.x_labels(((x1 - x0).round() as usize + 1) * 4 + 1);
+        }
+        mesh.draw().map_err(err)?;
+        for (i, s) in chart.series.iter().enumerate() {
+            let color = PALETTE[i % PALETTE.len()];
+            let mut pts: Vec<(f64, f64)> = s.points.iter().map(|p| (fx(p.0), p.1)).collect();
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let style = color.stroke_width(2);
+            if s.dashed {
+                c.draw_series(DashedLineSeries::new(pts.clone(), 8, 5, style))
+                    .map_err(err)?
+                    .label(&s.label)
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(1))
+                    });
+            } else {
+                c.draw_series(LineSeries::new(pts.clone(), style))
+                    .map_err(err)?
+                    .label(&s.label)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+            }
+            c.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(err)?;
+        }
+        c.configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 13))
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()
+            .map_err(err)?;
+        root.present().map_err(err)?;
+    }
+    render_png(&svg, path)
+}
+
 /// Writes `curves.png` and (for local runs) `reconciliation.png` into `out`.
 pub fn plot_run(run: &Path, out: &Path) -> Result<Vec<PathBuf>> {
     let epochs = read_metrics(run)?;

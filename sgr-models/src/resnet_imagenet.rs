@@ -86,23 +86,53 @@ impl ImageNetResNetConfig {
         ("resnet152", BlockKind::Bottleneck, [3, 8, 36, 3]),
     ];
 
-    /// A preset by name, for the data's channels and classes.
+    /// Widest `-w<N>` a width-scaled name may ask for: torchvision's own stem width.
+    pub const MAX_SCALED_WIDTH: usize = 64;
+
+    /// Splits a model name into its preset and, for a width-scaled name such as
+    /// `resnet101-w8`, its stem width `N` (stages `N, 2N, 4N, 8N`); `None` for a name that is
+    /// not an ImageNet ResNet.
+    fn parse_name(name: &str) -> Option<(BlockKind, [usize; 4], Option<usize>)> {
+        let (base, width) = match name.split_once("-w") {
+            Some((base, w)) => (base, Some(w.parse::<usize>().ok()?)),
+            None => (name, None),
+        };
+        let (_, block, layers) = Self::PRESETS.iter().find(|(n, _, _)| *n == base)?;
+        Some((*block, *layers, width))
+    }
+
+    /// Whether `name` is a preset or a width-scaled preset (`resnet50-w16`).
+    pub fn is_name(name: &str) -> bool {
+        Self::parse_name(name).is_some()
+    }
+
+    /// A preset by name, for the data's channels and classes. `<preset>-w<N>` is the same
+    /// architecture at stem width `N` and stage widths `N, 2N, 4N, 8N` (torchvision: 64):
+    /// the real depth and split points at a fraction of the cost, for smoke runs.
     pub fn preset(name: &str, input: &Input) -> Result<Self> {
-        let (_, block, layers) = Self::PRESETS
-            .iter()
-            .find(|(n, _, _)| *n == name)
-            .copied()
-            .ok_or_else(|| {
-                Error::InvalidConfig(format!(
-                    "unknown model `{name}`; available: {}",
-                    Self::PRESETS.map(|(n, _, _)| n).join(", ")
-                ))
-            })?;
+        let (block, layers, width) = Self::parse_name(name).ok_or_else(|| {
+            Error::InvalidConfig(format!(
+                "unknown model `{name}`; available: {}, each also width-scaled as \
+                 `<name>-w<N>` (N in 1..={})",
+                Self::PRESETS.map(|(n, _, _)| n).join(", "),
+                Self::MAX_SCALED_WIDTH
+            ))
+        })?;
+        let (widths, stem_width) = match width {
+            None => (DEFAULT_WIDTHS, default_stem_width()),
+            Some(w) if (1..=Self::MAX_SCALED_WIDTH).contains(&w) => ([w, 2 * w, 4 * w, 8 * w], w),
+            Some(w) => {
+                return Err(Error::InvalidConfig(format!(
+                    "model `{name}`: the width after `-w` must be in 1..={}, got {w}",
+                    Self::MAX_SCALED_WIDTH
+                )))
+            }
+        };
         let cfg = Self {
             block,
             layers,
-            widths: DEFAULT_WIDTHS,
-            stem_width: default_stem_width(),
+            widths,
+            stem_width,
             in_channels: input.channels,
             num_classes: input.classes,
         };
@@ -807,6 +837,29 @@ mod tests {
         let p = split_plan(&cfg, 2, SplitStrategy::Balanced, Some(&ends)).unwrap();
         assert_eq!(p.ends(), &[0, 8]);
         assert!(ImageNetResNetConfig::preset("resnet20", &imagenet()).is_err());
+    }
+
+    #[test]
+    fn width_scaled_names_round_trip_and_bad_widths_are_refused() {
+        let cfg = ImageNetResNetConfig::preset("resnet101-w8", &imagenet()).unwrap();
+        assert_eq!(
+            (cfg.layers, cfg.widths, cfg.stem_width),
+            ([3, 4, 23, 3], [8, 16, 32, 64], 8)
+        );
+        assert_eq!(cfg.name(), "resnet101-w8");
+        assert_eq!(cfg.units(), preset("resnet101").units());
+        assert!(crate::zoo::family("resnet18-w4").is_ok());
+        for (name, why) in [
+            ("resnet101-w0", "must be in 1..=64, got 0"),
+            ("resnet101-w65", "must be in 1..=64, got 65"),
+            ("resnet101-wx", "unknown model `resnet101-wx`"),
+            ("resnet20-w8", "unknown model `resnet20-w8`"),
+        ] {
+            let e = ImageNetResNetConfig::preset(name, &imagenet())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{name}: {e}");
+        }
     }
 
     #[test]

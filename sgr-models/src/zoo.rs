@@ -129,7 +129,7 @@ pub fn family(name: &str) -> Result<Family> {
     if ResNetConfig::PRESETS.iter().any(|(n, _)| *n == name) {
         return Ok(Family::CifarResNet);
     }
-    if ImageNetResNetConfig::PRESETS.iter().any(|p| p.0 == name) {
+    if ImageNetResNetConfig::is_name(name) {
         return Ok(Family::ImageNetResNet);
     }
     if VitConfig::PRESETS.contains(&name) {

@@ -231,6 +231,14 @@ pub fn check_workers(workers: Option<usize>) -> Result<usize> {
 /// The default number of modules of local methods.
 pub const DEFAULT_MODULES: usize = 4;
 
+/// SHA-256, in hex, of `value`'s JSON (fields in declaration order): the key under which a
+/// specification's result may be reused (`sgr train --print-spec`, `sgr bench --print-spec`).
+pub fn hash_json<T: Serialize + ?Sized>(value: &T) -> Result<String> {
+    let json = serde_json::to_vec(value).map_err(|e| Error::Spec(e.to_string()))?;
+    let digest = Sha256::digest(&json);
+    Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 impl RunSpec {
     /// K, with the default when not set: 1 for end-to-end methods, the number of measured
     /// ends for the balanced split, one module per unit for the block split, else 4.
@@ -384,9 +392,7 @@ impl RunSpec {
     /// SHA-256 of the specification's canonical JSON (fields in declaration order, every
     /// default included): two runs with the same hash compute the same thing.
     pub fn hash(&self) -> Result<String> {
-        let json = serde_json::to_vec(self).map_err(|e| Error::Spec(e.to_string()))?;
-        let digest = Sha256::digest(&json);
-        Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
+        hash_json(self)
     }
 
     /// Reads a specification from TOML, or JSON when the file name ends in `.json`; missing

@@ -1,8 +1,15 @@
 //! # sgr-schema
 //!
 //! The records an sgr run writes, as plain serde types: what `metrics.jsonl` holds one line per
-//! epoch of ([`EpochRecord`]) and what `summary.json` holds ([`Summary`]). Tools that read runs,
-//! such as `cargo xtask`, depend on this crate alone and compile no tensor library.
+//! epoch of ([`EpochRecord`]), what `summary.json` holds ([`Summary`]), what `sgr bench --json`
+//! prints ([`BenchReport`]) and the charts `sgr plot --lines` draws ([`LineChart`]). Tools that
+//! read runs, such as `cargo xtask`, depend on this crate alone and compile no tensor library.
+
+mod bench;
+mod chart;
+
+pub use bench::BenchReport;
+pub use chart::{LineChart, Series};
 
 use serde::{Deserialize, Serialize};
 

@@ -33,21 +33,21 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a line.
     #[arg(long)]
     json: bool,
+    /// Print the resolved benchmark specification and its hash as one JSON line, and exit
+    /// (what `cargo xtask reproduce` caches a measurement under).
+    #[arg(long)]
+    print_spec: bool,
 }
 
+/// Everything a measurement depends on but the binary: equal hashes measure the same thing.
 #[derive(Debug, Serialize)]
-struct BenchReport {
-    model: String,
-    method: String,
-    modules: usize,
-    sgr_grad: Option<String>,
+struct BenchSpec<'a> {
+    run: &'a sgr_run::RunSpec,
     batch_size: usize,
-    input: [usize; 3],
     steps: usize,
-    median_step_seconds: f64,
-    images_per_s: f64,
-    step_seconds: Vec<f64>,
-    peak_memory_bytes: Option<u64>,
+    input: [usize; 3],
+    classes: usize,
+    device: DeviceKind,
 }
 
 /// Runs `sgr bench`.
@@ -62,6 +62,21 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let meter = std::sync::Arc::new(crate::alloc::Meter);
         spec =
             sgr_run::memory::balanced_spec(&spec, a.input.input(), a.batch_size, meter, &device)?.0;
+    }
+    let input = [a.input.channels, a.input.size, a.input.size];
+    let bench_spec = BenchSpec {
+        run: &spec,
+        batch_size: a.batch_size,
+        steps: a.steps,
+        input,
+        classes: a.input.classes,
+        device: a.device,
+    };
+    let spec_hash = sgr_run::spec::hash_json(&bench_spec)?;
+    if a.print_spec {
+        let v = serde_json::json!({ "spec_hash": spec_hash, "spec": bench_spec });
+        println!("{v}");
+        return Ok(());
     }
     let method = spec.trainer.method.clone();
     let trainer_cfg = TrainerConfig {
@@ -84,6 +99,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .collect();
     let y = candle_core::Tensor::from_vec(labels, a.batch_size, &device)?;
     let batch = Batch::labelled(x, y);
+    crate::alloc::reset_peak();
     trainer.train_step(&batch)?;
     let mut times = Vec::with_capacity(a.steps);
     for _ in 0..a.steps {
@@ -96,24 +112,27 @@ pub fn run(a: BenchArgs) -> Result<()> {
     } else {
         0.5 * (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2])
     };
-    let report = BenchReport {
+    let report = sgr_schema::BenchReport {
         model: a.model.clone(),
         method: method.to_string(),
         modules,
         sgr_grad: method.sgr.as_ref().map(|s| s.grad.to_string()),
         batch_size: a.batch_size,
-        input: [a.input.channels, a.input.size, a.input.size],
+        input,
         steps: a.steps,
         median_step_seconds: median,
         images_per_s: a.batch_size as f64 / median,
         step_seconds: times,
         peak_memory_bytes: sgr_core::memory::peak_rss_bytes(),
+        peak_heap_bytes: crate::alloc::peak_bytes() as u64,
+        peak_device_memory_bytes: None,
+        spec_hash,
     };
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "{} {} K={}{} batch {} input {}x{}x{}: median step {:.3}s, {:.1} images/s, peak memory {} MiB",
+            "{} {} K={}{} batch {} input {}x{}x{}: median step {:.3}s, {:.1} images/s, peak memory {} MiB (heap {} MiB)",
             report.model,
             report.method,
             report.modules,
@@ -131,7 +150,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             report
                 .peak_memory_bytes
                 .map(|b| (b / (1024 * 1024)).to_string())
-                .unwrap_or_else(|| "?".into())
+                .unwrap_or_else(|| "?".into()),
+            report.peak_heap_bytes / (1024 * 1024)
         );
     }
     Ok(())

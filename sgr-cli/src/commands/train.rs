@@ -28,8 +28,9 @@ macro_rules! say {
 /// Flags that set fields of the run specification.
 #[derive(Args, Debug, Clone, Default)]
 pub struct SpecArgs {
-    /// Model: CIFAR ResNets resnet8..resnet110, ImageNet ResNets resnet18..resnet152, ViTs
-    /// deit-ti, deit-s, deit-b, vit-b16, vit-cifar (`sgr inspect` lists them) [default: resnet20]
+    /// Model: CIFAR ResNets resnet8..resnet110, ImageNet ResNets resnet18..resnet152 (at
+    /// width N: resnet101-wN), ViTs deit-ti, deit-s, deit-b, vit-b16, vit-cifar (`sgr inspect`
+    /// lists them) [default: resnet20]
     #[arg(long)]
     pub model: Option<String>,
     /// Dropout inside Transformer blocks [default: 0]

@@ -1,0 +1,40 @@
+//! What `sgr bench --json` prints: one measurement of training steps on random inputs.
+
+use serde::{Deserialize, Serialize};
+
+/// One `sgr bench` measurement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BenchReport {
+    /// Model name.
+    pub model: String,
+    /// Method, `OBJECTIVE[+sgr]`.
+    pub method: String,
+    /// Number of modules K.
+    pub modules: usize,
+    /// How the SGR gradient is computed, for methods with `+sgr`.
+    pub sgr_grad: Option<String>,
+    /// Images per step.
+    pub batch_size: usize,
+    /// Input shape `[channels, height, width]`.
+    pub input: [usize; 3],
+    /// Timed steps (after one warm-up step).
+    pub steps: usize,
+    /// Median seconds of the timed steps.
+    pub median_step_seconds: f64,
+    /// `batch_size / median_step_seconds`.
+    pub images_per_s: f64,
+    /// Seconds of each timed step.
+    pub step_seconds: Vec<f64>,
+    /// Peak resident memory of the process, when the platform reports it.
+    pub peak_memory_bytes: Option<u64>,
+    /// Highest live heap bytes during the steps, warm-up included: weights, optimizer state,
+    /// the batch, and the step's activations and gradients (the training memory on the CPU).
+    #[serde(default)]
+    pub peak_heap_bytes: u64,
+    /// Highest device memory allocated during the steps, on a GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_device_memory_bytes: Option<u64>,
+    /// Hash of the benchmark's specification (`sgr bench --print-spec`).
+    #[serde(default)]
+    pub spec_hash: String,
+}
