@@ -13,6 +13,12 @@ pub struct Flags {
 impl Flags {
     /// Parses `args`, accepting only the flag names in `known` (without their `--`).
     pub fn parse(args: &[String], known: &[&str]) -> Result<Self> {
+        Self::parse_with(args, known, &[])
+    }
+
+    /// [`Flags::parse`], also accepting the value-less flags in `switches` (read with
+    /// [`Flags::has`]).
+    pub fn parse_with(args: &[String], known: &[&str], switches: &[&str]) -> Result<Self> {
         let mut named = Vec::new();
         let mut rest = Vec::new();
         let mut i = 0;
@@ -22,11 +28,17 @@ impl Flags {
                 break;
             }
             let name = args[i].trim_start_matches("--");
+            if args[i].starts_with("--") && switches.contains(&name) {
+                named.push((name.to_string(), String::new()));
+                i += 1;
+                continue;
+            }
             if !args[i].starts_with("--") || !known.contains(&name) {
+                let all: Vec<&str> = known.iter().chain(switches).copied().collect();
                 bail!(
                     "unknown argument `{}`; known: --{}",
                     args[i],
-                    known.join(", --")
+                    all.join(", --")
                 );
             }
             let value = args
@@ -45,6 +57,20 @@ impl Flags {
             .rev()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// Whether the switch `--name` was given.
+    pub fn has(&self, name: &str) -> bool {
+        self.named.iter().any(|(n, _)| n == name)
+    }
+
+    /// Every value of `--name`, in order.
+    pub fn all(&self, name: &str) -> Vec<&str> {
+        self.named
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
     }
 
     /// The comma-separated integers of `--name`, or of `default` when it was not given.
@@ -78,6 +104,22 @@ mod tests {
         assert_eq!(f.list("seeds", "0").unwrap(), vec![0, 1, 2]);
         assert_eq!(f.list("missing", "4,5").unwrap(), vec![4, 5]);
         assert_eq!(f.rest, args(&["--model", "resnet8"]));
+    }
+
+    #[test]
+    fn switches_and_repeated_flags() {
+        let f = Flags::parse_with(
+            &args(&["--dry-run", "--reuse", "a", "--reuse", "b"]),
+            &["reuse"],
+            &["dry-run"],
+        )
+        .unwrap();
+        assert!(f.has("dry-run") && !f.has("verbose"));
+        assert_eq!(f.all("reuse"), ["a", "b"]);
+        let e = Flags::parse_with(&args(&["--x"]), &["reuse"], &["dry-run"])
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("known: --reuse, --dry-run"), "{e}");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
 use serde::Deserialize;
-use sgr_schema::Summary;
+use sgr_schema::{BenchReport, Summary};
 
 /// Hex digits of the spec hash in a cell's directory name.
 pub const HASH_PREFIX: usize = 12;
@@ -189,16 +189,43 @@ impl RunResult {
 }
 
 /// Runs the cell `label` (`sgr train <args>`) under `out`, or reuses its finished run of the
-/// same specification (see the module documentation).
-pub fn run(sgr: &Path, out: &Path, label: &str, args: &[String]) -> Result<RunResult> {
+/// same specification (see the module documentation), or copies in a finished run of the same
+/// specification found in one of the `reuse` folders (runs made by hand or by another table).
+pub fn run(
+    sgr: &Path,
+    out: &Path,
+    label: &str,
+    args: &[String],
+    reuse: &[PathBuf],
+) -> Result<RunResult> {
+    train_cell(sgr, out, label, args, reuse).map(|s| RunResult::from_summary(&s))
+}
+
+/// [`run`], returning the run's whole summary.
+pub fn train_cell(
+    sgr: &Path,
+    out: &Path,
+    label: &str,
+    args: &[String],
+    reuse: &[PathBuf],
+) -> Result<Summary> {
     let spec = print_spec(sgr, args)?;
     let dir = cell_dir(out, label, &spec.spec_hash);
     match inspect(&dir, &spec.spec_hash)? {
         CellState::Finished(s) => {
             eprintln!("xtask: {label}: reusing {}", dir.display());
-            return Ok(RunResult::from_summary(&s));
+            return Ok(*s);
         }
-        CellState::Absent => {}
+        CellState::Absent => {
+            if let Some(found) = find_finished(reuse, &spec.spec_hash)? {
+                eprintln!(
+                    "xtask: {label}: copying the finished run {} (same spec_hash)",
+                    found.display()
+                );
+                copy_run(&found, &dir)?;
+                return read_summary(&dir);
+            }
+        }
         CellState::Unfinished => {
             eprintln!(
                 "xtask: removing {} (no summary.json: an unfinished run) to rerun it",
@@ -224,7 +251,127 @@ pub fn run(sgr: &Path, out: &Path, label: &str, args: &[String]) -> Result<RunRe
         s.spec_hash,
         spec.spec_hash
     );
-    Ok(RunResult::from_summary(&s))
+    Ok(s)
+}
+
+/// Runs `sgr bench <args> --json` as the measurement `label` under `out`, or reuses the
+/// measurement of the same specification: `out/<slug>-<hash prefix>.json` (the hash that
+/// `sgr bench <args> --print-spec` prints). A failed measurement is an error with the end of
+/// what `sgr bench` said; nothing is cached for it.
+pub fn bench(sgr: &Path, out: &Path, label: &str, args: &[String]) -> Result<BenchReport> {
+    let shown = format!("sgr bench {} --print-spec", args.join(" "));
+    let printed = Command::new(sgr)
+        .arg("bench")
+        .args(args)
+        .arg("--print-spec")
+        .output()
+        .with_context(|| format!("running {}", sgr.display()))?;
+    if !printed.status.success() {
+        bail!(
+            "`{shown}` failed ({}): {}",
+            printed.status,
+            String::from_utf8_lossy(&printed.stderr).trim()
+        );
+    }
+    let spec = parse_print_spec(&String::from_utf8_lossy(&printed.stdout))
+        .with_context(|| format!("reading what `{shown}` printed"))?;
+    let prefix = &spec.spec_hash[..HASH_PREFIX];
+    let path = out.join(format!("{}-{prefix}.json", slug(label)));
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        match serde_json::from_str::<BenchReport>(&text) {
+            Ok(r) if r.spec_hash == spec.spec_hash => return Ok(r),
+            _ => eprintln!(
+                "xtask: replacing {} (another or no spec_hash)",
+                path.display()
+            ),
+        }
+    }
+    let ran = Command::new(sgr)
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .output()
+        .with_context(|| format!("running {}", sgr.display()))?;
+    if !ran.status.success() {
+        let err = String::from_utf8_lossy(&ran.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(5).collect();
+        bail!(
+            "sgr bench {} failed ({}){}",
+            args.join(" "),
+            ran.status,
+            if tail.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ": {}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+                )
+            }
+        );
+    }
+    let stdout = String::from_utf8_lossy(&ran.stdout);
+    let line = stdout.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
+    let report: BenchReport = serde_json::from_str(line)
+        .with_context(|| format!("sgr bench {} printed no report: {line}", args.join(" ")))?;
+    ensure!(
+        report.spec_hash == spec.spec_hash,
+        "sgr bench {}: spec_hash `{}` differs from the `{}` that --print-spec printed",
+        args.join(" "),
+        report.spec_hash,
+        spec.spec_hash
+    );
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    write_atomic(&path, line.as_bytes())?;
+    Ok(report)
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so an
+/// interrupted write never leaves a half-written result to be reused.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", tmp.display()))
+}
+
+/// The first run directory directly under one of `folders` whose `summary.json` has
+/// `spec_hash`.
+pub fn find_finished(folders: &[PathBuf], spec_hash: &str) -> Result<Option<PathBuf>> {
+    for folder in folders {
+        let entries = std::fs::read_dir(folder)
+            .with_context(|| format!("--reuse {}: cannot list it", folder.display()))?;
+        let mut dirs: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.join("summary.json").is_file())
+            .collect();
+        dirs.sort();
+        for d in dirs {
+            if read_summary(&d).is_ok_and(|s| s.spec_hash == spec_hash) {
+                return Ok(Some(d));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Copies the files of the run directory `from` (not its lock) into the new directory `to`,
+/// through a temporary sibling and a rename.
+fn copy_run(from: &Path, to: &Path) -> Result<()> {
+    let tmp = to.with_extension("copying");
+    if tmp.exists() {
+        remove(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    for e in std::fs::read_dir(from).with_context(|| format!("listing {}", from.display()))? {
+        let e = e?;
+        let name = e.file_name();
+        if name == ".sgr-lock" || !e.file_type()?.is_file() {
+            continue;
+        }
+        std::fs::copy(e.path(), tmp.join(&name))
+            .with_context(|| format!("copying {}", e.path().display()))?;
+    }
+    std::fs::rename(&tmp, to).with_context(|| format!("renaming {} into place", tmp.display()))
 }
 
 /// Removes the directory `dir` and everything in it.
@@ -451,7 +598,7 @@ sed "s/HASH/$hash/" "$here/summary.template" > "$out/summary.json"
         write_summary(&dir, &summary("deadbeef"));
         std::fs::write(dir.join("stray"), "").unwrap();
 
-        let r = run(&sgr, &out, "sgr λ=1 s1", &args("1")).unwrap();
+        let r = run(&sgr, &out, "sgr λ=1 s1", &args("1"), &[]).unwrap();
         assert_eq!(r, RunResult::from_summary(&summary("x")));
         assert_eq!(calls(), 2, "--print-spec, then training");
         assert!(!dir.join("stray").exists());
@@ -461,10 +608,10 @@ sed "s/HASH/$hash/" "$here/summary.template" > "$out/summary.json"
             "training\n"
         );
 
-        run(&sgr, &out, "sgr λ=1 s1", &args("1")).unwrap();
+        run(&sgr, &out, "sgr λ=1 s1", &args("1"), &[]).unwrap();
         assert_eq!(calls(), 3, "reused: --print-spec only");
 
-        run(&sgr, &out, "sgr λ=1 s1", &args("2")).unwrap();
+        run(&sgr, &out, "sgr λ=1 s1", &args("2"), &[]).unwrap();
         assert_eq!(calls(), 5, "another spec trains");
         assert!(out.join("sgr_1_s1-20123456789a/summary.json").exists());
     }
