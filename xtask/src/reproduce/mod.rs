@@ -466,7 +466,7 @@ fn finish(
     }
     let recipe = match p.kind {
         Kind::Train => format!(
-            "{} epochs, {} training images, batch {}.",
+            "Epochs: {}. Training images: {}. Batch: {}.",
             epochs_text(plan),
             plan.train_images()
                 .map_or("all".to_string(), |n| n.to_string()),

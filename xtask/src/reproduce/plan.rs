@@ -219,6 +219,7 @@ impl Plan {
         }
         a.extend(self.profile.flags.iter().cloned());
         a.extend(c.flags.iter().cloned());
+        let mut a = without_overridden(a, &self.over.extra);
         a.extend(self.over.extra.iter().cloned());
         a
     }
@@ -243,6 +244,28 @@ impl Plan {
         ]));
         a
     }
+}
+
+/// `args` without the flags that `extra` gives again (each with its value), so that flags
+/// after `--` replace the recipe's instead of repeating them (`sgr` refuses a flag twice).
+fn without_overridden(args: Vec<String>, extra: &[String]) -> Vec<String> {
+    let given: Vec<&str> = extra
+        .iter()
+        .filter(|a| a.starts_with("--"))
+        .map(|a| a.split('=').next().unwrap_or(a))
+        .collect();
+    let mut out = Vec::with_capacity(args.len());
+    let mut it = args.into_iter().peekable();
+    while let Some(a) = it.next() {
+        if a.starts_with("--") && given.contains(&a.as_str()) {
+            if it.peek().is_some_and(|v| !v.starts_with("--")) {
+                it.next();
+            }
+            continue;
+        }
+        out.push(a);
+    }
+    out
 }
 
 fn strings(v: &[&str]) -> Vec<String> {
@@ -279,7 +302,7 @@ mod tests {
             seeds: Some(vec![0, 1]),
             methods: Some(vec!["bp".into(), "sgr".into()]),
             ks: Some(vec![4]),
-            extra: vec!["--workers".into(), "2".into()],
+            extra: strings(&["--workers", "2", "--lr", "0.1", "--sgr-lambda", "3"]),
             ..Default::default()
         };
         let plan = Plan::new(t.profile("fashion").unwrap(), over).unwrap();
@@ -287,9 +310,9 @@ mod tests {
         let sgr = plan.cells.iter().find(|c| c.method == "sgr").unwrap();
         assert_eq!(
             plan.train_args(sgr).join(" "),
-            "--model resnet32 --method sgr --modules 4 --sgr-distance squared-l2 --sgr-lambda 1 \
+            "--model resnet32 --method sgr --modules 4 --sgr-distance squared-l2 \
              --sgr-grad forward-difference --dataset fashion-mnist --epochs 5 --batch-size 128 \
-             --seed 0 --device cpu --train-limit 10000 --lr 0.05 --workers 2"
+             --seed 0 --device cpu --train-limit 10000 --workers 2 --lr 0.1 --sgr-lambda 3"
         );
         assert_eq!(
             plan.bench_args(&plan.cells[0], 128, 1).join(" "),
