@@ -254,11 +254,20 @@ pub fn train_cell(
     Ok(s)
 }
 
+/// A measurement and whether it came from the cache.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Measured {
+    /// What `sgr bench --json` printed.
+    pub report: BenchReport,
+    /// It was read from the cache, not measured now.
+    pub cached: bool,
+}
+
 /// Runs `sgr bench <args> --json` as the measurement `label` under `out`, or reuses the
 /// measurement of the same specification: `out/<slug>-<hash prefix>.json` (the hash that
 /// `sgr bench <args> --print-spec` prints). A failed measurement is an error with the end of
 /// what `sgr bench` said; nothing is cached for it.
-pub fn bench(sgr: &Path, out: &Path, label: &str, args: &[String]) -> Result<BenchReport> {
+pub fn bench(sgr: &Path, out: &Path, label: &str, args: &[String]) -> Result<Measured> {
     let shown = format!("sgr bench {} --print-spec", args.join(" "));
     let printed = Command::new(sgr)
         .arg("bench")
@@ -279,7 +288,12 @@ pub fn bench(sgr: &Path, out: &Path, label: &str, args: &[String]) -> Result<Ben
     let path = out.join(format!("{}-{prefix}.json", slug(label)));
     if let Ok(text) = std::fs::read_to_string(&path) {
         match serde_json::from_str::<BenchReport>(&text) {
-            Ok(r) if r.spec_hash == spec.spec_hash => return Ok(r),
+            Ok(report) if report.spec_hash == spec.spec_hash => {
+                return Ok(Measured {
+                    report,
+                    cached: true,
+                })
+            }
             _ => eprintln!(
                 "xtask: replacing {} (another or no spec_hash)",
                 path.display()
@@ -322,7 +336,10 @@ pub fn bench(sgr: &Path, out: &Path, label: &str, args: &[String]) -> Result<Ben
     );
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     write_atomic(&path, line.as_bytes())?;
-    Ok(report)
+    Ok(Measured {
+        report,
+        cached: false,
+    })
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so an

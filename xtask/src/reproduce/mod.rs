@@ -235,7 +235,7 @@ fn run_training(
                     &plan.bench_args(c, batch, 1),
                 )
                 .with_context(|| format!("timing a step of {} for the estimate", c.name()))?;
-                Some(r.median_step_seconds * n as f64)
+                Some(r.report.median_step_seconds * n as f64)
             }
             None => None,
         };
@@ -408,7 +408,7 @@ fn run_memory(
                         &probe.name(),
                         &plan.bench_args(&probe, batch, steps),
                     )?;
-                    Ok(step_memory(&r))
+                    Ok(step_memory(&r.report))
                 })
                 .with_context(|| format!("fitting the batch of {}", c.model))?;
                 eprintln!(
@@ -429,8 +429,10 @@ fn run_memory(
         );
         let start = Instant::now();
         let r = bench(sgr, out, &c.name(), &plan.bench_args(c, batch, steps));
-        eta.record(start.elapsed().as_secs_f64(), None);
-        results.push(match r {
+        if r.as_ref().is_ok_and(|m| !m.cached) {
+            eta.record(start.elapsed().as_secs_f64(), None);
+        }
+        results.push(match r.map(|m| m.report) {
             Ok(r) => CellResult {
                 path: out.display().to_string(),
                 memory_mib: Some(mib(step_memory(&r))),
