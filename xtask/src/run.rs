@@ -568,16 +568,13 @@ mod tests {
     #[cfg(unix)]
     #[test]
     fn run_trains_once_per_spec_and_replaces_stale_directories() {
-        use std::os::unix::fs::PermissionsExt;
-
         let tmp = tempfile::tempdir().unwrap();
         let bin = tmp.path().join("bin");
         std::fs::create_dir_all(&bin).unwrap();
         let template = serde_json::to_string(&summary("HASH")).unwrap();
         std::fs::write(bin.join("summary.template"), template).unwrap();
-        let sgr = bin.join("sgr");
-        std::fs::write(
-            &sgr,
+        let sgr = fake_sgr(
+            &bin,
             r#"#!/bin/sh
 here=$(dirname "$0")
 echo "$*" >> "$here/calls"
@@ -598,9 +595,7 @@ fi
 echo training
 sed "s/HASH/$hash/" "$here/summary.template" > "$out/summary.json"
 "#,
-        )
-        .unwrap();
-        std::fs::set_permissions(&sgr, std::fs::Permissions::from_mode(0o755)).unwrap();
+        );
         let calls = || {
             std::fs::read_to_string(bin.join("calls"))
                 .unwrap_or_default()
@@ -631,5 +626,69 @@ sed "s/HASH/$hash/" "$here/summary.template" > "$out/summary.json"
         run(&sgr, &out, "sgr λ=1 s1", &args("2"), &[]).unwrap();
         assert_eq!(calls(), 5, "another spec trains");
         assert!(out.join("sgr_1_s1-20123456789a/summary.json").exists());
+    }
+
+    /// Writes an executable stand-in `sgr` script into `dir`.
+    #[cfg(unix)]
+    fn fake_sgr(dir: &Path, script: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir).unwrap();
+        let sgr = dir.join("sgr");
+        std::fs::write(&sgr, script).unwrap();
+        std::fs::set_permissions(&sgr, std::fs::Permissions::from_mode(0o755)).unwrap();
+        sgr
+    }
+
+    /// `bench` against a stand-in `sgr bench` whose hash is its `--batch-size`: it measures
+    /// once per spec, reads the cache after, and caches nothing for a failure.
+    #[cfg(unix)]
+    #[test]
+    fn bench_measures_once_per_spec_and_caches_no_failure() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bin = tmp.path().join("bin");
+        let sgr = fake_sgr(
+            &bin,
+            r#"#!/bin/sh
+here=$(dirname "$0")
+echo "$*" >> "$here/calls"
+spec=0; batch=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --print-spec) spec=1 ;;
+    --batch-size) batch=$2; shift ;;
+  esac
+  shift
+done
+hash="${batch}00000000000000000"
+if [ "$spec" = 1 ]; then
+  printf '{"spec_hash":"%s","spec":{"batch":%s}}\n' "$hash" "$batch"; exit 0
+fi
+if [ "$batch" = 999 ]; then echo "out of memory" >&2; exit 137; fi
+printf '{"model":"m","method":"bp","modules":1,"sgr_grad":null,"batch_size":%s,"input":[1,8,8],"steps":1,"median_step_seconds":0.5,"images_per_s":2,"step_seconds":[0.5],"peak_memory_bytes":null,"peak_heap_bytes":%s000,"spec_hash":"%s"}\n' "$batch" "$batch" "$hash"
+"#,
+        );
+        let calls = || {
+            std::fs::read_to_string(bin.join("calls"))
+                .unwrap_or_default()
+                .lines()
+                .count()
+        };
+        let out = tmp.path().join("out");
+        let args = |b: &str| vec!["--batch-size".to_string(), b.to_string()];
+        let m = bench(&sgr, &out, "bp b8", &args("8")).unwrap();
+        assert!(!m.cached);
+        assert_eq!((m.report.batch_size, m.report.peak_heap_bytes), (8, 8000));
+        assert_eq!(calls(), 2, "--print-spec, then the measurement");
+        assert!(out.join("bp_b8-800000000000.json").exists());
+        let again = bench(&sgr, &out, "bp b8", &args("8")).unwrap();
+        assert!(again.cached);
+        assert_eq!(again.report, m.report);
+        assert_eq!(calls(), 3, "cached: --print-spec only");
+        let e = format!(
+            "{:#}",
+            bench(&sgr, &out, "bp b999", &args("999")).unwrap_err()
+        );
+        assert!(e.contains("failed") && e.contains("out of memory"), "{e}");
+        assert!(!out.join("bp_b999-999000000000.json").exists());
     }
 }
