@@ -710,5 +710,75 @@ fn bench_reports_json() {
         assert!(median > 0.0);
         assert!((v["images_per_s"].as_f64().unwrap() - 8.0 / median).abs() < 1e-6);
         assert!(v["peak_memory_bytes"].as_u64().unwrap() > 1_000_000);
+        let report: sgr_schema::BenchReport = serde_json::from_value(v).unwrap();
+        assert!(report.peak_heap_bytes > 100_000, "{report:?}");
+        // --print-spec hashes what the measurement depends on, the same hash the report has.
+        let args = [
+            "bench",
+            "--model",
+            "resnet8",
+            "--method",
+            method,
+            "--input-size",
+            "8",
+            "--in-channels",
+            "1",
+            "--batch-size",
+            "8",
+            "--steps",
+            "3",
+            "--print-spec",
+        ];
+        let o = sgr(&args);
+        assert!(o.status.success(), "{}", text(&o));
+        let p: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(p["spec_hash"], report.spec_hash.as_str());
+        assert_eq!(p["spec"]["batch_size"], 8);
+        let mut wider = args;
+        wider[10] = "16";
+        let o = sgr(&wider);
+        let q: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_ne!(q["spec_hash"], p["spec_hash"]);
     }
+}
+
+/// `sgr plot --lines` draws a chart given as data, and names a file that is not one.
+#[test]
+fn plot_draws_a_line_chart_from_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let chart = sgr_schema::LineChart {
+        title: "error against K".into(),
+        x_label: "K".into(),
+        y_label: "error %".into(),
+        x_log2: true,
+        series: vec![
+            sgr_schema::Series {
+                label: "greedy".into(),
+                points: vec![(2.0, 10.0), (4.0, 16.0), (8.0, 21.0)],
+                dashed: false,
+            },
+            sgr_schema::Series {
+                label: "bp".into(),
+                points: vec![(2.0, 7.0), (8.0, 7.0)],
+                dashed: true,
+            },
+        ],
+    };
+    let file = dir.path().join("chart.json");
+    std::fs::write(&file, serde_json::to_string(&chart).unwrap()).unwrap();
+    let o = sgr(&["plot", "--lines", file.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let img = image::open(dir.path().join("chart.png")).unwrap().to_rgb8();
+    assert_eq!(img.width(), 1000);
+    let coloured = img
+        .pixels()
+        .filter(|p| p.0.iter().max().unwrap() - p.0.iter().min().unwrap() > 60)
+        .count();
+    assert!(coloured > 500, "{coloured} coloured pixels");
+    std::fs::write(&file, "{\"title\": 1}").unwrap();
+    let o = sgr(&["plot", "--lines", file.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("is not a line chart"), "{}", text(&o));
+    let o = sgr(&["plot", "--lines", file.to_str().unwrap(), "--run", "x"]);
+    assert!(!o.status.success());
 }
