@@ -153,7 +153,15 @@ fn check_data(plan: &Plan) -> Result<()> {
         ),
     };
     data.check_dir(&dir, given)?;
-    eprintln!("xtask: data: {} in {}", data.dataset, dir.display());
+    eprintln!(
+        "xtask: data: {} in {}{}",
+        data.dataset,
+        dir.display(),
+        data.layout
+            .as_ref()
+            .map(|l| format!(", expected as {l}"))
+            .unwrap_or_default()
+    );
     Ok(())
 }
 
