@@ -10,6 +10,21 @@ use sgr_core::sgr::{
 };
 use sgr_models::{CifarResNet, HeadKind, ModelOptions, ResNetConfig, SplitStrategy};
 
+/// The device of the device tests (`tests/device.rs`): `SGR_TEST_DEVICE` = `cpu` (the default)
+/// or `cuda` (the first GPU; the tests must be built with `--features cuda`).
+pub fn test_device() -> Device {
+    match std::env::var("SGR_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("") | Ok("cpu") => Device::Cpu,
+        Ok("cuda") => Device::new_cuda(0).unwrap_or_else(|e| {
+            panic!(
+                "SGR_TEST_DEVICE=cuda: {e}. Build the tests with --features cuda, on a machine \
+                 with an NVIDIA GPU and its driver"
+            )
+        }),
+        Ok(other) => panic!("SGR_TEST_DEVICE must be cpu or cuda, got `{other}`"),
+    }
+}
+
 /// A CIFAR ResNet of `depth` for `in_channels`-channel input and 10 classes.
 pub fn resnet(
     depth: usize,
