@@ -111,8 +111,9 @@ fn diverging(v: f64) -> RGBColor {
     }
 }
 
-/// Training curves: module losses and test loss; train and test accuracy.
-pub fn curves(epochs: &[Epoch], title: &str, path: &Path) -> Result<()> {
+/// Training curves: module losses and the evaluation loss; train and evaluation accuracy.
+/// `eval` names the evaluation split (`test`, or `validation` for `--validation` runs).
+pub fn curves(epochs: &[Epoch], title: &str, eval: &'static str, path: &Path) -> Result<()> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (1200, 500)).into_drawing_area();
@@ -165,7 +166,7 @@ pub fn curves(epochs: &[Epoch], title: &str, path: &Path) -> Result<()> {
             BLACK.stroke_width(2),
         ))
         .map_err(err)?
-        .label("test")
+        .label(eval)
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.stroke_width(2)));
         c.configure_series_labels()
             .background_style(WHITE.mix(0.85))
@@ -196,7 +197,7 @@ pub fn curves(epochs: &[Epoch], title: &str, path: &Path) -> Result<()> {
                 PALETTE[0],
                 (|e: &Epoch| e.train_accuracy) as fn(&Epoch) -> f64,
             ),
-            ("test", BLACK, |e: &Epoch| e.test_accuracy),
+            (eval, BLACK, |e: &Epoch| e.test_accuracy),
         ] {
             c.draw_series(LineSeries::new(
                 xs.iter().zip(epochs).map(|(&x, e)| (x, get(e))),
@@ -392,9 +393,14 @@ pub fn lines(chart: &sgr_schema::LineChart, path: &Path) -> Result<()> {
 /// Writes `curves.png` and (for local runs) `reconciliation.png` into `out`.
 pub fn plot_run(run: &Path, out: &Path) -> Result<Vec<PathBuf>> {
     let epochs = read_metrics(run)?;
-    let title = std::fs::read_to_string(run.join("config.json"))
+    let config = std::fs::read_to_string(run.join("config.json"))
         .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    let eval = match config.as_ref().map(|c| &c["validation"]) {
+        Some(v) if v.as_u64().is_some_and(|n| n > 0) => "validation",
+        _ => "test",
+    };
+    let title = config
         .map(|c| {
             format!(
                 "{} on {}, {} K={}",
@@ -407,7 +413,7 @@ pub fn plot_run(run: &Path, out: &Path) -> Result<Vec<PathBuf>> {
         .unwrap_or_else(|| run.display().to_string());
     let mut written = Vec::new();
     let p = out.join("curves.png");
-    curves(&epochs, &title, &p)?;
+    curves(&epochs, &title, eval, &p)?;
     written.push(p);
     if !epochs[0].cos.is_empty() {
         let p = out.join("reconciliation.png");
