@@ -43,3 +43,62 @@ fn read_status_kib(key: &str) -> Option<u64> {
         .parse()
         .ok()
 }
+
+/// Device memory of CUDA GPUs: the high-water mark of the device's default memory pool, where
+/// cudarc's stream-ordered allocations (`cuMemAllocAsync`) live, so the exact peak of what the
+/// tensors held, not the driver's view of the whole GPU.
+#[cfg(feature = "cuda")]
+pub mod device {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::Device;
+
+    fn pool(dev: &Device) -> Option<sys::CUmemoryPool> {
+        let cuda = dev.as_cuda_device().ok()?;
+        let stream = cuda.cuda_stream();
+        let ctx = stream.context();
+        if !ctx.has_async_alloc() {
+            return None;
+        }
+        ctx.bind_to_thread().ok()?;
+        let mut pool = std::ptr::null_mut();
+        // SAFETY: `pool` is a valid out-pointer; the device handle comes from a live context.
+        let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+        (r == sys::CUresult::CUDA_SUCCESS).then_some(pool)
+    }
+
+    /// Peak bytes allocated on `dev` since [`reset_peak`] (or since the pool was created);
+    /// `None` off CUDA or where the device has no memory pools.
+    pub fn peak_bytes(dev: &Device) -> Option<u64> {
+        let pool = pool(dev)?;
+        let mut v: u64 = 0;
+        // SAFETY: USED_MEM_HIGH is a cuuint64_t attribute; `v` is one.
+        let r = unsafe {
+            sys::cuMemPoolGetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut v as *mut u64 as *mut std::ffi::c_void,
+            )
+        };
+        (r == sys::CUresult::CUDA_SUCCESS).then_some(v)
+    }
+
+    /// Starts a new high-water mark at what `dev` holds now; `false` where it cannot.
+    pub fn reset_peak(dev: &Device) -> bool {
+        let Some(pool) = pool(dev) else {
+            return false;
+        };
+        if let Some(s) = dev.as_cuda_device().ok().map(|c| c.cuda_stream()) {
+            let _ = s.synchronize();
+        }
+        let mut zero: u64 = 0;
+        // SAFETY: resetting USED_MEM_HIGH takes a cuuint64_t of 0.
+        let r = unsafe {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut zero as *mut u64 as *mut std::ffi::c_void,
+            )
+        };
+        r == sys::CUresult::CUDA_SUCCESS
+    }
+}

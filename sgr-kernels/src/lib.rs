@@ -32,6 +32,8 @@
 //! * [`geom`] (convolution geometry, plane masks) uses none of them.
 
 pub mod cpu;
+#[cfg(feature = "cudnn")]
+pub mod cuda;
 pub mod direct;
 pub mod generic;
 pub mod geom;
@@ -48,6 +50,18 @@ fn fast(ts: &[&Tensor]) -> bool {
     let dtype = ts[0].dtype();
     matches!(dtype, DType::F32 | DType::F64)
         && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == dtype)
+}
+
+/// Whether the convolution ops serve `ts`: [`fast`], or (feature `cudnn`) CUDA tensors of one
+/// dtype, f32 or f64, which run through cuDNN ([`cuda`]).
+fn fast_conv(ts: &[&Tensor]) -> bool {
+    let dtype = ts[0].dtype();
+    fast(ts)
+        || (cfg!(feature = "cudnn")
+            && matches!(dtype, DType::F32 | DType::F64)
+            && ts
+                .iter()
+                .all(|t| t.device().is_cuda() && t.dtype() == dtype))
 }
 
 fn slice<'a, T: candle_core::WithDType>(
@@ -229,6 +243,18 @@ impl CustomOp2 for ConvFwd {
         Ok((out, Shape::from((g.n, g.o, g.ho(), g.wo()))))
     }
 
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let g = ConvGeom::forward(l1.dims(), l2.dims(), self.stride, self.pad)?;
+        cuda::conv(cuda::Which::Forward, &g, s1, l1, s2, l2)
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -271,6 +297,19 @@ impl CustomOp2 for ConvDx {
         Ok((out, Shape::from((g.n, g.c, g.h, g.w))))
     }
 
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let hw = (self.h, self.w);
+        let g = ConvGeom::input_grad(l1.dims(), l2.dims(), hw, self.stride, self.pad)?;
+        cuda::conv(cuda::Which::InputGrad, &g, s1, l1, s2, l2)
+    }
+
     fn bwd(
         &self,
         gy: &Tensor,
@@ -311,6 +350,19 @@ impl CustomOp2 for ConvDw {
             run_conv_dw(&g, x, gy)
         );
         Ok((out, Shape::from((g.o, g.c, g.kh, g.kw))))
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let k = (self.kh, self.kw);
+        let g = ConvGeom::weight_grad(l1.dims(), l2.dims(), k, self.stride, self.pad)?;
+        cuda::conv(cuda::Which::WeightGrad, &g, s1, l1, s2, l2)
     }
 
     fn bwd(
@@ -364,7 +416,7 @@ fn apply2<C: CustomOp2 + Send + Sync + 'static>(
 /// 2-D cross-correlation of NCHW `x` with `(O, C, KH, KW)` `w`, square stride and padding.
 /// Twice differentiable. Off the fast path: [`generic::conv2d`].
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> candle_core::Result<Tensor> {
-    if !fast(&[x, w]) {
+    if !fast_conv(&[x, w]) {
         return generic::conv2d(x, w, stride, pad);
     }
     Conv { stride, pad }.fwd(&x.contiguous()?, &w.contiguous()?)
@@ -379,7 +431,7 @@ pub fn conv2d_input_grad(
     stride: usize,
     pad: usize,
 ) -> candle_core::Result<Tensor> {
-    if !fast(&[gy, w]) {
+    if !fast_conv(&[gy, w]) {
         return generic::conv2d_input_grad(gy, w, (h, wd), stride, pad);
     }
     Conv { stride, pad }.dx(&gy.contiguous()?, &w.contiguous()?, (h, wd))
@@ -394,7 +446,7 @@ pub fn conv2d_weight_grad(
     stride: usize,
     pad: usize,
 ) -> candle_core::Result<Tensor> {
-    if !fast(&[x, gy]) {
+    if !fast_conv(&[x, gy]) {
         return generic::conv2d_weight_grad(x, gy, (kh, kw), stride, pad);
     }
     Conv { stride, pad }.dw(&x.contiguous()?, &gy.contiguous()?, (kh, kw))

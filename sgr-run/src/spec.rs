@@ -64,9 +64,12 @@ impl DeviceKind {
         match self {
             DeviceKind::Cpu => Ok(candle_core::Device::Cpu),
             #[cfg(feature = "cuda")]
-            DeviceKind::Cuda => {
-                Ok(candle_core::Device::new_cuda(0).map_err(sgr_core::Error::from)?)
-            }
+            DeviceKind::Cuda => candle_core::Device::new_cuda(0).map_err(|e| {
+                Error::Spec(format!(
+                    "--device cuda: no usable CUDA device was found ({e}); check that an NVIDIA \
+                     GPU and its driver are present (`nvidia-smi`), or train on --device cpu"
+                ))
+            }),
             #[cfg(not(feature = "cuda"))]
             DeviceKind::Cuda => Err(Error::Spec(
                 "--device cuda: this sgr was built without GPU support; rebuild it with \

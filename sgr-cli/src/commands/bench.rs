@@ -100,6 +100,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let y = candle_core::Tensor::from_vec(labels, a.batch_size, &device)?;
     let batch = Batch::labelled(x, y);
     crate::alloc::reset_peak();
+    #[cfg(feature = "cuda")]
+    sgr_core::memory::device::reset_peak(&device);
     trainer.train_step(&batch)?;
     let mut times = Vec::with_capacity(a.steps);
     for _ in 0..a.steps {
@@ -125,7 +127,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         step_seconds: times,
         peak_memory_bytes: sgr_core::memory::peak_rss_bytes(),
         peak_heap_bytes: crate::alloc::peak_bytes() as u64,
-        peak_device_memory_bytes: None,
+        peak_device_memory_bytes: device_peak(&device),
         spec_hash,
     };
     if a.json {
@@ -155,4 +157,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The device memory peak of the steps, on CUDA (see `sgr_core::memory::device`).
+fn device_peak(device: &candle_core::Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        if let Some(s) = device.as_cuda_device().ok().map(|c| c.cuda_stream()) {
+            let _ = s.synchronize();
+        }
+        return sgr_core::memory::device::peak_bytes(device);
+    }
+    let _ = device;
+    None
 }
