@@ -11,7 +11,7 @@ use sgr_core::sgr::{
 use sgr_models::{CifarResNet, HeadKind, ModelOptions, ResNetConfig, SplitStrategy};
 
 /// The device of the device tests (`tests/device.rs`): `SGR_TEST_DEVICE` = `cpu` (the default)
-/// or `cuda` (the first GPU; the tests must be built with `--features cuda`).
+/// or `cuda` (the first GPU; the tests must be built with `--features cudnn` or `cuda`).
 pub fn test_device() -> Device {
     match std::env::var("SGR_TEST_DEVICE").as_deref() {
         Err(_) | Ok("") | Ok("cpu") => Device::Cpu,
