@@ -483,7 +483,7 @@ fn finish(
             plan.batch().unwrap_or(0)
         ),
         Kind::Memory => format!(
-            "Random inputs of shape {:?}, {} classes, one warm-up and {} timed steps; batch per model: {}.",
+            "Random inputs of shape {:?}, {} classes; per cell one warm-up step, then timed steps: {}; batch per model: {}.",
             p.input,
             p.classes,
             p.steps,
