@@ -226,9 +226,18 @@ pub fn train_cell(
                 return read_summary(&dir);
             }
         }
+        CellState::Unfinished if resumable(&dir) => {
+            eprintln!(
+                "xtask: {label}: resuming the unfinished run in {} from its checkpoint",
+                dir.display()
+            );
+            resume(sgr, &dir)?;
+            return checked_summary(&dir, &spec.spec_hash);
+        }
         CellState::Unfinished => {
             eprintln!(
-                "xtask: removing {} (no summary.json: an unfinished run) to rerun it",
+                "xtask: removing {} (no summary.json and no checkpoint: an unfinished run) to \
+                 rerun it",
                 dir.display()
             );
             remove(&dir)?;
@@ -243,15 +252,51 @@ pub fn train_cell(
         }
     }
     train(sgr, &dir, args)?;
-    let s = read_summary(&dir)?;
+    checked_summary(&dir, &spec.spec_hash)
+}
+
+/// The summary of the run in `dir`, which must carry `spec_hash`.
+fn checked_summary(dir: &Path, spec_hash: &str) -> Result<Summary> {
+    let s = read_summary(dir)?;
     ensure!(
-        s.spec_hash == spec.spec_hash,
-        "{}: spec_hash `{}` differs from the `{}` that --print-spec printed for the same flags",
+        s.spec_hash == spec_hash,
+        "{}: spec_hash `{}` differs from the `{spec_hash}` that --print-spec printed for the same \
+         flags",
         dir.join("summary.json").display(),
-        s.spec_hash,
-        spec.spec_hash
+        s.spec_hash
     );
     Ok(s)
+}
+
+/// Whether an unfinished cell can continue: its directory (named by the spec's hash, so of
+/// this spec) holds the run's `config.json` and an epoch-boundary checkpoint.
+fn resumable(dir: &Path) -> bool {
+    dir.join("config.json").is_file() && dir.join("checkpoint.safetensors").is_file()
+}
+
+/// Runs `sgr train --resume dir`, its stdout appended to `dir/train.log`.
+fn resume(sgr: &Path, dir: &Path) -> Result<()> {
+    let log_path = dir.join("train.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let status = Command::new(sgr)
+        .arg("train")
+        .arg("--resume")
+        .arg(dir)
+        .stdout(log)
+        .status()
+        .with_context(|| format!("running {}", sgr.display()))?;
+    if !status.success() {
+        bail!(
+            "sgr train --resume {} failed; see {}",
+            dir.display(),
+            log_path.display()
+        );
+    }
+    Ok(())
 }
 
 /// A measurement and whether it came from the cache.
@@ -583,6 +628,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --print-spec) spec=1 ;;
     --out) out=$2; shift ;;
+    --resume) out=$2; seed=$(cat "$2/seed"); shift ;;
     --seed) seed=$2; shift ;;
   esac
   shift
@@ -626,6 +672,26 @@ sed "s/HASH/$hash/" "$here/summary.template" > "$out/summary.json"
         run(&sgr, &out, "sgr λ=1 s1", &args("2"), &[]).unwrap();
         assert_eq!(calls(), 5, "another spec trains");
         assert!(out.join("sgr_1_s1-20123456789a/summary.json").exists());
+
+        // An unfinished run with a checkpoint resumes; one without is removed and rerun.
+        let dir3 = out.join("sgr_1_s1-30123456789a");
+        std::fs::create_dir_all(&dir3).unwrap();
+        for f in ["config.json", "checkpoint.safetensors"] {
+            std::fs::write(dir3.join(f), "").unwrap();
+        }
+        std::fs::write(dir3.join("seed"), "3").unwrap();
+        run(&sgr, &out, "sgr λ=1 s1", &args("3"), &[]).unwrap();
+        let last = std::fs::read_to_string(bin.join("calls")).unwrap();
+        assert!(
+            last.lines().last().unwrap().starts_with("train --resume"),
+            "{last}"
+        );
+        assert!(dir3.join("seed").exists(), "resumed in place, not removed");
+        let dir4 = out.join("sgr_1_s1-40123456789a");
+        std::fs::create_dir_all(&dir4).unwrap();
+        std::fs::write(dir4.join("stray"), "").unwrap();
+        run(&sgr, &out, "sgr λ=1 s1", &args("4"), &[]).unwrap();
+        assert!(!dir4.join("stray").exists() && dir4.join("summary.json").exists());
     }
 
     /// Writes an executable stand-in `sgr` script into `dir`.
