@@ -21,8 +21,8 @@
 #
 # Running the binary needs the CUDA 13 and cuDNN 9 libraries on the loader path (on a machine
 # with the wheels: LD_LIBRARY_PATH=<venv>/.../nvidia/cu13/lib:<venv>/.../nvidia/cudnn/lib) and the
-# NVIDIA driver's libcuda.so.1: the binary links libcuda dynamically, so it does not start at all
-# where no driver is installed.
+# NVIDIA driver's libcuda.so.1 for --device cuda only: cudarc loads it at first use (vendor/README.md,
+# change 3), so without a driver the binary still trains on the CPU.
 set -euo pipefail
 
 # The wheels, pinned exactly; nvcc stays on 13.0.x.
@@ -154,7 +154,9 @@ export CUDA_HOME=$cuda CUDA_PATH=$cuda CUDA_ROOT=$cuda CUDNN_LIB=$cudnn
 export NVCC=$cuda/bin/nvcc
 export PATH=$cuda/bin:$PATH
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
-export LIBRARY_PATH=$stub_dir${LIBRARY_PATH:+:$LIBRARY_PATH}
+# The wheels' libraries for the linker: candle-kernels links libcudart itself, and with cudarc's
+# dynamic loading (vendor/README.md, change 3) no crate adds the CUDA library folder any more.
+export LIBRARY_PATH=$stub_dir:$cuda/lib:$cudnn/lib${LIBRARY_PATH:+:$LIBRARY_PATH}
 export CARGO_TARGET_DIR=$target_dir
 
 # --- 4. cargo -------------------------------------------------------------------------------------
@@ -171,5 +173,5 @@ fi
 cargo build --release -p sgr-cli --features sgr-cli/cuda,sgr-cli/cudnn
 bin=$target_dir/release/sgr
 [[ -x $bin ]] || die "cargo finished but $bin is missing" "look for the binary's name under $target_dir/release"
-echo "run it with: LD_LIBRARY_PATH=$cuda/lib:$cudnn/lib (plus the NVIDIA driver's libcuda.so.1)" >&2
+echo "run it with: LD_LIBRARY_PATH=$cuda/lib:$cudnn/lib (and, for --device cuda, the NVIDIA driver)" >&2
 echo "$bin"

@@ -64,6 +64,13 @@ impl DeviceKind {
         match self {
             DeviceKind::Cpu => Ok(candle_core::Device::Cpu),
             #[cfg(feature = "cuda")]
+            DeviceKind::Cuda if !cuda_driver_present() => Err(Error::Spec(
+                "--device cuda: no CUDA device was found: the NVIDIA driver (libcuda.so.1) is \
+                 not installed here; train on --device cpu, or run on a machine with an NVIDIA \
+                 GPU and its driver"
+                    .into(),
+            )),
+            #[cfg(feature = "cuda")]
             DeviceKind::Cuda => candle_core::Device::new_cuda(0).map_err(|e| {
                 Error::Spec(format!(
                     "--device cuda: no usable CUDA device was found ({e}); check that an NVIDIA \
@@ -72,12 +79,20 @@ impl DeviceKind {
             }),
             #[cfg(not(feature = "cuda"))]
             DeviceKind::Cuda => Err(Error::Spec(
-                "--device cuda: this sgr was built without GPU support; rebuild it with \
-                 `cargo build --release -p sgr-cli --features cuda` (needs the CUDA toolkit)"
+                "--device cuda: this sgr was built without GPU support; build one with \
+                 `scripts/cuda/build.sh` (CUDA from PyPI's wheels, no system toolkit needed)"
                     .into(),
             )),
         }
     }
+}
+
+/// Whether the NVIDIA driver library can be opened (cudarc would panic at first use otherwise).
+#[cfg(feature = "cuda")]
+fn cuda_driver_present() -> bool {
+    // SAFETY: this only opens the library (running its initialisers, as any load would) and
+    // closes it again.
+    unsafe { candle_core::cuda_backend::cudarc::driver::sys::is_culib_present() }
 }
 
 /// The kinds of optimizer, for choosing one by name.
