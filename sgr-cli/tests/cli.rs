@@ -686,7 +686,7 @@ fn plot_writes_pngs() {
 #[test]
 fn bench_reports_json() {
     for method in ["bp", "greedy", "sgr"] {
-        let o = sgr(&[
+        let base = [
             "bench",
             "--model",
             "resnet8",
@@ -700,8 +700,10 @@ fn bench_reports_json() {
             "8",
             "--steps",
             "3",
-            "--json",
-        ]);
+        ];
+        let with =
+            |last: &'static str| -> Vec<&str> { base.iter().copied().chain([last]).collect() };
+        let o = sgr(&with("--json"));
         assert!(o.status.success(), "{}", text(&o));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert_eq!(v["method"], method);
@@ -713,22 +715,7 @@ fn bench_reports_json() {
         let report: sgr_schema::BenchReport = serde_json::from_value(v).unwrap();
         assert!(report.peak_heap_bytes > 100_000, "{report:?}");
         // --print-spec hashes what the measurement depends on, the same hash the report has.
-        let args = [
-            "bench",
-            "--model",
-            "resnet8",
-            "--method",
-            method,
-            "--input-size",
-            "8",
-            "--in-channels",
-            "1",
-            "--batch-size",
-            "8",
-            "--steps",
-            "3",
-            "--print-spec",
-        ];
+        let args = with("--print-spec");
         let o = sgr(&args);
         assert!(o.status.success(), "{}", text(&o));
         let p: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();

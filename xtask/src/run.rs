@@ -58,9 +58,14 @@ pub fn parse_print_spec(stdout: &str) -> Result<PrintSpec> {
 
 /// Runs `sgr train <args> --print-spec` and parses what it prints.
 pub fn print_spec(sgr: &Path, args: &[String]) -> Result<PrintSpec> {
-    let shown = format!("sgr train {} --print-spec", args.join(" "));
+    print_spec_of(sgr, "train", args)
+}
+
+/// Runs `sgr <command> <args> --print-spec` (`train` or `bench`) and parses what it prints.
+fn print_spec_of(sgr: &Path, command: &str, args: &[String]) -> Result<PrintSpec> {
+    let shown = format!("sgr {command} {} --print-spec", args.join(" "));
     let out = Command::new(sgr)
-        .arg("train")
+        .arg(command)
         .args(args)
         .arg("--print-spec")
         .output()
@@ -313,22 +318,7 @@ pub struct Measured {
 /// `sgr bench <args> --print-spec` prints). A failed measurement is an error with the end of
 /// what `sgr bench` said; nothing is cached for it.
 pub fn bench(sgr: &Path, out: &Path, label: &str, args: &[String]) -> Result<Measured> {
-    let shown = format!("sgr bench {} --print-spec", args.join(" "));
-    let printed = Command::new(sgr)
-        .arg("bench")
-        .args(args)
-        .arg("--print-spec")
-        .output()
-        .with_context(|| format!("running {}", sgr.display()))?;
-    if !printed.status.success() {
-        bail!(
-            "`{shown}` failed ({}): {}",
-            printed.status,
-            String::from_utf8_lossy(&printed.stderr).trim()
-        );
-    }
-    let spec = parse_print_spec(&String::from_utf8_lossy(&printed.stdout))
-        .with_context(|| format!("reading what `{shown}` printed"))?;
+    let spec = print_spec_of(sgr, "bench", args)?;
     let prefix = &spec.spec_hash[..HASH_PREFIX];
     let path = out.join(format!("{}-{prefix}.json", slug(label)));
     if let Ok(text) = std::fs::read_to_string(&path) {
