@@ -13,6 +13,14 @@
 #   A run whose summary.json exists is skipped; one with a checkpoint is resumed, so the script
 #   can be stopped and started again. SGR=path picks the binary (default: a release build);
 #   THREADS (default 1) is the number of compute threads of each run.
+#
+#   Each finished run's record (summary.json, metrics.jsonl, config.json: a few KiB, no
+#   weights) is copied to RECORD (default docs/results/baselines-fmnist), which is committed, so
+#   the tables survive a fresh checkout; runs recorded there are not run again.
+#   SGR_FLAGS (e.g. "--sgr-distance squared-l2 --sgr-lambda 1 --sgr-grad forward-difference")
+#   and BEST (e.g. dgl) give the val phase's choice and the main phase's best baseline when
+#   those runs' records are not at hand (docs/baselines.md gives both). METHODS (default
+#   "bp greedy dgl infopro infopro-contrast") limits the main phase to some methods.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-target/baselines}
@@ -20,6 +28,8 @@ shift || true
 phases=("$@")
 [ ${#phases[@]} -eq 0 ] && phases=(val main seeds)
 mkdir -p "$out"
+record=${RECORD:-docs/results/baselines-fmnist}
+mkdir -p "$record"
 if [ -z "${SGR:-}" ]; then
   cargo build --release -p sgr-cli -q
   SGR=target/release/sgr
@@ -33,7 +43,8 @@ run() { # NAME FLAGS...
   local name=$1
   shift
   local dir="$out/$name"
-  if [ -f "$dir/summary.json" ]; then return; fi
+  if [ -f "$record/$name/summary.json" ]; then return; fi
+  if [ -f "$dir/summary.json" ]; then keep "$name"; return; fi
   echo "== $name: $*" >&2
   if [ -f "$dir/config.json" ] && ls "$dir"/checkpoint* > /dev/null 2>&1; then
     RAYON_NUM_THREADS=$threads "$SGR" train --resume "$dir" --workers 1 > "$dir.log" 2>&1
@@ -41,14 +52,31 @@ run() { # NAME FLAGS...
     RAYON_NUM_THREADS=$threads "$SGR" train $common "$@" --out "$dir" --overwrite > "$dir.log" 2>&1
   fi
   tail -1 "$dir.log" >&2
+  keep "$name"
+}
+
+keep() { # NAME: copies a finished run's record (no weights) to $record
+  local dir="$out/$1"
+  [ -f "$dir/summary.json" ] || return 0
+  mkdir -p "$record/$1"
+  for f in config.json metrics.jsonl summary.json; do
+    [ -f "$dir/$f" ] && cp "$dir/$f" "$record/$1/$f.tmp" && mv "$record/$1/$f.tmp" "$record/$1/$f"
+  done
+  return 0
+}
+
+summary() { # NAME: the run's summary.json, from the record or else the run folder
+  if [ -f "$record/$1/summary.json" ]; then echo "$record/$1/summary.json"; else echo "$out/$1/summary.json"; fi
 }
 
 # The chosen SGR flags: the candidate with the best validation accuracy.
 chosen() {
+  if [ -n "${SGR_FLAGS:-}" ]; then echo "$SGR_FLAGS"; return; fi
   local best="" acc=-1
   for c in "${candidates[@]}"; do
     set -- $c
-    local f="$out/val-sgr-$1-$2/summary.json"
+    local f
+    f=$(summary "val-sgr-$1-$2")
     [ -f "$f" ] || continue
     local a
     a=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["test_accuracy"])' "$f")
@@ -74,27 +102,32 @@ for phase in "${phases[@]}"; do
     main)
       sgr_flags=$(chosen)
       echo "SGR settings chosen on the validation split: $sgr_flags" >&2
-      run bp --method bp --modules 1 --train-limit 10000 --seed 0
-      for m in greedy dgl infopro infopro-contrast; do
+      for m in ${METHODS:-bp greedy dgl infopro infopro-contrast}; do
+        if [ "$m" = bp ]; then
+          run bp --method bp --modules 1 --train-limit 10000 --seed 0
+          continue
+        fi
         run "$m" --method "$m" --modules 16 --train-limit 10000 --seed 0
         run "$m+sgr" --method "$m+sgr" $sgr_flags --modules 16 --train-limit 10000 --seed 0
       done
       ;;
     seeds)
       sgr_flags=$(chosen)
-      best=$(python3 - "$out" <<'EOF'
+      best=${BEST:-$(python3 - "$out" "$record" <<'EOF'
 import json, os, sys
-out = sys.argv[1]
 errs = {}
 for m in ["greedy", "dgl", "infopro", "infopro-contrast"]:
-    f = os.path.join(out, m, "summary.json")
+    for folder in (sys.argv[2], sys.argv[1]):
+        f = os.path.join(folder, m, "summary.json")
+        if os.path.exists(f):
+            break
     if os.path.exists(f):
         errs[m] = json.load(open(f))["test_error"]
 if len(errs) < 4:
     sys.exit("the main phase has not finished")
 print(min(errs, key=errs.get))
 EOF
-)
+)}
       echo "best local baseline of the main phase: $best" >&2
       for seed in 1 2; do
         run "$best-seed$seed" --method "$best" --modules 16 --train-limit 10000 --seed "$seed"

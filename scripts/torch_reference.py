@@ -7,8 +7,12 @@ Not part of CI. Usage (same thread count as sgr, e.g. 2):
 
     pip install torch
     python3 scripts/torch_reference.py --model resnet32 --method bp --batch-size 128 --steps 3 --threads 2
+    python3 scripts/torch_reference.py --device cuda --model resnet50 --input-size 224 --classes 1000 --batch-size 64
 
-Prints one JSON object with the fields of `sgr bench --json`.
+Prints one JSON object with the fields of `sgr bench --json`. On CUDA a step is timed until the
+GPU has finished it (torch.cuda.synchronize), as `sgr bench` does, and peak_device_memory_bytes
+is torch's allocator high-water mark over the warm-up and timed steps (cuDNN autotuning stays
+off, PyTorch's default, unless --cudnn-benchmark).
 """
 import argparse
 import json
@@ -140,8 +144,15 @@ def main():
     ap.add_argument("--sgr-grad", default="exact",
                     choices=["exact", "finite-difference", "forward-difference"])
     ap.add_argument("--sgr-fd-epsilon", type=float, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="let cuDNN time its algorithms (torch.backends.cudnn.benchmark)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = a.cudnn_benchmark
     k = 1 if a.method == "bp" else (a.modules or 4)
     cifar = a.model.startswith("resnet") and (int(a.model[6:]) - 2) % 6 == 0 and int(a.model[6:]) >= 8
     if cifar:
@@ -160,12 +171,16 @@ def main():
                                drop_path=0.0, classes=a.classes, image_size=a.input_size)
         local, _, _ = torch_train.build(t)
         mods = [(m.body, m.head) for m in local]
+    for body, head in mods:
+        body.to(dev)
+        if head is not None:
+            head.to(dev)
     opts = []
     for body, head in mods:
         params = list(body.parameters()) + (list(head.parameters()) if head is not None else [])
         opts.append(torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4))
-    x = torch.randn(a.batch_size, a.in_channels, a.input_size, a.input_size)
-    y = torch.arange(a.batch_size) % a.classes
+    x = torch.randn(a.batch_size, a.in_channels, a.input_size, a.input_size, device=dev)
+    y = torch.arange(a.batch_size, device=dev) % a.classes
 
     def step():
         h, prev_a = x, None
@@ -225,11 +240,20 @@ def main():
         body.train()
         if head is not None:
             head.train()
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(dev)
+
+    if cuda:
+        sync()
+        torch.cuda.reset_peak_memory_stats(dev)
     step()
     times = []
     for _ in range(a.steps):
+        sync()
         t = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t)
     med = statistics.median(times)
     print(json.dumps({
@@ -240,6 +264,9 @@ def main():
         "steps": a.steps, "median_step_seconds": med, "images_per_s": a.batch_size / med,
         "step_seconds": times,
         "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "device": a.device,
+        "cudnn_benchmark": a.cudnn_benchmark if cuda else None,
+        "peak_device_memory_bytes": torch.cuda.max_memory_allocated(dev) if cuda else None,
     }))
 
 

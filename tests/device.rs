@@ -261,14 +261,37 @@ fn every_method_runs_on_the_device_as_on_the_cpu() {
         let k = if name == "bp" { 1 } else { 2 };
         let want = losses(reference, k, &Device::Cpu, DType::F64, 3);
         let got = losses(device, k, &dev, DType::F32, 3);
-        for (step, (g, w)) in got.iter().zip(&want).enumerate() {
-            for (m, (a, b)) in g.iter().zip(w).enumerate() {
-                let e = (a - b).abs() / b.abs().max(1e-6);
-                assert!(
-                    e < 2e-3,
-                    "{name}: step {step} module {m}: {a} against {b} (rel {e:e})"
-                );
-            }
+        assert_close(name, &got, &want, 2e-3);
+    }
+}
+
+/// The exact SGR way (the double backward through the convolution ops' device kernels) on the
+/// device in f32 gives the losses of the CPU's f64 run: within 1e-3 relative.
+#[test]
+fn exact_sgr_runs_on_the_device_as_on_the_cpu() {
+    let dev = test_device();
+    for name in ["sgr", "infopro+sgr"] {
+        let mut method: Method = name.parse().unwrap();
+        if let Some(s) = method.sgr.as_mut() {
+            s.grad = SgrGrad::Exact;
+        }
+        let want = losses(method.clone(), 2, &Device::Cpu, DType::F64, 3);
+        let got = losses(method, 2, &dev, DType::F32, 3);
+        assert_close(&format!("{name} (exact)"), &got, &want, 1e-3);
+    }
+}
+
+/// Every module's loss of every step within `tol` relative.
+fn assert_close(name: &str, got: &[Vec<f64>], want: &[Vec<f64>], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{name}: steps");
+    for (step, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g.len(), w.len(), "{name}: modules");
+        for (m, (a, b)) in g.iter().zip(w).enumerate() {
+            let e = (a - b).abs() / b.abs().max(1e-6);
+            assert!(
+                e < tol,
+                "{name}: step {step} module {m}: {a} against {b} (rel {e:e})"
+            );
         }
     }
 }

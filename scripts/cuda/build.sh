@@ -7,6 +7,9 @@
 #   scripts/cuda/build.sh --check   clippy (-D warnings) of the whole workspace with the
 #                                   cuda/cudnn features, in the same target dir: use it on every
 #                                   change that touches device (cfg(feature = "cuda")) code
+#   scripts/cuda/build.sh --tests   release build of the device tests (tests/device.rs) with
+#                                   the cudnn feature; the last line printed is the test binary's
+#                                   absolute path (run it with SGR_TEST_DEVICE=cuda)
 #
 # Environment:
 #   SGR_CUDA_VENV        the venv that holds the wheels (default: target/cuda-venv)
@@ -52,6 +55,7 @@ mode=build
 case ${1:-} in
     "") ;;
     --check) mode=check ;;
+    --tests) mode=tests ;;
     -h | --help)
         sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
         exit 0
@@ -167,6 +171,22 @@ if [[ $mode == check ]]; then
         echo "note: clippy is not installed (rustup component add clippy); running cargo check" >&2
         cargo check --release --workspace --all-targets --features "$FEATURES"
     fi
+    exit 0
+fi
+
+if [[ $mode == tests ]]; then
+    # The test binary's path is in cargo's JSON messages (its name carries a hash).
+    bin=$(cargo test --release -p sgr-integration-tests --features sgr-integration-tests/cudnn \
+        --test device --no-run --message-format=json |
+        "$vpy" -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "device":
+        print(m["executable"])')
+    [[ -n $bin && -x $bin ]] || die "cargo finished but the device test binary was not reported" \
+        "run \`cargo test -p sgr-integration-tests --features cudnn --test device --no-run\` by hand"
+    echo "run it with: SGR_TEST_DEVICE=cuda LD_LIBRARY_PATH=$cuda/lib:$cudnn/lib $bin --test-threads 1" >&2
+    echo "$bin"
     exit 0
 fi
 

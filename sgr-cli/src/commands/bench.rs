@@ -102,10 +102,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     crate::alloc::reset_peak();
     #[cfg(feature = "cuda")]
     sgr_core::memory::device::reset_peak(&device);
-    trainer.train_step(&batch)?;
+    timed_step(&mut trainer, &batch, &device)?;
     let mut times = Vec::with_capacity(a.steps);
     for _ in 0..a.steps {
-        times.push(trainer.train_step(&batch)?.seconds);
+        times.push(timed_step(&mut trainer, &batch, &device)?);
     }
     let mut sorted = times.clone();
     sorted.sort_by(|p, q| p.total_cmp(q));
@@ -157,6 +157,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Wall seconds of one step until the device has finished it: a GPU step returns once queued,
+/// so its own `seconds` would time the queueing (a no-op wait on the CPU).
+fn timed_step(trainer: &mut Trainer, batch: &Batch, device: &candle_core::Device) -> Result<f64> {
+    device.synchronize()?;
+    let t = std::time::Instant::now();
+    trainer.train_step(batch)?;
+    device.synchronize()?;
+    Ok(t.elapsed().as_secs_f64())
 }
 
 /// The device memory peak of the steps, on CUDA (see `sgr_core::memory::device`).
