@@ -6,7 +6,8 @@
 #      ResNet-50 and DeiT-S at 224×224 (batch 64, 1000 classes) and ResNet-32 at CIFAR shapes
 #      (batch 128, 10 classes), for bp, greedy K=4 and sgr K=4 (forward difference);
 #   3. check.json (everything) and check.md (the table and the targets) in OUT.
-# It takes about 5 minutes on an H200. Prepare it here with scripts/device/pack.sh.
+# Estimated at about 5 minutes on an H200 (not yet run on a GPU). Prepare it here with
+# scripts/device/pack.sh.
 #
 # Usage: scripts/device/check.sh [OUT]     (default: $OUT, else target/device-check)
 # Environment: PACK (default target/device-pack), PYTHON (default python3), STEPS (timed steps

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Packs what scripts/device/check.sh needs on a GPU machine into target/device-pack/ (ignored by
 # git): the cuda+cudnn `sgr` and the device test binary (tests/device.rs), xz-compressed so that
-# they travel with the working tree (at most 64 MiB in all; the two come to about a third of it).
+# they travel with the working tree (at most 64 MiB in all; the pack is refused over 40 MiB).
 #
 #   scripts/device/pack.sh      builds both with scripts/cuda/build.sh (the first build takes
 #                               about an hour here), packs them, prints the command to run
