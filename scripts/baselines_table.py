@@ -6,10 +6,14 @@
 For each finished run (a folder with summary.json): test (or validation) error, train time,
 peak memory (RSS) and the boundary cosines cos(a_{k-1}, b_k) of the last epoch (mean, min, max
 over the 15 boundaries), plus the mean cosine of the first epoch from metrics.jsonl. Runs not
-finished yet are listed as such. Standard library only.
+finished yet are listed as such. Where a method has runs for several seeds (`NAME` is seed 0,
+`NAME-seedN` seed N), a second table gives the mean and standard deviation over the seeds, and
+for a method and its `+sgr` the per-seed difference of their errors. Standard library only.
 """
 import json
+import math
 import os
+import re
 import sys
 
 
@@ -52,6 +56,49 @@ def row(out, name):
     )
 
 
+def seed_errors(out, names):
+    """{method: {seed: test error}} for the methods with at least two seeds."""
+    by = {}
+    for n in names:
+        m = re.fullmatch(r"(.+)-seed(\d+)", n)
+        method, seed = (m.group(1), int(m.group(2))) if m else (n, 0)
+        f = os.path.join(out, n, "summary.json")
+        if os.path.exists(f):
+            by.setdefault(method, {})[seed] = json.load(open(f))["test_error"]
+    return {m: e for m, e in by.items() if len(e) > 1}
+
+
+def mean_sd(v):
+    m = sum(v) / len(v)
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return m, sd
+
+
+def seeds_table(out, names):
+    by = seed_errors(out, names)
+    if not by:
+        return
+    print()
+    print("| method | seeds | test error: mean ± sd | per seed | +sgr − base, per seed |")
+    print("|---|---|---|---|---|")
+    for method in sorted(by):
+        e = by[method]
+        seeds = sorted(e)
+        m, sd = mean_sd([e[s] for s in seeds])
+        per = ", ".join(f"{100 * e[s]:.2f}" for s in seeds)
+        diff = "—"
+        base = by.get(method[: -len("+sgr")]) if method.endswith("+sgr") else None
+        if base:
+            common = [s for s in seeds if s in base]
+            d = [100 * (e[s] - base[s]) for s in common]
+            dm, dsd = mean_sd(d)
+            diff = ", ".join(f"{x:+.2f}" for x in d) + f" (mean {dm:+.2f} ± {dsd:.2f})"
+        print(
+            f"| {method} | {', '.join(map(str, seeds))} | {100 * m:.2f} ± {100 * sd:.2f} % "
+            f"| {per} | {diff} |"
+        )
+
+
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else "target/baselines"
     names = sorted(
@@ -64,6 +111,7 @@ def main():
         r = row(out, n)
         if r:
             print(r)
+    seeds_table(out, names)
 
 
 if __name__ == "__main__":
