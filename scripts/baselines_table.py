@@ -8,7 +8,10 @@ peak memory (RSS) and the boundary cosines cos(a_{k-1}, b_k) of the last epoch (
 over the 15 boundaries), plus the mean cosine of the first epoch from metrics.jsonl. Runs not
 finished yet are listed as such. Where a method has runs for several seeds (`NAME` is seed 0,
 `NAME-seedN` seed N), a second table gives the mean and standard deviation over the seeds, and
-for a method and its `+sgr` the per-seed difference of their errors. Standard library only.
+for a method and its `+sgr` the per-seed difference of their errors. A third table puts the size
+of each `+sgr` run's SGR term beside its local losses (last epoch): λ·D at the first boundary,
+the median λ·D over the others, and the median local loss of the modules that carry the term.
+Standard library only.
 """
 import json
 import math
@@ -99,6 +102,40 @@ def seeds_table(out, names):
         )
 
 
+def median(v):
+    v = sorted(v)
+    n = len(v)
+    return float("nan") if n == 0 else (v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2)
+
+
+def strength_table(out, names):
+    rows = []
+    for n in names:
+        d = os.path.join(out, n)
+        cfg_path = os.path.join(d, "config.json")
+        last = epochs(os.path.join(d, "metrics.jsonl"))
+        if not os.path.exists(cfg_path) or not last:
+            continue
+        trainer = json.load(open(cfg_path)).get("trainer", {})
+        sgr = trainer.get("sgr") if "sgr" in str(trainer.get("method", "")) else None
+        dist = [b.get("sgr_distance") for b in last[-1].get("boundaries", [])]
+        if not sgr or not dist or any(x is None for x in dist):
+            continue
+        lam = sgr["lambda"]
+        losses = last[-1]["module_losses"][1:]
+        ratio = median([lam * x / l for x, l in zip(dist, losses)])
+        rows.append(
+            f"| {n} | {sgr['distance']}, λ = {lam:g} | {lam * dist[0]:.2e} "
+            f"| {median([lam * x for x in dist[1:]]):.2e} | {median(losses):.3f} | {ratio:.2e} |"
+        )
+    if rows:
+        print()
+        print("| run | SGR term | λ·D, boundary 1 | λ·D, median of the others "
+              "| local loss, median | λ·D / local loss, median |")
+        print("|---|---|---|---|---|---|")
+        print("\n".join(rows))
+
+
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else "target/baselines"
     names = sorted(
@@ -112,6 +149,7 @@ def main():
         if r:
             print(r)
     seeds_table(out, names)
+    strength_table(out, names)
 
 
 if __name__ == "__main__":
