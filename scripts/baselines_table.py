@@ -14,10 +14,11 @@ the median λ·D over the others, and the median local loss of the modules that 
 Standard library only.
 """
 import json
-import math
 import os
 import re
+import statistics
 import sys
+from statistics import median
 
 
 def epochs(path):
@@ -72,9 +73,7 @@ def seed_errors(out, names):
 
 
 def mean_sd(v):
-    m = sum(v) / len(v)
-    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
-    return m, sd
+    return statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0
 
 
 def seeds_table(out, names):
@@ -102,12 +101,6 @@ def seeds_table(out, names):
         )
 
 
-def median(v):
-    v = sorted(v)
-    n = len(v)
-    return float("nan") if n == 0 else (v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2)
-
-
 def strength_table(out, names):
     rows = []
     for n in names:
@@ -124,9 +117,10 @@ def strength_table(out, names):
         lam = sgr["lambda"]
         losses = last[-1]["module_losses"][1:]
         ratio = median([lam * x / l for x, l in zip(dist, losses)])
+        others = median([lam * x for x in dist[1:]]) if len(dist) > 1 else float("nan")
         rows.append(
             f"| {n} | {sgr['distance']}, λ = {lam:g} | {lam * dist[0]:.2e} "
-            f"| {median([lam * x for x in dist[1:]]):.2e} | {median(losses):.3f} | {ratio:.2e} |"
+            f"| {others:.2e} | {median(losses):.3f} | {ratio:.2e} |"
         )
     if rows:
         print()
