@@ -27,6 +27,9 @@
 # NVIDIA driver's libcuda.so.1 for --device cuda only: cudarc loads it at first use (vendor/README.md,
 # change 3), so without a driver the binary still trains on the CPU.
 set -euo pipefail
+# Every early exit says why: `die` below for the expected ones, this trap for any other command
+# that fails under `set -e` (a bare `$(...)` failure would otherwise end the script silently).
+trap 'rc=$?; echo "error: $0 stopped at line $LINENO: \`$BASH_COMMAND\` exited with status $rc" >&2' ERR
 
 # The wheels, pinned exactly; nvcc stays on 13.0.x.
 WHEELS=(
@@ -135,8 +138,17 @@ done
 # rpath or LD_LIBRARY_PATH; at run time the binary must get the real driver's libcuda.so.1.
 cudarc_version=$(awk '/^name = "cudarc"$/ { getline; gsub(/version = |"/, ""); print; exit }' Cargo.lock)
 [[ -n $cudarc_version ]] || die "cudarc is not in Cargo.lock" "this script expects candle-core's cuda feature to pull in cudarc"
+# Prints cudarc's source folder in the cargo registry, or nothing (and still succeeds) when it is
+# not there yet: a failing `$(...)` would end the script under `set -e` before the fetch below.
 find_cudarc() {
-    ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/"cudarc-$cudarc_version" 2>/dev/null | head -n 1
+    local dir
+    for dir in "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/"cudarc-$cudarc_version"; do
+        if [[ -d $dir ]]; then
+            echo "$dir"
+            return 0
+        fi
+    done
+    return 0
 }
 cudarc_src=$(find_cudarc)
 if [[ -z $cudarc_src ]]; then

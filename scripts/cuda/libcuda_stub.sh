@@ -15,6 +15,8 @@
 # cuGetErrorName/cuGetErrorString describe that error, so that a stub loaded by mistake makes
 # `--device cuda` fail with "no CUDA-capable device is detected" instead of misbehaving.
 set -euo pipefail
+# Every early exit says why, also of a command that fails under `set -e` without a message.
+trap 'rc=$?; echo "error: $0 stopped at line $LINENO: \`$BASH_COMMAND\` exited with status $rc" >&2' ERR
 
 if [[ $# -ne 2 ]]; then
     echo "usage: $0 OUT_DIR CUDARC_DRIVER_SYS_RS" >&2

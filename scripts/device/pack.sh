@@ -9,6 +9,8 @@
 # SGR_BIN and SGR_TESTS_BIN pack binaries built already (e.g. CPU builds, to try check.sh with
 # SGR_CHECK_DEVICE=cpu on a machine without a GPU).
 set -euo pipefail
+# Every early exit says why, also of a command that fails under `set -e` without a message.
+trap 'rc=$?; echo "error: $0 stopped at line $LINENO: \`$BASH_COMMAND\` exited with status $rc" >&2' ERR
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$root"
 pack=target/device-pack
