@@ -1,18 +1,29 @@
 //! Second-order autodiff in candle.
 //!
 //! candle's `backward()` detaches every gradient it computes, so gradients cannot be
-//! differentiated again, unless the thread keeps gradient graphs: the vendored candle-core has a
-//! per-thread switch for that ([`KeepGradGraph`]), and without it reads the process-wide
-//! `CANDLE_GRAD_DO_NOT_DETACH` once per thread. Keeping graphs multiplies the memory of plain
-//! backward passes, so [`with_second_order`] turns the switch on for one scope of one thread;
-//! every other thread keeps candle's default.
+//! differentiated again, unless the thread keeps gradient graphs. Keeping graphs multiplies the
+//! memory of plain backward passes, so [`with_second_order`] turns that on for one scope of one
+//! thread; every other thread keeps candle's default.
+//!
+//! Upstream candle has only a process-wide switch (`CANDLE_GRAD_DO_NOT_DETACH`, read once per
+//! thread), which no library can flip for one scope safely. The per-thread switch it needs
+//! ([`candle_core::backprop::KeepGradGraph`]) exists in the candle-core this workspace patches
+//! in (docs/candle.md), so the scope is behind this crate's `second-order` feature, which
+//! builds only against that candle-core. Without the feature [`with_second_order`] is
+//! [`Error::SecondOrderUnavailable`], and so is the exact SGR way; the finite-difference ways
+//! need no second order and work on upstream candle.
 
 use std::cell::Cell;
 
+#[cfg(feature = "second-order")]
 use candle_core::backprop::{keep_grad_graph, KeepGradGraph};
 use candle_core::{Device, Tensor, Var};
 
 use crate::{Error, Result};
+
+/// Whether this build can differentiate gradients again ([`with_second_order`] works): sgr-core
+/// was built with its `second-order` feature, against the patched candle-core.
+pub const SECOND_ORDER: bool = cfg!(feature = "second-order");
 
 thread_local! {
     /// How many [`with_second_order`] closures the current thread is running.
@@ -21,10 +32,12 @@ thread_local! {
 
 /// Keeps gradient graphs on the current thread and counts it as in a [`with_second_order`]
 /// scope until dropped, also when the closure fails or panics.
+#[cfg(feature = "second-order")]
 struct SecondOrderScope {
     _keep: KeepGradGraph,
 }
 
+#[cfg(feature = "second-order")]
 impl SecondOrderScope {
     fn enter() -> Self {
         SECOND_ORDER_DEPTH.with(|d| d.set(d.get() + 1));
@@ -34,6 +47,7 @@ impl SecondOrderScope {
     }
 }
 
+#[cfg(feature = "second-order")]
 impl Drop for SecondOrderScope {
     fn drop(&mut self) {
         SECOND_ORDER_DEPTH.with(|d| d.set(d.get() - 1));
@@ -48,12 +62,26 @@ pub fn on_second_order_thread() -> bool {
 }
 
 /// Whether `backward()` on the current thread keeps the graph of its gradients now: inside
-/// [`with_second_order`] or another [`KeepGradGraph`] guard, or where the user set
+/// [`with_second_order`] or another `KeepGradGraph` guard, or where the user set
 /// `CANDLE_GRAD_DO_NOT_DETACH` (as candle read it at the thread's first backward). Layers whose
 /// fast kernels are first order only take their differentiable formulation then. It reads two
 /// thread-locals, so it is cheap per layer and pass and follows the switch as it changes.
 pub fn gradients_keep_graph() -> bool {
-    keep_grad_graph()
+    #[cfg(feature = "second-order")]
+    return keep_grad_graph();
+    #[cfg(not(feature = "second-order"))]
+    return env_keeps_grad_graph();
+}
+
+/// Upstream candle's own rule for `CANDLE_GRAD_DO_NOT_DETACH`: set, non-empty and not `0`, read
+/// once per thread.
+#[cfg(not(feature = "second-order"))]
+fn env_keeps_grad_graph() -> bool {
+    thread_local! {
+        static KEEP: bool = std::env::var("CANDLE_GRAD_DO_NOT_DETACH")
+            .is_ok_and(|s| !s.is_empty() && s != "0");
+    }
+    KEEP.with(|k| *k)
 }
 
 /// Whether gradients computed on the current thread carry a graph (so can be differentiated
@@ -68,7 +96,7 @@ pub fn thread_keeps_gradient_graph() -> Result<bool> {
     let g = y.backward()?;
     let gx = g
         .get(x.as_tensor())
-        .ok_or_else(|| Error::InvalidConfig("autograd lost a trivial gradient".into()))?;
+        .ok_or_else(|| Error::Internal("autograd lost a trivial gradient".into()))?;
     Ok(gx.track_op())
 }
 
@@ -81,21 +109,34 @@ pub fn thread_keeps_gradient_graph() -> Result<bool> {
 /// work inside `f` (candle's and this crate's kernels use rayon) lets the thread run unrelated
 /// rayon jobs, which would inherit the switch, so `f` runs on a scoped thread of its own,
 /// which waits without taking jobs. That is why `F` and `R` are `Send`.
+///
+/// Without the `second-order` feature this is [`Error::SecondOrderUnavailable`], and `f` does
+/// not run.
 pub fn with_second_order<R, F>(f: F) -> Result<R>
 where
     R: Send,
     F: FnOnce() -> Result<R> + Send,
 {
-    let run = || {
-        let _scope = SecondOrderScope::enter();
-        f()
-    };
-    if rayon::current_thread_index().is_none() {
-        return run();
+    #[cfg(not(feature = "second-order"))]
+    {
+        drop(f);
+        Err(Error::SecondOrderUnavailable {
+            what: "a second-order derivative (double backward)",
+        })
     }
-    std::thread::scope(|s| {
-        s.spawn(run)
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
+    #[cfg(feature = "second-order")]
+    {
+        let run = || {
+            let _scope = SecondOrderScope::enter();
+            f()
+        };
+        if rayon::current_thread_index().is_none() {
+            return run();
+        }
+        std::thread::scope(|s| {
+            s.spawn(run)
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
 }

@@ -268,7 +268,7 @@ impl Ctx {
     /// The next recorded decision, which must be of `kind`.
     fn next_replay(&mut self, kind: &'static str) -> Result<Decision> {
         let Tape::Replay { decisions, pos } = &mut self.tape else {
-            return Err(Error::InvalidConfig(
+            return Err(Error::Internal(
                 "no decisions to replay: the context does not replay".into(),
             ));
         };

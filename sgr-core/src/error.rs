@@ -81,6 +81,53 @@ pub enum Error {
     #[error("data: {0}")]
     Data(#[source] Box<dyn std::error::Error + Send + Sync>),
 
+    /// Second-order autodiff was asked for in a build without it: sgr-core's `second-order`
+    /// feature needs the patched candle-core (docs/candle.md).
+    #[error(
+        "{what} needs sgr-core's `second-order` feature, which builds only against the \
+         candle-core this workspace patches in (add its `[patch.crates-io]` line, README \
+         \"Library\"); the SGR ways `finite-difference` (central) and `forward-difference` \
+         need no second order"
+    )]
+    SecondOrderUnavailable {
+        /// What needed it.
+        what: &'static str,
+    },
+
+    /// A layer makes non-smooth or random decisions that the forward context does not see, so
+    /// a finite-difference SGR pass cannot replay them and would compute a wrong gradient.
+    #[error(
+        "layer `{layer}` ({decisions}) cannot be replayed by the `{way}` SGR gradient; ways \
+         that work with it: {works}"
+    )]
+    UnreplayableLayer {
+        /// The layer (its unit label or name).
+        layer: String,
+        /// What the layer decides out of the context's sight.
+        decisions: &'static str,
+        /// The SGR gradient way asked for.
+        way: String,
+        /// What works instead.
+        works: String,
+    },
+
+    /// A trainable tensor received no gradient from its module's loss: an operation cut the
+    /// autodiff graph, or the tensor is not used. Its optimizer would silently get zeros.
+    #[error(
+        "trainable tensor `{tensor}` received no gradient from its module's loss: an \
+         operation between it and the loss cuts candle's autodiff graph (a detach, or a fused op \
+         without backward such as candle-nn's softmax_last_dim or LayerNorm), or the tensor is \
+         unused; use a differentiable formulation, or list an unused tensor as a buffer"
+    )]
+    MissingGradient {
+        /// The tensor's name.
+        tensor: String,
+    },
+
+    /// An internal invariant broke: a bug in sgr, not in the input. Please report it.
+    #[error("internal error (a bug in sgr; please report it): {0}")]
+    Internal(String),
+
     /// Training produced a non-finite loss.
     #[error("non-finite loss {value} in module {module} at step {step}")]
     NonFiniteLoss {

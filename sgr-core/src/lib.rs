@@ -13,6 +13,11 @@
 //! * [`kernels`]: the `sgr-kernels` crate, re-exported: fast CPU convolution, BatchNorm and ReLU
 //!   as candle custom ops, each running candle's own ops on other devices; used by [`nn`].
 //!
+//! * [`foreign`] (feature `candle-nn`): a user's own candle-nn layers and `VarMap` as stages.
+//!
+//! Features: `second-order` (the exact SGR way; needs the patched candle-core, see
+//! [`autograd`]), `candle-nn`, `cuda`, `cudnn`.
+//!
 //! candle-nn's fused layers (`BatchNorm`, `LayerNorm`, `softmax_last_dim`) are not used: they
 //! update statistics on every call or cut the autodiff graph silently (docs/candle.md), and
 //! the SGR term needs control of both. Libraries here never print: see [`events`] and `tracing`.
@@ -22,6 +27,8 @@ pub mod checkpoint;
 pub mod ctx;
 mod error;
 pub mod events;
+#[cfg(feature = "candle-nn")]
+pub mod foreign;
 pub use sgr_kernels as kernels;
 pub mod loss;
 pub mod memory;

@@ -7,6 +7,10 @@ pub trait Named: Sized + Copy + 'static {
     const WHAT: &'static str;
     /// Every value with its name, in documentation order.
     fn table() -> &'static [(&'static str, Self)];
+    /// Older spellings still accepted when parsing, each with its value; never written.
+    fn aliases() -> &'static [(&'static str, Self)] {
+        &[]
+    }
     /// The names, in documentation order.
     fn names() -> Vec<&'static str> {
         Self::table().iter().map(|(n, _)| *n).collect()
@@ -17,6 +21,7 @@ pub trait Named: Sized + Copy + 'static {
 pub fn parse_named<T: Named>(s: &str) -> crate::Result<T> {
     T::table()
         .iter()
+        .chain(T::aliases())
         .find(|(n, _)| *n == s)
         .map(|(_, v)| *v)
         .ok_or_else(|| crate::Error::UnknownName {
@@ -37,9 +42,13 @@ pub fn parse_named<T: Named>(s: &str) -> crate::Result<T> {
 /// assert_eq!(Colour::Red.to_string(), "red");
 /// assert!("green".parse::<Colour>().unwrap_err().to_string().contains("red, blue"));
 /// ```
+///
+/// An optional `aliases { "old-name" => Variant }` block keeps older spellings parsing; values
+/// are always written under their one name.
 #[macro_export]
 macro_rules! named_enum {
-    ($ty:ident, $what:literal, { $($name:literal => $variant:ident),+ $(,)? }) => {
+    ($ty:ident, $what:literal, { $($name:literal => $variant:ident),+ $(,)? }
+        $(aliases { $($alias:literal => $avariant:ident),+ $(,)? })?) => {
         impl $ty {
             /// Every value with its name (command line, config files, `config.json`).
             pub const NAMES: &'static [(&'static str, $ty)] = &[$(($name, $ty::$variant)),+];
@@ -56,6 +65,9 @@ macro_rules! named_enum {
             const WHAT: &'static str = $what;
             fn table() -> &'static [(&'static str, Self)] {
                 Self::NAMES
+            }
+            fn aliases() -> &'static [(&'static str, Self)] {
+                &[$($(($alias, $ty::$avariant)),+)?]
             }
         }
 

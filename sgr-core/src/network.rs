@@ -4,6 +4,7 @@
 
 use candle_core::{Tensor, Var};
 
+use crate::method::Objective;
 use crate::nn::{Ctx, Param, ParamKind};
 use crate::objective::LocalObjective;
 use crate::{Error, Result};
@@ -14,6 +15,45 @@ pub trait Stage: Send + Sync + std::fmt::Debug {
     fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor>;
     /// Named tensors of the stage (full names).
     fn params(&self) -> Vec<Param>;
+    /// The stage's own name, if it has one: the network's default label for its unit.
+    fn name(&self) -> Option<&str> {
+        None
+    }
+    /// How the stage makes its non-smooth and random decisions, which decides the SGR gradient
+    /// ways it supports. sgr's own layers take every decision through the [`Ctx`], the default.
+    fn decisions(&self) -> Decisions {
+        Decisions::Replayable
+    }
+}
+
+/// How a [`Stage`] makes its non-smooth (ReLU masks, max-pool selections) and random (dropout)
+/// decisions. The finite-difference SGR passes evaluate a module near its base point and must
+/// take the base pass's decisions there (docs/method.md); the exact way recomputes the pass at
+/// the base point itself, with the same seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Decisions {
+    /// Every decision goes through the [`Ctx`] (recorded and replayed), or there are none: all
+    /// SGR ways work.
+    #[default]
+    Replayable,
+    /// Non-smooth decisions the [`Ctx`] does not see, made from the input alone (a foreign
+    /// ReLU or max-pool): the exact way works; the finite differences would differentiate
+    /// another function and are refused.
+    Hidden,
+    /// Random decisions the [`Ctx`] does not draw (a foreign dropout in training mode): no SGR
+    /// way can reproduce them, so the module trains only without SGR.
+    Random,
+}
+
+impl Decisions {
+    /// What the stage decides out of the context's sight, for error messages.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Decisions::Replayable => "decisions through the context",
+            Decisions::Hidden => "non-smooth decisions the context does not record",
+            Decisions::Random => "random decisions the context does not draw",
+        }
+    }
 }
 
 /// Groups `units` body stages into K contiguous modules: module `j` ends after unit `ends[j]`.
@@ -95,6 +135,7 @@ pub struct LocalNetwork {
     plan: SplitPlan,
     num_classes: usize,
     unit_labels: Vec<String>,
+    built_for: Option<Objective>,
 }
 
 impl LocalNetwork {
@@ -118,7 +159,11 @@ impl LocalNetwork {
                 plan.num_modules()
             )));
         }
-        let unit_labels = (0..units.len()).map(|i| format!("unit{i}")).collect();
+        let unit_labels = units
+            .iter()
+            .enumerate()
+            .map(|(i, u)| u.name().map_or_else(|| format!("unit{i}"), str::to_string))
+            .collect();
         Ok(Self {
             name: name.into(),
             units,
@@ -127,7 +172,37 @@ impl LocalNetwork {
             plan,
             num_classes,
             unit_labels,
+            built_for: None,
         })
+    }
+
+    /// Records which objective the network's heads were built for, so that a trainer given
+    /// another method's objective refuses it ([`crate::trainer::Trainer::new`]) instead of
+    /// training the wrong heads. Builders of the model zoo set it; a network assembled by hand
+    /// may leave it unset.
+    pub fn with_objective(mut self, objective: Objective) -> Self {
+        self.built_for = Some(objective);
+        self
+    }
+
+    /// The objective the heads were built for, when the builder recorded it.
+    pub fn built_for(&self) -> Option<Objective> {
+        self.built_for
+    }
+
+    /// The stages of module `k` with their labels: its body units, then the classifier for the
+    /// last module (labelled by its [`Stage::name`], else `classifier`).
+    pub fn module_stages(&self, k: usize) -> Vec<(&str, &dyn Stage)> {
+        let mut v: Vec<(&str, &dyn Stage)> = self
+            .plan
+            .range(k)
+            .map(|i| (self.unit_label(i), self.units[i].as_ref()))
+            .collect();
+        if k + 1 == self.num_modules() {
+            let c = self.classifier.as_ref();
+            v.push((c.name().unwrap_or("classifier"), c));
+        }
+        v
     }
 
     /// Names the units for reports (`stem`, `layer1.0`, `blocks.3`, ...); one label per unit.
@@ -143,7 +218,7 @@ impl LocalNetwork {
         Ok(self)
     }
 
-    /// The label of unit `i` (`unit<i>` unless the builder named it).
+    /// The label of unit `i` (its [`Stage::name`], else `unit<i>`, unless the builder named it).
     pub fn unit_label(&self, i: usize) -> &str {
         self.unit_labels.get(i).map(String::as_str).unwrap_or("?")
     }
@@ -280,8 +355,28 @@ impl LocalNetwork {
     }
 }
 
+/// Collects the gradients of the trainable `params` from a gradient store, in order. A
+/// trainable tensor the graph did not reach is [`Error::MissingGradient`]: its optimizer would
+/// otherwise step on zeros without a word.
+pub fn collect_grads_checked(
+    store: &candle_core::backprop::GradStore,
+    params: &[Param],
+) -> Result<Vec<Tensor>> {
+    params
+        .iter()
+        .filter(|p| p.kind == ParamKind::Trainable)
+        .map(|p| match store.get(p.var.as_tensor()) {
+            Some(g) => Ok(g.detach()),
+            None => Err(Error::MissingGradient {
+                tensor: p.name.clone(),
+            }),
+        })
+        .collect()
+}
+
 /// Collects the gradients of `vars` from a gradient store; a variable the graph did not reach
-/// gets zeros (the all-parameters-get-gradients test catches such silent cuts).
+/// gets zeros. For the SGR term's passes, whose second-order graph may legitimately miss a
+/// tensor the base pass reached ([`collect_grads_checked`] checks the base pass).
 pub fn collect_grads(
     store: &candle_core::backprop::GradStore,
     vars: &[Var],

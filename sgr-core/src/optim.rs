@@ -25,7 +25,9 @@ pub enum OptimizerConfig {
         #[serde(default, skip_serializing_if = "DecayScope::is_all")]
         decay: DecayScope,
     },
-    /// AdamW (decoupled weight decay).
+    /// AdamW (decoupled weight decay). Written `adamw`, as the command line spells it;
+    /// `adam-w`, which files written before 0.2 carry, still reads.
+    #[serde(rename = "adamw", alias = "adam-w")]
     AdamW {
         /// β1.
         beta1: f64,
@@ -209,7 +211,7 @@ pub trait Optimizer: Send + std::fmt::Debug {
 
 fn check_len(params: &[Param], grads: &[Tensor]) -> Result<()> {
     if params.len() != grads.len() {
-        return Err(Error::InvalidConfig(format!(
+        return Err(Error::Internal(format!(
             "optimizer got {} gradients for {} parameters",
             grads.len(),
             params.len()

@@ -19,15 +19,24 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::autograd::with_second_order;
-use crate::network::{collect_grads, LocalNetwork};
-use crate::nn::Ctx;
+use crate::network::{collect_grads, collect_grads_checked, LocalNetwork};
+use crate::nn::{Ctx, Param, ParamKind};
 use crate::objective::Batch;
 use crate::{Error, Result};
 
-/// One module's local learning problem: its trainable variables and a scalar loss of its input.
+/// One module's local learning problem: its tensors and a scalar loss of its input.
 pub trait LocalProblem: Sync {
-    /// Trainable variables (the module's body and loss head), in a fixed order.
-    fn vars(&self) -> Vec<Var>;
+    /// Named tensors of the module's body and loss head, in a fixed order: trainable ones and
+    /// buffers (running statistics), which the SGR term's extra passes put back as they were.
+    fn params(&self) -> Vec<Param>;
+    /// Trainable variables, in [`LocalProblem::params`]'s order.
+    fn vars(&self) -> Vec<Var> {
+        self.params()
+            .into_iter()
+            .filter(|p| p.kind == ParamKind::Trainable)
+            .map(|p| p.var)
+            .collect()
+    }
     /// Runs the module on `x`; `shift` says what to add to the module's output before the
     /// loss head.
     fn forward(&self, x: &Tensor, shift: OutputShift<'_>, ctx: &mut Ctx) -> Result<LocalForward>;
@@ -72,12 +81,8 @@ pub struct LocalModule<'a> {
 }
 
 impl LocalProblem for LocalModule<'_> {
-    fn vars(&self) -> Vec<Var> {
-        self.net
-            .module_trainable(self.k)
-            .into_iter()
-            .map(|p| p.var)
-            .collect()
+    fn params(&self) -> Vec<Param> {
+        self.net.module_params(self.k)
     }
 
     fn forward(&self, x: &Tensor, shift: OutputShift<'_>, ctx: &mut Ctx) -> Result<LocalForward> {
@@ -178,8 +183,7 @@ pub fn base_pass_in(
     let f = p.forward(&x_in, OutputShift::Probe, &mut ctx)?;
     let loss = f.loss.detach().to_dtype(candle_core::DType::F64)?;
     let store = f.loss.backward()?;
-    let vars = p.vars();
-    let grads = collect_grads(&store, &vars)?;
+    let grads = collect_grads_checked(&store, &p.params())?;
     let output_grad = f
         .probe
         .as_ref()
@@ -255,7 +259,7 @@ impl Distance {
         let v = g
             .get(sv.as_tensor())
             .map(|t| t.detach())
-            .ok_or_else(|| Error::InvalidConfig("distance does not depend on its input".into()))?;
+            .ok_or_else(|| Error::Internal("distance does not depend on its input".into()))?;
         Ok((value, v))
     }
 }
@@ -275,18 +279,27 @@ crate::named_enum!(Direction, "SGR direction", { "forward" => Forward, "backward
 /// How the parameter gradient of the SGR term is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SgrGrad {
-    /// Central difference with frozen ReLU masks (two extra forward + backward passes: an SGR
-    /// step costs ≈3 plain local steps). Error O(ε²).
+    /// The **central** difference `[∇L(ĥ + εv) − ∇L(ĥ − εv)] / 2ε` with the base pass's
+    /// decisions replayed (two extra forward + backward passes: an SGR step costs ≈3 plain
+    /// local steps). Error O(ε²). Spelled `finite-difference` (its name since the first
+    /// release) or `central-difference`.
     #[default]
     FiniteDifference,
     /// One-sided difference against the base pass, frozen ReLU masks (one extra forward +
     /// backward pass: ≈2 plain local steps). Error O(ε): about ten times the central one.
     ForwardDifference,
-    /// Double backward (the oracle; slow and memory-hungry).
+    /// Double backward (the oracle; slow and memory-hungry). Needs sgr-core's `second-order`
+    /// feature ([`crate::autograd::SECOND_ORDER`]).
     Exact,
 }
 
-crate::named_enum!(SgrGrad, "SGR gradient way", { "finite-difference" => FiniteDifference, "forward-difference" => ForwardDifference, "exact" => Exact });
+crate::named_enum!(SgrGrad, "SGR gradient way", {
+    "finite-difference" => FiniteDifference,
+    "forward-difference" => ForwardDifference,
+    "exact" => Exact,
+} aliases {
+    "central-difference" => FiniteDifference,
+});
 
 /// Configuration of the SGR term.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -349,8 +362,13 @@ impl SgrConfig {
         })
     }
 
-    /// Checks ranges.
+    /// Checks ranges, and that this build can run the gradient way.
     pub fn validate(&self) -> Result<()> {
+        if self.grad == SgrGrad::Exact && !crate::autograd::SECOND_ORDER {
+            return Err(Error::SecondOrderUnavailable {
+                what: "the `exact` SGR gradient",
+            });
+        }
         if !(self.lambda.is_finite() && self.lambda >= 0.0) {
             return Err(Error::InvalidConfig(format!(
                 "sgr lambda must be finite and >= 0, got {}",
@@ -432,7 +450,7 @@ pub fn sgr_term_grad(
     base: BasePoint<'_>,
     cfg: &SgrConfig,
 ) -> Result<SgrTermGrad> {
-    let fd = |one_sided: bool| {
+    let fd = |one_sided: bool, buffers: &BufferSnapshot| {
         let base_grads = one_sided.then_some(base.grads);
         fd_term_grad(
             p,
@@ -444,12 +462,43 @@ pub fn sgr_term_grad(
             base_grads,
             cfg.distance,
             cfg.epsilon(),
+            buffers,
         )
     };
-    match cfg.grad {
-        SgrGrad::FiniteDifference => fd(false),
-        SgrGrad::ForwardDifference => fd(true),
+    let buffers = BufferSnapshot::take(p)?;
+    let out = match cfg.grad {
+        SgrGrad::FiniteDifference => fd(false, &buffers),
+        SgrGrad::ForwardDifference => fd(true, &buffers),
         SgrGrad::Exact => exact_term_grad(p, x, site, target, base, cfg.distance),
+    };
+    // Also after a failed pass: a buffer is never left at a value only an extra pass made.
+    buffers.restore()?;
+    out
+}
+
+/// The buffers (running statistics) of a module, copied before the SGR term's extra passes and
+/// written back after each: sgr's own BatchNorm leaves them alone in those passes, but a
+/// foreign layer (candle-nn's `BatchNorm` in training mode) updates them on every call.
+struct BufferSnapshot(Vec<(Var, Tensor)>);
+
+impl BufferSnapshot {
+    fn take(p: &dyn LocalProblem) -> Result<Self> {
+        p.params()
+            .into_iter()
+            .filter(|q| q.kind == ParamKind::Buffer)
+            .map(|q| {
+                let copy = q.var.as_tensor().copy()?;
+                Ok((q.var, copy))
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Self)
+    }
+
+    fn restore(&self) -> Result<()> {
+        for (var, value) in &self.0 {
+            var.set(value)?;
+        }
+        Ok(())
     }
 }
 
@@ -464,12 +513,13 @@ fn fd_term_grad(
     base_grads: Option<&[Tensor]>,
     distance: Distance,
     eps: f64,
+    buffers: &BufferSnapshot,
 ) -> Result<SgrTermGrad> {
     let (value, v) = distance.value_and_grad(site_grad, target)?;
     let vars = p.vars();
     if let Some(g) = base_grads {
         if g.len() != vars.len() {
-            return Err(Error::InvalidConfig(format!(
+            return Err(Error::Internal(format!(
                 "one-sided SGR difference needs the base pass gradients of all {} parameters, \
                  got {}",
                 vars.len(),
@@ -524,6 +574,7 @@ fn fd_term_grad(
         }
         let store = f.loss.backward()?;
         drop(f);
+        buffers.restore()?;
         let g = collect_grads(&store, &vars)?;
         drop(store);
         sums = Some(match sums {

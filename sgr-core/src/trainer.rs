@@ -14,9 +14,9 @@ use serde::{Deserialize, Serialize};
 use crate::ctx::{Ctx, Decision};
 use crate::events::{BoundaryMetrics, EpochMetrics, EvalMetrics, Event, Observer, StepMetrics};
 use crate::loss::{correct_count, cross_entropy, topk_correct_count};
-use crate::method::{Estimator, Method};
+use crate::method::{Estimator, Method, Objective};
 use crate::mix::{MixConfig, MixDraw};
-use crate::network::{collect_grads, LocalNetwork};
+use crate::network::{collect_grads_checked, Decisions, LocalNetwork};
 use crate::objective::Batch;
 use crate::optim::{Optimizer, OptimizerConfig, Schedule};
 use crate::sgr::{
@@ -351,6 +351,9 @@ impl Trainer {
                 cfg.method
             )));
         }
+        check_steps_per_epoch(&cfg)?;
+        check_objective(&net, &cfg.method)?;
+        check_replayable(&net, &cfg.method)?;
         let optimizers = (0..k)
             .map(|m| cfg.optimizer.build(net.module_params(m)))
             .collect::<Result<Vec<_>>>()?;
@@ -537,12 +540,7 @@ impl Trainer {
         let store = out.loss.backward()?;
         drop(out);
         drop(logits);
-        let vars: Vec<_> = self.optimizers[0]
-            .params()
-            .iter()
-            .map(|p| p.var.clone())
-            .collect();
-        let grads = collect_grads(&store, &vars)?;
+        let grads = collect_grads_checked(&store, self.optimizers[0].params())?;
         drop(store);
         self.update(0, grads, lr)?;
         Ok((vec![value], correct))
@@ -610,7 +608,7 @@ impl Trainer {
                         let (a, b) = match (&prev_a, &bp.input_grad) {
                             (Some(a), Some(b)) => (a, b),
                             _ => {
-                                return Err(Error::InvalidConfig(format!(
+                                return Err(Error::Internal(format!(
                                     "module {k}: boundary gradients are missing"
                                 )))
                             }
@@ -627,7 +625,7 @@ impl Trainer {
                         let mut g = p.grads.clone();
                         if let Some(cfg) = &sgr {
                             let b = bp.input_grad.as_ref().ok_or_else(|| {
-                                Error::InvalidConfig(format!("module {k}: input gradient missing"))
+                                Error::Internal(format!("module {k}: input gradient missing"))
                             })?;
                             let prev = LocalModule {
                                 net: &self.net,
@@ -654,7 +652,7 @@ impl Trainer {
                     }
                     if k + 1 < k_total {
                         let output_grad = bp.output_grad.clone().ok_or_else(|| {
-                            Error::InvalidConfig(format!("module {k}: output gradient missing"))
+                            Error::Internal(format!("module {k}: output gradient missing"))
                         })?;
                         pending = Some(Pending {
                             k,
@@ -788,9 +786,109 @@ where
     })
 }
 
+/// A schedule or λ warm-up measured in epochs needs to know how long an epoch is: with
+/// `steps_per_epoch` left at 0, cosine decay would give lr 0 from the first step.
+fn check_steps_per_epoch(cfg: &TrainerConfig) -> Result<()> {
+    if cfg.steps_per_epoch > 0 {
+        return Ok(());
+    }
+    let needs = match &cfg.schedule {
+        Schedule::Constant => None,
+        Schedule::Cosine { .. } => Some("the cosine schedule"),
+        Schedule::Step { .. } => Some("the step schedule"),
+    }
+    .or_else(|| {
+        cfg.method
+            .sgr
+            .as_ref()
+            .filter(|s| s.warmup_epochs > 0.0)
+            .map(|_| "the SGR λ warm-up")
+    });
+    match needs {
+        Some(what) => Err(Error::InvalidConfig(format!(
+            "steps_per_epoch is 0, but {what} counts in epochs: set TrainerConfig::steps_per_epoch \
+             to the number of batches per epoch, or use Schedule::Constant"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The heads of a zoo network are built for one objective; training them under another
+/// (`dgl` heads under `infopro`) would silently optimise the wrong losses. `bp` and `greedy`
+/// build the same heads.
+fn check_objective(net: &LocalNetwork, method: &Method) -> Result<()> {
+    let Some(built) = net.built_for() else {
+        return Ok(());
+    };
+    let same_heads = |o: Objective| {
+        if o == Objective::Bp {
+            Objective::Greedy
+        } else {
+            o
+        }
+    };
+    if same_heads(built) != same_heads(method.objective) {
+        return Err(Error::InvalidConfig(format!(
+            "the network's heads were built for the `{built}` objective, the trainer's method is \
+             `{}`: build the model with ModelOptions::objective = {} (or train it with {built})",
+            method, method.objective
+        )));
+    }
+    Ok(())
+}
+
+/// The SGR term's extra passes must see the base pass's decisions: a stage that decides out of
+/// the context's sight is refused for the ways it would break, naming what works instead.
+fn check_replayable(net: &LocalNetwork, method: &Method) -> Result<()> {
+    let Some(sgr) = &method.sgr else {
+        return Ok(());
+    };
+    let k_total = net.num_modules();
+    for k in 0..k_total {
+        // The modules whose SGR term re-runs them (see `local_step`'s `record`).
+        let reruns = match sgr.direction {
+            Direction::Forward => k > 0,
+            Direction::Backward => k + 1 < k_total,
+        };
+        if !reruns {
+            continue;
+        }
+        for (label, stage) in net.module_stages(k) {
+            let d = stage.decisions();
+            let breaks = match d {
+                Decisions::Replayable => false,
+                Decisions::Hidden => sgr.grad != SgrGrad::Exact,
+                Decisions::Random => true,
+            };
+            if !breaks {
+                continue;
+            }
+            let mut works = Vec::new();
+            if d == Decisions::Hidden {
+                works.push(if crate::autograd::SECOND_ORDER {
+                    "`exact`".to_string()
+                } else {
+                    "`exact` (needs sgr-core's `second-order` feature)".to_string()
+                });
+            }
+            works.push(format!(
+                "`{}` without +sgr, or a layer that takes its decisions through the Ctx",
+                method.objective
+            ));
+            return Err(Error::UnreplayableLayer {
+                layer: label.to_string(),
+                decisions: d.describe(),
+                way: sgr.grad.to_string(),
+                works: works.join("; "),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn add_scaled(grads: &mut [Tensor], extra: &[Tensor], scale: f64) -> Result<()> {
     if grads.len() != extra.len() {
-        return Err(Error::InvalidConfig(format!(
+        return Err(Error::Internal(format!(
             "{} SGR gradients for {} parameters",
             extra.len(),
             grads.len()

@@ -363,6 +363,7 @@ impl CifarResNet {
             cfg.num_classes,
         )?
         .with_unit_labels(labels)
+        .map(|net| net.with_objective(o.objective))
     }
 }
 

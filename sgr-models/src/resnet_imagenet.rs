@@ -705,6 +705,7 @@ impl ImageNetResNet {
             cfg.num_classes,
         )?
         .with_unit_labels(labels)
+        .map(|net| net.with_objective(o.objective))
     }
 }
 

@@ -434,6 +434,7 @@ impl VisionTransformer {
             cfg.num_classes,
         )?
         .with_unit_labels(labels)
+        .map(|net| net.with_objective(o.objective))
     }
 }
 
