@@ -140,3 +140,31 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sgr::{SgrConfig, SgrGrad};
+
+    #[test]
+    fn second_order_follows_the_feature() {
+        let exact = SgrConfig {
+            grad: SgrGrad::Exact,
+            ..SgrConfig::default()
+        };
+        let ran = with_second_order(|| Ok(on_second_order_thread()));
+        if SECOND_ORDER {
+            assert!(ran.unwrap());
+            exact.validate().unwrap();
+        } else {
+            // Upstream candle: the exact way is refused up front with what to do, and the
+            // finite-difference ways stay available.
+            assert!(matches!(ran, Err(Error::SecondOrderUnavailable { .. })));
+            let msg = exact.validate().unwrap_err().to_string();
+            assert!(msg.contains("`second-order` feature"), "{msg}");
+            assert!(msg.contains("forward-difference"), "{msg}");
+            SgrConfig::default().validate().unwrap();
+        }
+        assert!(!on_second_order_thread());
+    }
+}

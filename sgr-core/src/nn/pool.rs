@@ -510,6 +510,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "second-order")]
     fn differentiates_twice() {
         // L = Σ u·maxpool(x)²: ∂L/∂x_j = Σ_{o picks j} 2 u_o y_o, and the gradient of
         // (∂L/∂x)·v is Σ_{o picks j} 2 u_o v_j (a diagonal Hessian).
