@@ -4,12 +4,14 @@
 #      candle-core (a copy of the workspace with the [patch.crates-io] section removed);
 #   2. tests/outside, a crate outside the workspace that depends on sgr's crates by path: one
 #      greedy+sgr step on a zoo model and on a candle-nn model, and the exact way refused.
-# Both share one target folder, target/upstream (CARGO_TARGET_DIR overrides it). CI runs this.
+# Both build in the workspace's own target folder (CARGO_TARGET_DIR overrides it): crates that do
+# not depend on candle are reused from the workspace build, the rest are built apart (other
+# package ids), so nothing there is replaced. CI runs this after the workspace tests.
 set -euo pipefail
 trap 'rc=$?; echo "error: $0 stopped at line $LINENO: \`$BASH_COMMAND\` exited with status $rc" >&2' ERR
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
-target=${CARGO_TARGET_DIR:-$root/target/upstream}
+target=${CARGO_TARGET_DIR:-$root/target}
 mkdir -p "$target"
 target=$(cd "$target" && pwd)
 

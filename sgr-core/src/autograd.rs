@@ -8,7 +8,7 @@
 //! Upstream candle has only a process-wide switch (`CANDLE_GRAD_DO_NOT_DETACH`, read once per
 //! thread), which no library can flip for one scope safely. The per-thread switch it needs
 //! ([`candle_core::backprop::KeepGradGraph`]) exists in the candle-core this workspace patches
-//! in (docs/candle.md), so the scope is behind this crate's `second-order` feature, which
+//! in (docs/library.md), so the scope is behind this crate's `second-order` feature, which
 //! builds only against that candle-core. Without the feature [`with_second_order`] is
 //! [`Error::SecondOrderUnavailable`], and so is the exact SGR way; the finite-difference ways
 //! need no second order and work on upstream candle.

@@ -82,7 +82,7 @@ pub enum Error {
     Data(#[source] Box<dyn std::error::Error + Send + Sync>),
 
     /// Second-order autodiff was asked for in a build without it: sgr-core's `second-order`
-    /// feature needs the patched candle-core (docs/candle.md).
+    /// feature needs the patched candle-core (docs/library.md).
     #[error(
         "{what} needs sgr-core's `second-order` feature, which builds only against the \
          candle-core this workspace patches in (add its `[patch.crates-io]` line, README \

@@ -8,7 +8,7 @@ use sgr_core::nn::{global_avg_pool, BatchNorm, Conv2d, Ctx, Init, Layer, Linear,
 use sgr_core::objective::{CrossEntropy, Decoder, InfoproObjective, LocalObjective, TaskLoss};
 use sgr_core::{Error, Result};
 
-use crate::resnet_imagenet::ConvBnRelu;
+use crate::layers::ConvBnRelu;
 use crate::zoo::ModelOptions;
 
 /// Which auxiliary head a module carries. Each family accepts its own kinds and says which when
@@ -50,74 +50,31 @@ sgr_core::named_enum!(HeadKind, "aux head", {
     "block-mean" => BlockMean,
 });
 
-impl HeadKind {
-    /// Builds a CIFAR ResNet head (`0c1f`, `1c2f`, `dgl`) for a feature map of `channels`
-    /// channels with `classes` outputs, named `prefix.*`; other kinds are an error.
-    pub fn build(
-        &self,
-        prefix: &str,
-        init: &mut Init,
-        channels: usize,
-        classes: usize,
-    ) -> Result<Box<dyn Stage>> {
-        Ok(match self {
-            HeadKind::ZeroConvOneFc => Box::new(Head0c1f {
-                fc: Linear::new(format!("{prefix}.fc"), init, channels, classes)?,
-            }),
-            HeadKind::OneConvTwoFc => {
-                let (cout, stride) = if channels < 64 {
-                    (channels * 2, 2)
-                } else {
-                    (channels, 1)
-                };
-                Box::new(Head1c2f {
-                    conv: Conv2d::new(
-                        format!("{prefix}.conv"),
-                        init,
-                        channels,
-                        cout,
-                        3,
-                        stride,
-                        1,
-                    )?,
-                    bn: BatchNorm::new(format!("{prefix}.bn"), init, cout)?,
-                    fc1: Linear::new(format!("{prefix}.fc1"), init, cout, 128)?,
-                    fc2: Linear::new(format!("{prefix}.fc2"), init, 128, classes)?,
-                })
-            }
-            HeadKind::Dgl => Box::new(DglHead::new(prefix, init, channels, classes, false)?),
-            other => {
-                return Err(Error::InvalidConfig(format!(
-                    "the aux head `{other}` is not a CIFAR ResNet head; use 0c1f, 1c2f or dgl"
-                )))
-            }
-        })
-    }
-}
-
-/// GAP + Linear.
-#[derive(Debug)]
-pub struct Head0c1f {
-    fc: Linear,
-}
-
-impl Stage for Head0c1f {
-    fn forward(&self, x: &Tensor, _ctx: &mut Ctx) -> Result<Tensor> {
-        self.fc.forward(&global_avg_pool(x)?)
-    }
-
-    fn params(&self) -> Vec<Param> {
-        self.fc.params()
-    }
-}
-
-/// conv-BN-ReLU, GAP, Linear-ReLU-Linear.
+/// InfoPro's CIFAR head (`1c2f`): conv-BN-ReLU, GAP, Linear-ReLU-Linear.
 #[derive(Debug)]
 pub struct Head1c2f {
     conv: Conv2d,
     bn: BatchNorm,
     fc1: Linear,
     fc2: Linear,
+}
+
+impl Head1c2f {
+    /// The head for a `channels`-channel feature map with `outputs` outputs, named `prefix.*`:
+    /// the conv maps 16→32 and 32→64 with stride 2, 64→64 with stride 1.
+    pub fn new(prefix: &str, init: &mut Init, channels: usize, outputs: usize) -> Result<Self> {
+        let (cout, stride) = if channels < 64 {
+            (channels * 2, 2)
+        } else {
+            (channels, 1)
+        };
+        Ok(Self {
+            conv: Conv2d::new(format!("{prefix}.conv"), init, channels, cout, 3, stride, 1)?,
+            bn: BatchNorm::new(format!("{prefix}.bn"), init, cout)?,
+            fc1: Linear::new(format!("{prefix}.fc1"), init, cout, 128)?,
+            fc2: Linear::new(format!("{prefix}.fc2"), init, 128, outputs)?,
+        })
+    }
 }
 
 impl Stage for Head1c2f {

@@ -2,17 +2,20 @@
 //! and 64 channels, option-A (parameter-free) shortcuts, torchvision-style parameter names
 //! (`conv1`, `bn1`, `layer1.0.conv1`, ..., `fc`). Auxiliary heads live under `aux.<k>`.
 
+use std::ops::Range;
+
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
-use sgr_core::network::{LocalNetwork, SplitPlan, Stage};
-use sgr_core::nn::{
-    global_avg_pool, option_a_shortcut, BatchNorm, Conv2d, Ctx, Init, Layer, Linear, Param,
-};
+use sgr_core::network::{LocalNetwork, Stage};
+use sgr_core::nn::{option_a_shortcut, BatchNorm, Conv2d, Ctx, Init, Layer, Param};
 use sgr_core::{Error, Result};
 
-use crate::heads::{head_objectives, HeadKind};
-use crate::split::{resolve, Published, SplitRequest, SplitStrategy, Table};
-use crate::zoo::ModelOptions;
+pub use crate::family::split_plan;
+use crate::family::{Backbone, ModelFamily};
+use crate::heads::{DglHead, Head1c2f, HeadKind};
+use crate::layers::GapLinear;
+use crate::split::{Published, Table};
+use crate::zoo::{Input, ModelOptions};
 
 /// Architecture of a CIFAR ResNet.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,25 +191,6 @@ fn published(cfg: &ResNetConfig) -> Result<Published> {
     Published::from_tables(&cfg.name(), infopro, balanced, |s, b| cfg.unit_of(s, b))
 }
 
-/// The split plan of `cfg` into `k` modules with `strategy` (`ends`: the measured end points of
-/// the balanced split); unsupported values are an error naming the supported ones.
-pub fn split_plan(
-    cfg: &ResNetConfig,
-    k: usize,
-    strategy: SplitStrategy,
-    ends: Option<&[usize]>,
-) -> Result<SplitPlan> {
-    cfg.validate()?;
-    resolve(&SplitRequest {
-        model: &cfg.name(),
-        units: cfg.units(),
-        modules: k,
-        strategy,
-        published: &published(cfg)?,
-        ends,
-    })
-}
-
 /// Stem: conv3×3(in → 16) + BN + ReLU.
 #[derive(Debug)]
 struct Stem {
@@ -260,22 +244,6 @@ impl Stage for BasicBlock {
     }
 }
 
-/// Global average pool + `fc`.
-#[derive(Debug)]
-struct Classifier {
-    fc: Linear,
-}
-
-impl Stage for Classifier {
-    fn forward(&self, x: &Tensor, _ctx: &mut Ctx) -> Result<Tensor> {
-        self.fc.forward(&global_avg_pool(x)?)
-    }
-
-    fn params(&self) -> Vec<Param> {
-        self.fc.params()
-    }
-}
-
 /// Builder of CIFAR ResNets as [`LocalNetwork`]s.
 #[derive(Debug, Clone)]
 pub struct CifarResNet {
@@ -288,25 +256,56 @@ pub struct CifarResNet {
 impl CifarResNet {
     /// Builds the network on `device` in `dtype`.
     pub fn build(&self, device: &Device, dtype: DType) -> Result<LocalNetwork> {
-        let cfg = &self.config;
-        let o = &self.options;
-        cfg.validate()?;
-        let plan = split_plan(cfg, o.modules, o.split, o.split_ends.as_deref())?;
-        let head = match o.head_kind() {
-            HeadKind::Auto => HeadKind::OneConvTwoFc,
-            h @ (HeadKind::ZeroConvOneFc | HeadKind::OneConvTwoFc | HeadKind::Dgl) => h,
-            other => {
-                return Err(Error::InvalidConfig(format!(
-                    "the aux head `{other}` is not one of CIFAR ResNets'; use 0c1f, 1c2f or dgl"
-                )))
-            }
-        };
+        crate::family::build(&self.config, &self.options, device, dtype)
+    }
+}
+
+impl ModelFamily for ResNetConfig {
+    fn presets() -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = Self::PRESETS.iter().map(|(n, _)| *n).collect();
+        names.sort_by_key(|n| (n.len(), *n));
+        names
+    }
+
+    fn preset(name: &str, input: &Input) -> Result<Self> {
+        ResNetConfig::preset(name, input.channels, input.classes)
+    }
+
+    fn name(&self) -> String {
+        ResNetConfig::name(self)
+    }
+
+    fn validate(&self) -> Result<()> {
+        ResNetConfig::validate(self)
+    }
+
+    fn io(&self) -> (usize, usize) {
+        (self.in_channels, self.num_classes)
+    }
+
+    fn units(&self) -> usize {
+        ResNetConfig::units(self)
+    }
+
+    fn unit_channels(&self, unit: usize) -> Option<usize> {
+        Some(ResNetConfig::unit_channels(self, unit))
+    }
+
+    fn published(&self) -> Result<Published> {
+        published(self)
+    }
+
+    fn supports(&self, options: &ModelOptions) -> Result<()> {
+        resolve_head(options.head_kind()).map(drop)
+    }
+
+    fn backbone(&self, _options: &ModelOptions, init: &mut Init) -> Result<Backbone> {
+        let cfg = self;
         let n = cfg.blocks_per_stage();
-        let mut init = Init::new(o.seed, device, dtype);
         let mut units: Vec<Box<dyn Stage>> = Vec::with_capacity(cfg.units());
         units.push(Box::new(Stem {
-            conv: Conv2d::new("conv1", &mut init, cfg.in_channels, 16, 3, 1, 1)?,
-            bn: BatchNorm::new("bn1", &mut init, 16)?,
+            conv: Conv2d::new("conv1", init, cfg.in_channels, 16, 3, 1, 1)?,
+            bn: BatchNorm::new("bn1", init, 16)?,
         }));
         let mut cin = 16;
         for stage in 1..=3 {
@@ -315,61 +314,68 @@ impl CifarResNet {
                 let stride = if stage > 1 && b == 0 { 2 } else { 1 };
                 let name = format!("layer{stage}.{b}");
                 units.push(Box::new(BasicBlock {
-                    conv1: Conv2d::new(
-                        format!("{name}.conv1"),
-                        &mut init,
-                        cin,
-                        cout,
-                        3,
-                        stride,
-                        1,
-                    )?,
-                    bn1: BatchNorm::new(format!("{name}.bn1"), &mut init, cout)?,
-                    conv2: Conv2d::new(format!("{name}.conv2"), &mut init, cout, cout, 3, 1, 1)?,
-                    bn2: BatchNorm::new(format!("{name}.bn2"), &mut init, cout)?,
+                    conv1: Conv2d::new(format!("{name}.conv1"), init, cin, cout, 3, stride, 1)?,
+                    bn1: BatchNorm::new(format!("{name}.bn1"), init, cout)?,
+                    conv2: Conv2d::new(format!("{name}.conv2"), init, cout, cout, 3, 1, 1)?,
+                    bn2: BatchNorm::new(format!("{name}.bn2"), init, cout)?,
                     cout,
                     downsample: stride != 1 || cin != cout,
                 }));
                 cin = cout;
             }
         }
-        let classifier = Box::new(Classifier {
-            fc: Linear::new("fc", &mut init, 64, cfg.num_classes)?,
-        });
-        let channels = |k: usize| cfg.unit_channels(plan.ends()[k]);
-        let objectives = head_objectives(
-            &plan,
-            o,
-            (cfg.in_channels, cfg.num_classes),
-            device,
-            dtype,
-            Some(&channels),
-            |k, prefix, init, outputs| {
-                head.build(prefix, init, cfg.unit_channels(plan.ends()[k]), outputs)
-            },
-        )?;
+        let classifier = Box::new(GapLinear::new("fc", init, 64, cfg.num_classes)?);
         let labels = (0..cfg.units())
             .map(|u| match u {
                 0 => "stem".to_string(),
                 u => format!("layer{}.{}", (u - 1) / n + 1, (u - 1) % n),
             })
             .collect();
-        LocalNetwork::new(
-            cfg.name(),
+        Ok(Backbone {
             units,
+            labels,
             classifier,
-            objectives,
-            plan,
-            cfg.num_classes,
-        )?
-        .with_unit_labels(labels)
-        .map(|net| net.with_objective(o.objective))
+        })
+    }
+
+    fn head(
+        &self,
+        options: &ModelOptions,
+        units: Range<usize>,
+        prefix: &str,
+        init: &mut Init,
+        outputs: usize,
+    ) -> Result<Box<dyn Stage>> {
+        let channels = ResNetConfig::unit_channels(self, units.end - 1);
+        Ok(match resolve_head(options.head_kind())? {
+            HeadKind::ZeroConvOneFc => Box::new(GapLinear::new(
+                format!("{prefix}.fc"),
+                init,
+                channels,
+                outputs,
+            )?),
+            HeadKind::Dgl => Box::new(DglHead::new(prefix, init, channels, outputs, false)?),
+            _ => Box::new(Head1c2f::new(prefix, init, channels, outputs)?),
+        })
+    }
+}
+
+/// The head kind a CIFAR ResNet uses for `kind` (`auto` → `1c2f`); other kinds are an error
+/// naming the accepted ones.
+fn resolve_head(kind: HeadKind) -> Result<HeadKind> {
+    match kind {
+        HeadKind::Auto => Ok(HeadKind::OneConvTwoFc),
+        h @ (HeadKind::ZeroConvOneFc | HeadKind::OneConvTwoFc | HeadKind::Dgl) => Ok(h),
+        other => Err(Error::InvalidConfig(format!(
+            "the aux head `{other}` is not one of CIFAR ResNets'; use 0c1f, 1c2f or dgl"
+        ))),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::split::SplitStrategy;
 
     fn cfg(depth: usize) -> ResNetConfig {
         ResNetConfig {

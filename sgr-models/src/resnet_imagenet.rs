@@ -10,17 +10,23 @@
 //! Units: the stem (conv1, bn1, ReLU, max-pool) is unit 0, then one unit per residual block.
 //!
 //! Auxiliary heads ([`HeadKind`]): `infopro` (the default), `dgl` and `0c1f`; see
-//! [`InfoproHead`], [`DglHead`] and [`GapLinearHead`] for their layer lists and sources.
+//! [`InfoproHead`], [`DglHead`] and [`GapLinear`] for their layer lists and sources.
+
+use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
-use sgr_core::network::{LocalNetwork, SplitPlan, Stage};
+use sgr_core::network::{LocalNetwork, Stage};
 use sgr_core::nn::pool::MaxPool2d;
 use sgr_core::nn::{global_avg_pool, BatchNorm, Conv2d, Ctx, Init, Layer, Linear, Param};
 use sgr_core::{Error, Result};
 
-use crate::heads::{head_objectives, DglHead, HeadKind};
-use crate::split::{resolve, Published, SplitRequest, SplitStrategy, Table};
+pub use crate::family::split_plan;
+use crate::family::{Backbone, ModelFamily};
+use crate::heads::{DglHead, HeadKind};
+use crate::layers::ConvBnRelu;
+pub use crate::layers::GapLinear;
+use crate::split::{Published, Table};
 use crate::zoo::{Input, ModelOptions};
 
 /// The residual block of an ImageNet ResNet.
@@ -252,25 +258,6 @@ fn published(cfg: &ImageNetResNetConfig) -> Result<Published> {
     Published::from_tables(&cfg.name(), infopro, None, |s, b| cfg.unit_of(s, b))
 }
 
-/// The split plan of `cfg` into `k` modules with `strategy` (`ends`: the measured end points of
-/// the balanced split); unsupported values are an error naming the supported ones.
-pub fn split_plan(
-    cfg: &ImageNetResNetConfig,
-    k: usize,
-    strategy: SplitStrategy,
-    ends: Option<&[usize]>,
-) -> Result<SplitPlan> {
-    cfg.validate()?;
-    resolve(&SplitRequest {
-        model: &cfg.name(),
-        units: cfg.units(),
-        modules: k,
-        strategy,
-        published: &published(cfg)?,
-        ends,
-    })
-}
-
 fn cat_params(layers: &[&dyn Layer]) -> Vec<Param> {
     layers.iter().flat_map(|l| l.params()).collect()
 }
@@ -407,64 +394,6 @@ impl Stage for Bottleneck {
     }
 }
 
-/// Adaptive average pool to 1×1 + `fc`.
-#[derive(Debug)]
-struct Classifier {
-    fc: Linear,
-}
-
-impl Stage for Classifier {
-    fn forward(&self, x: &Tensor, _ctx: &mut Ctx) -> Result<Tensor> {
-        self.fc.forward(&global_avg_pool(x)?)
-    }
-
-    fn params(&self) -> Vec<Param> {
-        self.fc.params()
-    }
-}
-
-/// conv (no bias) + BN, with a ReLU after.
-#[derive(Debug)]
-pub(crate) struct ConvBnRelu {
-    conv: Conv2d,
-    bn: BatchNorm,
-}
-
-impl ConvBnRelu {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        prefix: &str,
-        conv_index: usize,
-        init: &mut Init,
-        cin: usize,
-        cout: usize,
-        k: usize,
-        stride: usize,
-        padding: usize,
-    ) -> Result<Self> {
-        Ok(Self {
-            conv: Conv2d::new(
-                format!("{prefix}.{conv_index}"),
-                init,
-                cin,
-                cout,
-                k,
-                stride,
-                padding,
-            )?,
-            bn: BatchNorm::new(format!("{prefix}.{}", conv_index + 1), init, cout)?,
-        })
-    }
-
-    pub(crate) fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
-        self.bn.forward_act(&self.conv.forward(x)?, None, true, ctx)
-    }
-
-    pub(crate) fn params(&self) -> Vec<Param> {
-        cat_params(&[&self.conv, &self.bn])
-    }
-}
-
 /// InfoPro's ImageNet auxiliary classifier, `self.head` of `ResNet.__init__` in
 /// blackfeather-wang/InfoPro-Pytorch, `Experiments on ImageNet/networks/resnet.py`:
 ///
@@ -524,31 +453,6 @@ impl Stage for InfoproHead {
     }
 }
 
-/// Greedy SL's head (`0c1f`): global average pool + `aux.<k>.fc` (Linear(C → classes)).
-#[derive(Debug)]
-pub struct GapLinearHead {
-    fc: Linear,
-}
-
-impl GapLinearHead {
-    /// The head for a `channels`-channel feature map, named `prefix.fc`.
-    pub fn new(prefix: &str, init: &mut Init, channels: usize, classes: usize) -> Result<Self> {
-        Ok(Self {
-            fc: Linear::new(format!("{prefix}.fc"), init, channels, classes)?,
-        })
-    }
-}
-
-impl Stage for GapLinearHead {
-    fn forward(&self, x: &Tensor, _ctx: &mut Ctx) -> Result<Tensor> {
-        self.fc.forward(&global_avg_pool(x)?)
-    }
-
-    fn params(&self) -> Vec<Param> {
-        self.fc.params()
-    }
-}
-
 /// The head kind an ImageNet ResNet uses for `kind` (`auto` → `infopro`); other kinds are an
 /// error naming the accepted ones.
 pub fn resolve_head(kind: HeadKind) -> Result<HeadKind> {
@@ -580,7 +484,12 @@ fn build_head(
             outputs,
             end > 0 && cfg.block == BlockKind::Bottleneck,
         )?),
-        _ => Box::new(GapLinearHead::new(prefix, init, channels, outputs)?),
+        _ => Box::new(GapLinear::new(
+            format!("{prefix}.fc"),
+            init,
+            channels,
+            outputs,
+        )?),
     })
 }
 
@@ -597,19 +506,52 @@ impl ImageNetResNet {
     /// Builds the network on `device` in `dtype`, with torchvision's initialisation
     /// (Kaiming-normal fan-out convolutions, BN γ = 1, β = 0, PyTorch's default Linear).
     pub fn build(&self, device: &Device, dtype: DType) -> Result<LocalNetwork> {
-        let cfg = &self.config;
-        let o = &self.options;
-        cfg.validate()?;
-        o.validate()?;
+        crate::family::build(&self.config, &self.options, device, dtype)
+    }
+}
+
+impl ModelFamily for ImageNetResNetConfig {
+    fn presets() -> Vec<&'static str> {
+        Self::PRESETS.iter().map(|p| p.0).collect()
+    }
+
+    fn preset(name: &str, input: &Input) -> Result<Self> {
+        ImageNetResNetConfig::preset(name, input)
+    }
+
+    fn name(&self) -> String {
+        ImageNetResNetConfig::name(self)
+    }
+
+    fn validate(&self) -> Result<()> {
+        ImageNetResNetConfig::validate(self)
+    }
+
+    fn io(&self) -> (usize, usize) {
+        (self.in_channels, self.num_classes)
+    }
+
+    fn units(&self) -> usize {
+        ImageNetResNetConfig::units(self)
+    }
+
+    fn unit_channels(&self, unit: usize) -> Option<usize> {
+        Some(ImageNetResNetConfig::unit_channels(self, unit))
+    }
+
+    fn published(&self) -> Result<Published> {
+        published(self)
+    }
+
+    fn supports(&self, o: &ModelOptions) -> Result<()> {
         if o.dropout != 0.0 || o.drop_path != 0.0 {
             return Err(Error::InvalidConfig(format!(
                 "{} has no dropout or drop-path; got dropout {} and drop_path {}",
-                cfg.name(),
+                self.name(),
                 o.dropout,
                 o.drop_path
             )));
         }
-        let plan = split_plan(cfg, o.modules, o.split, o.split_ends.as_deref())?;
         if o.objective.is_infopro() {
             // InfoPro's ImageNet decoder (conv1×1 to 128 channels, then stepwise upsampling) is
             // not the CIFAR one; the CIFAR decoder at 224×224 would not fit in memory.
@@ -619,12 +561,15 @@ impl ImageNetResNet {
                 o.objective
             )));
         }
-        let head = resolve_head(o.head_kind())?;
-        let mut init = Init::new(o.seed, device, dtype);
+        resolve_head(o.head_kind()).map(drop)
+    }
+
+    fn backbone(&self, _options: &ModelOptions, init: &mut Init) -> Result<Backbone> {
+        let cfg = self;
         let mut units: Vec<Box<dyn Stage>> = Vec::with_capacity(cfg.units());
         units.push(Box::new(Stem {
-            conv: Conv2d::new("conv1", &mut init, cfg.in_channels, cfg.stem_width, 7, 2, 3)?,
-            bn: BatchNorm::new("bn1", &mut init, cfg.stem_width)?,
+            conv: Conv2d::new("conv1", init, cfg.in_channels, cfg.stem_width, 7, 2, 3)?,
+            bn: BatchNorm::new("bn1", init, cfg.stem_width)?,
             pool: MaxPool2d::new(3, 2, 1),
         }));
         let expansion = cfg.block.expansion();
@@ -634,7 +579,7 @@ impl ImageNetResNet {
             for b in 0..blocks {
                 let stride = if s > 0 && b == 0 { 2 } else { 1 };
                 let name = format!("layer{}.{b}", s + 1);
-                let i = &mut init;
+                let i = &mut *init;
                 let conv = |i: &mut Init, n: usize, ci, co, k, st, p| {
                     Conv2d::new(format!("{name}.conv{n}"), i, ci, co, k, st, p)
                 };
@@ -682,36 +627,38 @@ impl ImageNetResNet {
                 cin = cout;
             }
         }
-        let classifier = Box::new(Classifier {
-            fc: Linear::new("fc", &mut init, cin, cfg.num_classes)?,
-        });
-        let channels = |k: usize| cfg.unit_channels(plan.ends()[k]);
-        let objectives = head_objectives(
-            &plan,
-            o,
-            (cfg.in_channels, cfg.num_classes),
-            device,
-            dtype,
-            Some(&channels),
-            |k, prefix, init, outputs| build_head(head, prefix, init, cfg, plan.ends()[k], outputs),
-        )?;
+        let classifier = Box::new(GapLinear::new("fc", init, cin, cfg.num_classes)?);
         let labels = (0..cfg.units()).map(|u| cfg.unit_label(u)).collect();
-        LocalNetwork::new(
-            cfg.name(),
+        Ok(Backbone {
             units,
+            labels,
             classifier,
-            objectives,
-            plan,
-            cfg.num_classes,
-        )?
-        .with_unit_labels(labels)
-        .map(|net| net.with_objective(o.objective))
+        })
+    }
+
+    fn head(
+        &self,
+        options: &ModelOptions,
+        units: Range<usize>,
+        prefix: &str,
+        init: &mut Init,
+        outputs: usize,
+    ) -> Result<Box<dyn Stage>> {
+        build_head(
+            options.head_kind(),
+            prefix,
+            init,
+            self,
+            units.end - 1,
+            outputs,
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::split::SplitStrategy;
 
     fn imagenet() -> Input {
         Input {

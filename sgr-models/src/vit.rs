@@ -9,15 +9,18 @@
 //! dropout), then one unit per block; the classifier stage is the final norm, class-token
 //! pooling and the head.
 
+use std::ops::Range;
+
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
-use sgr_core::network::{LocalNetwork, SplitPlan, Stage};
+use sgr_core::network::{LocalNetwork, Stage};
 use sgr_core::nn::transformer::{timm_linear, Block, BlockDrop, LayerNorm, TIMM_INIT_STD};
 use sgr_core::nn::{Conv2d, Ctx, Init, Layer, Linear, Param, ParamKind};
 use sgr_core::{Error, Result};
 
-use crate::heads::{head_objectives, HeadKind};
-use crate::split::{resolve, Published, SplitRequest, SplitStrategy};
+pub use crate::family::split_plan;
+use crate::family::{Backbone, ModelFamily};
+use crate::heads::HeadKind;
 use crate::zoo::{Input, ModelOptions};
 
 /// Architecture of a Vision Transformer. The query/key/value projection always has a bias
@@ -151,27 +154,6 @@ impl VitConfig {
             .map(|i| max * i as f64 / (self.depth - 1) as f64)
             .collect()
     }
-}
-
-/// The split plan of `cfg` into `k` modules with `strategy` (`ends`: the measured end points of
-/// the balanced split). There are no published split points for ViTs (InfoPro's tables are
-/// for ResNets): `auto` is uniform, `infopro` accepts only K = 1 and one module per unit.
-pub fn split_plan(
-    cfg: &VitConfig,
-    k: usize,
-    strategy: SplitStrategy,
-    ends: Option<&[usize]>,
-) -> Result<SplitPlan> {
-    cfg.validate()?;
-    resolve(&SplitRequest {
-        model: &cfg.name,
-        units: cfg.units(),
-        modules: k,
-        strategy,
-        // no published points for this family
-        published: &Published::default(),
-        ends,
-    })
 }
 
 /// Unit 0: patch embedding, class token, position embedding, dropout.
@@ -362,11 +344,43 @@ impl VisionTransformer {
     /// mode ''): linear weights and `pos_embed` N(0, 0.02²) truncated at ±2, zero biases,
     /// `cls_token` N(0, 1e-12), LayerNorm γ = 1, β = 0, the patch convolution PyTorch's default.
     pub fn build(&self, device: &Device, dtype: DType) -> Result<LocalNetwork> {
-        let cfg = &self.config;
-        let o = &self.options;
-        cfg.validate()?;
-        o.validate()?;
-        let plan = split_plan(cfg, o.modules, o.split, o.split_ends.as_deref())?;
+        crate::family::build(&self.config, &self.options, device, dtype)
+    }
+}
+
+/// There are no published split points for ViTs (InfoPro's tables are for ResNets): `auto` is
+/// uniform, `infopro` accepts only K = 1 and one module per unit.
+impl ModelFamily for VitConfig {
+    fn presets() -> Vec<&'static str> {
+        Self::PRESETS.to_vec()
+    }
+
+    fn preset(name: &str, input: &Input) -> Result<Self> {
+        VitConfig::preset(name, input)
+    }
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn validate(&self) -> Result<()> {
+        VitConfig::validate(self)
+    }
+
+    fn io(&self) -> (usize, usize) {
+        (self.in_channels, self.num_classes)
+    }
+
+    fn units(&self) -> usize {
+        VitConfig::units(self)
+    }
+
+    /// Tokens, not feature maps: no InfoPro decoder.
+    fn unit_channels(&self, _unit: usize) -> Option<usize> {
+        None
+    }
+
+    fn supports(&self, o: &ModelOptions) -> Result<()> {
         if o.objective == sgr_core::method::Objective::Dgl {
             return Err(Error::InvalidConfig(
                 "method dgl trains DGL's convolutional aux head, which needs a feature map; \
@@ -375,13 +389,16 @@ impl VisionTransformer {
                     .into(),
             ));
         }
-        head_kind(o.head_kind(), false)?;
+        head_kind(o.head_kind(), false).map(drop)
+    }
+
+    fn backbone(&self, o: &ModelOptions, init: &mut Init) -> Result<Backbone> {
+        let cfg = self;
         let d = cfg.embed_dim;
-        let mut init = Init::new(o.seed, device, dtype);
         let mut units: Vec<Box<dyn Stage>> = Vec::with_capacity(cfg.units());
         let (p, c) = (cfg.patch_size, cfg.in_channels);
         units.push(Box::new(Embed {
-            proj: Conv2d::with_bias("patch_embed.proj", &mut init, c, d, p, p, 0)?,
+            proj: Conv2d::with_bias("patch_embed.proj", init, c, d, p, p, 0)?,
             cls_token: init.randn(&[1, 1, d], 1e-6)?,
             pos_embed: init.trunc_normal(&[1, cfg.tokens(), d], TIMM_INIT_STD, -2.0, 2.0)?,
             tokens: cfg.tokens(),
@@ -396,7 +413,7 @@ impl VisionTransformer {
             let name = format!("blocks.{i}");
             units.push(Box::new(Block::new(
                 &name,
-                &mut init,
+                init,
                 d,
                 cfg.num_heads,
                 cfg.mlp_hidden(),
@@ -404,43 +421,38 @@ impl VisionTransformer {
             )?));
         }
         let classifier = Box::new(Classifier {
-            norm: LayerNorm::new("norm", &mut init, d)?,
-            head: timm_linear("head", &mut init, d, cfg.num_classes)?,
+            norm: LayerNorm::new("norm", init, d)?,
+            head: timm_linear("head", init, d, cfg.num_classes)?,
         });
-        let objectives = head_objectives(
-            &plan,
-            o,
-            (cfg.in_channels, cfg.num_classes),
-            device,
-            dtype,
-            None,
-            |k, prefix, init, outputs| {
-                let head = head_kind(o.head_kind(), plan.range(k) == (0..1))?;
-                Ok(
-                    Box::new(build_head(head, prefix, init, cfg, outputs, o.dropout)?)
-                        as Box<dyn Stage>,
-                )
-            },
-        )?;
         let labels = std::iter::once("embed".to_string())
             .chain((0..cfg.depth).map(|i| format!("blocks.{i}")))
             .collect();
-        LocalNetwork::new(
-            cfg.name.clone(),
+        Ok(Backbone {
             units,
+            labels,
             classifier,
-            objectives,
-            plan,
-            cfg.num_classes,
-        )?
-        .with_unit_labels(labels)
-        .map(|net| net.with_objective(o.objective))
+        })
+    }
+
+    fn head(
+        &self,
+        o: &ModelOptions,
+        units: Range<usize>,
+        prefix: &str,
+        init: &mut Init,
+        outputs: usize,
+    ) -> Result<Box<dyn Stage>> {
+        let kind = head_kind(o.head_kind(), units == (0..1))?;
+        Ok(Box::new(build_head(
+            kind, prefix, init, self, outputs, o.dropout,
+        )?))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::split::SplitStrategy;
 
     fn imagenet() -> Input {
         Input {

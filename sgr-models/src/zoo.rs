@@ -8,11 +8,12 @@ use sgr_core::network::LocalNetwork;
 use sgr_core::objective::{InfoproConfig, PixelStats};
 use sgr_core::{Error, Result};
 
+use crate::family::ModelFamily;
 use crate::heads::HeadKind;
-use crate::resnet::{CifarResNet, ResNetConfig};
-use crate::resnet_imagenet::{ImageNetResNet, ImageNetResNetConfig};
+use crate::resnet::ResNetConfig;
+use crate::resnet_imagenet::ImageNetResNetConfig;
 use crate::split::SplitStrategy;
-use crate::vit::{VisionTransformer, VitConfig};
+use crate::vit::VitConfig;
 
 /// What the data hands the model: image channels, classes and image side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,13 +116,10 @@ pub enum Family {
 
 /// Every model name the zoo builds, in the order `--help` lists them.
 pub fn names() -> Vec<&'static str> {
-    let mut cifar: Vec<&'static str> = ResNetConfig::PRESETS.iter().map(|(n, _)| *n).collect();
-    cifar.sort_by_key(|n| (n.len(), *n));
-    cifar
-        .into_iter()
-        .chain(ImageNetResNetConfig::PRESETS.iter().map(|p| p.0))
-        .chain(VitConfig::PRESETS)
-        .collect()
+    let mut v = ResNetConfig::presets();
+    v.extend(ImageNetResNetConfig::presets());
+    v.extend(VitConfig::presets());
+    v
 }
 
 /// The family of a model name.
@@ -142,6 +140,15 @@ pub fn family(name: &str) -> Result<Family> {
     })
 }
 
+/// The architecture of model `name` for `input`, as its family.
+pub fn preset(name: &str, input: &Input) -> Result<Box<dyn ModelFamily>> {
+    Ok(match family(name)? {
+        Family::CifarResNet => Box::new(<ResNetConfig as ModelFamily>::preset(name, input)?),
+        Family::ImageNetResNet => Box::new(ImageNetResNetConfig::preset(name, input)?),
+        Family::Vit => Box::new(VitConfig::preset(name, input)?),
+    })
+}
+
 /// A shape every preset accepts, for questions that do not depend on the input.
 const PROBE: Input = Input {
     channels: 3,
@@ -151,11 +158,7 @@ const PROBE: Input = Input {
 
 /// Number of splittable units (stem plus blocks) of a model, for K = one module per block.
 pub fn units(name: &str) -> Result<usize> {
-    match family(name)? {
-        Family::CifarResNet => Ok(ResNetConfig::preset(name, 3, 10)?.units()),
-        Family::ImageNetResNet => Ok(ImageNetResNetConfig::preset(name, &PROBE)?.units()),
-        Family::Vit => Ok(VitConfig::preset(name, &PROBE)?.units()),
-    }
+    Ok(preset(name, &PROBE)?.units())
 }
 
 /// Builds model `name` for `input`, cut and headed as `opts` says.
@@ -166,24 +169,7 @@ pub fn build(
     device: &Device,
     dtype: DType,
 ) -> Result<LocalNetwork> {
-    opts.validate()?;
-    match family(name)? {
-        Family::CifarResNet => CifarResNet {
-            config: ResNetConfig::preset(name, input.channels, input.classes)?,
-            options: opts.clone(),
-        }
-        .build(device, dtype),
-        Family::ImageNetResNet => ImageNetResNet {
-            config: ImageNetResNetConfig::preset(name, &input)?,
-            options: opts.clone(),
-        }
-        .build(device, dtype),
-        Family::Vit => VisionTransformer {
-            config: VitConfig::preset(name, &input)?,
-            options: opts.clone(),
-        }
-        .build(device, dtype),
-    }
+    crate::family::build(preset(name, &input)?.as_ref(), opts, device, dtype)
 }
 
 #[cfg(test)]

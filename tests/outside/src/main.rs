@@ -75,7 +75,9 @@ fn main() -> Res<()> {
     };
     let head = |name: &str| -> Res<Box<dyn Stage>> {
         let fc = linear(32, 10, vb.pp(name))?;
-        let f = move |x: &Tensor, _: &mut Ctx| Ok(fc.forward(&global_avg_pool(&x.unsqueeze(2)?.unsqueeze(3)?)?)?);
+        let f = move |x: &Tensor, _: &mut Ctx| {
+            Ok(fc.forward(&global_avg_pool(&x.unsqueeze(2)?.unsqueeze(3)?)?)?)
+        };
         Ok(Box::new(ForeignStage::from_fn(name, &vars, name, f)?))
     };
     let objectives: Vec<Box<dyn LocalObjective>> = vec![
