@@ -21,13 +21,13 @@ use sgr_core::autograd;
 use sgr_core::ctx::Ctx;
 use sgr_core::loss::{binary_cross_entropy_with_logits, l2_normalize_rows, supervised_contrastive};
 use sgr_core::method::Objective;
-use sgr_core::network::SplitPlan;
+use sgr_core::network::{SplitPlan, Stage};
 use sgr_core::nn::upsample::upsample_bilinear;
 use sgr_core::nn::ParamKind;
 use sgr_core::objective::{Batch, InfoproConfig, LocalObjective, PixelStats};
 use sgr_integration_tests::{flat, load_state_dict};
-use sgr_models::heads::head_objectives;
-use sgr_models::{HeadKind, ModelOptions};
+use sgr_models::heads::{head_objectives, DglHead, Head1c2f};
+use sgr_models::ModelOptions;
 
 const DEV: Device = Device::Cpu;
 
@@ -242,10 +242,6 @@ fn build_objective(
         });
     }
     edit(&mut opts);
-    let head = match objective {
-        Objective::Dgl => HeadKind::Dgl,
-        _ => HeadKind::OneConvTwoFc,
-    };
     let plan = SplitPlan::new(2, vec![0, 1]).expect("plan");
     let channels_of = move |_k: usize| channels;
     let mut objectives = head_objectives(
@@ -255,7 +251,12 @@ fn build_objective(
         &DEV,
         dtype,
         Some(&channels_of),
-        |_k, prefix, init, outputs| head.build(prefix, init, channels, outputs),
+        |_k, prefix, init, outputs| -> sgr_core::Result<Box<dyn Stage>> {
+            Ok(match objective {
+                Objective::Dgl => Box::new(DglHead::new(prefix, init, channels, outputs, false)?),
+                _ => Box::new(Head1c2f::new(prefix, init, channels, outputs)?),
+            })
+        },
     )
     .expect("objectives");
     assert_eq!(objectives.len(), 2);

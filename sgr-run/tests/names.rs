@@ -13,7 +13,8 @@ use sgr_run::{Dataset, DeviceKind, OptimizerKind, ScheduleKind};
 /// The names of `T` are exactly `want`, and serde writes and reads each value as its name.
 fn pinned<T>(want: &[&str])
 where
-    T: Named + Serialize + DeserializeOwned + PartialEq + std::fmt::Debug,
+    T: Named + Serialize + DeserializeOwned + PartialEq + std::fmt::Debug + std::str::FromStr,
+    T::Err: std::fmt::Debug,
 {
     assert_eq!(T::names(), want, "{}", T::WHAT);
     for (name, value) in T::table() {
