@@ -1,5 +1,5 @@
 //! Bring your own model: a small CNN built with candle-nn on a `VarMap`, cut into three
-//! gradient-isolated modules and trained with greedy+sgr on the embedded 8×8 digits.
+//! gradient-isolated modules and trained with greedy+sgr for 6 epochs on the embedded 8×8 digits.
 //! Run with `cargo run --release -p sgr-integration-tests --example own_model`.
 //!
 //! The ReLUs go through the forward context (`ctx.relu`), so the finite-difference SGR passes
@@ -99,7 +99,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         10,
     )?;
 
-    let epochs = 3;
+    let epochs = 6;
     let mut trainer = Trainer::new(
         net,
         TrainerConfig {
