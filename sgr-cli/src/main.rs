@@ -5,6 +5,7 @@ mod alloc;
 mod args;
 mod commands;
 mod hub;
+mod out;
 mod plot;
 
 #[global_allocator]
@@ -69,6 +70,10 @@ fn main() {
         Command::Plot(a) => plot_cmd::run(a),
     };
     if let Err(e) = result {
+        if e.is::<out::Closed>() {
+            // The reader of stdout went away (`| head -1`): nothing more to say.
+            return;
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

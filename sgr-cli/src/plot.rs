@@ -300,6 +300,15 @@ pub fn reconciliation(epochs: &[Epoch], title: &str, path: &Path) -> Result<()> 
     render_png(&svg, path)
 }
 
+/// The bottom of the y axis: 0 for non-negative data (errors, memory), else below the lowest.
+fn y_floor(y0: f64, pad: f64) -> f64 {
+    if y0 >= 0.0 {
+        (y0 - pad).max(0.0)
+    } else {
+        y0 - pad
+    }
+}
+
 /// A line chart from data ([`sgr_schema::LineChart`]): one coloured line with markers per
 /// series, dashed for reference series, the legend outside the plot area's lines.
 pub fn lines(chart: &sgr_schema::LineChart, path: &Path) -> Result<()> {
@@ -309,6 +318,16 @@ pub fn lines(chart: &sgr_schema::LineChart, path: &Path) -> Result<()> {
     }
     if let Some(p) = points().find(|p| !p.0.is_finite() || !p.1.is_finite()) {
         bail!("the chart `{}` has a non-finite point {p:?}", chart.title);
+    }
+    // Beyond this the axis arithmetic (spans, padding, tick steps) overflows or loses every
+    // digit, and plotters then loops forever; no metric sgr charts comes near it.
+    const LIMIT: f64 = 1e15;
+    if let Some(p) = points().find(|p| p.0.abs() > LIMIT || p.1.abs() > LIMIT) {
+        bail!(
+            "the chart `{}` has a point {p:?} beyond ±{LIMIT:e}: too large to draw; rescale the \
+             values (e.g. bytes to MiB)",
+            chart.title
+        );
     }
     let fx = |x: f64| if chart.x_log2 { x.log2() } else { x };
     if chart.x_log2 && points().any(|p| p.0 <= 0.0) {
@@ -337,7 +356,7 @@ pub fn lines(chart: &sgr_schema::LineChart, path: &Path) -> Result<()> {
             .caption(&chart.title, ("sans-serif", 20))
             .x_label_area_size(45)
             .y_label_area_size(60)
-            .build_cartesian_2d(x0 - pad_x..x1 + pad_x, (y0 - pad_y).max(0.0)..y1 + pad_y)
+            .build_cartesian_2d(x0 - pad_x..x1 + pad_x, y_floor(y0, pad_y)..y1 + pad_y)
             .map_err(err)?;
         let x_label = |v: &f64| {
             let x = if chart.x_log2 { v.exp2() } else { *v };

@@ -324,13 +324,13 @@ fn resume_refuses_other_flags_and_bad_checkpoints() {
     assert!(text(&o).contains("config.json"), "{}", text(&o));
 }
 
-/// Ctrl-C (SIGINT) saves a checkpoint and exits cleanly; resuming then finishes the run with
-/// the same weights as an uninterrupted one.
+/// Ctrl-C (SIGINT), SIGTERM (how docker, systemd, Slurm and Kubernetes stop a job) and SIGHUP
+/// save a checkpoint and exit cleanly; resuming then finishes the run with the same weights as
+/// an uninterrupted one.
 #[test]
-fn sigint_saves_and_resume_finishes_identically() {
+fn stop_signals_save_and_resume_finishes_identically() {
     let dir = tempfile::tempdir().unwrap();
     let straight = dir.path().join("straight");
-    let run = dir.path().join("run");
     let args = |out: &Path| -> Vec<String> {
         [
             "train",
@@ -354,8 +354,15 @@ fn sigint_saves_and_resume_finishes_identically() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
+    for signal in ["INT", "TERM", "HUP"] {
+        let run = dir.path().join(format!("run-{signal}"));
+        interrupt_and_resume(&run, &args(&run), signal, &straight);
+    }
+}
+
+fn interrupt_and_resume(run: &Path, args: &[String], signal: &str, straight: &Path) {
     let child = Command::new(env!("CARGO_BIN_EXE_sgr"))
-        .args(args(&run))
+        .args(args)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -366,7 +373,7 @@ fn sigint_saves_and_resume_finishes_identically() {
     }
     std::thread::sleep(std::time::Duration::from_millis(400));
     let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args([&format!("-{signal}"), &child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
@@ -374,9 +381,9 @@ fn sigint_saves_and_resume_finishes_identically() {
     let t = String::from_utf8_lossy(&out.stdout).to_string();
     if out.status.success() {
         // The run finished before the signal arrived: nothing to resume, still identical.
-        assert!(t.contains("done:"), "{t}");
+        assert!(t.contains("done:"), "SIG{signal}: {t}");
     } else {
-        assert_eq!(out.status.code(), Some(130), "{t}");
+        assert_eq!(out.status.code(), Some(130), "SIG{signal}: {t}");
         assert!(t.contains("interrupted") && t.contains("--resume"), "{t}");
         assert!(run.join("checkpoint.safetensors").is_file());
         let o = sgr(&["train", "--resume", run.to_str().unwrap()]);

@@ -39,7 +39,9 @@ pub struct TrainerConfig {
     pub schedule: Schedule,
     /// Planned epochs (for the schedule).
     pub epochs: usize,
-    /// Steps per epoch (for the schedule).
+    /// Steps per epoch (for the schedule and the λ warm-up, which count in epochs). The
+    /// default, 0, is refused by [`Trainer::new`] where they need it: set it to the number of
+    /// batches per epoch.
     pub steps_per_epoch: usize,
     /// Seed of the random decisions of forward passes (dropout, drop-path); each module's pass
     /// at each step draws from its own generator derived from it.

@@ -93,13 +93,40 @@ impl RunDir {
             path: self.path.clone(),
             source,
         })?;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(self.lock_file())
-            .map_err(io)?;
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true).write(true).create(true).truncate(false);
+        // Never through a link: writing the owner into `.sgr-lock -> victim` would truncate
+        // the victim (any file, for root). A FIFO must not block the open either.
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::custom_flags(
+            &mut options,
+            libc::O_NOFOLLOW | libc::O_NONBLOCK,
+        );
+        let not_a_file = || Error::Io {
+            path: self.lock_file(),
+            source: std::io::Error::other(
+                "the run's lock file is a symbolic link or not a regular file; sgr only ever \
+                 makes a regular file there: remove it, or choose another --out",
+            ),
+        };
+        if std::fs::symlink_metadata(self.lock_file()).is_ok_and(|m| !m.file_type().is_file()) {
+            return Err(not_a_file());
+        }
+        let f = options.open(self.lock_file()).map_err(|e| {
+            // O_NOFOLLOW on a link (made since the check above) fails with ELOOP.
+            #[cfg(unix)]
+            let link = e.raw_os_error() == Some(libc::ELOOP);
+            #[cfg(not(unix))]
+            let link = false;
+            if link {
+                not_a_file()
+            } else {
+                io(e)
+            }
+        })?;
+        if !f.metadata().map_err(io)?.is_file() {
+            return Err(not_a_file());
+        }
         match f.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {

@@ -1,5 +1,6 @@
 //! `sgr bench`: time training steps on random inputs of the model's shape.
 
+use crate::out::outln;
 use anyhow::{bail, Result};
 use clap::Args;
 use serde::Serialize;
@@ -75,7 +76,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let spec_hash = sgr_run::spec::hash_json(&bench_spec)?;
     if a.print_spec {
         let v = serde_json::json!({ "spec_hash": spec_hash, "spec": bench_spec });
-        println!("{v}");
+        outln!("{v}");
         return Ok(());
     }
     let method = spec.trainer.method.clone();
@@ -131,9 +132,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         spec_hash,
     };
     if a.json {
-        println!("{}", serde_json::to_string(&report)?);
+        outln!("{}", serde_json::to_string(&report)?);
     } else {
-        println!(
+        outln!(
             "{} {} K={}{} batch {} input {}x{}x{}: median step {:.3}s, {:.1} images/s, peak memory {} MiB (heap {} MiB)",
             report.model,
             report.method,

@@ -1,5 +1,6 @@
 //! `sgr download`: fetch a checkpoint from the Hugging Face Hub into the standard cache.
 
+use crate::out::outln;
 use anyhow::{bail, Result};
 use clap::Args;
 
@@ -23,7 +24,7 @@ pub fn run(a: DownloadArgs) -> Result<()> {
         paths.append(&mut card);
     }
     for p in &paths {
-        println!("{}", p.display());
+        outln!("{}", p.display());
     }
     Ok(())
 }

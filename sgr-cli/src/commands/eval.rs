@@ -1,6 +1,7 @@
 //! `sgr eval`: rebuild a trained model from its run directory (or the Hub) and evaluate it on
 //! its data set's test split.
 
+use crate::out::outln;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -105,9 +106,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
             "top5": m.top5,
             "seconds": t.elapsed().as_secs_f64(),
         });
-        println!("{v}");
+        outln!("{v}");
     } else {
-        println!(
+        outln!(
             "{} on {} test ({} samples): top-1 {:.4}{}, loss {:.4} ({:.1}s)",
             cfg.model,
             cfg.dataset,

@@ -1,6 +1,7 @@
 //! `sgr inspect`: model summary, split plan, per-module parameters, and the training memory of
 //! one real step per module against end-to-end BP (counted by this binary's allocator).
 
+use crate::out::outln;
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -59,7 +60,7 @@ pub fn run(a: InspectArgs) -> Result<()> {
     let (backbone, aux) = (trainable(&all, false), trainable(&all, true));
     // The parameters hold the network's tensors: drop them before anything is measured.
     drop(all);
-    println!(
+    outln!(
         "{}: {} backbone parameters, {} in aux heads; {} units; input {}x{}x{}, {} classes",
         a.model,
         backbone,
@@ -72,7 +73,7 @@ pub fn run(a: InspectArgs) -> Result<()> {
     );
     let plan = net.plan().clone();
     let ends: Vec<&str> = plan.ends().iter().map(|&u| net.unit_label(u)).collect();
-    println!(
+    outln!(
         "method {}, K={} with the {} split (modules end after {}), aux head {}; one training \
          step at batch {} measured as live heap bytes (weights, optimizer state, activations)",
         spec.trainer.method,
@@ -96,7 +97,7 @@ pub fn run(a: InspectArgs) -> Result<()> {
         .collect();
     let batch = random_batch(input, a.batch_size, &device)?;
     let step = measure_step(&mut trainer, &batch, Arc::clone(&meter))?;
-    println!(
+    outln!(
         "{:<7} {:<28} {:>12} {:>10} {:>14} {:>16}{}",
         "module",
         "blocks",
@@ -121,7 +122,7 @@ pub fn run(a: InspectArgs) -> Result<()> {
             let cost = sgr_models::split::module_cost(c, r.start, r.end - 1, records);
             format!(" {:>24.1}", mib(cost))
         });
-        println!(
+        outln!(
             "{:<7} {:<28} {:>12} {:>10} {:>14.1} {:>16.1}{predicted}",
             k + 1,
             blocks,
@@ -145,7 +146,7 @@ pub fn run(a: InspectArgs) -> Result<()> {
     };
     let mut bp = warm_trainer(&bp_spec, input, &device)?;
     let bp_step = measure_step(&mut bp, &batch, meter)?;
-    println!(
+    outln!(
         "end-to-end (bp): step peak {:.1} MiB ({:.1} MiB before the step); {} K={}: step peak \
          {:.1} MiB ({:.1} MiB before), saving {:.1}% ({:.0}% of bp)",
         mib(bp_step.peak),

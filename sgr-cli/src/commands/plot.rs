@@ -1,5 +1,6 @@
 //! `sgr plot`: PNG plots of a run, or of a line chart given as data.
 
+use crate::out::outln;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -34,14 +35,14 @@ pub fn run(a: PlotArgs) -> Result<()> {
         })?;
         let out = a.out.clone().unwrap_or_else(|| file.with_extension("png"));
         crate::plot::lines(&chart, &out)?;
-        println!("{}", out.display());
+        outln!("{}", out.display());
         return Ok(());
     }
     let Some(run) = a.run.as_deref() else {
         bail!("sgr plot needs --run DIR or --lines FILE");
     };
     for f in crate::plot::plot_run(run, a.out.as_deref().unwrap_or(run))? {
-        println!("{}", f.display());
+        outln!("{}", f.display());
     }
     Ok(())
 }

@@ -364,7 +364,9 @@ fn init_weights(reference: &str) -> Result<PathBuf> {
 
 /// Runs `sgr train`.
 pub fn run(a: TrainArgs) -> Result<()> {
-    // Installed first, so that Ctrl-C at any point after start-up is handled.
+    // Installed first, so that Ctrl-C at any point after start-up is handled; SIGTERM (how
+    // docker, systemd, Slurm and Kubernetes stop a job) and SIGHUP save a checkpoint the same
+    // way (ctrlc's `termination` feature).
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let flag = Arc::clone(&interrupted);
@@ -419,8 +421,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
             a.spec.apply(&mut spec)?;
             let spec = spec.resolved()?;
             if a.print_spec {
+                // The specification is the result here: failing to write it is an error.
                 let v = serde_json::json!({ "spec_hash": spec.hash()?, "spec": spec });
-                say!("{v}");
+                crate::out::outln!("{v}");
                 return Ok(());
             }
             let out = a.out.clone().unwrap_or_else(|| {
