@@ -292,6 +292,52 @@ fn files_without_a_checksum_still_load() {
     assert_eq!(net_bits(&b), net_bits(&a));
 }
 
+/// A file without a checksum (a PyTorch or timm export) with NaN or infinity in a weight is
+/// refused on load, naming the tensor and the file, and the model is left as it was: it would
+/// otherwise evaluate to a plausible score, or train on from garbage.
+#[test]
+fn non_finite_weights_are_refused_on_load() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, value) in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY]
+        .into_iter()
+        .enumerate()
+    {
+        let path = dir.path().join(format!("export-{i}.safetensors"));
+        let a = net(9);
+        poison(&a, RUNNING_VAR, value);
+        let map: HashMap<String, Tensor> = a
+            .params()
+            .into_iter()
+            .map(|p| (p.name, p.var.as_tensor().clone()))
+            .collect();
+        candle_core::safetensors::save(&map, &path).unwrap();
+        let b = net(10);
+        let before = net_bits(&b);
+        let e = load_params(&path, &b.params()).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, Error::NonFiniteInFile { .. }), "{msg}");
+        assert!(
+            msg.contains(RUNNING_VAR) && msg.contains("export-"),
+            "{msg}"
+        );
+        assert_eq!(net_bits(&b), before, "nothing loaded");
+    }
+    // The same through a training checkpoint (`--resume`): written by another tool, say.
+    let path = dir.path().join("checkpoint.safetensors");
+    let t = trained(3);
+    save_training_checkpoint(&path, &t).unwrap();
+    let mut map = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let key = format!("model/{RUNNING_VAR}");
+    let poisoned = map[&key].affine(0.0, f64::NAN).unwrap();
+    map.insert(key.clone(), poisoned);
+    candle_core::safetensors::save(&map, &path).unwrap();
+    let mut fresh = trainer(4);
+    let msg = load_training_checkpoint(&path, &mut fresh)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains(&key), "{msg}");
+}
+
 #[test]
 fn model_round_trip_is_exact_and_carries_the_checksum() {
     let dir = tempfile::tempdir().unwrap();

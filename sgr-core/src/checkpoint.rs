@@ -304,17 +304,28 @@ fn verify_checksum(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Loads every tensor of a safetensors file, naming the file in any error. When the file
 /// records a [`CHECKSUM_KEY`] checksum it is verified first: a mismatch is
-/// [`Error::Corrupt`]. Files without one load unchecked.
+/// [`Error::Corrupt`]. Every floating-point tensor must be finite, with or without a checksum
+/// (PyTorch's exports have none): [`Error::NonFiniteInFile`] names the first, by name order.
 pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     let bytes = std::fs::read(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
     })?;
     verify_checksum(path, &bytes)?;
-    candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| Error::Checkpoint {
-        path: path.to_path_buf(),
-        problem: format!("not a readable safetensors file ({e})"),
-    })
+    let map =
+        candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| Error::Checkpoint {
+            path: path.to_path_buf(),
+            problem: format!("not a readable safetensors file ({e})"),
+        })?;
+    let mut named: Vec<(&str, &Tensor)> = map.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    named.sort_by_key(|(n, _)| *n);
+    if let Some(tensor) = first_non_finite(named)? {
+        return Err(Error::NonFiniteInFile {
+            tensor,
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(map)
 }
 
 /// Saves model parameters (and buffers) under their names, with the [`CHECKSUM_KEY`] checksum

@@ -77,6 +77,19 @@ pub enum Error {
         path: Option<PathBuf>,
     },
 
+    /// A file holds a tensor with NaN or infinity: a diverged or damaged model, refused on
+    /// load (files without a checksum, such as PyTorch exports, are checked only this way).
+    #[error(
+        "{path}: tensor `{tensor}` holds a non-finite value (NaN or inf), so the file is not \
+         loaded: it comes from a diverged run or is damaged; use an earlier copy"
+    )]
+    NonFiniteInFile {
+        /// The tensor's name as the file stores it.
+        tensor: String,
+        /// The file.
+        path: PathBuf,
+    },
+
     /// The data source failed to produce a batch.
     #[error("data: {0}")]
     Data(#[source] Box<dyn std::error::Error + Send + Sync>),
