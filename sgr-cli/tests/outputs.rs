@@ -162,3 +162,31 @@ fn a_lock_file_that_is_a_link_is_refused_and_its_target_untouched() {
     assert!(!o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("not a regular file"), "{}", text(&o));
 }
+
+#[test]
+fn an_out_that_cannot_hold_a_run_is_refused_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    // A file where a folder is expected.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let o = common::sgr(&["train", "--max-steps", "1", "--out", file.to_str().unwrap()]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("a run directory (a folder) is expected"),
+        "{}",
+        text(&o)
+    );
+    // A folder whose path leaves no room for the run's file names (Linux: 4096 bytes in all):
+    // refused at once, not after an epoch.
+    let mut deep = dir.path().to_path_buf();
+    let target = 4070;
+    while deep.as_os_str().len() < target {
+        let room = target - deep.as_os_str().len() - 1;
+        deep.push("d".repeat(room.clamp(1, 200)));
+    }
+    std::fs::create_dir_all(&deep).unwrap();
+    let o = common::sgr(&["train", "--max-steps", "1", "--out", deep.to_str().unwrap()]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("too long"), "{}", text(&o));
+    assert!(!text(&o).contains("epoch"), "before training: {}", text(&o));
+}

@@ -443,8 +443,11 @@ impl Trainer {
             || state.epoch_progress.boundary.len() != k.saturating_sub(1)
         {
             return Err(Error::InvalidConfig(format!(
-                "trainer state is for K={}, the network has K={k}",
-                state.epoch_progress.loss_sums.len()
+                "trainer state does not fit the network: it has {} module loss sums and {} \
+                 boundary sums, a network of K={k} has {k} and {}",
+                state.epoch_progress.loss_sums.len(),
+                state.epoch_progress.boundary.len(),
+                k.saturating_sub(1)
             )));
         }
         Ok(())

@@ -89,10 +89,19 @@ impl RunDir {
             path: self.lock_file(),
             source,
         };
+        if self.path.is_file() {
+            return Err(Error::File {
+                path: self.path.clone(),
+                problem: "is a file, and a run directory (a folder) is expected here: choose \
+                          another --out"
+                    .into(),
+            });
+        }
         std::fs::create_dir_all(&self.path).map_err(|source| Error::Io {
             path: self.path.clone(),
             source,
         })?;
+        self.check_name_room()?;
         let mut options = std::fs::OpenOptions::new();
         options.read(true).write(true).create(true).truncate(false);
         // Never through a link: writing the owner into `.sgr-lock -> victim` would truncate
@@ -146,6 +155,30 @@ impl RunDir {
             lock.claim()?;
         }
         Ok(lock)
+    }
+
+    /// Fails now, not after an epoch of training, when the folder's path leaves no room for
+    /// the longest file name a run writes there (an atomic write's temporary file).
+    fn check_name_room(&self) -> Result<()> {
+        let probe = self
+            .path
+            .join(format!(".checkpoint.safetensors.tmp-{}", u32::MAX));
+        match std::fs::File::create(&probe) {
+            Ok(_) => {
+                let _ = std::fs::remove_file(&probe);
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidFilename => Err(Error::File {
+                path: self.path.clone(),
+                problem: format!(
+                    "the path is too long for the files a run writes there ({} bytes): choose \
+                     a shorter --out",
+                    self.path.as_os_str().len()
+                ),
+            }),
+            // Other failures (a read-only folder) are reported where the file is written.
+            Err(_) => Ok(()),
+        }
     }
 
     /// Removes the files of a run (before a new run replaces it, so that no folder mixes two).
