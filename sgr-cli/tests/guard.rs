@@ -276,3 +276,60 @@ fn eval_of_a_missing_checkpoint_names_it() {
     assert!(t.contains("/nonexistent: no such file or directory"), "{t}");
     assert!(!t.contains("/config.json"), "{t}");
 }
+
+/// A run that stopped before its first checkpoint (a crash, a kill) leaves its configuration
+/// and an empty metrics file. Rerunning the command replaces it, and `--resume` says what to
+/// do instead of failing on the missing checkpoint.
+#[test]
+fn a_run_stopped_before_its_first_checkpoint_can_be_rerun() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out_s = out.to_str().unwrap();
+    let args = [
+        "train",
+        "--model",
+        "resnet8",
+        "--train-limit",
+        "64",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "1",
+        "--out",
+        out_s,
+    ];
+    let crash_before_first_checkpoint = || {
+        for f in [
+            "checkpoint.safetensors",
+            "model.safetensors",
+            "summary.json",
+            "README.md",
+        ] {
+            let _ = std::fs::remove_file(out.join(f));
+        }
+        std::fs::write(out.join("metrics.jsonl"), "").unwrap();
+    };
+    let o = sgr(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    crash_before_first_checkpoint();
+    // The same command again: nothing trained is lost, so no --overwrite is needed.
+    let o = sgr(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(out.join("model.safetensors").is_file());
+    crash_before_first_checkpoint();
+    let o = sgr(&["train", "--resume", out_s]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("before its first checkpoint"), "{t}");
+    let config = format!("{out_s}/config.json");
+    assert!(
+        t.contains(&format!("sgr train --config {config} --out {out_s}")),
+        "{t}"
+    );
+    let o = sgr(&["train", "--config", &config, "--out", out_s]);
+    assert!(o.status.success(), "{}", text(&o));
+    // A run with a checkpoint is still kept unless overwritten.
+    let o = sgr(&args);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("already holds a run"), "{}", text(&o));
+}

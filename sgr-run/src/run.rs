@@ -172,7 +172,9 @@ impl Run {
         }
         let mut lock = run.dir.lock(false)?;
         if run.dir.holds_run() {
-            if !run.opts.overwrite {
+            // A run that never reached its first checkpoint is replaced without --overwrite:
+            // there is nothing of it to keep, and it cannot be resumed.
+            if !run.opts.overwrite && !run.dir.unstarted() {
                 let file = run
                     .dir
                     .run_files()
@@ -208,6 +210,17 @@ impl Run {
         let mut lock = dir.lock(false)?;
         if let Some(d) = changes.device {
             spec.device = d;
+        }
+        if dir.unstarted() {
+            let d = dir.path().display();
+            return Err(Error::File {
+                path: dir.path().to_path_buf(),
+                problem: format!(
+                    "this run stopped before its first checkpoint, so there is nothing to \
+                     resume; start it anew from its configuration, which replaces it: \
+                     sgr train --config {d}/config.json --out {d}"
+                ),
+            });
         }
         let mut run = Self::open(spec, dir, opts)?;
         load_training_checkpoint(&run.dir.checkpoint(), &mut run.trainer)?;

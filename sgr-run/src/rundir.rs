@@ -80,6 +80,21 @@ impl RunDir {
         self.run_files().iter().any(|p| p.exists())
     }
 
+    /// Whether the folder holds a run that stopped before its first checkpoint (a crash, a
+    /// kill, a data error in the first epoch): its configuration and no record, no weights.
+    /// Nothing trained would be lost by replacing it, and there is nothing to resume.
+    pub fn unstarted(&self) -> bool {
+        let empty = |p: PathBuf| match std::fs::symlink_metadata(&p) {
+            Ok(m) => m.is_file() && m.len() == 0,
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        };
+        self.holds_run()
+            && [self.checkpoint(), self.model(), self.summary(), self.card()]
+                .iter()
+                .all(|p| !p.exists())
+            && empty(self.metrics())
+    }
+
     /// Takes the run's lock: the folder is created if needed, and a folder that another
     /// process trains in is an error naming that process. The lock lasts as long as the
     /// returned guard (the operating system drops it when the process ends, even by kill -9).
