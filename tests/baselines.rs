@@ -259,3 +259,56 @@ fn infopro_weights_are_interpolated_and_transformers_are_refused() {
         .to_string();
     assert!(e.contains("hard labels") && e.contains("mixup"), "{e}");
 }
+
+/// An InfoPro module whose task (or reconstruction) weight is 0 has a head (or decoder) that
+/// takes no part in its loss: those tensors are buffers, kept and saved but not trained, so a
+/// step trains (a trainable tensor without gradient would be an error naming it) and leaves
+/// them as they were.
+#[test]
+fn infopro_parts_with_zero_weight_are_not_trained() {
+    use sgr_core::nn::ParamKind;
+    for (recon, task, unused) in [(5.0, 0.0, "aux.0.fc1.weight"), (0.0, 1.0, "aux.0.decoder")] {
+        let mut network = CifarResNet {
+            config: ResNetConfig {
+                depth: 8,
+                in_channels: 3,
+                num_classes: 10,
+            },
+            options: ModelOptions {
+                modules: 2,
+                split: SplitStrategy::Uniform,
+                seed: 5,
+                objective: Objective::Infopro,
+                pixels: Some(PixelStats {
+                    mean: vec![0.5, 0.4, 0.3],
+                    std: vec![0.25, 0.2, 0.3],
+                }),
+                ..ModelOptions::default()
+            },
+        };
+        network.options.infopro.recon_first = recon;
+        network.options.infopro.task_first = task;
+        let net = network.build(&Device::Cpu, DType::F32).unwrap();
+        let frozen: Vec<_> = net
+            .module_params(0)
+            .into_iter()
+            .filter(|p| p.name.starts_with(unused))
+            .collect();
+        assert!(!frozen.is_empty(), "{unused}");
+        assert!(
+            frozen.iter().all(|p| p.kind == ParamKind::Buffer),
+            "{unused}"
+        );
+        let before: Vec<Vec<f32>> = frozen
+            .iter()
+            .map(|p| p.var.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
+        let mut t = Trainer::new(net, trainer_config(Method::plain(Objective::Infopro))).unwrap();
+        t.train_step(&batch(8, 8, 1, DType::F32)).unwrap();
+        let after: Vec<Vec<f32>> = frozen
+            .iter()
+            .map(|p| p.var.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
+        assert_eq!(before, after, "{unused} stays as it was");
+    }
+}

@@ -255,9 +255,20 @@ impl InfoproObjective {
 }
 
 impl LocalObjective for InfoproObjective {
+    /// The head's and the decoder's tensors. A part whose loss has weight 0 takes no part in
+    /// the loss, so its tensors are listed as buffers: saved with the model, never trained
+    /// (they would get no gradient, which the trainer reports as an error for trainable ones).
     fn params(&self) -> Vec<Param> {
-        let mut p = self.head.params();
-        p.extend(self.decoder.params());
+        let unused = |mut p: Vec<Param>, weight: f64| {
+            if weight == 0.0 {
+                for q in &mut p {
+                    q.kind = crate::nn::ParamKind::Buffer;
+                }
+            }
+            p
+        };
+        let mut p = unused(self.head.params(), self.task_weight);
+        p.extend(unused(self.decoder.params(), self.recon_weight));
         p
     }
 
