@@ -273,17 +273,22 @@ fn a_flipped_byte_in_a_checkpoint_is_a_corrupt_file_error() {
     assert_eq!(b.global_step(), 0);
 }
 
+/// Writes `net`'s tensors as another tool would: safetensors without sgr's checksum.
+fn export(net: &LocalNetwork, path: &Path) {
+    let map: HashMap<String, Tensor> = net
+        .params()
+        .into_iter()
+        .map(|p| (p.name, p.var.as_tensor().clone()))
+        .collect();
+    candle_core::safetensors::save(&map, path).unwrap();
+}
+
 #[test]
 fn files_without_a_checksum_still_load() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("export.safetensors");
     let a = net(9);
-    let map: HashMap<String, Tensor> = a
-        .params()
-        .into_iter()
-        .map(|p| (p.name, p.var.as_tensor().clone()))
-        .collect();
-    candle_core::safetensors::save(&map, &path).unwrap();
+    export(&a, &path);
     let bytes = std::fs::read(&path).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     assert!(header.metadata().is_none(), "candle wrote metadata");
@@ -305,12 +310,7 @@ fn non_finite_weights_are_refused_on_load() {
         let path = dir.path().join(format!("export-{i}.safetensors"));
         let a = net(9);
         poison(&a, RUNNING_VAR, value);
-        let map: HashMap<String, Tensor> = a
-            .params()
-            .into_iter()
-            .map(|p| (p.name, p.var.as_tensor().clone()))
-            .collect();
-        candle_core::safetensors::save(&map, &path).unwrap();
+        export(&a, &path);
         let b = net(10);
         let before = net_bits(&b);
         let e = load_params(&path, &b.params()).unwrap_err();

@@ -276,6 +276,17 @@ pub enum Direction {
 
 crate::named_enum!(Direction, "SGR direction", { "forward" => Forward, "backward" => Backward });
 
+impl Direction {
+    /// Whether the SGR term re-runs module `k` of `modules` (its finite differences replay
+    /// that module's decisions): every module but the first (forward) or the last (backward).
+    pub fn reruns(&self, k: usize, modules: usize) -> bool {
+        match self {
+            Direction::Forward => k > 0,
+            Direction::Backward => k + 1 < modules,
+        }
+    }
+}
+
 /// How the parameter gradient of the SGR term is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SgrGrad {

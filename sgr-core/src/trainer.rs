@@ -563,16 +563,11 @@ impl Trainer {
         let k_total = self.net.num_modules();
         let sgr = self.cfg.method.sgr.clone();
         let direction = sgr.as_ref().map_or(Direction::Forward, |s| s.direction);
-        // The finite differences replay the decisions of the module whose term they compute:
-        // module k > 0 (forward direction) or k < K − 1 (backward); no other module records.
+        // The finite differences replay the decisions of the module whose term they compute;
+        // no other module records.
         let record = |k: usize| {
-            sgr.as_ref().is_some_and(|s| {
-                s.grad != SgrGrad::Exact
-                    && match s.direction {
-                        Direction::Forward => k > 0,
-                        Direction::Backward => k + 1 < k_total,
-                    }
-            })
+            sgr.as_ref()
+                .is_some_and(|s| s.grad != SgrGrad::Exact && s.direction.reruns(k, k_total))
         };
         let mut losses = Vec::with_capacity(k_total);
         let mut correct = None;
@@ -850,12 +845,7 @@ fn check_replayable(net: &LocalNetwork, method: &Method) -> Result<()> {
     };
     let k_total = net.num_modules();
     for k in 0..k_total {
-        // The modules whose SGR term re-runs them (see `local_step`'s `record`).
-        let reruns = match sgr.direction {
-            Direction::Forward => k > 0,
-            Direction::Backward => k + 1 < k_total,
-        };
-        if !reruns {
+        if !sgr.direction.reruns(k, k_total) {
             continue;
         }
         for (label, stage) in net.module_stages(k) {
