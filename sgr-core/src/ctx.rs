@@ -216,6 +216,24 @@ impl Ctx {
         }
     }
 
+    /// The mask of the next ReLU of input `z` (1 where `z >= 0`), following the context's mode
+    /// like [`Ctx::relu`]: for layers that apply the mask themselves, such as the forward-mode
+    /// passes of [`crate::forward`], whose tangents take the same mask as the values.
+    pub fn relu_mask(&mut self, z: &Tensor) -> Result<Tensor> {
+        match self.relu_mode()? {
+            ReluMode::Plain => Ok(z.ge(0.0)?.to_dtype(z.dtype())?.detach()),
+            ReluMode::Record => {
+                let m = z.ge(0.0)?.to_dtype(z.dtype())?.detach();
+                self.record(Decision::Relu(m.clone()));
+                Ok(m)
+            }
+            ReluMode::Replay(mask) => {
+                check_shape(&mask, z.shape(), "ReLU")?;
+                Ok(mask)
+            }
+        }
+    }
+
     /// Dropout with drop probability `p`: in training mode each element is kept with
     /// probability `1 - p` and scaled by `1 / (1 - p)`; the identity in evaluation mode or for
     /// `p = 0`. The mask is drawn from the context's generator, recorded, or replayed.

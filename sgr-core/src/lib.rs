@@ -8,6 +8,8 @@
 //! * [`sgr`]: the local step of a module and the SGR term (finite-difference or exact
 //!   parameter gradient), usable by any local loss through [`sgr::LocalProblem`].
 //! * [`trainer`]: `bp`, `greedy` and `sgr` side by side, with per-boundary diagnostics.
+//! * [`forward`]: the BP-free estimators (forward gradients: weight and activity perturbation)
+//!   and the SGR term without back-propagation.
 //! * [`optim`]: SGD (momentum, Nesterov, weight decay) and AdamW with savable state, schedules.
 //! * [`nn`]: layers from candle primitives (differentiable twice), the forward context.
 //! * [`kernels`]: the `sgr-kernels` crate, re-exported: fast CPU convolution, BatchNorm and ReLU
@@ -29,6 +31,7 @@ mod error;
 pub mod events;
 #[cfg(feature = "candle-nn")]
 pub mod foreign;
+pub mod forward;
 pub use sgr_kernels as kernels;
 pub mod loss;
 pub mod memory;

@@ -46,16 +46,34 @@ impl Objective {
     }
 }
 
-/// How a module estimates the gradient of its local objective.
+/// How a module estimates the gradient of its local objective (docs/bpfree.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum Estimator {
-    /// Back-propagation inside the module (local BP).
+    /// Back-propagation inside the module (local BP; per block with greedy: Ren et al.'s LG-BP).
     #[default]
     Backprop,
+    /// Weight perturbation (LG-FG-W): one directional derivative of the local losses along a
+    /// Gaussian perturbation of the weights, times that perturbation.
+    ForwardWeight,
+    /// Activity perturbation (LG-FG-A): Gaussian noise on each layer's normalised
+    /// pre-activation, one directional derivative per local-loss copy, the weight gradient
+    /// formed from the layer's input.
+    ForwardActivity,
 }
 
-crate::named_enum!(Estimator, "gradient estimator", { "backprop" => Backprop });
+crate::named_enum!(Estimator, "gradient estimator", {
+    "backprop" => Backprop,
+    "forward-weight" => ForwardWeight,
+    "forward-activity" => ForwardActivity,
+});
+
+impl Estimator {
+    /// Whether the estimator runs without back-propagation through the module's layers.
+    pub fn is_bp_free(&self) -> bool {
+        !matches!(self, Estimator::Backprop)
+    }
+}
 
 /// A training method: objective, SGR term and gradient estimator.
 #[derive(Debug, Clone, PartialEq)]
@@ -114,6 +132,7 @@ impl Method {
 
     /// Checks the combination and the SGR settings.
     pub fn validate(&self) -> Result<()> {
+        self.validate_estimator()?;
         if let Some(s) = &self.sgr {
             if self.objective.is_end_to_end() {
                 return Err(Error::InvalidConfig(format!(
@@ -125,6 +144,55 @@ impl Method {
                 )));
             }
             s.validate()?;
+        }
+        Ok(())
+    }
+}
+
+impl Method {
+    /// The BP-free estimators train Greedy SL's local losses (Ren et al.'s LG-FG), with SGR as
+    /// docs/bpfree.md builds it: the `squared-l2` distance, the `forward` direction and the
+    /// central difference.
+    fn validate_estimator(&self) -> Result<()> {
+        let e = self.estimator;
+        if !e.is_bp_free() {
+            return Ok(());
+        }
+        if self.objective != Objective::Greedy {
+            let why = if self.objective.is_end_to_end() {
+                "bp back-propagates through the whole network"
+            } else {
+                "its heads are not trained by the read-out losses the estimators use"
+            };
+            return Err(Error::InvalidConfig(format!(
+                "estimator `{e}` trains the local losses of greedy or greedy+sgr, not `{self}`: \
+                 {why}; use --method greedy or greedy+sgr with it, or --estimator backprop"
+            )));
+        }
+        if let Some(s) = &self.sgr {
+            let bad = if s.distance != crate::sgr::Distance::SquaredL2 {
+                Some(format!(
+                    "--sgr-distance {} (supported: squared-l2)",
+                    s.distance
+                ))
+            } else if s.direction != crate::sgr::Direction::Forward {
+                Some(format!(
+                    "--sgr-direction {} (supported: forward)",
+                    s.direction
+                ))
+            } else if s.grad != crate::sgr::SgrGrad::FiniteDifference {
+                Some(format!(
+                    "--sgr-grad {} (supported: finite-difference, the central difference)",
+                    s.grad
+                ))
+            } else {
+                None
+            };
+            if let Some(bad) = bad {
+                return Err(Error::InvalidConfig(format!(
+                    "SGR without back-propagation (estimator `{e}`) does not support {bad}"
+                )));
+            }
         }
         Ok(())
     }

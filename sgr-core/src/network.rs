@@ -24,6 +24,11 @@ pub trait Stage: Send + Sync + std::fmt::Debug {
     fn decisions(&self) -> Decisions {
         Decisions::Replayable
     }
+    /// What the BP-free estimators can do with the stage (docs/bpfree.md): by default nothing,
+    /// and a forward estimator refuses a module holding it.
+    fn forward_support(&self) -> crate::forward::ForwardSupport<'_> {
+        crate::forward::ForwardSupport::None
+    }
 }
 
 /// How a [`Stage`] makes its non-smooth (ReLU masks, max-pool selections) and random (dropout)

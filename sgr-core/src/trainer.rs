@@ -53,6 +53,8 @@ pub struct TrainerConfig {
     /// Largest L2 norm of each optimizer's gradients (per module; the whole network for `bp`),
     /// as `torch.nn.utils.clip_grad_norm_`.
     pub clip_grad_norm: Option<f64>,
+    /// Draws averaged by a forward-gradient estimator per module and step (`--fg-passes`).
+    pub fg_passes: usize,
 }
 
 impl Default for TrainerConfig {
@@ -75,6 +77,7 @@ impl Default for TrainerConfig {
             label_smoothing: 0.0,
             mix: None,
             clip_grad_norm: None,
+            fg_passes: 1,
         }
     }
 }
@@ -100,6 +103,12 @@ struct TrainerConfigRepr {
     mix: Option<MixConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
     clip_grad_norm: Option<f64>,
+    #[serde(skip_serializing_if = "is_one")]
+    fg_passes: usize,
+}
+
+fn is_one(v: &usize) -> bool {
+    *v == 1
 }
 
 fn is_zero(v: &f64) -> bool {
@@ -134,6 +143,7 @@ impl TryFrom<TrainerConfigRepr> for TrainerConfig {
             label_smoothing: r.label_smoothing,
             mix: r.mix,
             clip_grad_norm: r.clip_grad_norm,
+            fg_passes: r.fg_passes,
         })
     }
 }
@@ -153,9 +163,13 @@ impl From<TrainerConfig> for TrainerConfigRepr {
             label_smoothing: c.label_smoothing,
             mix: c.mix,
             clip_grad_norm: c.clip_grad_norm,
+            fg_passes: c.fg_passes,
         }
     }
 }
+
+/// The most draws a forward-gradient estimator averages per step (`fg_passes`).
+pub const MAX_FG_PASSES: usize = 1024;
 
 /// Trains a [`LocalNetwork`] with one optimizer per module.
 #[derive(Debug)]
@@ -356,6 +370,13 @@ impl Trainer {
         check_steps_per_epoch(&cfg)?;
         check_objective(&net, &cfg.method)?;
         check_replayable(&net, &cfg.method)?;
+        crate::forward::check_network(&net, cfg.method.estimator)?;
+        if !(1..=MAX_FG_PASSES).contains(&cfg.fg_passes) {
+            return Err(Error::InvalidConfig(format!(
+                "fg_passes must be in 1..={MAX_FG_PASSES}, got {}",
+                cfg.fg_passes
+            )));
+        }
         let optimizers = (0..k)
             .map(|m| cfg.optimizer.build(net.module_params(m)))
             .collect::<Result<Vec<_>>>()?;
@@ -503,6 +524,7 @@ impl Trainer {
         let (losses, correct) = match (self.cfg.method.estimator, self.cfg.method.objective) {
             (_, o) if o.is_end_to_end() => self.bp_step(batch, lr)?,
             (Estimator::Backprop, _) => self.local_step(batch, lr, lambda)?,
+            (_, _) => self.forward_step(batch, lr, lambda)?,
         };
         let losses = Tensor::stack(&losses, 0)?;
         self.sums.add_losses(&losses, self.step)?;
@@ -677,6 +699,136 @@ impl Trainer {
                 None
             };
             h = bp.output;
+        }
+        let correct = match correct {
+            Some(c) => c,
+            None => Tensor::new(0f64, h.device())?,
+        };
+        Ok((losses, correct))
+    }
+
+    /// A BP-free step (docs/bpfree.md): each module with perturbable layers takes the
+    /// forward-gradient estimate of its local loss, a read-out module its exact local gradient;
+    /// the boundaries are probed along a shared Gaussian direction, which also gives the SGR
+    /// term (forward direction) without back-propagation.
+    fn forward_step(
+        &mut self,
+        batch: &Batch,
+        lr: f64,
+        lambda: f64,
+    ) -> Result<(Vec<Tensor>, Tensor)> {
+        use crate::forward::{boundary_probe, has_perturbable, module_pass, sgr_term};
+        let k_total = self.net.num_modules();
+        let estimator = self.cfg.method.estimator;
+        let passes = self.cfg.fg_passes;
+        let sgr = self.cfg.method.sgr.clone();
+        let mut losses = Vec::with_capacity(k_total);
+        let mut correct = None;
+        let mut h = batch.input.detach();
+        let mut prev_a: Option<Tensor> = None;
+        for k in 0..k_total {
+            let _span = tracing::trace_span!("module", k, estimator = %estimator).entered();
+            let seed = pass_seed(self.cfg.seed, self.step, k);
+            let (loss, logits, mut grads, output, output_grad, sgr_d);
+            if has_perturbable(&self.net, k) {
+                let pass = module_pass(
+                    &self.net,
+                    k,
+                    batch,
+                    &h,
+                    estimator,
+                    passes,
+                    seed,
+                    sgr.is_some() && k > 0,
+                )?;
+                grads = pass.grads.clone();
+                sgr_d = match &prev_a {
+                    Some(a) => {
+                        let probe = boundary_probe(&self.net, k, &h, a, &pass, seed)?;
+                        let stats = probe.stats()?;
+                        self.sums.add_boundary(k - 1, 0, &stats.get(0)?)?;
+                        self.sums.add_boundary(k - 1, 1, &stats.get(1)?)?;
+                        self.acc.boundary[k - 1].3 += 1;
+                        match &sgr {
+                            Some(cfg) => {
+                                let term = sgr_term(
+                                    &self.net,
+                                    k,
+                                    batch,
+                                    &h,
+                                    &probe,
+                                    &pass,
+                                    estimator,
+                                    passes,
+                                    cfg.epsilon(),
+                                    seed,
+                                )?;
+                                add_scaled(&mut grads, &term, lambda)?;
+                                Some(probe.distance()?)
+                            }
+                            None => None,
+                        }
+                    }
+                    None => None,
+                };
+                (loss, logits, output, output_grad) =
+                    (pass.loss, pass.logits, pass.output, Some(pass.output_grad));
+            } else {
+                // A read-out module: exact local gradients, the boundary exact as well.
+                let prob = LocalModule {
+                    net: &self.net,
+                    k,
+                    batch,
+                };
+                let record = sgr.is_some();
+                let ctx = if record {
+                    Ctx::train_recording()
+                } else {
+                    Ctx::train()
+                };
+                let bp = base_pass_in(&prob, &h, k > 0, ctx.with_seed(seed))?;
+                grads = bp.grads.clone();
+                sgr_d = match (&prev_a, &bp.input_grad) {
+                    (Some(a), Some(b)) => {
+                        let stats = boundary_stats_on_device(a, b)?;
+                        self.sums.add_boundary(k - 1, 0, &stats.get(0)?)?;
+                        self.sums.add_boundary(k - 1, 1, &stats.get(1)?)?;
+                        self.acc.boundary[k - 1].3 += 1;
+                        match &sgr {
+                            Some(cfg) => {
+                                let term = sgr_term_grad(
+                                    &prob,
+                                    &h,
+                                    Site::Input,
+                                    b,
+                                    a,
+                                    BasePoint::of(&bp),
+                                    cfg,
+                                )?;
+                                add_scaled(&mut grads, &term.grads, lambda)?;
+                                Some(term.distance)
+                            }
+                            None => None,
+                        }
+                    }
+                    _ => None,
+                };
+                (loss, logits, output, output_grad) =
+                    (bp.loss, bp.logits, bp.output, bp.output_grad);
+            }
+            losses.push(loss);
+            if k + 1 == k_total {
+                if let Some(l) = &logits {
+                    correct = Some(batch.targets.correct(l)?);
+                }
+            }
+            if let Some(d) = sgr_d {
+                self.sums.add_boundary(k - 1, 2, &d)?;
+                self.acc.boundary[k - 1].4 += 1;
+            }
+            self.update(k, grads, lr)?;
+            prev_a = if k + 1 < k_total { output_grad } else { None };
+            h = output;
         }
         let correct = match correct {
             Some(c) => c,

@@ -10,6 +10,7 @@ use sgr_core::{Error, Result};
 
 use crate::family::ModelFamily;
 use crate::heads::HeadKind;
+use crate::localmixer::LocalMixerConfig;
 use crate::resnet::ResNetConfig;
 use crate::resnet_imagenet::ImageNetResNetConfig;
 use crate::split::SplitStrategy;
@@ -112,6 +113,8 @@ pub enum Family {
     ImageNetResNet,
     /// timm's Vision Transformers (DeiT, ViT, and `vit-cifar`).
     Vit,
+    /// Ren et al.'s LocalMixer (the BP-free estimators' model).
+    LocalMixer,
 }
 
 /// Every model name the zoo builds, in the order `--help` lists them.
@@ -119,6 +122,7 @@ pub fn names() -> Vec<&'static str> {
     let mut v = ResNetConfig::presets();
     v.extend(ImageNetResNetConfig::presets());
     v.extend(VitConfig::presets());
+    v.extend(LocalMixerConfig::presets());
     v
 }
 
@@ -133,6 +137,9 @@ pub fn family(name: &str) -> Result<Family> {
     if VitConfig::PRESETS.contains(&name) {
         return Ok(Family::Vit);
     }
+    if LocalMixerConfig::PRESETS.contains(&name) {
+        return Ok(Family::LocalMixer);
+    }
     Err(Error::UnknownName {
         what: "model",
         given: name.to_string(),
@@ -146,6 +153,7 @@ pub fn preset(name: &str, input: &Input) -> Result<Box<dyn ModelFamily>> {
         Family::CifarResNet => Box::new(<ResNetConfig as ModelFamily>::preset(name, input)?),
         Family::ImageNetResNet => Box::new(ImageNetResNetConfig::preset(name, input)?),
         Family::Vit => Box::new(VitConfig::preset(name, input)?),
+        Family::LocalMixer => Box::new(LocalMixerConfig::preset(name, input)?),
     })
 }
 
