@@ -26,6 +26,14 @@ pub struct MethodArgs {
     /// bp with +sgr (sgr = greedy+sgr) [default: sgr]
     #[arg(long)]
     pub method: Option<Method>,
+    /// How each module estimates its gradient: backprop (local BP), or without
+    /// back-propagation forward-weight or forward-activity (LocalMixer models, greedy and
+    /// greedy+sgr) [default: backprop]
+    #[arg(long, value_parser = named::<sgr_core::method::Estimator>())]
+    pub estimator: Option<sgr_core::method::Estimator>,
+    /// Draws a forward estimator averages per module and step [default: 1]
+    #[arg(long, value_name = "M")]
+    pub fg_passes: Option<usize>,
     /// Number of gradient-isolated modules K [default: 1 for bp, 4 otherwise]
     #[arg(long = "modules", short = 'k')]
     pub modules: Option<usize>,
@@ -107,8 +115,25 @@ impl MethodArgs {
                     m.sgr = Some(old);
                 }
             }
+            // ... and the estimator.
+            m.estimator = spec.trainer.method.estimator;
             spec.trainer.method = m;
             given.push("--method");
+        }
+        if let Some(e) = self.estimator {
+            spec.trainer.method.estimator = e;
+            given.push("--estimator");
+        }
+        if let Some(m) = self.fg_passes {
+            if !spec.trainer.method.estimator.is_bp_free() {
+                bail!(
+                    "--fg-passes needs a forward estimator (--estimator forward-activity or \
+                     forward-weight); the estimator is `{}`",
+                    spec.trainer.method.estimator
+                );
+            }
+            spec.trainer.fg_passes = m;
+            given.push("--fg-passes");
         }
         if let Some(k) = self.modules {
             spec.modules = Some(k);

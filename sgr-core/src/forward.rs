@@ -20,7 +20,10 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use crate::ctx::{Ctx, Decision};
 use crate::method::Estimator;
 use crate::network::{collect_grads_checked, LocalNetwork, Stage};
-use crate::nn::{Init, Param, ParamKind};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::nn::{Param, ParamKind};
 use crate::objective::Batch;
 use crate::{Error, Result};
 
@@ -132,13 +135,35 @@ pub fn layer_norm_jacobian(y: &Tensor, r: &Tensor, v: &Tensor) -> Result<Tensor>
     Ok((centred - y.broadcast_mul(&proj)?)?.broadcast_mul(r)?)
 }
 
-/// Standard normal entries from `seed` (ChaCha8, identical on every platform and device).
+/// Standard normal entries from `seed` (ChaCha8 and Box-Muller, both outputs of each pair), in
+/// chunks of [`NOISE_CHUNK`] drawn in parallel, each from its own seed: identical on every
+/// platform, device and thread count. A plain tensor, not a variable: candle would otherwise
+/// record every operation on the noise.
 pub fn gaussian(seed: u64, shape: &[usize], device: &Device, dtype: DType) -> Result<Tensor> {
-    Ok(Init::new(seed, device, dtype)
-        .randn(shape, 1.0)?
-        .as_tensor()
-        .clone())
+    use rayon::prelude::*;
+    let n: usize = shape.iter().product();
+    let mut v = vec![0f32; n];
+    v.par_chunks_mut(NOISE_CHUNK)
+        .enumerate()
+        .for_each(|(i, chunk)| {
+            let mut rng = ChaCha8Rng::seed_from_u64(sub_seed(seed, i as u64));
+            for pair in chunk.chunks_mut(2) {
+                // u1 in (0, 1]
+                let u1: f64 = 1.0 - rng.gen::<f64>();
+                let u2: f64 = rng.gen::<f64>();
+                let r = (-2.0 * u1.ln()).sqrt();
+                let (s, c) = (2.0 * std::f64::consts::PI * u2).sin_cos();
+                pair[0] = (r * c) as f32;
+                if let Some(second) = pair.get_mut(1) {
+                    *second = (r * s) as f32;
+                }
+            }
+        });
+    Ok(Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?)
 }
+
+/// Normals per independently seeded chunk of [`gaussian`].
+pub const NOISE_CHUNK: usize = 1 << 14;
 
 /// A seed derived from `seed` for draw `tag` (SplitMix64).
 pub fn sub_seed(seed: u64, tag: u64) -> u64 {
@@ -397,31 +422,32 @@ fn estimate_at(
     masks: Masks<'_>,
     weights: Option<&Tensor>,
 ) -> Result<Estimate> {
-    // The clean pass: the output, and the decisions every noisy pass then replays.
+    // Pass 0 gives the output (the noise touches only the tangents) and the decisions every
+    // later pass replays.
     let mut ctx = masks.ctx(seed);
-    let (h, _, _) = tangent_chain(l, x, None, estimator, None, &mut ctx)?;
+    let first = tangent_chain(l, x, None, estimator, Some(sub_seed(seed, 0)), &mut ctx)?;
     let recorded = ctx.take_masks();
     let replay: &[Decision] = match masks {
         Masks::Replay(m) => m,
         Masks::Fresh { .. } => &recorded,
     };
+    let h = first.0.clone();
     let (loss, logits, grad_h, tail) = tail_pass(net, k, l, batch, &h, seed)?;
     let groups = l.perturbable.last().map_or(1, |p| p.mode.groups());
     let mut body: Vec<Vec<Tensor>> = vec![Vec::new(); l.perturbable.len()];
+    let mut next = Some(first);
     for m in 0..passes {
-        let mut ctx = if replay.is_empty() {
-            Ctx::train().with_seed(seed)
-        } else {
-            Ctx::train_replaying(replay.to_vec()).with_seed(seed)
+        let (_, t, kept) = match next.take() {
+            Some(p) => p,
+            None => {
+                let mut ctx = if replay.is_empty() {
+                    Ctx::train().with_seed(seed)
+                } else {
+                    Ctx::train_replaying(replay.to_vec()).with_seed(seed)
+                };
+                tangent_chain(l, x, None, estimator, Some(sub_seed(seed, m as u64)), &mut ctx)?
+            }
         };
-        let (_, t, kept) = tangent_chain(
-            l,
-            x,
-            None,
-            estimator,
-            Some(sub_seed(seed, m as u64)),
-            &mut ctx,
-        )?;
         let t = t.ok_or_else(|| Error::Internal("a perturbed pass has no tangent".into()))?;
         let mut jvp = copy_jvp(&grad_h, &t, groups)?;
         if let Some(w) = weights {

@@ -101,7 +101,25 @@ pub fn load_data(cfg: &RunSpec) -> Result<Data> {
         }
         v
     };
-    let mnist_pre = vec![Transform::PadTo { size: 32 }, Transform::GreyToRgb];
+    // MNIST and Fashion-MNIST go to the CIFAR stems of the ResNets and ViTs padded to 32×32
+    // RGB; LocalMixer takes them as they are (28×28 grey, as Ren et al.).
+    let native = matches!(
+        sgr_models::zoo::family(&cfg.model),
+        Ok(sgr_models::zoo::Family::LocalMixer)
+    );
+    let mnist_pre = if native {
+        vec![]
+    } else {
+        vec![Transform::PadTo { size: 32 }, Transform::GreyToRgb]
+    };
+    let mnist_aug = if native {
+        vec![Transform::RandomCrop {
+            size: 28,
+            padding: 2,
+        }]
+    } else {
+        crop_flip(32, 2, cfg.dataset == Dataset::FashionMnist)
+    };
     let mut data = match cfg.dataset {
         Dataset::Digits => in_memory(
             sgr_data::digits(true)?,
@@ -136,7 +154,7 @@ pub fn load_data(cfg: &RunSpec) -> Result<Data> {
             in_memory(
                 sgr_data::load_mnist_dir(&d, true, name)?,
                 sgr_data::load_mnist_dir(&d, false, name)?,
-                crop_flip(32, 2, cfg.dataset == Dataset::FashionMnist),
+                mnist_aug,
                 mnist_pre,
             )
         }

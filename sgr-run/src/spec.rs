@@ -307,6 +307,13 @@ impl RunSpec {
         let bad = |m: String| Err(Error::Spec(m));
         let m = &self.trainer.method;
         m.validate()?;
+        let passes = self.trainer.fg_passes;
+        if !(1..=sgr_core::trainer::MAX_FG_PASSES).contains(&passes) {
+            return Err(Error::Spec(format!(
+                "--fg-passes must be in 1..={}, got {passes}",
+                sgr_core::trainer::MAX_FG_PASSES
+            )));
+        }
         let k = self.num_modules();
         if m.objective.is_end_to_end() && k != 1 {
             return bad(format!(
