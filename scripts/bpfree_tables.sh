@@ -13,6 +13,11 @@
 #   t2      bp, LG-BP, LG-BP+SGR, LG-FG-A, LG-FG-A+SGR on localmixer-mnist, MNIST and
 #           Fashion-MNIST, 10 000 training images, T2_EPOCHS (default 15), seeds 0 1 2 (seed 0
 #           of both data sets first); each row's lr is Table 1's choice for its estimator
+#   t3-val  ResNet-8, K = 4 (0c1f heads), Fashion-MNIST 10 000 images (with its standard
+#           augmentation), 30 epochs, batch 128, lr 0.05 cosine: λ of greedy+sgr (forward
+#           difference) from {0.1, 1}, forward and backward directions, 5 000 held-out images
+#   t3      greedy, greedy+sgr forward and backward (chosen λ), seeds 0 1 2
+#   (t3 runs only when named: scripts/bpfree_tables.sh t3-val t3)
 #
 # Runs go to OUT (default target/bpfree), JOBS (default 2) at a time, one compute thread each.
 # A run whose summary.json exists is skipped, one with a checkpoint resumed: the script can be
@@ -104,6 +109,8 @@ if best is None:
 print(best)
 EOF
 }
+t3="--model resnet8 --dataset fashion-mnist -k 4 --aux-head 0c1f --train-limit 10000 --epochs 30 \
+--batch-size 128 --lr 0.05"
 lrs="0.01 0.03 0.1"
 lambdas="0.1 1"
 queue=()
@@ -151,8 +158,25 @@ $(row_flags $r 4) $extra --lr $lr --epochs ${T2_EPOCHS:-15} --train-limit 10000 
         done
       done
       ;;
+    t3-val)
+      for dir in forward backward; do
+        for l in $lambdas; do
+          queue+=("t3-val-sgr-$dir-lambda$l $t3 --method greedy+sgr --sgr-grad forward-difference \
+--sgr-direction $dir --sgr-lambda $l --validation 5000 --seed 0")
+        done
+      done
+      ;;
+    t3)
+      for seed in 0 1 2; do
+        queue+=("t3-greedy-seed$seed $t3 --method greedy --seed $seed")
+        for dir in forward backward; do
+          queue+=("t3-sgr-$dir-seed$seed $t3 --method greedy+sgr --sgr-grad forward-difference \
+--sgr-direction $dir --sgr-lambda $(best "t3-val-sgr-$dir-lambda" $lambdas) --seed $seed")
+        done
+      done
+      ;;
     *)
-      echo "unknown phase \`$phase\`: use t1-val, t1, t2-val or t2" >&2
+      echo "unknown phase \`$phase\`: use t1-val, t1, t2-val, t2, t3-val or t3" >&2
       exit 2
       ;;
   esac

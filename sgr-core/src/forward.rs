@@ -184,7 +184,7 @@ const TAG_SGR_NOISE: u64 = (1 << 40) + 1;
 /// channels of group `g`, `(batch, patches, groups)` from two `(batch, patches, channels)`.
 pub fn copy_jvp(grad: &Tensor, tangent: &Tensor, groups: usize) -> Result<Tensor> {
     let (b, p, c) = grad.dims3()?;
-    if groups == 0 || c % groups != 0 {
+    if groups == 0 || !c.is_multiple_of(groups) {
         return Err(Error::InvalidConfig(format!(
             "{c} channels do not split into {groups} groups"
         )));
@@ -445,7 +445,14 @@ fn estimate_at(
                 } else {
                     Ctx::train_replaying(replay.to_vec()).with_seed(seed)
                 };
-                tangent_chain(l, x, None, estimator, Some(sub_seed(seed, m as u64)), &mut ctx)?
+                tangent_chain(
+                    l,
+                    x,
+                    None,
+                    estimator,
+                    Some(sub_seed(seed, m as u64)),
+                    &mut ctx,
+                )?
             }
         };
         let t = t.ok_or_else(|| Error::Internal("a perturbed pass has no tangent".into()))?;

@@ -101,14 +101,14 @@ impl LocalMixerConfig {
     /// Checks that the image cuts into whole patches and the channels into whole groups.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidConfig(format!("{}: {m}", self.name)));
-        if self.patches == 0 || self.image_size == 0 || self.image_size % self.patches != 0 {
+        if self.patches == 0 || self.image_size == 0 || !self.image_size.is_multiple_of(self.patches) {
             return bad(format!(
                 "the image side {} is not a multiple of {} patches per side (LocalMixer cuts \
                  the image into whole patches)",
                 self.image_size, self.patches
             ));
         }
-        if self.groups == 0 || self.channels % self.groups != 0 {
+        if self.groups == 0 || !self.channels.is_multiple_of(self.groups) {
             return bad(format!(
                 "{} channels do not split into {} groups",
                 self.channels, self.groups
