@@ -32,7 +32,7 @@ where
 #[test]
 fn every_named_enum_writes_its_one_name() {
     pinned::<Objective>(&["bp", "greedy", "dgl", "infopro", "infopro-contrast"]);
-    pinned::<Estimator>(&["backprop"]);
+    pinned::<Estimator>(&["backprop", "forward-weight", "forward-activity"]);
     pinned::<Distance>(&["squared-l2", "cosine", "cosine-per-sample"]);
     pinned::<Direction>(&["forward", "backward"]);
     pinned::<SgrGrad>(&["finite-difference", "forward-difference", "exact"]);
