@@ -101,7 +101,10 @@ impl LocalMixerConfig {
     /// Checks that the image cuts into whole patches and the channels into whole groups.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidConfig(format!("{}: {m}", self.name)));
-        if self.patches == 0 || self.image_size == 0 || !self.image_size.is_multiple_of(self.patches) {
+        if self.patches == 0
+            || self.image_size == 0
+            || !self.image_size.is_multiple_of(self.patches)
+        {
             return bad(format!(
                 "the image side {} is not a multiple of {} patches per side (LocalMixer cuts \
                  the image into whole patches)",
