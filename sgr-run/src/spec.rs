@@ -314,6 +314,13 @@ impl RunSpec {
                 sgr_core::trainer::MAX_FG_PASSES
             )));
         }
+        if passes != 1 && !m.estimator.is_bp_free() {
+            return Err(Error::Spec(format!(
+                "fg_passes = {passes} needs a forward estimator (forward-activity or \
+                 forward-weight); the estimator is `{}`: remove fg_passes or change the estimator",
+                m.estimator
+            )));
+        }
         let k = self.num_modules();
         if m.objective.is_end_to_end() && k != 1 {
             return bad(format!(
@@ -446,6 +453,21 @@ impl RunSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fg_passes_needs_a_forward_estimator_and_a_range() {
+        let mut spec = RunSpec::default();
+        spec.trainer.fg_passes = 4;
+        let e = spec.clone().resolved().unwrap_err().to_string();
+        assert!(
+            e.contains("fg_passes = 4") && e.contains("forward-activity"),
+            "{e}"
+        );
+        spec.trainer.method.estimator = sgr_core::method::Estimator::ForwardActivity;
+        spec.trainer.fg_passes = 0;
+        let e = spec.clone().resolved().unwrap_err().to_string();
+        assert!(e.contains("--fg-passes must be in 1..=1024"), "{e}");
+    }
 
     #[test]
     fn defaults_resolve_and_round_trip() {
