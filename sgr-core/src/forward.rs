@@ -306,7 +306,16 @@ enum Masks<'a> {
     Replay(&'a [Decision]),
 }
 
-impl Masks<'_> {
+impl<'a> Masks<'a> {
+    /// Replay `recorded`; with nothing recorded (no ReLU), decide afresh.
+    fn replay(recorded: &'a [Decision]) -> Self {
+        if recorded.is_empty() {
+            Masks::Fresh { record: false }
+        } else {
+            Masks::Replay(recorded)
+        }
+    }
+
     fn ctx(&self, seed: u64) -> Ctx {
         match self {
             Masks::Fresh { record: true } => Ctx::train_recording().with_seed(seed),
@@ -440,11 +449,7 @@ fn estimate_at(
         let (_, t, kept) = match next.take() {
             Some(p) => p,
             None => {
-                let mut ctx = if replay.is_empty() {
-                    Ctx::train().with_seed(seed)
-                } else {
-                    Ctx::train_replaying(replay.to_vec()).with_seed(seed)
-                };
+                let mut ctx = Masks::replay(replay).ctx(seed);
                 tangent_chain(
                     l,
                     x,
@@ -619,11 +624,7 @@ pub fn boundary_probe(
         x.device(),
         x.dtype(),
     )?;
-    let mut ctx = if pass.masks.is_empty() {
-        Ctx::train().with_seed(seed)
-    } else {
-        Ctx::train_replaying(pass.masks.clone()).with_seed(seed)
-    };
+    let mut ctx = Masks::replay(&pass.masks).ctx(seed);
     let (_, t, _) = tangent_chain(&l, x, Some(&u), Estimator::Backprop, None, &mut ctx)?;
     let t = t.ok_or_else(|| Error::Internal("an input tangent was lost".into()))?;
     Ok(BoundaryProbe {
@@ -661,11 +662,7 @@ pub fn sgr_term(
     let mut sides = Vec::with_capacity(2);
     for sign in [1.0, -1.0] {
         let xs = (x + (&probe.direction * (sign * epsilon))?)?;
-        let masks = if pass.masks.is_empty() {
-            Masks::Fresh { record: false }
-        } else {
-            Masks::Replay(&pass.masks)
-        };
+        let masks = Masks::replay(&pass.masks);
         let e = estimate_at(
             net,
             k,

@@ -206,11 +206,7 @@ impl MixLayer {
                 y.reshape((n, p, cout))?
             }
             Mix::Group => {
-                let g = self.groups;
-                let xg = x
-                    .reshape((n * p, g, c / g))?
-                    .transpose(0, 1)?
-                    .contiguous()?;
+                let xg = self.by_group(x)?;
                 let mut y = xg.matmul(&w.transpose(1, 2)?)?.transpose(0, 1)?;
                 if let Some(b) = b {
                     y = y.broadcast_add(b)?;
@@ -220,6 +216,15 @@ impl MixLayer {
             }
         };
         Ok(y)
+    }
+
+    /// `(B, P, C)` → `(groups, B·P, C/groups)`: one matrix per group for a batched product.
+    fn by_group(&self, t: &Tensor) -> Result<Tensor> {
+        let (n, p, c) = t.dims3()?;
+        let g = self.groups;
+        Ok(t.reshape((n * p, g, c / g))?
+            .transpose(0, 1)?
+            .contiguous()?)
     }
 
     /// LayerNorm of `s` `(B, P, C)` per patch (per group): `(y, r)`, `r` `(B, P, groups, 1)`.
@@ -251,15 +256,7 @@ impl MixLayer {
                 [g2.t()?.matmul(&x.reshape((n * p, c))?)?, g2.sum(0)?]
             }
             Mix::Group => {
-                let g = self.groups;
-                let gg = gs
-                    .reshape((n * p, g, cout / g))?
-                    .transpose(0, 1)?
-                    .contiguous()?;
-                let xg = x
-                    .reshape((n * p, g, c / g))?
-                    .transpose(0, 1)?
-                    .contiguous()?;
+                let (gg, xg) = (self.by_group(gs)?, self.by_group(x)?);
                 [gg.transpose(1, 2)?.matmul(&xg)?, gg.sum(1)?]
             }
         })
