@@ -6,6 +6,7 @@
 //! ([`Trainer::state`]). A non-finite loss is caught then, naming the first module and step
 //! where it happened.
 
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -25,7 +26,11 @@ use crate::sgr::{
 };
 use crate::{Error, Result};
 
-mod bpfree;
+mod module;
+pub mod pipeline;
+
+use module::{module_step, update};
+pub use module::{BoundaryRecord, Carry, StepInput, StepRecord};
 
 /// Everything the trainer needs besides the network and the data.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -170,6 +175,51 @@ impl From<TrainerConfig> for TrainerConfigRepr {
     }
 }
 
+impl TrainerConfig {
+    /// The learning rate at global step `step`.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        let total = self.epochs * self.steps_per_epoch;
+        self.schedule.lr(self.lr, step, self.steps_per_epoch, total)
+    }
+
+    /// The SGR weight at global step `step` (its warm-up counts in epochs).
+    pub fn lambda_at(&self, step: usize) -> f64 {
+        let progress = step as f64 / self.steps_per_epoch.max(1) as f64;
+        self.method
+            .sgr
+            .as_ref()
+            .map_or(0.0, |s| s.lambda_at(progress))
+    }
+}
+
+/// What every module of global step `step` shares: the batch after mixup/cutmix and label
+/// smoothing (drawn once, at the source, from the run seed and the step), the lr and λ.
+fn step_input(
+    net: &LocalNetwork,
+    cfg: &TrainerConfig,
+    batch: &Batch,
+    step: usize,
+) -> Result<StepInput> {
+    let batch = if cfg.mix.is_some() || cfg.label_smoothing > 0.0 {
+        let draw = match &cfg.mix {
+            Some(m) => {
+                let (_, _, h, w) = batch.input.dims4()?;
+                m.draw(pass_seed(cfg.seed, step, usize::MAX), h, w)
+            }
+            None => MixDraw::None,
+        };
+        crate::mix::apply(batch, draw, net.num_classes(), cfg.label_smoothing)?
+    } else {
+        batch.clone()
+    };
+    Ok(StepInput {
+        batch,
+        step,
+        lr: cfg.lr_at(step),
+        lambda: cfg.lambda_at(step),
+    })
+}
+
 /// The most draws a forward-gradient estimator averages per step (`fg_passes`).
 pub const MAX_FG_PASSES: usize = 1024;
 
@@ -179,6 +229,14 @@ pub struct Trainer {
     net: LocalNetwork,
     cfg: TrainerConfig,
     optimizers: Vec<Box<dyn Optimizer>>,
+    pipeline: Option<pipeline::Pipeline>,
+    progress: Progress,
+}
+
+/// Where training stands and the current epoch's sums: what the thread that completes steps
+/// owns while the modules run elsewhere.
+#[derive(Debug)]
+struct Progress {
     step: usize,
     epoch: usize,
     acc: EpochAccumulator,
@@ -322,7 +380,6 @@ struct Pending {
     seed: u64,
 }
 
-/// The seed of module `k`'s forward pass at `step` (SplitMix64 of the three).
 /// Scales `grads` so that their joint L2 norm is at most `max`, on the device (no host sync):
 /// `g · min(1, max / (‖g‖ + 1e-6))`, as `torch.nn.utils.clip_grad_norm_`.
 pub fn clip_grad_norm(grads: &mut [Tensor], max: f64) -> Result<()> {
@@ -341,6 +398,7 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max: f64) -> Result<()> {
     Ok(())
 }
 
+/// The seed of module `k`'s forward pass at `step` (SplitMix64 of the three).
 fn pass_seed(seed: u64, step: usize, k: usize) -> u64 {
     let mut z = seed
         ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -348,6 +406,55 @@ fn pass_seed(seed: u64, step: usize, k: usize) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+impl Progress {
+    /// Adds a complete step's record to the epoch sums (in module order, whichever worker
+    /// produced it) and advances the step count.
+    fn complete(
+        &mut self,
+        input: &StepInput,
+        record: StepRecord,
+        seconds: f64,
+    ) -> Result<StepMetrics> {
+        let device = input.batch.input.device();
+        let losses = Tensor::stack(&record.losses, 0)?;
+        self.sums.add_losses(&losses, self.step)?;
+        let correct = match record.correct {
+            Some(c) => c,
+            None => Tensor::new(0f64, device)?,
+        };
+        self.sums.correct = (&self.sums.correct + &correct)?;
+        for b in &record.boundaries {
+            if let Some(stats) = &b.stats {
+                self.sums.add_boundary(b.slot, 0, &stats.get(0)?)?;
+                self.sums.add_boundary(b.slot, 1, &stats.get(1)?)?;
+                self.acc.boundary[b.slot].3 += 1;
+            }
+            if let Some(d) = &b.distance {
+                self.sums.add_boundary(b.slot, 2, d)?;
+                self.acc.boundary[b.slot].4 += 1;
+            }
+        }
+        let n = input.batch.len()?;
+        let a = &mut self.acc;
+        a.steps += 1;
+        a.seen += n;
+        a.seconds += seconds;
+        a.lr = input.lr;
+        let m = StepMetrics {
+            epoch: self.epoch,
+            step: self.step,
+            module_losses: losses,
+            lr: input.lr,
+            lambda: input.lambda,
+            batch: n,
+            correct,
+            seconds,
+        };
+        self.step += 1;
+        Ok(m)
+    }
 }
 
 impl Trainer {
@@ -385,13 +492,16 @@ impl Trainer {
         let acc = EpochAccumulator::new(k);
         let sums = DeviceSums::from_host(&acc, &net.device()?)?;
         Ok(Self {
-            acc,
-            sums,
             net,
             cfg,
             optimizers,
-            step: 0,
-            epoch: 0,
+            pipeline: None,
+            progress: Progress {
+                step: 0,
+                epoch: 0,
+                acc,
+                sums,
+            },
         })
     }
 
@@ -407,7 +517,7 @@ impl Trainer {
 
     /// Global step count so far.
     pub fn global_step(&self) -> usize {
-        self.step
+        self.progress.step
     }
 
     /// The per-module optimizers.
@@ -422,14 +532,14 @@ impl Trainer {
 
     /// Sets the position (epoch, global step) when resuming.
     pub fn set_position(&mut self, epoch: usize, step: usize) {
-        self.epoch = epoch;
-        self.step = step;
+        self.progress.epoch = epoch;
+        self.progress.step = step;
     }
 
     /// Plans `epochs` epochs in total from now on (extending or shortening a run); the
     /// learning-rate schedule is recomputed for the new total from the current step.
     pub fn set_planned_epochs(&mut self, epochs: usize) -> Result<()> {
-        let done = self.epoch + usize::from(self.acc.steps > 0);
+        let done = self.progress.epoch + usize::from(self.progress.acc.steps > 0);
         if epochs < done.max(1) {
             return Err(Error::InvalidConfig(format!(
                 "cannot plan {epochs} epochs: {done} are already (partly) done"
@@ -441,21 +551,21 @@ impl Trainer {
 
     /// Current epoch (0-based).
     pub fn epoch(&self) -> usize {
-        self.epoch
+        self.progress.epoch
     }
 
     /// Steps taken in the current epoch.
     pub fn steps_in_epoch(&self) -> usize {
-        self.acc.steps
+        self.progress.acc.steps
     }
 
     /// The position and partial epoch metrics (for checkpoints). Reads the device sums, so a
     /// non-finite loss since the last read is reported here.
     pub fn state(&self) -> Result<TrainerState> {
         Ok(TrainerState {
-            epoch: self.epoch,
-            global_step: self.step,
-            epoch_progress: self.sums.download(&self.acc)?,
+            epoch: self.progress.epoch,
+            global_step: self.progress.step,
+            epoch_progress: self.progress.sums.download(&self.progress.acc)?,
         })
     }
 
@@ -479,83 +589,53 @@ impl Trainer {
     /// Restores a state produced by [`Trainer::state`].
     pub fn load_state(&mut self, state: TrainerState) -> Result<()> {
         self.check_state(&state)?;
-        self.epoch = state.epoch;
-        self.step = state.global_step;
-        self.sums = DeviceSums::from_host(&state.epoch_progress, &self.net.device()?)?;
-        self.acc = state.epoch_progress;
+        self.progress.epoch = state.epoch;
+        self.progress.step = state.global_step;
+        self.progress.sums = DeviceSums::from_host(&state.epoch_progress, &self.net.device()?)?;
+        self.progress.acc = state.epoch_progress;
         Ok(())
-    }
-
-    fn lr_now(&self) -> f64 {
-        let total = self.cfg.epochs * self.cfg.steps_per_epoch;
-        self.cfg
-            .schedule
-            .lr(self.cfg.lr, self.step, self.cfg.steps_per_epoch, total)
-    }
-
-    fn lambda_now(&self) -> f64 {
-        let progress = self.step as f64 / self.cfg.steps_per_epoch.max(1) as f64;
-        self.cfg
-            .method
-            .sgr
-            .as_ref()
-            .map_or(0.0, |s| s.lambda_at(progress))
     }
 
     /// One optimisation step on a batch.
     pub fn train_step(&mut self, batch: &Batch) -> Result<StepMetrics> {
-        let _span = tracing::debug_span!("train_step", step = self.step).entered();
+        let _span = tracing::debug_span!("train_step", step = self.progress.step).entered();
         let t0 = Instant::now();
-        let lr = self.lr_now();
-        let lambda = self.lambda_now();
-        let mixed;
-        let batch = if self.cfg.mix.is_some() || self.cfg.label_smoothing > 0.0 {
-            let draw = match &self.cfg.mix {
-                Some(m) => {
-                    let (_, _, h, w) = batch.input.dims4()?;
-                    m.draw(pass_seed(self.cfg.seed, self.step, usize::MAX), h, w)
+        let input = step_input(&self.net, &self.cfg, batch, self.progress.step)?;
+        let backward_sgr = self
+            .cfg
+            .method
+            .sgr
+            .as_ref()
+            .is_some_and(|s| s.direction == Direction::Backward);
+        let record = match self.cfg.method.objective {
+            o if o.is_end_to_end() => self.bp_step(&input)?,
+            _ if backward_sgr => self.backward_sgr_step(&input)?,
+            _ => {
+                let mut record = StepRecord::default();
+                let mut carry = Carry::start(&input.batch);
+                for k in 0..self.net.num_modules() {
+                    carry = module_step(
+                        &self.net,
+                        &self.cfg,
+                        self.optimizers[k].as_mut(),
+                        k,
+                        &input,
+                        carry,
+                        &mut record,
+                    )?;
                 }
-                None => MixDraw::None,
-            };
-            let classes = self.net.num_classes();
-            mixed = crate::mix::apply(batch, draw, classes, self.cfg.label_smoothing)?;
-            &mixed
-        } else {
-            batch
+                record
+            }
         };
-        let (losses, correct) = match (self.cfg.method.estimator, self.cfg.method.objective) {
-            (_, o) if o.is_end_to_end() => self.bp_step(batch, lr)?,
-            (Estimator::Backprop, _) => self.local_step(batch, lr, lambda)?,
-            (_, _) => self.forward_step(batch, lr, lambda)?,
-        };
-        let losses = Tensor::stack(&losses, 0)?;
-        self.sums.add_losses(&losses, self.step)?;
-        self.sums.correct = (&self.sums.correct + &correct)?;
-        let seconds = t0.elapsed().as_secs_f64();
-        let n = batch.len()?;
-        let a = &mut self.acc;
-        a.steps += 1;
-        a.seen += n;
-        a.seconds += seconds;
-        a.lr = lr;
-        let m = StepMetrics {
-            epoch: self.epoch,
-            step: self.step,
-            module_losses: losses,
-            lr,
-            lambda,
-            batch: n,
-            correct,
-            seconds,
-        };
-        self.step += 1;
-        Ok(m)
+        self.progress
+            .complete(&input, record, t0.elapsed().as_secs_f64())
     }
 
     /// The whole network as one graph, on the last module's objective.
-    fn bp_step(&mut self, batch: &Batch, lr: f64) -> Result<(Vec<Tensor>, Tensor)> {
+    fn bp_step(&mut self, input: &StepInput) -> Result<StepRecord> {
+        let batch = &input.batch;
         let k = self.net.num_modules() - 1;
-        let mut ctx = Ctx::train().with_seed(pass_seed(self.cfg.seed, self.step, k));
+        let mut ctx = Ctx::train().with_seed(pass_seed(self.cfg.seed, input.step, k));
         let logits = self.net.forward(&batch.input.detach(), &mut ctx)?;
         let out = self
             .net
@@ -563,44 +643,41 @@ impl Trainer {
             .loss(&logits, batch, &mut ctx)?;
         let value = out.loss.detach().to_dtype(DType::F64)?;
         let correct = match &out.logits {
-            Some(l) => batch.targets.correct(l)?,
-            None => Tensor::new(0f64, logits.device())?,
+            Some(l) => Some(batch.targets.correct(l)?),
+            None => None,
         };
         let store = out.loss.backward()?;
         drop(out);
         drop(logits);
         let grads = collect_grads_checked(&store, self.optimizers[0].params())?;
         drop(store);
-        self.update(0, grads, lr)?;
-        Ok((vec![value], correct))
+        update(&self.cfg, self.optimizers[0].as_mut(), grads, input.lr)?;
+        Ok(StepRecord {
+            losses: vec![value],
+            boundaries: Vec::new(),
+            correct,
+        })
     }
 
-    /// Module `k`'s optimizer step, after gradient clipping when configured.
-    fn update(&mut self, k: usize, mut grads: Vec<Tensor>, lr: f64) -> Result<()> {
-        if let Some(max) = self.cfg.clip_grad_norm {
-            clip_grad_norm(&mut grads, max)?;
-        }
-        self.optimizers[k].step(&grads, lr)
-    }
-
-    fn local_step(&mut self, batch: &Batch, lr: f64, lambda: f64) -> Result<(Vec<Tensor>, Tensor)> {
+    /// A local step with the SGR term in the backward direction: module k's update waits for
+    /// module k+1's input gradient b_{k+1}, so this schedule is sequential only.
+    fn backward_sgr_step(&mut self, input: &StepInput) -> Result<StepRecord> {
+        let batch = &input.batch;
         let k_total = self.net.num_modules();
         let sgr = self.cfg.method.sgr.clone();
-        let direction = sgr.as_ref().map_or(Direction::Forward, |s| s.direction);
         // The finite differences replay the decisions of the module whose term they compute;
         // no other module records.
         let record = |k: usize| {
             sgr.as_ref()
                 .is_some_and(|s| s.grad != SgrGrad::Exact && s.direction.reruns(k, k_total))
         };
-        let mut losses = Vec::with_capacity(k_total);
-        let mut correct = None;
+        let mut out = StepRecord::default();
         let mut h = batch.input.detach();
         let mut prev_a: Option<Tensor> = None;
         let mut pending: Option<Pending> = None;
         for k in 0..k_total {
             let _span = tracing::trace_span!("module", k).entered();
-            let seed = pass_seed(self.cfg.seed, self.step, k);
+            let seed = pass_seed(self.cfg.seed, input.step, k);
             let prob = LocalModule {
                 net: &self.net,
                 k,
@@ -612,86 +689,66 @@ impl Trainer {
                 Ctx::train()
             };
             let bp = base_pass_in(&prob, &h, k > 0, ctx.with_seed(seed))?;
-            losses.push(bp.loss.clone());
+            out.losses.push(bp.loss.clone());
             if k + 1 == k_total {
                 if let Some(l) = &bp.logits {
-                    correct = Some(batch.targets.correct(l)?);
+                    out.correct = Some(batch.targets.correct(l)?);
                 }
             }
-            let mut grads = bp.grads.clone();
-            let mut sgr_d = None;
+            let mut boundary = BoundaryRecord {
+                slot: k.wrapping_sub(1),
+                stats: None,
+                distance: None,
+            };
             if let (Some(a), Some(b)) = (&prev_a, &bp.input_grad) {
-                let stats = boundary_stats_on_device(a, b)?;
-                add_boundary_stats(&mut self.sums, &mut self.acc, k - 1, &stats)?;
+                boundary.stats = Some(boundary_stats_on_device(a, b)?);
             }
-            match direction {
-                Direction::Forward => {
-                    if let (Some(cfg), true) = (&sgr, k > 0) {
-                        let (a, b) = match (&prev_a, &bp.input_grad) {
-                            (Some(a), Some(b)) => (a, b),
-                            _ => {
-                                return Err(Error::Internal(format!(
-                                    "module {k}: boundary gradients are missing"
-                                )))
-                            }
-                        };
-                        let term =
-                            sgr_term_grad(&prob, &h, Site::Input, b, a, BasePoint::of(&bp), cfg)?;
-                        add_scaled(&mut grads, &term.grads, lambda)?;
-                        sgr_d = Some((k - 1, term.distance));
-                    }
-                    self.update(k, grads, lr)?;
+            if let Some(p) = pending.take() {
+                let mut g = p.grads.clone();
+                if let Some(cfg) = &sgr {
+                    let b = bp.input_grad.as_ref().ok_or_else(|| {
+                        Error::Internal(format!("module {k}: input gradient missing"))
+                    })?;
+                    let prev = LocalModule {
+                        net: &self.net,
+                        k: p.k,
+                        batch,
+                    };
+                    let term = sgr_term_grad(
+                        &prev,
+                        &p.input,
+                        Site::Output,
+                        &p.output_grad,
+                        b,
+                        BasePoint {
+                            masks: &p.masks,
+                            grads: &p.grads,
+                            seed: p.seed,
+                        },
+                        cfg,
+                    )?;
+                    add_scaled(&mut g, &term.grads, input.lambda)?;
+                    boundary.distance = Some(term.distance);
                 }
-                Direction::Backward => {
-                    if let Some(p) = pending.take() {
-                        let mut g = p.grads.clone();
-                        if let Some(cfg) = &sgr {
-                            let b = bp.input_grad.as_ref().ok_or_else(|| {
-                                Error::Internal(format!("module {k}: input gradient missing"))
-                            })?;
-                            let prev = LocalModule {
-                                net: &self.net,
-                                k: p.k,
-                                batch,
-                            };
-                            let term = sgr_term_grad(
-                                &prev,
-                                &p.input,
-                                Site::Output,
-                                &p.output_grad,
-                                b,
-                                BasePoint {
-                                    masks: &p.masks,
-                                    grads: &p.grads,
-                                    seed: p.seed,
-                                },
-                                cfg,
-                            )?;
-                            add_scaled(&mut g, &term.grads, lambda)?;
-                            sgr_d = Some((k - 1, term.distance));
-                        }
-                        self.update(p.k, g, lr)?;
-                    }
-                    if k + 1 < k_total {
-                        let output_grad = bp.output_grad.clone().ok_or_else(|| {
-                            Error::Internal(format!("module {k}: output gradient missing"))
-                        })?;
-                        pending = Some(Pending {
-                            k,
-                            input: h.clone(),
-                            masks: bp.masks,
-                            grads,
-                            output_grad,
-                            seed,
-                        });
-                    } else {
-                        self.update(k, grads, lr)?;
-                    }
-                }
+                update(&self.cfg, self.optimizers[p.k].as_mut(), g, input.lr)?;
             }
-            if let Some((slot, d)) = sgr_d {
-                self.sums.add_boundary(slot, 2, &d)?;
-                self.acc.boundary[slot].4 += 1;
+            if k + 1 < k_total {
+                let output_grad = bp.output_grad.clone().ok_or_else(|| {
+                    Error::Internal(format!("module {k}: output gradient missing"))
+                })?;
+                pending = Some(Pending {
+                    k,
+                    input: h.clone(),
+                    masks: bp.masks,
+                    grads: bp.grads,
+                    output_grad,
+                    seed,
+                });
+            } else {
+                update(&self.cfg, self.optimizers[k].as_mut(), bp.grads, input.lr)?;
+            }
+            if k > 0 {
+                out.boundaries.push(boundary);
             }
             prev_a = if k + 1 < k_total {
                 bp.output_grad
@@ -700,20 +757,16 @@ impl Trainer {
             };
             h = bp.output;
         }
-        let correct = match correct {
-            Some(c) => c,
-            None => Tensor::new(0f64, h.device())?,
-        };
-        Ok((losses, correct))
+        Ok(out)
     }
 
     /// Closes the current epoch: reads the device sums, returns the epoch's metrics and emits
     /// [`Event::Epoch`]. A non-finite loss during the epoch is an error here.
     pub fn finish_epoch(&mut self, observer: &mut dyn Observer) -> Result<EpochMetrics> {
         let k = self.net.num_modules();
-        let a = self.sums.download(&self.acc)?;
-        self.acc = EpochAccumulator::new(k);
-        self.sums = DeviceSums::from_host(&self.acc, &self.net.device()?)?;
+        let a = self.progress.sums.download(&self.progress.acc)?;
+        self.progress.acc = EpochAccumulator::new(k);
+        self.progress.sums = DeviceSums::from_host(&self.progress.acc, &self.net.device()?)?;
         let steps = a.steps.max(1) as f64;
         let module_losses: Vec<f64> = a.loss_sums.iter().map(|s| s / steps).collect();
         let boundaries = a
@@ -731,7 +784,7 @@ impl Trainer {
             })
             .collect();
         let m = EpochMetrics {
-            epoch: self.epoch,
+            epoch: self.progress.epoch,
             steps: a.steps,
             train_loss: module_losses.last().copied().unwrap_or(f64::NAN),
             module_losses,
@@ -741,7 +794,7 @@ impl Trainer {
             seconds: a.seconds,
         };
         observer.on_event(&Event::Epoch(&m));
-        self.epoch += 1;
+        self.progress.epoch += 1;
         Ok(m)
     }
 
@@ -756,13 +809,134 @@ impl Trainer {
         B: Into<Batch>,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let _span = tracing::info_span!("epoch", epoch = self.epoch).entered();
-        for b in batches {
-            let batch: Batch = b.map_err(|e| Error::Data(e.into()))?.into();
-            let m = self.train_step(&batch)?;
-            observer.on_event(&Event::Step(&m));
-        }
+        let _span = tracing::info_span!("epoch", epoch = self.progress.epoch).entered();
+        let mut batches = batches
+            .into_iter()
+            .map(|b| b.map(Into::into).map_err(|e| Error::Data(e.into())));
+        self.train_batches(&mut batches, &mut |m| {
+            observer.on_event(&Event::Step(m));
+            ControlFlow::Continue(())
+        })?;
         self.finish_epoch(observer)
+    }
+
+    /// Trains on `batches` in order, calling `on_step` after each completed step. When
+    /// `on_step` breaks, no further batch is taken; steps already in the pipeline complete (and
+    /// are reported) first, so the trainer's state is always that of whole steps. With a
+    /// [pipeline](Self::set_pipeline) the modules run on its workers, bit-identically to the
+    /// sequential schedule (docs/parallel.md).
+    pub fn train_batches(
+        &mut self,
+        batches: &mut dyn Iterator<Item = Result<Batch>>,
+        on_step: &mut dyn FnMut(&StepMetrics) -> ControlFlow<()>,
+    ) -> Result<pipeline::Drained> {
+        if let Some(p) = &self.pipeline {
+            return pipeline::run(
+                &self.net,
+                &self.cfg,
+                &mut self.optimizers,
+                &mut self.progress,
+                p,
+                batches,
+                on_step,
+            );
+        }
+        let mut drained = pipeline::Drained {
+            steps: 0,
+            stopped: false,
+        };
+        for b in batches {
+            let m = self.train_step(&b?)?;
+            drained.steps += 1;
+            if on_step(&m).is_break() {
+                drained.stopped = true;
+                break;
+            }
+        }
+        Ok(drained)
+    }
+
+    /// Runs the modules of later steps on the workers of `pipeline` (`None`: one after another
+    /// on this thread). Refused for `bp` with more than one worker, and for the SGR term's
+    /// backward direction, whose module k waits for module k+1's input gradient: a message
+    /// backward, which the pipeline does not send.
+    pub fn set_pipeline(&mut self, pipeline: Option<pipeline::Pipeline>) -> Result<()> {
+        if let Some(p) = &pipeline {
+            let k = self.net.num_modules();
+            let last = p.stages().last().map_or(0, |r| r.end);
+            if last != k {
+                return Err(Error::InvalidConfig(format!(
+                    "the pipeline covers {last} modules, the network has K={k}"
+                )));
+            }
+            if p.workers() > 1 {
+                if let Some(s) = &self.cfg.method.sgr {
+                    if s.direction == Direction::Backward {
+                        return Err(Error::InvalidConfig(
+                            "the SGR term's backward direction makes module k wait for module                              k+1's input gradient, a message backward between workers that a                              pipeline does not send: use the forward direction (the default)                              or train without a pipeline"
+                                .into(),
+                        ));
+                    }
+                }
+            }
+        }
+        self.pipeline = pipeline;
+        Ok(())
+    }
+
+    /// The pipeline the modules run on, if any.
+    pub fn pipeline(&self) -> Option<&pipeline::Pipeline> {
+        self.pipeline.as_ref()
+    }
+
+    /// Seconds per step of each module on `batch` (the median of `repeats` timed steps after
+    /// one untimed one), for placing modules on pipeline workers. Nothing changes: weights,
+    /// buffers, optimizer states and the step count are as before, since the steps are taken
+    /// with scratch optimizers from a copy of the weights that is then restored.
+    pub fn module_seconds(&mut self, batch: &Batch, repeats: usize) -> Result<Vec<f64>> {
+        let params = self.net.params();
+        let saved = params
+            .iter()
+            .map(|p| p.var.as_tensor().copy())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let result = (|| {
+            let k_total = self.net.num_modules();
+            let input = step_input(&self.net, &self.cfg, batch, self.progress.step)?;
+            let mut scratch = (0..k_total)
+                .map(|k| self.cfg.optimizer.build(self.net.module_params(k)))
+                .collect::<Result<Vec<_>>>()?;
+            let mut times = vec![Vec::with_capacity(repeats); k_total];
+            for rep in 0..=repeats.max(1) {
+                let mut carry = Carry::start(&input.batch);
+                let mut record = StepRecord::default();
+                for (k, opt) in scratch.iter_mut().enumerate() {
+                    let t0 = Instant::now();
+                    carry = module_step(
+                        &self.net,
+                        &self.cfg,
+                        opt.as_mut(),
+                        k,
+                        &input,
+                        carry,
+                        &mut record,
+                    )?;
+                    if rep > 0 {
+                        times[k].push(t0.elapsed().as_secs_f64());
+                    }
+                }
+            }
+            Ok(times
+                .into_iter()
+                .map(|mut t| {
+                    t.sort_by(f64::total_cmp);
+                    t[t.len() / 2]
+                })
+                .collect())
+        })();
+        for (p, t) in params.iter().zip(&saved) {
+            p.var.set(t)?;
+        }
+        result
     }
 
     /// Evaluates the network's classifier (evaluation mode) over `batches`.
@@ -900,19 +1074,6 @@ fn check_replayable(net: &LocalNetwork, method: &Method) -> Result<()> {
             });
         }
     }
-    Ok(())
-}
-
-/// Adds a boundary's `[cos, rel]` to the epoch's device sums.
-fn add_boundary_stats(
-    sums: &mut DeviceSums,
-    acc: &mut EpochAccumulator,
-    slot: usize,
-    stats: &Tensor,
-) -> Result<()> {
-    sums.add_boundary(slot, 0, &stats.get(0)?)?;
-    sums.add_boundary(slot, 1, &stats.get(1)?)?;
-    acc.boundary[slot].3 += 1;
     Ok(())
 }
 

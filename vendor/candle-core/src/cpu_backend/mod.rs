@@ -1479,7 +1479,9 @@ impl Map2 for MatMul {
         let dst_cs = dst_strides[1];
 
         let mut dst = vec![T::zero(); b * m * n];
-        let num_threads = crate::utils::get_num_threads();
+        // The rayon pool the call runs in decides the parallelism (sgr: a pipeline worker's
+        // own pool), not the process-wide setting.
+        let num_threads = rayon::current_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
         } else {

@@ -1,0 +1,380 @@
+//! Module-parallel training (docs/parallel.md): a pipeline of worker threads gives the weights,
+//! optimizer states and epoch metrics of the sequential schedule bit for bit, for every local
+//! method and SGR way; a step's result does not depend on the number of compute threads;
+//! stopping, a failing data source and layouts that cannot work behave as documented.
+
+use std::ops::ControlFlow;
+
+use candle_core::{DType, Device, Tensor};
+use sgr_core::events::{EpochMetrics, NoObserver};
+use sgr_core::method::{Estimator, Method, Objective};
+use sgr_core::mix::MixConfig;
+use sgr_core::network::LocalNetwork;
+use sgr_core::objective::{Batch, PixelStats};
+use sgr_core::sgr::{Direction, SgrConfig, SgrGrad};
+use sgr_core::trainer::pipeline::Pipeline;
+use sgr_core::trainer::{Trainer, TrainerConfig};
+use sgr_integration_tests::{labels, randn, trainer_config};
+use sgr_models::localmixer::LocalMixerConfig;
+use sgr_models::vit::{VisionTransformer, VitConfig};
+use sgr_models::{CifarResNet, ModelOptions, ResNetConfig, SplitStrategy};
+
+const STEPS: usize = 4;
+
+/// ResNet-8 on 3×8×8 images, cut uniformly into 3 modules with `objective`'s heads.
+fn resnet8(objective: Objective) -> LocalNetwork {
+    CifarResNet {
+        config: ResNetConfig {
+            depth: 8,
+            in_channels: 3,
+            num_classes: 10,
+        },
+        options: ModelOptions {
+            modules: 3,
+            split: SplitStrategy::Uniform,
+            seed: 5,
+            objective,
+            pixels: Some(PixelStats {
+                mean: vec![0.5, 0.4, 0.3],
+                std: vec![0.25, 0.2, 0.3],
+            }),
+            ..ModelOptions::default()
+        },
+    }
+    .build(&Device::Cpu, DType::F32)
+    .expect("build resnet")
+}
+
+/// A two-block LocalMixer on 1×8×8 images, cut into [block 0 | block 1 | read-out].
+fn mixer() -> LocalNetwork {
+    let cfg = LocalMixerConfig {
+        name: "localmixer-test".into(),
+        image_size: 8,
+        in_channels: 1,
+        num_classes: 10,
+        blocks: 2,
+        patches: 2,
+        channels: 8,
+        groups: 2,
+    };
+    let opts = ModelOptions {
+        modules: 3,
+        seed: 3,
+        ..ModelOptions::default()
+    };
+    sgr_models::family::build(&cfg, &opts, &Device::Cpu, DType::F32).expect("build mixer")
+}
+
+/// A one-block-per-module ViT on 3×8×8 images (patch 4, width 16, 2 heads).
+fn vit() -> LocalNetwork {
+    VisionTransformer {
+        config: VitConfig {
+            name: "vit-test".into(),
+            image_size: 8,
+            patch_size: 4,
+            in_channels: 3,
+            num_classes: 10,
+            embed_dim: 16,
+            depth: 2,
+            num_heads: 2,
+            mlp_ratio: 2.0,
+        },
+        options: ModelOptions {
+            modules: 2,
+            split: SplitStrategy::Uniform,
+            seed: 4,
+            ..ModelOptions::default()
+        },
+    }
+    .build(&Device::Cpu, DType::F32)
+    .expect("build vit")
+}
+
+fn batches(channels: usize, n: usize, count: usize) -> Vec<Batch> {
+    (0..count as u64)
+        .map(|i| {
+            Batch::labelled(
+                randn(&[n, channels, 8, 8], 1.0, 40 + i, DType::F32),
+                labels(n, 60 + i),
+            )
+        })
+        .collect()
+}
+
+fn config(method: &str, grad: SgrGrad, estimator: Estimator) -> TrainerConfig {
+    let mut method: Method = method.parse().expect("method");
+    method.sgr = method.sgr.map(|_| SgrConfig {
+        grad,
+        lambda: 0.5,
+        ..SgrConfig::default()
+    });
+    method.estimator = estimator;
+    trainer_config(method)
+}
+
+/// Every bit a run leaves: weights and buffers, optimizer states, and the epoch's metrics
+/// without its wall time.
+#[derive(Debug, PartialEq)]
+struct Outcome {
+    params: Vec<(String, Vec<u32>)>,
+    states: Vec<Vec<(String, Vec<u32>)>>,
+    metrics: String,
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("tensor")
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
+}
+
+fn outcome(t: &mut Trainer) -> Outcome {
+    let params = t
+        .network()
+        .params()
+        .into_iter()
+        .map(|p| (p.name.clone(), bits(p.var.as_tensor())))
+        .collect();
+    let states = t
+        .optimizers()
+        .iter()
+        .map(|o| {
+            let mut s: Vec<_> = o
+                .state()
+                .expect("state")
+                .into_iter()
+                .map(|(n, v)| (n, bits(&v)))
+                .collect();
+            s.sort();
+            s
+        })
+        .collect();
+    let m: EpochMetrics = t.finish_epoch(&mut NoObserver).expect("epoch");
+    let metrics = format!(
+        "{:?} {:?} {} {} {:?} {}",
+        m.module_losses, m.train_loss, m.train_accuracy, m.steps, m.boundaries, m.lr
+    );
+    Outcome {
+        params,
+        states,
+        metrics,
+    }
+}
+
+/// Trains `data` on a fresh network, on `pipeline` (sequentially when `None`).
+fn train(
+    net: fn() -> LocalNetwork,
+    cfg: &TrainerConfig,
+    pipeline: Option<Pipeline>,
+    data: &[Batch],
+) -> Outcome {
+    let mut t = Trainer::new(net(), cfg.clone()).expect("trainer");
+    t.set_pipeline(pipeline).expect("pipeline");
+    let mut source = data.iter().cloned().map(Ok);
+    let d = t
+        .train_batches(&mut source, &mut |_| ControlFlow::Continue(()))
+        .expect("train");
+    assert_eq!(d.steps, data.len());
+    outcome(&mut t)
+}
+
+fn assert_pipelines_match(
+    name: &str,
+    net: fn() -> LocalNetwork,
+    cfg: TrainerConfig,
+    data: &[Batch],
+) {
+    let sequential = train(net, &cfg, None, data);
+    let k = net().num_modules();
+    for workers in 2..=k {
+        let p = Pipeline::even(k, workers, 1).unwrap();
+        let piped = train(net, &cfg, Some(p.clone()), data);
+        assert!(
+            piped == sequential,
+            "{name}: {:?} differs from the sequential run",
+            p.stages()
+        );
+    }
+}
+
+fn resnet_greedy() -> LocalNetwork {
+    resnet8(Objective::Greedy)
+}
+fn resnet_dgl() -> LocalNetwork {
+    resnet8(Objective::Dgl)
+}
+fn resnet_infopro() -> LocalNetwork {
+    resnet8(Objective::Infopro)
+}
+
+/// The central invariant: greedy, greedy+sgr under each SGR way, dgl+sgr and infopro+sgr on
+/// 2 and 3 workers give the sequential run's bits.
+#[test]
+fn pipelines_are_bit_identical_to_the_sequential_run() {
+    let data = batches(3, 8, STEPS);
+    let bp = Estimator::Backprop;
+    let cases: [(&str, fn() -> LocalNetwork, SgrGrad); 6] = [
+        ("greedy", resnet_greedy, SgrGrad::FiniteDifference),
+        ("greedy+sgr", resnet_greedy, SgrGrad::FiniteDifference),
+        ("greedy+sgr", resnet_greedy, SgrGrad::ForwardDifference),
+        ("greedy+sgr", resnet_greedy, SgrGrad::Exact),
+        ("dgl+sgr", resnet_dgl, SgrGrad::ForwardDifference),
+        ("infopro+sgr", resnet_infopro, SgrGrad::FiniteDifference),
+    ];
+    for (method, net, grad) in cases {
+        let name = format!("{method} ({grad})");
+        assert_pipelines_match(&name, net, config(method, grad, bp), &data);
+    }
+}
+
+/// Mixup/cutmix and label smoothing are drawn once at the source and travel with the batch;
+/// the BP-free estimator's noise is seeded per (step, module) wherever the module runs.
+#[test]
+fn recipes_and_forward_gradients_pipeline_bit_identically() {
+    let mut cfg = config(
+        "greedy+sgr",
+        SgrGrad::ForwardDifference,
+        Estimator::Backprop,
+    );
+    cfg.mix = Some(MixConfig::default());
+    cfg.label_smoothing = 0.1;
+    assert_pipelines_match("mixup", resnet_greedy, cfg, &batches(3, 8, STEPS));
+    let fga = config(
+        "greedy+sgr",
+        SgrGrad::FiniteDifference,
+        Estimator::ForwardActivity,
+    );
+    assert_pipelines_match("forward-activity", mixer, fga, &batches(1, 6, STEPS));
+    let vit_cfg = config(
+        "greedy+sgr",
+        SgrGrad::ForwardDifference,
+        Estimator::Backprop,
+    );
+    assert_pipelines_match("vit", vit, vit_cfg, &batches(3, 6, STEPS));
+}
+
+/// The kernels chunk their reductions by fixed sizes, not by thread: the same steps in rayon
+/// pools of 1, 2 and 3 threads give the same bits (what lets a pipeline worker run with fewer
+/// threads than the sequential run, and a run reproduce on another core count).
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    let cases: [(&str, fn() -> LocalNetwork, usize, Estimator); 3] = [
+        ("resnet8", resnet_greedy, 3, Estimator::Backprop),
+        ("vit", vit, 3, Estimator::Backprop),
+        ("localmixer", mixer, 1, Estimator::ForwardActivity),
+    ];
+    for (name, net, channels, estimator) in cases {
+        // 24 images: three of the conv kernels' 8-image weight-gradient chunks.
+        let data = batches(channels, 24, 2);
+        let cfg = config("greedy+sgr", SgrGrad::FiniteDifference, estimator);
+        let runs: Vec<Outcome> = (1..=3)
+            .map(|threads| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap()
+                    .install(|| train(net, &cfg, None, &data))
+            })
+            .collect();
+        assert!(runs[0] == runs[1], "{name}: 1 and 2 threads differ");
+        assert!(runs[0] == runs[2], "{name}: 1 and 3 threads differ");
+    }
+}
+
+/// A stop asked for by `on_step` takes no further batch but completes the steps in flight, so
+/// the state is that of whole steps: continuing on the rest equals an uninterrupted run.
+#[test]
+fn a_stop_completes_the_steps_in_flight_and_training_continues_exactly() {
+    let data = batches(3, 8, 6);
+    let cfg = config("greedy+sgr", SgrGrad::FiniteDifference, Estimator::Backprop);
+    let whole = train(resnet_greedy, &cfg, None, &data);
+    let mut t = Trainer::new(resnet_greedy(), cfg.clone()).unwrap();
+    t.set_pipeline(Some(Pipeline::even(3, 3, 1).unwrap()))
+        .unwrap();
+    let mut source = data.iter().cloned().map(Ok);
+    let mut seen = Vec::new();
+    let first = t
+        .train_batches(&mut source, &mut |m| {
+            seen.push(m.step);
+            ControlFlow::Break(())
+        })
+        .unwrap();
+    assert!(first.stopped && first.steps >= 1, "{first:?}");
+    assert_eq!(seen, (0..first.steps).collect::<Vec<_>>(), "steps in order");
+    assert_eq!(t.global_step(), first.steps);
+    let mut rest = data[first.steps..].iter().cloned().map(Ok);
+    let second = t
+        .train_batches(&mut rest, &mut |_| ControlFlow::Continue(()))
+        .unwrap();
+    assert_eq!(first.steps + second.steps, data.len());
+    assert!(
+        outcome(&mut t) == whole,
+        "stopped and continued run differs"
+    );
+}
+
+/// A data error stops the feed; the steps before it complete, and the error is returned.
+#[test]
+fn a_failing_source_returns_its_error_after_the_steps_before_it() {
+    let data = batches(3, 8, 3);
+    let cfg = config("greedy", SgrGrad::FiniteDifference, Estimator::Backprop);
+    let mut t = Trainer::new(resnet_greedy(), cfg).unwrap();
+    t.set_pipeline(Some(Pipeline::even(3, 2, 1).unwrap()))
+        .unwrap();
+    let mut source = data
+        .iter()
+        .cloned()
+        .map(Ok)
+        .take(2)
+        .chain(std::iter::once(Err(sgr_core::Error::Data(
+            "image 7 of batch 2 is unreadable".into(),
+        ))));
+    let e = t
+        .train_batches(&mut source, &mut |_| ControlFlow::Continue(()))
+        .unwrap_err();
+    assert!(e.to_string().contains("image 7"), "{e}");
+    assert_eq!(t.global_step(), 2);
+}
+
+/// Layouts that cannot work are refused with what to do.
+#[test]
+fn pipelines_that_cannot_work_are_refused() {
+    let e = Pipeline::even(3, 4, 1).unwrap_err().to_string();
+    assert!(e.contains("1..=3 workers"), "{e}");
+    let mut cfg = config("greedy+sgr", SgrGrad::FiniteDifference, Estimator::Backprop);
+    if let Some(s) = &mut cfg.method.sgr {
+        s.direction = Direction::Backward;
+    }
+    let mut t = Trainer::new(resnet_greedy(), cfg).unwrap();
+    let e = t
+        .set_pipeline(Some(Pipeline::even(3, 2, 1).unwrap()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("forward direction"), "{e}");
+    let e = t
+        .set_pipeline(Some(Pipeline::even(2, 2, 1).unwrap()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("K=3"), "{e}");
+}
+
+/// Placement by measured step times leaves the trainer exactly as it was.
+#[test]
+fn measuring_module_times_changes_nothing() {
+    let data = batches(3, 8, STEPS);
+    let cfg = config("greedy+sgr", SgrGrad::FiniteDifference, Estimator::Backprop);
+    let plain = train(resnet_greedy, &cfg, None, &data);
+    let mut t = Trainer::new(resnet_greedy(), cfg).unwrap();
+    let secs = t.module_seconds(&data[0], 2).unwrap();
+    assert_eq!(secs.len(), 3);
+    assert!(secs.iter().all(|s| s.is_finite() && *s > 0.0), "{secs:?}");
+    let p = Pipeline::balanced(&secs, 2, 1).unwrap();
+    t.set_pipeline(Some(p)).unwrap();
+    let mut source = data.iter().cloned().map(Ok);
+    t.train_batches(&mut source, &mut |_| ControlFlow::Continue(()))
+        .unwrap();
+    assert!(outcome(&mut t) == plain, "measuring changed the run");
+}
