@@ -21,6 +21,9 @@ use sgr_models::{CifarResNet, ModelOptions, ResNetConfig, SplitStrategy};
 
 const STEPS: usize = 4;
 
+/// A network builder.
+type Build = fn() -> LocalNetwork;
+
 /// ResNet-8 on 3×8×8 images, cut uniformly into 3 modules with `objective`'s heads.
 fn resnet8(objective: Objective) -> LocalNetwork {
     CifarResNet {
@@ -165,12 +168,7 @@ fn outcome(t: &mut Trainer) -> Outcome {
 }
 
 /// Trains `data` on a fresh network, on `pipeline` (sequentially when `None`).
-fn train(
-    net: fn() -> LocalNetwork,
-    cfg: &TrainerConfig,
-    pipeline: Option<Pipeline>,
-    data: &[Batch],
-) -> Outcome {
+fn train(net: Build, cfg: &TrainerConfig, pipeline: Option<Pipeline>, data: &[Batch]) -> Outcome {
     let mut t = Trainer::new(net(), cfg.clone()).expect("trainer");
     t.set_pipeline(pipeline).expect("pipeline");
     let mut source = data.iter().cloned().map(Ok);
@@ -181,12 +179,7 @@ fn train(
     outcome(&mut t)
 }
 
-fn assert_pipelines_match(
-    name: &str,
-    net: fn() -> LocalNetwork,
-    cfg: TrainerConfig,
-    data: &[Batch],
-) {
+fn assert_pipelines_match(name: &str, net: Build, cfg: TrainerConfig, data: &[Batch]) {
     let sequential = train(net, &cfg, None, data);
     let k = net().num_modules();
     for workers in 2..=k {
@@ -216,7 +209,7 @@ fn resnet_infopro() -> LocalNetwork {
 fn pipelines_are_bit_identical_to_the_sequential_run() {
     let data = batches(3, 8, STEPS);
     let bp = Estimator::Backprop;
-    let cases: [(&str, fn() -> LocalNetwork, SgrGrad); 6] = [
+    let cases: [(&str, Build, SgrGrad); 6] = [
         ("greedy", resnet_greedy, SgrGrad::FiniteDifference),
         ("greedy+sgr", resnet_greedy, SgrGrad::FiniteDifference),
         ("greedy+sgr", resnet_greedy, SgrGrad::ForwardDifference),
@@ -261,7 +254,7 @@ fn recipes_and_forward_gradients_pipeline_bit_identically() {
 /// threads than the sequential run, and a run reproduce on another core count).
 #[test]
 fn results_do_not_depend_on_the_thread_count() {
-    let cases: [(&str, fn() -> LocalNetwork, usize, Estimator); 3] = [
+    let cases: [(&str, Build, usize, Estimator); 3] = [
         ("resnet8", resnet_greedy, 3, Estimator::Backprop),
         ("vit", vit, 3, Estimator::Backprop),
         ("localmixer", mixer, 1, Estimator::ForwardActivity),
