@@ -290,6 +290,54 @@ fn resume_continues_identically() {
     }
 }
 
+/// `--pipeline N` trains the modules on N worker threads with the sequential run's bits; a
+/// stopped pipelined run resumes on another N (or none), and a signal stops it with a
+/// checkpoint; more workers than modules is refused naming what works.
+#[test]
+fn pipelined_runs_are_bit_identical_and_resume_on_any_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let straight = dir.path().join("straight");
+    let o = small_run(&straight, &["-k", "3"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let want = std::fs::read(straight.join("model.safetensors")).unwrap();
+    let piped = dir.path().join("piped");
+    let o = small_run(
+        &piped,
+        &["-k", "3", "--pipeline", "3", "--pipeline-threads", "1"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("pipeline: 3 workers x 1 thread"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        std::fs::read(piped.join("model.safetensors")).unwrap(),
+        want
+    );
+    let stopped = dir.path().join("stopped");
+    let o = small_run(
+        &stopped,
+        &["-k", "3", "--pipeline", "2", "--max-steps", "7"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let o = sgr(&[
+        "train",
+        "--resume",
+        stopped.to_str().unwrap(),
+        "--pipeline",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        std::fs::read(stopped.join("model.safetensors")).unwrap(),
+        want
+    );
+    let o = small_run(&dir.path().join("wide"), &["-k", "3", "--pipeline", "4"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--pipeline 2..=3"), "{}", text(&o));
+}
+
 #[test]
 fn resume_refuses_other_flags_and_bad_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
@@ -358,6 +406,11 @@ fn stop_signals_save_and_resume_finishes_identically() {
         let run = dir.path().join(format!("run-{signal}"));
         interrupt_and_resume(&run, &args(&run), signal, &straight);
     }
+    // A pipelined run completes the steps in flight, then saves.
+    let run = dir.path().join("run-pipeline");
+    let mut piped = args(&run);
+    piped.extend(["--pipeline".to_string(), "2".to_string()]);
+    interrupt_and_resume(&run, &piped, "TERM", &straight);
 }
 
 fn interrupt_and_resume(run: &Path, args: &[String], signal: &str, straight: &Path) {

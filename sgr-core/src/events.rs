@@ -54,6 +54,13 @@ pub enum Event<'a> {
     Step(&'a StepMetrics),
     /// An epoch of training finished.
     Epoch(&'a EpochMetrics),
+    /// The modules were placed on pipeline workers by their measured step times.
+    Placed {
+        /// The layout: which modules each worker owns.
+        pipeline: &'a crate::trainer::pipeline::Pipeline,
+        /// Seconds per step of each module, as measured.
+        module_seconds: &'a [f64],
+    },
     /// The network was evaluated after `epoch` epochs of training (0: the initial weights).
     Evaluated {
         /// Completed epochs at the time of the evaluation.

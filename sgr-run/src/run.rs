@@ -2,6 +2,7 @@
 //! evaluation and a checkpoint after each, stop on a step budget or an interrupt, and write the
 //! model and the [`Summary`]. Progress goes to an [`Observer`]; nothing here prints.
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use sgr_core::checkpoint::{load_params, load_training_checkpoint, save_params};
 use sgr_core::events::{EvalMetrics, Event, Observer};
 use sgr_core::network::LocalNetwork;
 use sgr_core::objective::{Batch, PixelStats};
+use sgr_core::trainer::pipeline::Pipeline;
 use sgr_core::trainer::Trainer;
 use sgr_data::{Loader, LoaderConfig};
 use sgr_models::Input;
@@ -40,6 +42,12 @@ pub struct RunOptions {
     /// `split_ends`): the split is measured on the run's data shape and batch size, and its
     /// ends are written to `config.json`.
     pub meter: Option<Arc<dyn crate::memory::MemoryMeter>>,
+    /// Run the modules on this many pipeline worker threads (`None` or 1: one after another),
+    /// placed by their measured step times; the result is bit-identical (docs/parallel.md).
+    pub pipeline: Option<usize>,
+    /// Compute threads of each pipeline worker (default: the rayon pool's threads divided
+    /// among the workers, at least 1).
+    pub pipeline_threads: Option<usize>,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -51,6 +59,8 @@ impl std::fmt::Debug for RunOptions {
             .field("interrupt", &self.interrupt)
             .field("overwrite", &self.overwrite)
             .field("meter", &self.meter.is_some())
+            .field("pipeline", &self.pipeline)
+            .field("pipeline_threads", &self.pipeline_threads)
             .finish()
     }
 }
@@ -356,22 +366,52 @@ impl Run {
         }
         'epochs: for epoch in self.trainer.epoch()..self.spec.trainer.epochs {
             let from = self.trainer.steps_in_epoch();
-            for b in self.train_loader.epoch_from(epoch, from) {
-                if self
-                    .opts
-                    .max_steps
-                    .is_some_and(|m| self.trainer.global_step() >= m)
-                {
+            let budget = match self.opts.max_steps {
+                Some(m) if self.trainer.global_step() >= m => {
                     stop = Some(Stop::MaxSteps);
                     break 'epochs;
                 }
-                let batch: Batch = b?.into();
-                let m = self.trainer.train_step(&batch)?;
-                observer.on_event(&Event::Step(&m));
-                if self.interrupted() {
-                    stop = Some(Stop::Interrupted);
-                    break 'epochs;
-                }
+                Some(m) => m - self.trainer.global_step(),
+                None => usize::MAX,
+            };
+            if self.opts.pipeline.is_some_and(|n| n > 1) && self.trainer.pipeline().is_none() {
+                self.place_modules(epoch, from, observer)?;
+            }
+            let interrupt = self.opts.interrupt.clone();
+            let mut data_error = None;
+            let drained = {
+                let mut source = self
+                    .train_loader
+                    .epoch_from(epoch, from)
+                    .take(budget)
+                    .map(|b| match b {
+                        Ok(b) => Ok(Batch::from(b)),
+                        Err(e) => {
+                            data_error = Some(e);
+                            Err(sgr_core::Error::Data("the training data failed".into()))
+                        }
+                    });
+                self.trainer.train_batches(&mut source, &mut |m| {
+                    observer.on_event(&Event::Step(m));
+                    if interrupt.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                })
+            };
+            let drained = match (drained, data_error) {
+                (Err(_), Some(e)) => return Err(e.into()),
+                (r, _) => r?,
+            };
+            if drained.stopped {
+                stop = Some(Stop::Interrupted);
+                break 'epochs;
+            }
+            if self.trainer.steps_in_epoch() < self.batches_per_epoch() {
+                // The step budget ended inside the epoch.
+                stop = Some(Stop::MaxSteps);
+                break 'epochs;
             }
             let m = self.trainer.finish_epoch(observer)?;
             self.check_finite(epoch + 1)?;
@@ -430,6 +470,40 @@ impl Run {
             summary: Some(summary),
             stopped_eval,
         })
+    }
+
+    /// Places the modules on `RunOptions::pipeline` workers by their step times, measured on
+    /// the next training batch with the trainer left unchanged, and reports the layout.
+    fn place_modules(
+        &mut self,
+        epoch: usize,
+        from: usize,
+        observer: &mut dyn Observer,
+    ) -> Result<()> {
+        let workers = self.opts.pipeline.unwrap_or(1);
+        let k = self.trainer.network().num_modules();
+        if workers > k {
+            return Err(Error::Spec(format!(
+                "--pipeline {workers}: the network has K={k} modules and each worker owns at \
+                 least one; use --pipeline 2..={k}, or cut the network into more modules (-k)"
+            )));
+        }
+        let threads = self
+            .opts
+            .pipeline_threads
+            .unwrap_or_else(|| (rayon::current_num_threads() / workers).max(1));
+        let batch: Batch = match self.train_loader.epoch_from(epoch, from).next() {
+            Some(b) => b?.into(),
+            None => return Ok(()),
+        };
+        let seconds = self.trainer.module_seconds(&batch, 2)?;
+        let pipeline = Pipeline::balanced(&seconds, workers, threads)?;
+        self.trainer.set_pipeline(Some(pipeline.clone()))?;
+        observer.on_event(&Event::Placed {
+            pipeline: &pipeline,
+            module_seconds: &seconds,
+        });
+        Ok(())
     }
 
     /// Every weight and buffer is finite; the error names the first tensor that is not, its

@@ -37,4 +37,22 @@ pub struct BenchReport {
     /// Hash of the benchmark's specification (`sgr bench --print-spec`).
     #[serde(default)]
     pub spec_hash: String,
+    /// The pipeline the modules ran on (`sgr bench --pipeline N`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<PipelineReport>,
+}
+
+/// How a pipelined benchmark placed its modules, and what each worker holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PipelineReport {
+    /// The modules of each worker, `[first, end)`.
+    pub stages: Vec<[usize; 2]>,
+    /// Compute threads per worker.
+    pub threads: usize,
+    /// Measured seconds per step of each module (what the placement balanced).
+    pub module_seconds: Vec<f64>,
+    /// Heap bytes each worker holds at its peak, estimated from a measured sequential step:
+    /// its modules' weights, buffers and optimizer state, plus the largest transient peak of
+    /// one of its modules' step (activations, gradients, SGR passes).
+    pub worker_heap_bytes: Vec<u64>,
 }

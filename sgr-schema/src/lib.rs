@@ -8,7 +8,7 @@
 mod bench;
 mod chart;
 
-pub use bench::BenchReport;
+pub use bench::{BenchReport, PipelineReport};
 pub use chart::{LineChart, Series};
 
 use serde::{Deserialize, Serialize};

@@ -6,6 +6,7 @@ use clap::Args;
 use serde::Serialize;
 use sgr_core::objective::Batch;
 use sgr_core::optim::{OptimizerConfig, Schedule};
+use sgr_core::trainer::pipeline::Pipeline;
 use sgr_core::trainer::{Trainer, TrainerConfig};
 use sgr_run::run::build_network;
 use sgr_run::DeviceKind;
@@ -31,6 +32,13 @@ pub struct BenchArgs {
     /// Where to run.
     #[arg(long, value_parser = named::<DeviceKind>(), default_value = "cpu")]
     device: DeviceKind,
+    /// Run the modules on N pipeline worker threads, placed by measured step time: the step
+    /// time is then the time between completed steps in the steady state (after the fill).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pipeline: Option<u16>,
+    /// Compute threads of each pipeline worker [default: the cores divided among the workers]
+    #[arg(long, value_name = "T", requires = "pipeline", value_parser = clap::value_parser!(u16).range(1..))]
+    pipeline_threads: Option<u16>,
     /// Print one JSON object instead of a line.
     #[arg(long)]
     json: bool,
@@ -100,14 +108,51 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .collect();
     let y = candle_core::Tensor::from_vec(labels, a.batch_size, &device)?;
     let batch = Batch::labelled(x, y);
+    let workers = a.pipeline.map_or(1, usize::from);
+    let mut placement = None;
+    if workers > 1 {
+        if workers > modules {
+            bail!(
+                "--pipeline {workers}: the network has K={modules} modules and each worker owns \
+                 at least one; use --pipeline 2..={modules}, or more modules (-k)"
+            );
+        }
+        let threads = a.pipeline_threads.map_or_else(
+            || (rayon::current_num_threads() / workers).max(1),
+            usize::from,
+        );
+        let seconds = trainer.module_seconds(&batch, 2)?;
+        let p = Pipeline::balanced(&seconds, workers, threads)?;
+        trainer.set_pipeline(Some(p.clone()))?;
+        placement = Some((p, seconds));
+    }
     crate::alloc::reset_peak();
     #[cfg(feature = "cuda")]
     sgr_core::memory::device::reset_peak(&device);
-    timed_step(&mut trainer, &batch, &device)?;
-    let mut times = Vec::with_capacity(a.steps);
-    for _ in 0..a.steps {
-        times.push(timed_step(&mut trainer, &batch, &device)?);
-    }
+    let times = match &placement {
+        None => {
+            timed_step(&mut trainer, &batch, &device)?;
+            let mut times = Vec::with_capacity(a.steps);
+            for _ in 0..a.steps {
+                times.push(timed_step(&mut trainer, &batch, &device)?);
+            }
+            times
+        }
+        Some(_) => {
+            // The first `workers` completions include the pipeline's fill.
+            let mut source = std::iter::repeat_with(|| Ok(batch.clone())).take(a.steps + workers);
+            let mut times = Vec::with_capacity(a.steps + workers);
+            trainer.train_batches(&mut source, &mut |m| {
+                times.push(m.seconds);
+                std::ops::ControlFlow::Continue(())
+            })?;
+            times.split_off(workers)
+        }
+    };
+    let pipeline = match placement {
+        Some((p, seconds)) => Some(pipeline_report(&mut trainer, &batch, &p, seconds)?),
+        None => None,
+    };
     let mut sorted = times.clone();
     sorted.sort_by(|p, q| p.total_cmp(q));
     let median = if sorted.len() % 2 == 1 {
@@ -130,6 +175,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         peak_heap_bytes: crate::alloc::peak_bytes() as u64,
         peak_device_memory_bytes: device_peak(&device),
         spec_hash,
+        pipeline,
     };
     if a.json {
         outln!("{}", serde_json::to_string(&report)?);
@@ -156,8 +202,64 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 .unwrap_or_else(|| "?".into()),
             report.peak_heap_bytes / (1024 * 1024)
         );
+        if let Some(p) = &report.pipeline {
+            for (j, (r, bytes)) in p.stages.iter().zip(&p.worker_heap_bytes).enumerate() {
+                let ms: f64 = p.module_seconds[r[0]..r[1]].iter().sum::<f64>() * 1e3;
+                outln!(
+                    "  worker {j} ({} thread{}): modules {}..{}, {ms:.0} ms/step alone, heap ~{} MiB",
+                    p.threads,
+                    if p.threads == 1 { "" } else { "s" },
+                    r[0],
+                    r[1],
+                    bytes / (1024 * 1024)
+                );
+            }
+        }
     }
     Ok(())
+}
+
+/// The placement, and each worker's peak heap estimated from one measured sequential step
+/// (`PipelineReport::worker_heap_bytes`). Leaves the trainer sequential.
+fn pipeline_report(
+    trainer: &mut Trainer,
+    batch: &Batch,
+    p: &Pipeline,
+    module_seconds: Vec<f64>,
+) -> Result<sgr_schema::PipelineReport> {
+    trainer.set_pipeline(None)?;
+    let mem =
+        sgr_run::memory::measure_step(trainer, batch, std::sync::Arc::new(crate::alloc::Meter))?;
+    let tensor_bytes =
+        |t: &candle_core::Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+    let mut held = Vec::new();
+    for (k, opt) in trainer.optimizers().iter().enumerate() {
+        let weights: u64 = trainer
+            .network()
+            .module_params(k)
+            .iter()
+            .map(|p| tensor_bytes(p.var.as_tensor()))
+            .sum();
+        let state: u64 = opt.state()?.values().map(tensor_bytes).sum();
+        held.push(weights + state);
+    }
+    let transient = |k: usize| {
+        mem.modules
+            .iter()
+            .find(|m| m.module == k)
+            .map_or(0, |m| m.peak.saturating_sub(m.start))
+    };
+    let worker_heap_bytes = p
+        .stages()
+        .iter()
+        .map(|r| held[r.clone()].iter().sum::<u64>() + r.clone().map(transient).max().unwrap_or(0))
+        .collect();
+    Ok(sgr_schema::PipelineReport {
+        stages: p.stages().iter().map(|r| [r.start, r.end]).collect(),
+        threads: p.threads(),
+        module_seconds,
+        worker_heap_bytes,
+    })
 }
 
 /// Wall seconds of one step until the device has finished it: a GPU step returns once queued,

@@ -141,6 +141,13 @@ pub struct TrainArgs {
     /// Data-loading worker threads (0: on the training thread).
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Train the modules on N pipeline worker threads, placed by measured step time; the
+    /// result is bit-identical to N = 1 (docs/parallel.md).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub pipeline: Option<u16>,
+    /// Compute threads of each pipeline worker [default: the cores divided among the workers]
+    #[arg(long, value_name = "T", requires = "pipeline", value_parser = clap::value_parser!(u16).range(1..))]
+    pub pipeline_threads: Option<u16>,
     /// Replace the run already in --out (its files are removed before training starts).
     #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
@@ -315,6 +322,31 @@ impl Printer {
                 }
                 self.last = Some((*m).clone());
             }
+            Event::Placed {
+                pipeline,
+                module_seconds,
+            } => {
+                let workers: Vec<String> = pipeline
+                    .stages()
+                    .iter()
+                    .map(|r| {
+                        let s: f64 = module_seconds[r.clone()].iter().sum();
+                        let modules = if r.len() == 1 {
+                            format!("module {}", r.start)
+                        } else {
+                            format!("modules {}-{}", r.start, r.end - 1)
+                        };
+                        format!("{modules} ({:.0} ms/step)", s * 1e3)
+                    })
+                    .collect();
+                say!(
+                    "pipeline: {} workers x {} thread{}: {}",
+                    pipeline.workers(),
+                    pipeline.threads(),
+                    if pipeline.threads() == 1 { "" } else { "s" },
+                    workers.join(", ")
+                )
+            }
             Event::Evaluated { epoch: 0, metrics } => {
                 say!(
                     "initial weights: {} acc {:.4}",
@@ -384,6 +416,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         interrupt: Some(Arc::clone(&interrupted)),
         overwrite: a.overwrite,
         meter: Some(Arc::new(crate::alloc::Meter)),
+        pipeline: a.pipeline.map(usize::from),
+        pipeline_threads: a.pipeline_threads.map(usize::from),
     };
     let mut run = match &a.resume {
         Some(dir) => {
@@ -391,7 +425,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             if let Some(f) = given.iter().find(|f| !RESUMABLE.contains(f)) {
                 bail!(
                     "{f} cannot be used with --resume: a resumed run keeps its config.json; \
-                     only --epochs, --device, --max-steps and --workers may change"
+                     only --epochs, --device, --max-steps, --workers and --pipeline may change"
                 );
             }
             let changes = ResumeChanges {
