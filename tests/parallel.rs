@@ -361,8 +361,12 @@ fn measuring_module_times_changes_nothing() {
     let cfg = config("greedy+sgr", SgrGrad::FiniteDifference, Estimator::Backprop);
     let plain = train(resnet_greedy, &cfg, None, &data);
     let mut t = Trainer::new(resnet_greedy(), cfg).unwrap();
-    let secs = t.module_seconds(&data[0], 2).unwrap();
+    let profile = t.profile_modules(&data[0], 2).unwrap();
+    let secs: Vec<f64> = profile.iter().map(|p| p.seconds).collect();
     assert_eq!(secs.len(), 3);
+    // Module 0 sends h and a of ResNet-8's first stage: 2 × 8 images × 16 × 8 × 8 floats.
+    assert_eq!(profile[0].message_bytes, 2 * 8 * 16 * 8 * 8 * 4);
+    assert_eq!(profile[2].message_bytes, 0);
     assert!(secs.iter().all(|s| s.is_finite() && *s > 0.0), "{secs:?}");
     let p = Pipeline::balanced(&secs, 2, 1).unwrap();
     t.set_pipeline(Some(p)).unwrap();

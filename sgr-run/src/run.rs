@@ -496,7 +496,12 @@ impl Run {
             Some(b) => b?.into(),
             None => return Ok(()),
         };
-        let seconds = self.trainer.module_seconds(&batch, 2)?;
+        let seconds: Vec<f64> = self
+            .trainer
+            .profile_modules(&batch, 2)?
+            .iter()
+            .map(|p| p.seconds)
+            .collect();
         let pipeline = Pipeline::balanced(&seconds, workers, threads)?;
         self.trainer.set_pipeline(Some(pipeline.clone()))?;
         observer.on_event(&Event::Placed {

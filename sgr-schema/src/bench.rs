@@ -51,6 +51,9 @@ pub struct PipelineReport {
     pub threads: usize,
     /// Measured seconds per step of each module (what the placement balanced).
     pub module_seconds: Vec<f64>,
+    /// Bytes each module sends downstream per step (its output h and gradient a; the batch
+    /// travels as well; 0 for the last module).
+    pub message_bytes: Vec<u64>,
     /// Heap bytes each worker holds at its peak, estimated from a measured sequential step:
     /// its modules' weights, buffers and optimizer state, plus the largest transient peak of
     /// one of its modules' step (activations, gradients, SGR passes).

@@ -7,7 +7,7 @@ use serde::Serialize;
 use sgr_core::objective::Batch;
 use sgr_core::optim::{OptimizerConfig, Schedule};
 use sgr_core::trainer::pipeline::Pipeline;
-use sgr_core::trainer::{Trainer, TrainerConfig};
+use sgr_core::trainer::{ModuleProfile, Trainer, TrainerConfig};
 use sgr_run::run::build_network;
 use sgr_run::DeviceKind;
 
@@ -121,10 +121,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             || (rayon::current_num_threads() / workers).max(1),
             usize::from,
         );
-        let seconds = trainer.module_seconds(&batch, 2)?;
+        let profile = trainer.profile_modules(&batch, 2)?;
+        let seconds: Vec<f64> = profile.iter().map(|p| p.seconds).collect();
         let p = Pipeline::balanced(&seconds, workers, threads)?;
         trainer.set_pipeline(Some(p.clone()))?;
-        placement = Some((p, seconds));
+        placement = Some((p, profile));
     }
     crate::alloc::reset_peak();
     #[cfg(feature = "cuda")]
@@ -150,7 +151,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
     };
     let pipeline = match placement {
-        Some((p, seconds)) => Some(pipeline_report(&mut trainer, &batch, &p, seconds)?),
+        Some((p, profile)) => Some(pipeline_report(&mut trainer, &batch, &p, &profile)?),
         None => None,
     };
     let mut sorted = times.clone();
@@ -225,7 +226,7 @@ fn pipeline_report(
     trainer: &mut Trainer,
     batch: &Batch,
     p: &Pipeline,
-    module_seconds: Vec<f64>,
+    profile: &[ModuleProfile],
 ) -> Result<sgr_schema::PipelineReport> {
     trainer.set_pipeline(None)?;
     let mem =
@@ -257,7 +258,8 @@ fn pipeline_report(
     Ok(sgr_schema::PipelineReport {
         stages: p.stages().iter().map(|r| [r.start, r.end]).collect(),
         threads: p.threads(),
-        module_seconds,
+        module_seconds: profile.iter().map(|m| m.seconds).collect(),
+        message_bytes: profile.iter().map(|m| m.message_bytes).collect(),
         worker_heap_bytes,
     })
 }

@@ -243,6 +243,16 @@ struct Progress {
     sums: DeviceSums,
 }
 
+/// One module's cost in a pipeline ([`Trainer::profile_modules`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModuleProfile {
+    /// Seconds per step.
+    pub seconds: f64,
+    /// Bytes of the carry it sends to the next module (h and a; 0 for the last module). The
+    /// batch travels with every step as well.
+    pub message_bytes: u64,
+}
+
 /// Partial sums of the current epoch's metrics, on the host (what a checkpoint stores).
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochAccumulator {
@@ -889,11 +899,12 @@ impl Trainer {
         self.pipeline.as_ref()
     }
 
-    /// Seconds per step of each module on `batch` (the median of `repeats` timed steps after
-    /// one untimed one), for placing modules on pipeline workers. Nothing changes: weights,
-    /// buffers, optimizer states and the step count are as before, since the steps are taken
-    /// with scratch optimizers from a copy of the weights that is then restored.
-    pub fn module_seconds(&mut self, batch: &Batch, repeats: usize) -> Result<Vec<f64>> {
+    /// Each module's step time on `batch` (the median of `repeats` timed steps after one
+    /// untimed one) and the bytes it sends downstream, for placing modules on pipeline workers.
+    /// Nothing changes: weights, buffers, optimizer states and the step count are as before,
+    /// since the steps are taken with scratch optimizers from a copy of the weights that is then
+    /// restored.
+    pub fn profile_modules(&mut self, batch: &Batch, repeats: usize) -> Result<Vec<ModuleProfile>> {
         let params = self.net.params();
         let saved = params
             .iter()
@@ -906,6 +917,8 @@ impl Trainer {
                 .map(|k| self.cfg.optimizer.build(self.net.module_params(k)))
                 .collect::<Result<Vec<_>>>()?;
             let mut times = vec![Vec::with_capacity(repeats); k_total];
+            let mut sent = vec![0u64; k_total];
+            let bytes = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
             for rep in 0..=repeats.max(1) {
                 let mut carry = Carry::start(&input.batch);
                 let mut record = StepRecord::default();
@@ -923,13 +936,20 @@ impl Trainer {
                     if rep > 0 {
                         times[k].push(t0.elapsed().as_secs_f64());
                     }
+                    if k + 1 < k_total {
+                        sent[k] = bytes(&carry.h) + carry.a.as_ref().map_or(0, bytes);
+                    }
                 }
             }
             Ok(times
                 .into_iter()
-                .map(|mut t| {
+                .zip(sent)
+                .map(|(mut t, message_bytes)| {
                     t.sort_by(f64::total_cmp);
-                    t[t.len() / 2]
+                    ModuleProfile {
+                        seconds: t[t.len() / 2],
+                        message_bytes,
+                    }
                 })
                 .collect())
         })();
