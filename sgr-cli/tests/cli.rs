@@ -183,6 +183,109 @@ fn train_on_idx_files() {
     assert_eq!(s["dataset"], "mnist");
 }
 
+/// Writes MNIST-layout IDX files (48 training and 16 test images) whose pixels depend on
+/// `shade`.
+fn write_idx_set(dir: &Path, shade: u32) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (stem, n) in [("train", 48u32), ("t10k", 16)] {
+        let pixels: Vec<u8> = (0..n * 784)
+            .map(|i| ((i * 7 + shade) % 256) as u8)
+            .collect();
+        let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+        std::fs::write(
+            dir.join(format!("{stem}-images-idx3-ubyte")),
+            idx(0x803, &[n, 28, 28], &pixels),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join(format!("{stem}-labels-idx1-ubyte")),
+            idx(0x801, &[n], &labels),
+        )
+        .unwrap();
+    }
+}
+
+/// A resume checks that it continues the same run: a relative --data-dir is recorded absolute
+/// (so resuming from another folder reads the same data), other data is refused unless
+/// --allow-data-change, and an edited config.json is refused, each saying what to do.
+#[test]
+fn resume_checks_the_configuration_and_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    write_idx_set(&dir.path().join("digits"), 0);
+    let run = dir.path().join("run");
+    let o = Command::new(env!("CARGO_BIN_EXE_sgr"))
+        .current_dir(dir.path())
+        .args([
+            "train",
+            "--dataset",
+            "mnist",
+            "--data-dir",
+            "digits",
+            "--model",
+            "resnet8",
+            "-k",
+            "2",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--max-steps",
+            "2",
+            "--out",
+            "run",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let cfg = json(&run.join("config.json"));
+    let recorded = cfg["data_dir"].as_str().unwrap();
+    assert!(Path::new(recorded).is_absolute(), "{recorded}");
+    // From another folder, the same data: it continues.
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let resume = |extra: &[&str]| {
+        let mut args = vec!["train", "--resume", run.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Command::new(env!("CARGO_BIN_EXE_sgr"))
+            .current_dir(&elsewhere)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = resume(&["--max-steps", "3"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // The data changed under the run: refused, then accepted on request.
+    write_idx_set(&dir.path().join("digits"), 3);
+    let before = std::fs::read(run.join("checkpoint.safetensors")).unwrap();
+    let o = resume(&["--max-steps", "4"]);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(
+        t.contains("differs from the data it was trained on") && t.contains("--allow-data-change"),
+        "{t}"
+    );
+    assert_eq!(
+        std::fs::read(run.join("checkpoint.safetensors")).unwrap(),
+        before
+    );
+    let o = resume(&["--max-steps", "4", "--allow-data-change"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // An edited config.json: refused, naming the file and the way out.
+    let path = run.join("config.json");
+    let edited = std::fs::read_to_string(&path)
+        .unwrap()
+        .replacen("\"lr\": 0.05", "\"lr\": 0.3", 1);
+    assert!(edited.contains("0.3"), "lr not found in config.json");
+    std::fs::write(&path, edited).unwrap();
+    let o = resume(&["--max-steps", "5"]);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(
+        t.contains("config.json differs") && t.contains("--out NEW_DIR"),
+        "{t}"
+    );
+}
+
 /// An ImageNet-style folder of real photos (the CC0 fixtures of sgr-data), with the DeiT extras.
 #[test]
 fn train_on_an_image_folder() {

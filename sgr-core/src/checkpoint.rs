@@ -1,6 +1,6 @@
 //! Saving and loading named tensors as safetensors, atomically.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -363,6 +363,9 @@ const MODEL: &str = "model/";
 const OPTIM: &str = "optim/";
 /// The trainer state as UTF-8 JSON bytes.
 const STATE: &str = "trainer_state_json";
+/// A checkpoint's tags: what the program that trains records about the run (the run's
+/// configuration and data), checked when it resumes.
+const TAGS: &str = "checkpoint_tags_json";
 
 /// Writes a whole training checkpoint — weights and buffers, every module's optimizer state,
 /// and the trainer's position and partial epoch metrics — as ONE safetensors file, written
@@ -373,6 +376,17 @@ const STATE: &str = "trainer_state_json";
 /// [`Error::NonFinite`] names the tensor (a model tensor by its own name, optimizer state as
 /// `optim/<module>/<key>`) and the file, and a checkpoint already at `path` stays as it was.
 pub fn save_training_checkpoint(path: &Path, trainer: &crate::trainer::Trainer) -> Result<()> {
+    save_tagged_checkpoint(path, trainer, &BTreeMap::new())
+}
+
+/// [`save_training_checkpoint`] with `tags`, strings about the run that the checksum covers
+/// with the tensors and [`checkpoint_tags`] reads back: what a resume checks against (the run
+/// program's configuration hash, a fingerprint of its data). Empty tags write no tensor.
+pub fn save_tagged_checkpoint(
+    path: &Path,
+    trainer: &crate::trainer::Trainer,
+    tags: &BTreeMap<String, String>,
+) -> Result<()> {
     let mut map: HashMap<String, Tensor> = HashMap::new();
     for p in trainer.network().params() {
         map.insert(format!("{MODEL}{}", p.name), p.var.as_tensor().clone());
@@ -388,6 +402,14 @@ pub fn save_training_checkpoint(path: &Path, trainer: &crate::trainer::Trainer) 
     })?;
     let n = json.len();
     map.insert(STATE.into(), Tensor::from_vec(json, n, &Device::Cpu)?);
+    if !tags.is_empty() {
+        let json = serde_json::to_vec(tags).map_err(|e| Error::Checkpoint {
+            path: path.to_path_buf(),
+            problem: format!("cannot serialise the checkpoint's tags: {e}"),
+        })?;
+        let n = json.len();
+        map.insert(TAGS.into(), Tensor::from_vec(json, n, &Device::Cpu)?);
+    }
     save_tensors(path, &map).map_err(|e| match e {
         // Name a model tensor as the model does (`layer1.0.bn1.running_var`).
         Error::NonFinite { tensor, path } => Error::NonFinite {
@@ -398,6 +420,19 @@ pub fn save_training_checkpoint(path: &Path, trainer: &crate::trainer::Trainer) 
             path,
         },
         e => e,
+    })
+}
+
+/// The tags a checkpoint was saved with ([`save_tagged_checkpoint`]); empty for a checkpoint
+/// saved without. The file's checksum is verified first.
+pub fn checkpoint_tags(path: &Path) -> Result<BTreeMap<String, String>> {
+    let map = load_tensors(path, &Device::Cpu)?;
+    let Some(t) = map.get(TAGS) else {
+        return Ok(BTreeMap::new());
+    };
+    serde_json::from_slice(&t.to_vec1::<u8>()?).map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        problem: format!("corrupt checkpoint tags: {e}"),
     })
 }
 
@@ -440,7 +475,7 @@ pub fn load_training_checkpoint(path: &Path, trainer: &mut crate::trainer::Train
                 ))
             })?;
             optim[k].insert(name.to_string(), t.clone());
-        } else if key != STATE {
+        } else if key != STATE && key != TAGS {
             return Err(bad(format!("unexpected tensor `{key}`")));
         }
     }

@@ -15,6 +15,7 @@
 
 pub mod data;
 mod error;
+pub mod identity;
 pub mod memory;
 pub mod run;
 pub mod rundir;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::DType;
-use sgr_core::checkpoint::save_training_checkpoint;
+use sgr_core::checkpoint::{checkpoint_tags, save_tagged_checkpoint};
 use sgr_core::checkpoint::{load_params, load_training_checkpoint, save_params};
 use sgr_core::events::{EvalMetrics, Event, Observer};
 use sgr_core::network::LocalNetwork;
@@ -72,6 +72,8 @@ pub struct ResumeChanges {
     pub epochs: Option<usize>,
     /// Continue on another device.
     pub device: Option<DeviceKind>,
+    /// Continue although the data differs from the data the checkpoint was trained on.
+    pub allow_data_change: bool,
 }
 
 /// Why a run stopped before its last epoch ended.
@@ -127,6 +129,8 @@ pub struct Run {
     opts: RunOptions,
     resumed_at: Option<Position>,
     initial_eval: Option<EvalMetrics>,
+    /// What the checkpoints record about the run (`crate::identity`).
+    tags: std::collections::BTreeMap<String, String>,
     _lock: Option<RunLock>,
 }
 
@@ -233,6 +237,13 @@ impl Run {
             });
         }
         let mut run = Self::open(spec, dir, opts)?;
+        let recorded = checkpoint_tags(&run.dir.checkpoint())?;
+        crate::identity::check(
+            &recorded,
+            &run.tags,
+            run.dir.path(),
+            changes.allow_data_change,
+        )?;
         load_training_checkpoint(&run.dir.checkpoint(), &mut run.trainer)?;
         let t = &run.trainer;
         let pos = Position {
@@ -294,6 +305,7 @@ impl Run {
         tcfg.steps_per_epoch = train_loader.batches_per_epoch();
         let net = build_network(&spec, data.input(), Some(&data.pixels), &device)?;
         let trainer = Trainer::new(net, tcfg)?;
+        let tags = crate::identity::tags(&spec, &data)?;
         Ok(Self {
             spec,
             dir,
@@ -305,6 +317,7 @@ impl Run {
             opts,
             resumed_at: None,
             initial_eval: None,
+            tags,
             _lock: None,
         })
     }
@@ -436,7 +449,7 @@ impl Run {
                 elapsed_seconds: start.elapsed().as_secs_f64(),
             });
             self.dir.write_records(&self.records)?;
-            save_training_checkpoint(&self.dir.checkpoint(), &self.trainer)?;
+            save_tagged_checkpoint(&self.dir.checkpoint(), &self.trainer, &self.tags)?;
             last_eval = Some(eval);
             if self.interrupted() {
                 stop = Some(Stop::Interrupted);
@@ -445,7 +458,7 @@ impl Run {
         }
         if stop.is_some() {
             self.check_finite(self.trainer.epoch())?;
-            save_training_checkpoint(&self.dir.checkpoint(), &self.trainer)?;
+            save_tagged_checkpoint(&self.dir.checkpoint(), &self.trainer, &self.tags)?;
         }
         save_params(&self.dir.model(), &self.trainer.network().params())?;
         if stop == Some(Stop::Interrupted) {

@@ -293,11 +293,19 @@ impl RunSpec {
         }
     }
 
-    /// Fills in defaults that depend on other fields (K, the trainer's seed) and checks every
-    /// field, so that what is written as `config.json` is complete and valid.
+    /// Fills in defaults that depend on other fields (K, the trainer's seed), makes `data_dir`
+    /// absolute (against the current directory), and checks every field, so that what is
+    /// written as `config.json` is complete and valid.
     pub fn resolved(mut self) -> Result<Self> {
         self.modules = Some(self.num_modules());
         self.trainer.seed = self.seed;
+        // Recorded absolute, so that a resume from another folder reads the same data.
+        if let Some(d) = &self.data_dir {
+            self.data_dir = Some(std::path::absolute(d).map_err(|source| Error::Io {
+                path: d.clone(),
+                source,
+            })?);
+        }
         self.validate()?;
         Ok(self)
     }

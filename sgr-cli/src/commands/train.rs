@@ -135,6 +135,10 @@ pub struct TrainArgs {
     /// with fresh optimizer state; the initial weights are evaluated first.
     #[arg(long, value_name = "WEIGHTS", conflicts_with = "resume")]
     pub init_from: Option<String>,
+    /// With --resume: continue although the data differs from the data the run was trained on
+    /// (otherwise an error).
+    #[arg(long, requires = "resume")]
+    pub allow_data_change: bool,
     /// Stop after N optimisation steps in total (this invocation only).
     #[arg(long)]
     pub max_steps: Option<usize>,
@@ -431,6 +435,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             let changes = ResumeChanges {
                 epochs: a.spec.epochs,
                 device: a.spec.device,
+                allow_data_change: a.allow_data_change,
             };
             match Run::resume(dir, changes, opts)? {
                 Resumed::Finished(s) => {
