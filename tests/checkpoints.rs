@@ -376,3 +376,48 @@ fn training_checkpoint_round_trip_is_exact() {
     assert_eq!(b.state().unwrap(), a.state().unwrap());
     assert_eq!(b.global_step(), a.global_step());
 }
+
+/// A checkpoint without its checksum (written by hand, or by another program) whose trainer
+/// state claims an impossible position or metric is refused on load, saying so; the trainer is
+/// left as it was. Each case rewrites the state of a real checkpoint, saved without a checksum.
+#[test]
+fn impossible_trainer_states_are_refused_on_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("checkpoint.safetensors");
+    let t = trained(4);
+    save_training_checkpoint(&path, &t).unwrap();
+    let map = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_slice(&map["trainer_state_json"].to_vec1::<u8>().unwrap()).unwrap();
+    let cases: [(&str, serde_json::Value); 5] = [
+        ("/epoch", 1_000_000_000_000_000_000u64.into()),
+        ("/epoch_progress/steps", 1_000_000.into()),
+        ("/global_step", 0.into()),
+        ("/epoch_progress/correct", 1_000_000_000.into()),
+        ("/epoch_progress/lr", (-1.0).into()),
+    ];
+    for (field, value) in cases {
+        let mut s = state.clone();
+        *s.pointer_mut(field).unwrap() = value;
+        let json = serde_json::to_vec(&s).unwrap();
+        let mut m = map.clone();
+        let n = json.len();
+        m.insert(
+            "trainer_state_json".into(),
+            Tensor::from_vec(json, n, &Device::Cpu).unwrap(),
+        );
+        candle_core::safetensors::save(&m, &path).unwrap();
+        let mut fresh = trainer(5);
+        let before = net_bits(fresh.network());
+        let e = load_training_checkpoint(&path, &mut fresh)
+            .err()
+            .unwrap_or_else(|| panic!("{field}: accepted"))
+            .to_string();
+        assert!(e.contains("out of range"), "{field}: {e}");
+        assert_eq!(
+            net_bits(fresh.network()),
+            before,
+            "{field}: trainer changed"
+        );
+    }
+}

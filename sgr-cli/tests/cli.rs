@@ -441,6 +441,36 @@ fn pipelined_runs_are_bit_identical_and_resume_on_any_layout() {
     assert!(text(&o).contains("--pipeline 2..=3"), "{}", text(&o));
 }
 
+/// The epoch history a resume continues must be whole: a missing or reordered line of
+/// metrics.jsonl is an error naming the file and what to do, not a silently shorter history.
+#[test]
+fn resume_refuses_a_damaged_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    // 96 images in batches of 16: 6 steps per epoch; 8 steps end inside epoch 2.
+    let o = small_run(&run, &["--max-steps", "8"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let metrics = run.join("metrics.jsonl");
+    let line = std::fs::read_to_string(&metrics).unwrap();
+    assert_eq!(line.lines().count(), 1);
+    std::fs::write(&metrics, "").unwrap();
+    let o = sgr(&["train", "--resume", run.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(
+        t.contains("metrics.jsonl") && t.contains("lines are missing"),
+        "{t}"
+    );
+    std::fs::write(&metrics, line.replace("\"epoch\":0", "\"epoch\":1")).unwrap();
+    let o = sgr(&["train", "--resume", run.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("records epoch 2, expected 1"),
+        "{}",
+        text(&o)
+    );
+}
+
 #[test]
 fn resume_refuses_other_flags_and_bad_checkpoints() {
     let dir = tempfile::tempdir().unwrap();

@@ -231,20 +231,55 @@ impl RunDir {
         let path = self.metrics();
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && epochs.unwrap_or(0) == 0 => {
+                return Ok(Vec::new())
+            }
             Err(source) => return Err(Error::Io { path, source }),
         };
-        text.lines()
+        let bad = |problem: String| Error::File {
+            path: path.clone(),
+            problem,
+        };
+        let records = text
+            .lines()
             .filter(|l| !l.trim().is_empty())
             .take(epochs.unwrap_or(usize::MAX))
             .enumerate()
             .map(|(i, l)| {
-                serde_json::from_str(l).map_err(|e| Error::File {
-                    path: path.clone(),
-                    problem: format!("line {}: {e}", i + 1),
-                })
+                let r: EpochRecord =
+                    serde_json::from_str(l).map_err(|e| bad(format!("line {}: {e}", i + 1)))?;
+                let in_range = |v: f64| (0.0..=1.0).contains(&v);
+                if r.train.epoch != i {
+                    return Err(bad(format!(
+                        "line {} records epoch {}, expected {}: lines are missing or out of order",
+                        i + 1,
+                        r.train.epoch + 1,
+                        i + 1
+                    )));
+                }
+                if !in_range(r.test_accuracy)
+                    || !in_range(r.train.train_accuracy)
+                    || !r.test_top5.is_none_or(in_range)
+                    || !r.test_loss.is_finite()
+                {
+                    return Err(bad(format!(
+                        "line {}: an accuracy outside [0, 1] or a non-finite test loss",
+                        i + 1
+                    )));
+                }
+                Ok(r)
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(want) = epochs {
+            if records.len() < want {
+                return Err(bad(format!(
+                    "{} epoch records, but the checkpoint is after epoch {want}: lines are \
+                     missing (truncated?). Restore the file, or start the run anew with --overwrite",
+                    records.len()
+                )));
+            }
+        }
+        Ok(records)
     }
 
     /// Writes `metrics.jsonl`.

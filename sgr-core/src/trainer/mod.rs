@@ -579,8 +579,48 @@ impl Trainer {
         })
     }
 
-    /// Checks that a state fits this trainer's network.
+    /// Checks that a state fits this trainer's network and that its numbers are consistent (a
+    /// checkpoint without a checksum could claim anything).
     pub fn check_state(&self, state: &TrainerState) -> Result<()> {
+        let p = &state.epoch_progress;
+        let spe = self.cfg.steps_per_epoch;
+        let finite = |v: f64| v.is_finite();
+        let problem = if state.epoch > self.cfg.epochs {
+            Some(format!(
+                "it is at epoch {} of a run planned for {}",
+                state.epoch, self.cfg.epochs
+            ))
+        } else if spe > 0 && p.steps > spe {
+            Some(format!(
+                "it has taken {} steps of an epoch of {spe}",
+                p.steps
+            ))
+        } else if state.global_step < p.steps || state.epoch > state.global_step {
+            Some(format!(
+                "its global step {} is below its epoch ({}) or its steps in the epoch ({})",
+                state.global_step, state.epoch, p.steps
+            ))
+        } else if p.correct > p.seen || p.boundary.iter().any(|b| b.3 > p.steps || b.4 > p.steps) {
+            Some("its counts of correct predictions or boundary samples exceed the steps".into())
+        } else if !(p.loss_sums.iter().all(|v| finite(*v))
+            && p.boundary
+                .iter()
+                .all(|b| finite(b.0) && finite(b.1) && finite(b.2))
+            && finite(p.seconds)
+            && p.seconds >= 0.0
+            && finite(p.lr)
+            && p.lr >= 0.0)
+        {
+            Some("a metric sum, the time or the learning rate is not a finite number".into())
+        } else {
+            None
+        };
+        if let Some(what) = problem {
+            return Err(Error::InvalidConfig(format!(
+                "the trainer state is out of range: {what}; the checkpoint is damaged or from \
+                 another run: resume from an earlier copy, or start the run anew"
+            )));
+        }
         let k = self.net.num_modules();
         if state.epoch_progress.loss_sums.len() != k
             || state.epoch_progress.boundary.len() != k.saturating_sub(1)
