@@ -160,7 +160,7 @@ fn a_folder_holding_a_run_is_kept_unless_overwritten() {
 
 #[test]
 fn numbers_are_checked_with_errors_naming_the_flag() {
-    let cases: [(&[&str], &str); 11] = [
+    let cases: [(&[&str], &str); 15] = [
         (
             &["bench", "--batch-size", "18446744073709551615"],
             "--batch-size must be in 1..=",
@@ -207,6 +207,23 @@ fn numbers_are_checked_with_errors_naming_the_flag() {
             &["train", "--batch-size", "18446744073709551615"],
             "--batch-size must be at most",
         ),
+        // Settings that would silently do nothing.
+        (
+            &["train", "--epochs", "3", "--warmup-epochs", "3"],
+            "--warmup-epochs 3 is not shorter than the run",
+        ),
+        (
+            &["train", "--epochs", "2", "--sgr-warmup", "5"],
+            "--sgr-warmup 5 is not shorter than the run",
+        ),
+        (
+            &["train", "--sgr-fd-epsilon", "1e-30"],
+            "--sgr-fd-epsilon must be in [0.00001, 1], got 0.000000000000000000000000000001",
+        ),
+        (
+            &["train", "--sgr-fd-epsilon", "1e-30", "--print-spec"],
+            "--sgr-fd-epsilon must be in",
+        ),
     ];
     for (args, want) in cases {
         let o = sgr(args);
@@ -226,6 +243,24 @@ fn numbers_are_checked_with_errors_naming_the_flag() {
             && t.contains("--lr must be finite and > 0, got -0.5"),
         "{t}"
     );
+    for (body, want) in [
+        (
+            "[trainer]\nsteps_per_epoch = 7\n",
+            "trainer.steps_per_epoch = 7 is computed by the run",
+        ),
+        (
+            "seed = 1\n[trainer]\nseed = 9\n",
+            "trainer.seed = 9 differs from seed = 1",
+        ),
+    ] {
+        std::fs::write(&toml, body).unwrap();
+        let o = sgr(&["train", "--config", toml.to_str().unwrap()]);
+        let t = text(&o);
+        assert!(
+            !o.status.success() && t.contains("run.toml") && t.contains(want),
+            "{t}"
+        );
+    }
     let json = dir.path().join("run.json");
     std::fs::write(&json, r#"{"batch_size": 8, "batch_size": 16}"#).unwrap();
     let o = sgr(&["train", "--config", json.to_str().unwrap()]);

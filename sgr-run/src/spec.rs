@@ -249,6 +249,10 @@ pub fn check_workers(workers: Option<usize>) -> Result<usize> {
 /// The default number of modules of local methods.
 pub const DEFAULT_MODULES: usize = 4;
 
+/// The smallest `--sgr-fd-epsilon`: a step along a unit-RMS direction that still moves f32
+/// activations of order 1 by about 100 units in the last place.
+pub const MIN_FD_EPSILON: f64 = 1e-5;
+
 /// SHA-256, in hex, of `value`'s JSON (fields in declaration order): the key under which a
 /// specification's result may be reused (`sgr train --print-spec`, `sgr bench --print-spec`).
 pub fn hash_json<T: Serialize + ?Sized>(value: &T) -> Result<String> {
@@ -343,6 +347,7 @@ impl RunSpec {
         if self.batch_size == 0 || self.trainer.epochs == 0 {
             return bad("--batch-size and --epochs must be >= 1".into());
         }
+        self.check_settings_take_effect()?;
         if self.train_limit == Some(0) {
             return bad("--train-limit must be >= 1".into());
         }
@@ -425,6 +430,59 @@ impl RunSpec {
                     "--randaugment takes at most {MAX_RANDAUGMENT_OPS} operations, got {ops}"
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Settings that would train as if they were not there are refused: a warm-up as long as
+    /// the run, a finite-difference step too small to move an f32 activation, and trainer
+    /// fields that the run computes itself (a config file could set them; they would change
+    /// the hash and nothing else).
+    fn check_settings_take_effect(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Spec(m));
+        let t = &self.trainer;
+        let epochs = t.epochs as f64;
+        if let sgr_core::optim::Schedule::Cosine { warmup_epochs } = t.schedule {
+            if warmup_epochs.is_finite() && warmup_epochs > 0.0 && warmup_epochs >= epochs {
+                return bad(format!(
+                    "--warmup-epochs {warmup_epochs} is not shorter than the run (--epochs {}): \
+                     the learning rate would still be rising when training ends; use fewer \
+                     warm-up epochs",
+                    t.epochs
+                ));
+            }
+        }
+        if let Some(sgr) = &t.method.sgr {
+            if sgr.warmup_epochs > 0.0 && sgr.warmup_epochs >= epochs {
+                return bad(format!(
+                    "--sgr-warmup {} is not shorter than the run (--epochs {}): λ would never \
+                     reach --sgr-lambda; use a shorter SGR warm-up",
+                    sgr.warmup_epochs, t.epochs
+                ));
+            }
+            if let Some(e) = sgr.fd_epsilon {
+                if !(MIN_FD_EPSILON..=1.0).contains(&e) {
+                    return bad(format!(
+                        "--sgr-fd-epsilon must be in [{MIN_FD_EPSILON}, 1], got {e}: below, the \
+                         passes differ by f32 round-off only (the SGR term is noise, or exactly \
+                         0 when h + εu rounds to h); above, the difference is no derivative"
+                    ));
+                }
+            }
+        }
+        if t.steps_per_epoch != 0 {
+            return bad(format!(
+                "trainer.steps_per_epoch = {} is computed by the run from the data (batches per \
+                 epoch): remove it from the configuration",
+                t.steps_per_epoch
+            ));
+        }
+        if t.seed != 0 && t.seed != self.seed {
+            return bad(format!(
+                "trainer.seed = {} differs from seed = {}: the run seeds everything from the \
+                 top-level `seed` (--seed); remove trainer.seed",
+                t.seed, self.seed
+            ));
         }
         Ok(())
     }
