@@ -321,7 +321,7 @@ fn snapshot_in(dir: &Path, r: &HfRef) -> Result<Option<PathBuf>> {
         };
         contained(&label, &path, &real, &[dir.join("refs")], false)?;
         let mut bytes = Vec::new();
-        std::fs::File::open(&real)
+        sgr_schema::file::open_regular(&real, MAX_REF_BYTES)
             .and_then(|f| f.take(MAX_REF_BYTES).read_to_end(&mut bytes))
             .map_err(|e| anyhow!("{label}: cannot read the cache ref {}: {e}", path.display()))?;
         let text = String::from_utf8_lossy(&bytes);

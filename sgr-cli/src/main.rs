@@ -74,9 +74,25 @@ fn main() {
             // The reader of stdout went away (`| head -1`): nothing more to say.
             return;
         }
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", bounded(&format!("{e:#}")));
         std::process::exit(1);
     }
+}
+
+/// The most characters of an error message printed: a message that echoes a value the user
+/// gave (a 100 MB config value, a 4000-character path) keeps its start and its end.
+const MAX_ERROR_CHARS: usize = 2000;
+
+/// `message`, its middle left out when it is longer than [`MAX_ERROR_CHARS`].
+fn bounded(message: &str) -> std::borrow::Cow<'_, str> {
+    let n = message.chars().count();
+    if n <= MAX_ERROR_CHARS {
+        return message.into();
+    }
+    let head: String = message.chars().take(MAX_ERROR_CHARS * 3 / 4).collect();
+    let tail: String = message.chars().skip(n - MAX_ERROR_CHARS / 4).collect();
+    let left_out = n - MAX_ERROR_CHARS;
+    format!("{head} […{left_out} characters left out…] {tail}").into()
 }
 
 fn init_logging(verbose: u8, quiet: bool) {

@@ -24,13 +24,14 @@ pub struct Epoch {
 /// Reads a run's per-epoch metrics.
 pub fn read_metrics(run: &Path) -> Result<Vec<Epoch>> {
     let path = run.join("metrics.jsonl");
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "reading {} (is {} a run directory?)",
-            path.display(),
-            run.display()
-        )
-    })?;
+    let text = sgr_schema::file::read_regular_string(&path, sgr_schema::file::limits::TEXT)
+        .with_context(|| {
+            format!(
+                "reading {} (is {} a run directory?)",
+                path.display(),
+                run.display()
+            )
+        })?;
     let mut out = Vec::new();
     for (i, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
         let v: serde_json::Value = serde_json::from_str(line)
@@ -412,9 +413,12 @@ pub fn lines(chart: &sgr_schema::LineChart, path: &Path) -> Result<()> {
 /// Writes `curves.png` and (for local runs) `reconciliation.png` into `out`.
 pub fn plot_run(run: &Path, out: &Path) -> Result<Vec<PathBuf>> {
     let epochs = read_metrics(run)?;
-    let config = std::fs::read_to_string(run.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    let config = sgr_schema::file::read_regular_string(
+        &run.join("config.json"),
+        sgr_schema::file::limits::TEXT,
+    )
+    .ok()
+    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
     let eval = match config.as_ref().map(|c| &c["validation"]) {
         Some(v) if v.as_u64().is_some_and(|n| n > 0) => "validation",
         _ => "test",

@@ -368,3 +368,114 @@ fn a_run_stopped_before_its_first_checkpoint_can_be_rerun() {
     assert!(!o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("already holds a run"), "{}", text(&o));
 }
+
+/// Runs `sgr` and kills it after `secs`: a read that never ends fails the test instead of
+/// hanging it.
+fn sgr_within(args: &[&str], secs: u64) -> (bool, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sgr"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed().as_secs() >= secs {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?} still running after {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let o = child.wait_with_output().unwrap();
+    (o.status.success(), text(&o))
+}
+
+/// Every file sgr reads must be a regular file of bounded size: a device, a FIFO or a link to
+/// one, in any place a file is read (a config, a class index, the second file of a data split,
+/// a model, a chart), is an error naming the file at once, not a read that blocks forever or
+/// fills the memory.
+#[test]
+fn special_files_are_refused_wherever_a_file_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let fifo = p("fifo");
+    let c = std::ffi::CString::new(fifo.as_str()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    // A CIFAR-10 folder whose third training batch is a link to /dev/zero.
+    let cifar = dir.path().join("cifar");
+    std::fs::create_dir(&cifar).unwrap();
+    let record: Vec<u8> = (0..3073u32).map(|i| (i % 10) as u8).collect();
+    for f in [
+        "data_batch_1.bin",
+        "data_batch_2.bin",
+        "data_batch_4.bin",
+        "data_batch_5.bin",
+        "test_batch.bin",
+    ] {
+        std::fs::write(cifar.join(f), record.repeat(2)).unwrap();
+    }
+    std::os::unix::fs::symlink("/dev/zero", cifar.join("data_batch_3.bin")).unwrap();
+    // An image folder with two classes of one picture each.
+    let folder = dir.path().join("folder");
+    for split in ["train", "val"] {
+        for class in ["a", "b"] {
+            let d = folder.join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            image::RgbImage::from_pixel(4, 4, image::Rgb([9, 99, 199]))
+                .save(d.join("x.png"))
+                .unwrap();
+        }
+    }
+    let (r1, r2, r3, plots) = (p("r1"), p("r2"), p("r3"), p("plots"));
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["train", "--config", "/dev/zero"], "/dev/zero"),
+        (vec!["train", "--config", "/dev/urandom"], "/dev/urandom"),
+        (vec!["train", "--config", &fifo], "fifo"),
+        (
+            vec![
+                "train",
+                "--dataset",
+                "cifar10",
+                "--data-dir",
+                cifar.to_str().unwrap(),
+                "--out",
+                &r1,
+            ],
+            "data_batch_3.bin",
+        ),
+        (
+            vec![
+                "train",
+                "--dataset",
+                "imagefolder",
+                "--data-dir",
+                folder.to_str().unwrap(),
+                "--class-index",
+                "/dev/zero",
+                "--out",
+                &r2,
+            ],
+            "/dev/zero",
+        ),
+        (vec!["train", "--init-from", &fifo, "--out", &r3], "fifo"),
+        (
+            vec!["plot", "--lines", "/dev/urandom", "--out", &plots],
+            "/dev/urandom",
+        ),
+    ];
+    for (args, names) in cases {
+        let (ok, t) = sgr_within(&args, 30);
+        assert!(!ok, "{args:?} succeeded: {t}");
+        assert!(
+            t.contains(names),
+            "{args:?}: the message names no `{names}`: {t}"
+        );
+        assert!(
+            t.contains("not a regular file") || t.contains("No such file"),
+            "{args:?}: {t}"
+        );
+        assert!(!t.contains("panicked"), "{t}");
+    }
+}

@@ -307,10 +307,12 @@ fn verify_checksum(path: &Path, bytes: &[u8]) -> Result<()> {
 /// [`Error::Corrupt`]. Every floating-point tensor must be finite, with or without a checksum
 /// (PyTorch's exports have none): [`Error::NonFiniteInFile`] names the first, by name order.
 pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes = sgr_schema::file::read_regular(path, sgr_schema::file::limits::TENSORS).map_err(
+        |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+    )?;
     verify_checksum(path, &bytes)?;
     let map =
         candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| Error::Checkpoint {

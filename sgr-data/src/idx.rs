@@ -1,7 +1,6 @@
 //! IDX files (MNIST, Fashion-MNIST), raw or gzip: big-endian magic 0x00000803 (u8 images,
 //! 3 dimensions) or 0x00000801 (u8 labels, 1 dimension), then the dimensions as u32 BE.
 
-use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
@@ -20,7 +19,9 @@ impl<'a> Stream<'a> {
             path: path.to_path_buf(),
             source,
         };
-        let mut file = BufReader::new(File::open(path).map_err(io)?);
+        let mut file = BufReader::new(
+            sgr_schema::file::open_regular(path, sgr_schema::file::limits::DATA).map_err(io)?,
+        );
         let gzip = file.fill_buf().map_err(io)?.starts_with(&[0x1f, 0x8b]);
         let inner: Box<dyn Read> = if gzip {
             Box::new(flate2::read::MultiGzDecoder::new(file))

@@ -81,10 +81,12 @@ fn pixels_per_byte(format: Option<image::ImageFormat>) -> u64 {
 /// [`MAX_PIXELS`] pixels, or one whose declared size its file is too small to hold, is an
 /// error.
 pub fn decode_rgb(path: &Path) -> Result<Image> {
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes = sgr_schema::file::read_regular(path, sgr_schema::file::limits::IMAGE).map_err(
+        |source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+    )?;
     decode_rgb_bytes(&bytes, path)
 }
 

@@ -154,7 +154,7 @@ impl RunDir {
         match f.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
-                let holder = std::fs::read_to_string(self.lock_file()).unwrap_or_default();
+                let holder = read_text(&self.lock_file()).unwrap_or_default();
                 return Err(Error::Locked {
                     dir: self.path.clone(),
                     holder: holder.trim().to_string(),
@@ -211,7 +211,7 @@ impl RunDir {
     /// Reads `config.json`.
     pub fn read_spec(&self) -> Result<RunSpec> {
         let path = self.config();
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::File {
+        let text = read_text(&path).map_err(|e| Error::File {
             path: path.clone(),
             problem: format!("{e} (is {} a run directory?)", self.path.display()),
         })?;
@@ -229,7 +229,7 @@ impl RunDir {
     /// Reads the first `epochs` records of `metrics.jsonl` (all when `None`).
     pub fn read_records(&self, epochs: Option<usize>) -> Result<Vec<EpochRecord>> {
         let path = self.metrics();
-        let text = match std::fs::read_to_string(&path) {
+        let text = match read_text(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && epochs.unwrap_or(0) == 0 => {
                 return Ok(Vec::new())
@@ -295,7 +295,7 @@ impl RunDir {
     /// Reads `summary.json`.
     pub fn read_summary(&self) -> Result<Summary> {
         let path = self.summary();
-        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+        let text = read_text(&path).map_err(|source| Error::Io {
             path: path.clone(),
             source,
         })?;
@@ -392,4 +392,9 @@ seed {seed}.\n",
         batch = spec.batch_size,
         seed = spec.seed,
     )
+}
+
+/// A run file's text: a regular file of bounded size (`sgr_schema::file`).
+fn read_text(path: &Path) -> std::io::Result<String> {
+    sgr_schema::file::read_regular_string(path, sgr_schema::file::limits::TEXT)
 }

@@ -497,18 +497,21 @@ impl RunSpec {
     /// fields take the defaults, unknown or duplicate fields and bad values are errors naming
     /// the file.
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = sgr_schema::file::read_regular_string(path, sgr_schema::file::limits::TEXT)
+            .map_err(|source| Error::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let file = |problem: String| Error::File {
             path: path.to_path_buf(),
             problem,
         };
+        // Editors on Windows write a byte-order mark; it is not part of the document.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
         let spec: Self = if path.extension().is_some_and(|e| e == "json") {
-            serde_json::from_str(&text).map_err(|e| file(e.to_string()))?
+            serde_json::from_str(text).map_err(|e| file(e.to_string()))?
         } else {
-            toml::from_str(&text).map_err(|e| file(e.to_string()))?
+            toml::from_str(text).map_err(|e| file(e.to_string()))?
         };
         // Ranges are checked here too, so that an error names the file the value came from.
         spec.validate().map_err(|e| file(e.to_string()))?;

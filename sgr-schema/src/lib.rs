@@ -4,9 +4,13 @@
 //! epoch of ([`EpochRecord`]), what `summary.json` holds ([`Summary`]), what `sgr bench --json`
 //! prints ([`BenchReport`]) and the charts `sgr plot --lines` draws ([`LineChart`]). Tools that
 //! read runs, such as `cargo xtask`, depend on this crate alone and compile no tensor library.
+//!
+//! [`file`] is how every sgr crate reads a file: regular files only, bounded by the size their
+//! format allows.
 
 mod bench;
 mod chart;
+pub mod file;
 
 pub use bench::{BenchReport, PipelineReport};
 pub use chart::{LineChart, Series};

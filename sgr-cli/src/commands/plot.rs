@@ -25,7 +25,7 @@ pub struct PlotArgs {
 /// Runs `sgr plot`: prints the files written.
 pub fn run(a: PlotArgs) -> Result<()> {
     if let Some(file) = &a.lines {
-        let text = std::fs::read_to_string(file)
+        let text = sgr_schema::file::read_regular_string(file, sgr_schema::file::limits::TEXT)
             .with_context(|| format!("reading the line chart {}", file.display()))?;
         let chart: sgr_schema::LineChart = serde_json::from_str(&text).with_context(|| {
             format!(
