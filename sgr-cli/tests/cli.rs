@@ -595,6 +595,15 @@ fn eval_reproduces_the_recorded_test_accuracy() {
     assert_eq!(v["top1"], s["test_accuracy"]);
     assert_eq!(v["samples"], 359);
     assert!(v["top5"].as_f64().unwrap() >= v["top1"].as_f64().unwrap());
+    // The training checkpoint given where a model is expected says which is which.
+    let ckpt = run.join("checkpoint.safetensors");
+    let o = sgr(&["eval", "--checkpoint", ckpt.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("is a training checkpoint"),
+        "{}",
+        text(&o)
+    );
     // A checkpoint of another model is a clear error naming the file and the tensor.
     let cfg = std::fs::read_to_string(run.join("config.json")).unwrap();
     std::fs::write(

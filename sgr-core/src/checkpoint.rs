@@ -351,6 +351,15 @@ pub fn load_params(path: &Path, params: &[Param]) -> Result<()> {
         .map(|p| p.var.device().clone())
         .unwrap_or(Device::Cpu);
     let map = load_tensors(path, &device)?;
+    if map.contains_key(STATE) {
+        return Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            problem: "this is a training checkpoint (weights with optimizer state and the \
+                      position), not a model: give the run directory or its \
+                      model.safetensors, or continue the run with `sgr train --resume DIR`"
+                .into(),
+        });
+    }
     check_model_tensors(path, params, &map)?;
     for p in params {
         let t = map[&p.name].reshape(p.var.dims())?;

@@ -103,12 +103,25 @@ fn check_disjoint(root: &Path, folders: &[String]) -> Result<()> {
 impl ImageFolder {
     /// Scans `root`. With `class_index`, every class folder must be listed in it.
     pub fn open(root: &Path, class_index: Option<&Path>) -> Result<Self> {
-        let mut folders: Vec<String> = std::fs::read_dir(root)
+        let mut folders: Vec<String> = Vec::new();
+        for e in std::fs::read_dir(root)
             .map_err(io_err(root))?
             .filter_map(|e| e.ok())
             .filter(|e| e.path().is_dir())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
+        {
+            // A class is named by its folder in config.json and the model card: the name must be
+            // text, where a lossy conversion would name a folder that does not exist.
+            let name = e
+                .file_name()
+                .into_string()
+                .map_err(|raw| DataError::Format {
+                    path: e.path(),
+                    problem: format!(
+                        "the class folder's name {raw:?} is not valid UTF-8: rename the folder"
+                    ),
+                })?;
+            folders.push(name);
+        }
         folders.sort();
         if folders.is_empty() {
             return Err(DataError::NotFound {
@@ -148,6 +161,18 @@ impl ImageFolder {
                 list
             }
         };
+        if classes.len() < 2 {
+            return Err(DataError::Format {
+                path: root.to_path_buf(),
+                problem: format!(
+                    "{} class ({}): a classifier needs at least two; put each class's images \
+                     in a folder of its own under {}",
+                    classes.len(),
+                    classes.join(", "),
+                    root.display()
+                ),
+            });
+        }
         let mut samples = Vec::new();
         for f in &folders {
             let label = classes.iter().position(|c| c == f).unwrap_or(0) as u32;

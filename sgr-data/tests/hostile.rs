@@ -320,6 +320,34 @@ fn images_larger_than_the_pixel_limit_are_an_error() {
     assert!(e.contains("huge.png") && e.contains("20000x20000"), "{e}");
 }
 
+/// An image folder with one class, or a class folder whose name is not text, is an error
+/// naming the folder and what to do (a one-class folder used to fail later in the model
+/// builder, and a non-UTF-8 name as "No such file").
+#[test]
+fn class_folders_need_two_classes_with_text_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir(root.join("cat")).unwrap();
+    std::fs::write(
+        root.join("cat/a.png"),
+        encoded_image(4, 4, image::ImageFormat::Png),
+    )
+    .unwrap();
+    let e = err_text(sgr_data::ImageFolder::open(root, None));
+    assert!(
+        e.contains(&root.display().to_string()) && e.contains("at least two") && e.contains("cat"),
+        "{e}"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let raw = std::ffi::OsStr::from_bytes(b"d\xffg");
+        std::fs::create_dir(root.join(raw)).unwrap();
+        let e = err_text(sgr_data::ImageFolder::open(root, None));
+        assert!(e.contains("not valid UTF-8") && e.contains("rename"), "{e}");
+    }
+}
+
 #[test]
 fn images_larger_than_their_file_can_hold_are_an_error() {
     // 4000x4000 grey pixels declared in about a hundred bytes: deflate cannot inflate that far.
