@@ -342,3 +342,24 @@ fn a_standard_cache_with_blob_links_still_resolves() {
         ],
     );
 }
+
+/// A configuration downloaded from the Hub may not name local files: a class index outside its
+/// snapshot is refused before anything reads it (it could be /dev/zero, or a private file), and
+/// its data folder is not used.
+#[test]
+fn a_hub_configuration_may_not_name_local_files() {
+    for index in ["/dev/zero", "../../../../outside/config.json"] {
+        let c = Cache::new();
+        c.outside();
+        c.add(
+            "config.json",
+            &format!(
+                r#"{{"model": "resnet8", "dataset": "imagefolder", "data_dir": "/", "class_index": "{index}"}}"#
+            ),
+        );
+        c.add("model.safetensors", "weights");
+        let o = c.sgr(&["eval", "--checkpoint", "hf://sgr-rs/tiny"]);
+        let t = refused(&o, &["class_index", "not a file of its snapshot"]);
+        assert!(!t.contains("secret"), "{t}");
+    }
+}

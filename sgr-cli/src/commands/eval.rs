@@ -47,6 +47,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             a.batch_size
         );
     }
+    let from_hub = crate::hub::HfRef::parse(&a.checkpoint).is_some();
     let (dir, weights) = match crate::hub::HfRef::parse(&a.checkpoint) {
         Some(r) => {
             let r = r?;
@@ -81,6 +82,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
         }
     };
     let mut cfg = RunDir::new(&dir).read_spec()?;
+    if from_hub {
+        untrusted_paths(&mut cfg, &dir)?;
+    }
     if a.data_dir.is_some() {
         cfg.data_dir = a.data_dir.clone();
     }
@@ -120,6 +124,31 @@ pub fn run(a: EvalArgs) -> Result<()> {
             m.loss,
             t.elapsed().as_secs_f64()
         );
+    }
+    Ok(())
+}
+
+/// A configuration downloaded from the Hub is someone else's: the paths it names must not decide
+/// which local files `eval` reads. Its data folder is not used (`--data-dir` says where the data
+/// is here), and a class index must be a file of the snapshot itself.
+fn untrusted_paths(cfg: &mut sgr_run::RunSpec, snapshot: &Path) -> Result<()> {
+    cfg.data_dir = None;
+    if let Some(index) = cfg.class_index.take() {
+        let inside = snapshot.join(&index);
+        let contained = index.is_relative()
+            && !index
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+            && inside.is_file();
+        if !contained {
+            anyhow::bail!(
+                "the Hub configuration names class_index {:?}, which is not a file of its \
+                 snapshot ({}): a downloaded configuration may not name local files",
+                index,
+                snapshot.display()
+            );
+        }
+        cfg.class_index = Some(inside);
     }
     Ok(())
 }
