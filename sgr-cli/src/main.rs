@@ -60,6 +60,16 @@ fn main() {
         }
     }
     sgr_core::memory::tune_allocator();
+    let pipelined = match &cli.command {
+        Command::Train(a) => a.pipelined(),
+        Command::Bench(a) => a.pipelined(),
+        _ => false,
+    };
+    if pipelined {
+        // Before any other thread exists: the pipeline workers share one arena, so the resident
+        // set follows what they hold together, not the sum of their peaks.
+        sgr_core::memory::single_arena();
+    }
     init_logging(cli.verbose, cli.quiet);
     let result = match cli.command {
         Command::Train(a) => train::run(*a),

@@ -24,6 +24,43 @@ pub fn tune_allocator() -> bool {
     }
 }
 
+/// Makes every thread allocate from one glibc arena.
+///
+/// With [`tune_allocator`] each arena keeps its own peak. Pipeline workers (docs/parallel.md)
+/// reach their peaks at different moments, so with an arena each the resident set is about the
+/// sum of the workers' peaks; with one arena it is about the peak of what they hold together.
+/// Process-wide: call it first thing in `main`, as [`tune_allocator`]. Returns whether it
+/// applied (glibc on Linux only).
+pub fn single_arena() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes allocator parameters.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
+/// Returns the heap's free memory to the kernel (glibc's `malloc_trim`), in every arena.
+///
+/// With [`tune_allocator`] glibc keeps freed memory for reuse, and each thread that allocates
+/// gets an arena of its own. A step taken on one thread (such as the measuring steps before a
+/// pipeline starts) then keeps its peak resident in that thread's arena while other threads
+/// allocate their own: call this between the two. Returns whether memory was released.
+pub fn release_free_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim only returns free pages of the allocator to the kernel.
+        unsafe { libc::malloc_trim(0) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
 /// Peak resident set size of this process in bytes (`VmHWM`), where the OS reports it.
 pub fn peak_rss_bytes() -> Option<u64> {
     read_status_kib("VmHWM:").map(|k| k * 1024)

@@ -516,6 +516,8 @@ impl Run {
             .map(|p| p.seconds)
             .collect();
         let pipeline = Pipeline::balanced(&seconds, workers, threads)?;
+        // The measuring steps' memory stays with this thread's arena otherwise.
+        sgr_core::memory::release_free_memory();
         self.trainer.set_pipeline(Some(pipeline.clone()))?;
         observer.on_event(&Event::Placed {
             pipeline: &pipeline,

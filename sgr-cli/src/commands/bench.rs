@@ -59,6 +59,13 @@ struct BenchSpec<'a> {
     device: DeviceKind,
 }
 
+impl BenchArgs {
+    /// Whether the modules run on more than one pipeline worker.
+    pub fn pipelined(&self) -> bool {
+        self.pipeline.is_some_and(|n| n > 1)
+    }
+}
+
 /// Runs `sgr bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
     if a.steps == 0 || a.steps > 1_000_000 {
@@ -124,6 +131,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let profile = trainer.profile_modules(&batch, 2)?;
         let seconds: Vec<f64> = profile.iter().map(|p| p.seconds).collect();
         let p = Pipeline::balanced(&seconds, workers, threads)?;
+        // The measuring steps' memory stays with this thread's arena otherwise.
+        sgr_core::memory::release_free_memory();
         trainer.set_pipeline(Some(p.clone()))?;
         placement = Some((p, profile));
     }

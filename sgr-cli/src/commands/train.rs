@@ -398,6 +398,13 @@ fn init_weights(reference: &str) -> Result<PathBuf> {
     }
 }
 
+impl TrainArgs {
+    /// Whether the modules run on more than one pipeline worker.
+    pub fn pipelined(&self) -> bool {
+        self.pipeline.is_some_and(|n| n > 1)
+    }
+}
+
 /// Runs `sgr train`.
 pub fn run(a: TrainArgs) -> Result<()> {
     // Installed first, so that Ctrl-C at any point after start-up is handled; SIGTERM (how
