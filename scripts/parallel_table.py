@@ -49,7 +49,7 @@ def main(path):
     if not models:
         return
     print()
-    print("Scaling model: K modules on K devices, per-module step times measured here (1 thread),")
+    print("Scaling model: K modules on K devices, per-module step times measured here (2 threads, before the pipeline starts),")
     print("batch %d. Speed-up = Σ t_k / max t_k; an epoch of S steps takes (S + K − 1) · max t_k." % models[0]["batch_size"])
     print()
     head = "| K | module step times (s) | Σ t | max t | speed-up | largest message MiB |"
