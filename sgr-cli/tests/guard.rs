@@ -479,3 +479,30 @@ fn special_files_are_refused_wherever_a_file_is_read() {
         assert!(!t.contains("panicked"), "{t}");
     }
 }
+
+/// A byte-order mark before a JSON or TOML config is skipped; an error that echoes a huge value
+/// (a 1 MB model name) is printed with its middle left out, not whole.
+#[test]
+fn config_files_with_a_bom_read_and_huge_values_are_not_echoed_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, body) in [
+        ("bom.json", "\u{feff}{\"model\": \"resnet8\"}"),
+        ("bom.toml", "\u{feff}model = \"resnet8\"\n"),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, body).unwrap();
+        let o = sgr(&["train", "--config", path.to_str().unwrap(), "--print-spec"]);
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        assert!(text(&o).contains("\"model\":\"resnet8\""), "{}", text(&o));
+    }
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, format!("model = \"{}\"\n", "x".repeat(1_000_000))).unwrap();
+    let o = sgr(&["train", "--config", big.to_str().unwrap(), "--print-spec"]);
+    let t = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        t.len() < 3000 && t.contains("characters left out") && t.contains("big.toml"),
+        "{}",
+        t.len()
+    );
+}
