@@ -506,3 +506,68 @@ fn config_files_with_a_bom_read_and_huge_values_are_not_echoed_whole() {
         t.len()
     );
 }
+
+/// A training image that cannot be read mid-epoch stops the run with one message naming the
+/// file, after saving a checkpoint of the steps before it, as Ctrl-C does; once the file is
+/// fixed, --resume finishes the run.
+#[test]
+fn a_bad_training_image_saves_a_checkpoint_and_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("folder");
+    let good = |p: &std::path::Path, shade: u8| {
+        image::RgbImage::from_pixel(8, 8, image::Rgb([shade, 99, 199]))
+            .save(p)
+            .unwrap();
+    };
+    for split in ["train", "val"] {
+        for class in ["a", "b"] {
+            let d = root.join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..20u8 {
+                good(&d.join(format!("{i:02}.png")), i * 12);
+            }
+        }
+    }
+    // Sample 24 of 40: not among the 32 images the data fingerprint decodes before training
+    // (sgr_run::identity), so it is found mid-epoch.
+    let bad = root.join("train/b/04.png");
+    let bytes = std::fs::read(&bad).unwrap();
+    std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
+    let run = dir.path().join("run");
+    let args = [
+        "train",
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        root.to_str().unwrap(),
+        "--model",
+        "resnet8",
+        "-k",
+        "2",
+        "--image-size",
+        "8",
+        "--batch-size",
+        "2",
+        "--epochs",
+        "1",
+        "--workers",
+        "0",
+        "--out",
+        run.to_str().unwrap(),
+    ];
+    let o = sgr(&args);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("04.png") && t.contains("--resume"), "{t}");
+    assert_eq!(t.matches("04.png").count(), 1, "named once: {t}");
+    assert!(run.join("checkpoint.safetensors").is_file(), "{t}");
+    good(&bad, 120);
+    let o = sgr(&[
+        "train",
+        "--resume",
+        run.to_str().unwrap(),
+        "--allow-data-change",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(run.join("summary.json").is_file());
+}

@@ -14,6 +14,21 @@ pub enum Error {
     #[error(transparent)]
     Data(#[from] sgr_data::DataError),
 
+    /// A training batch could not be read mid-run; a checkpoint of the steps before it was
+    /// saved.
+    #[error(
+        "{problem}\nthe run stopped at step {step} and saved a checkpoint: fix or remove the file, \
+         then continue with `sgr train --resume {}`", dir.display()
+    )]
+    DataMidRun {
+        /// What could not be read (printed, not chained, so that it appears once).
+        problem: sgr_data::DataError,
+        /// The run directory.
+        dir: PathBuf,
+        /// Steps taken (and saved) before it.
+        step: usize,
+    },
+
     /// The run specification is invalid; the message names the field by its flag.
     #[error("{0}")]
     Spec(String),

@@ -414,7 +414,15 @@ impl Run {
                 })
             };
             let drained = match (drained, data_error) {
-                (Err(_), Some(e)) => return Err(e.into()),
+                (Err(_), Some(e)) => {
+                    // As on Ctrl-C: the steps before the bad batch are kept.
+                    save_tagged_checkpoint(&self.dir.checkpoint(), &self.trainer, &self.tags)?;
+                    return Err(Error::DataMidRun {
+                        problem: e,
+                        dir: self.dir.path().to_path_buf(),
+                        step: self.trainer.global_step(),
+                    });
+                }
                 (r, _) => r?,
             };
             if drained.stopped {
