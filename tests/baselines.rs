@@ -11,8 +11,8 @@ use sgr_core::sgr::{
 };
 use sgr_core::trainer::Trainer;
 use sgr_integration_tests::{
-    assert_module_learns, flat, labels, max_param_diff, randn, rel_err, sgr_config, site_grad,
-    target_near, trainer_config,
+    assert_module_learns, flat, labels, max_param_diff, randn, rel_err, resnet_for, sgr_config,
+    site_grad, target_near, trainer_config,
 };
 use sgr_models::{CifarResNet, ModelOptions, ResNetConfig, SplitStrategy};
 
@@ -21,36 +21,6 @@ const BASELINES: [Objective; 3] = [
     Objective::Infopro,
     Objective::InfoproContrast,
 ];
-
-/// A CIFAR ResNet of `depth` cut uniformly into `k` modules with `objective`'s heads, for
-/// 3-channel images normalised with fixed statistics.
-fn net(
-    depth: usize,
-    k: usize,
-    objective: Objective,
-    dtype: DType,
-) -> sgr_core::network::LocalNetwork {
-    CifarResNet {
-        config: ResNetConfig {
-            depth,
-            in_channels: 3,
-            num_classes: 10,
-        },
-        options: ModelOptions {
-            modules: k,
-            split: SplitStrategy::Uniform,
-            seed: 5,
-            objective,
-            pixels: Some(PixelStats {
-                mean: vec![0.5, 0.4, 0.3],
-                std: vec![0.25, 0.2, 0.3],
-            }),
-            ..ModelOptions::default()
-        },
-    }
-    .build(&Device::Cpu, dtype)
-    .expect("build network")
-}
 
 /// Images (normalised), labels with every class repeated (the contrastive loss needs positives).
 fn batch(n: usize, side: usize, seed: u64, dtype: DType) -> Batch {
@@ -66,7 +36,7 @@ fn batch(n: usize, side: usize, seed: u64, dtype: DType) -> Batch {
 #[test]
 fn every_parameter_of_every_baseline_gets_a_gradient() {
     for objective in BASELINES {
-        let net = net(8, 3, objective, DType::F32);
+        let net = resnet_for(8, 3, objective, DType::F32);
         let b = batch(12, 8, 1, DType::F32);
         let mut h = b.input.clone();
         for k in 0..net.num_modules() {
@@ -112,7 +82,7 @@ fn every_parameter_of_every_baseline_gets_a_gradient() {
 fn sgr_gradient_through_each_baseline_matches_the_exact_double_backward() {
     for objective in BASELINES {
         // ResNet-20 in 3 modules: the middle one holds the downsampling block.
-        let net = net(20, 3, objective, DType::F32);
+        let net = resnet_for(20, 3, objective, DType::F32);
         let b = batch(24, 16, 7, DType::F32);
         for (k, site, distance) in [
             (1usize, Site::Input, Distance::SquaredL2),
@@ -174,11 +144,11 @@ fn each_baseline_with_zero_lambda_sgr_is_the_baseline_bit_for_bit() {
     for objective in BASELINES {
         for grad in [SgrGrad::FiniteDifference, SgrGrad::Exact] {
             let plain = Trainer::new(
-                net(8, 3, objective, DType::F32),
+                resnet_for(8, 3, objective, DType::F32),
                 trainer_config(Method::plain(objective)),
             );
             let with = Trainer::new(
-                net(8, 3, objective, DType::F32),
+                resnet_for(8, 3, objective, DType::F32),
                 trainer_config(Method {
                     sgr: Some(SgrConfig {
                         lambda: 0.0,
@@ -240,7 +210,7 @@ fn infopro_weights_are_interpolated_and_transformers_are_refused() {
     let l = sgr_core::loss::supervised_contrastive(&f, &y, 0.07).unwrap();
     assert_eq!(l.to_scalar::<f32>().unwrap(), 0.0);
     // The contrastive loss compares hard labels: soft targets are refused, not misread.
-    let net = net(8, 2, Objective::InfoproContrast, DType::F32);
+    let net = resnet_for(8, 2, Objective::InfoproContrast, DType::F32);
     let b = batch(8, 8, 3, DType::F32);
     let soft = Batch::soft(
         b.input.clone(),

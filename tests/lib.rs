@@ -259,3 +259,33 @@ pub fn load_state_dict(
             .expect("set");
     }
 }
+
+/// A CIFAR ResNet of `depth` cut uniformly into `k` modules with `objective`'s heads, for
+/// 3-channel images normalised with fixed statistics (seed 5).
+pub fn resnet_for(
+    depth: usize,
+    k: usize,
+    objective: sgr_core::method::Objective,
+    dtype: DType,
+) -> LocalNetwork {
+    CifarResNet {
+        config: ResNetConfig {
+            depth,
+            in_channels: 3,
+            num_classes: 10,
+        },
+        options: ModelOptions {
+            modules: k,
+            split: SplitStrategy::Uniform,
+            seed: 5,
+            objective,
+            pixels: Some(sgr_core::objective::PixelStats {
+                mean: vec![0.5, 0.4, 0.3],
+                std: vec![0.25, 0.2, 0.3],
+            }),
+            ..ModelOptions::default()
+        },
+    }
+    .build(&Device::Cpu, dtype)
+    .expect("build network")
+}

@@ -10,43 +10,19 @@ use sgr_core::events::{EpochMetrics, NoObserver};
 use sgr_core::method::{Estimator, Method, Objective};
 use sgr_core::mix::MixConfig;
 use sgr_core::network::LocalNetwork;
-use sgr_core::objective::{Batch, PixelStats};
+use sgr_core::objective::Batch;
 use sgr_core::sgr::{Direction, SgrConfig, SgrGrad};
 use sgr_core::trainer::pipeline::Pipeline;
 use sgr_core::trainer::{Trainer, TrainerConfig};
-use sgr_integration_tests::{labels, randn, trainer_config};
+use sgr_integration_tests::{labels, randn, resnet_for, trainer_config};
 use sgr_models::localmixer::LocalMixerConfig;
 use sgr_models::vit::{VisionTransformer, VitConfig};
-use sgr_models::{CifarResNet, ModelOptions, ResNetConfig, SplitStrategy};
+use sgr_models::{ModelOptions, SplitStrategy};
 
 const STEPS: usize = 4;
 
 /// A network builder.
 type Build = fn() -> LocalNetwork;
-
-/// ResNet-8 on 3×8×8 images, cut uniformly into 3 modules with `objective`'s heads.
-fn resnet8(objective: Objective) -> LocalNetwork {
-    CifarResNet {
-        config: ResNetConfig {
-            depth: 8,
-            in_channels: 3,
-            num_classes: 10,
-        },
-        options: ModelOptions {
-            modules: 3,
-            split: SplitStrategy::Uniform,
-            seed: 5,
-            objective,
-            pixels: Some(PixelStats {
-                mean: vec![0.5, 0.4, 0.3],
-                std: vec![0.25, 0.2, 0.3],
-            }),
-            ..ModelOptions::default()
-        },
-    }
-    .build(&Device::Cpu, DType::F32)
-    .expect("build resnet")
-}
 
 /// A two-block LocalMixer on 1×8×8 images, cut into [block 0 | block 1 | read-out].
 fn mixer() -> LocalNetwork {
@@ -193,14 +169,15 @@ fn assert_pipelines_match(name: &str, net: Build, cfg: TrainerConfig, data: &[Ba
     }
 }
 
+/// ResNet-8 cut uniformly into 3 modules with each objective's heads.
 fn resnet_greedy() -> LocalNetwork {
-    resnet8(Objective::Greedy)
+    resnet_for(8, 3, Objective::Greedy, DType::F32)
 }
 fn resnet_dgl() -> LocalNetwork {
-    resnet8(Objective::Dgl)
+    resnet_for(8, 3, Objective::Dgl, DType::F32)
 }
 fn resnet_infopro() -> LocalNetwork {
-    resnet8(Objective::Infopro)
+    resnet_for(8, 3, Objective::Infopro, DType::F32)
 }
 
 /// The central invariant: greedy, greedy+sgr under each SGR way, dgl+sgr and infopro+sgr on
