@@ -69,6 +69,10 @@ pub const MAX_PIXELS: u64 = 1 << 26;
 
 /// Most pixels one byte of a file can hold, with a 2x margin: deflate (PNG) inflates at most
 /// 1032:1 and a pixel takes at least one bit; a JPEG codes each 8x8 block in at least one bit.
+/// What decoding one image may allocate besides its pixels (ICC profiles are at most a few
+/// MiB in practice).
+const MAX_METADATA_BYTES: u64 = 16 << 20;
+
 fn pixels_per_byte(format: Option<image::ImageFormat>) -> u64 {
     match format {
         Some(image::ImageFormat::Jpeg) => 2 * 512,
@@ -104,11 +108,29 @@ pub fn decode_rgb_bytes(bytes: &[u8], path: &Path) -> Result<Image> {
         _ => Ok(()),
     }
     .map_err(|e| bad(format!("cannot decode image: {e}")))?;
-    let decoder = image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| bad(format!("cannot read image: {e}")))?
-        .into_decoder()
-        .map_err(cannot)?;
+    let reader = |max_alloc: u64| {
+        let mut limits = image::Limits::default();
+        limits.max_alloc = Some(max_alloc);
+        let mut r = image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| bad(format!("cannot read image: {e}")))?;
+        r.limits(limits);
+        Ok::<_, DataError>(r)
+    };
+    // The header first, under a small budget: what a decoder allocates before the pixels (a
+    // compressed colour profile, text chunks) is bounded by it, not by the pixel budget.
+    let (w, h) = reader(MAX_METADATA_BYTES)?
+        .into_dimensions()
+        .map_err(|e| match e {
+            image::ImageError::Limits(_) => bad(format!(
+                "the image's metadata (colour profile, text) needs more than {} MiB to decode",
+                MAX_METADATA_BYTES >> 20
+            )),
+            e => cannot(e),
+        })?;
+    // Then the pixels: at most 8 bytes each (16-bit RGBA), plus the same small budget.
+    let budget = MAX_METADATA_BYTES + 8 * u64::from(w) * u64::from(h);
+    let decoder = reader(budget)?.into_decoder().map_err(cannot)?;
     let (w, h) = image::ImageDecoder::dimensions(&decoder);
     let pixels = u64::from(w) * u64::from(h);
     if pixels > MAX_PIXELS {
