@@ -321,3 +321,43 @@ fn the_heads_objective_and_the_methods_are_checked_against_each_other() {
     .unwrap();
     Trainer::new(build(Objective::Dgl), config(Method::plain(Objective::Dgl))).unwrap();
 }
+
+/// A layer that panics inside a pipeline worker ends the run with an error naming the worker
+/// and the panic, without a hang: the other workers stop when their channels close.
+#[test]
+fn a_panicking_layer_in_a_pipeline_worker_is_an_error_naming_it() {
+    let vars = VarMap::new();
+    let fc = linear(WIDTH, WIDTH, vb(&vars).pp("block2")).unwrap();
+    let step = std::sync::atomic::AtomicUsize::new(0);
+    let panicking = ForeignStage::from_fn(
+        "block2",
+        &vars,
+        "block2",
+        move |x: &Tensor, ctx: &mut Ctx| {
+            if ctx.is_train() && step.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 2 {
+                panic!("block2 refuses its third batch");
+            }
+            ctx.relu(&fc.forward(x)?)
+        },
+    )
+    .unwrap();
+    let net = network(
+        &vars,
+        replayable_block(&vars, "block1", IN),
+        Box::new(panicking),
+    );
+    let mut t = Trainer::new(net, config(Method::greedy())).unwrap();
+    t.set_pipeline(Some(
+        sgr_core::trainer::pipeline::Pipeline::even(2, 2, 1).unwrap(),
+    ))
+    .unwrap();
+    let mut source = std::iter::repeat_with(|| Ok(batch())).take(6);
+    let e = t
+        .train_batches(&mut source, &mut |_| std::ops::ControlFlow::Continue(()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("pipeline worker 1 panicked") && e.contains("refuses its third batch"),
+        "{e}"
+    );
+}

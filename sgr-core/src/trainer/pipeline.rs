@@ -215,7 +215,11 @@ pub(super) fn run(
         }
         drop(done_tx);
         let result = match handles.iter().find_map(|h| h.as_ref().err()) {
-            Some(e) => Err(Error::Internal(e.to_string())),
+            Some(e) => {
+                // The workers that did start end when their feed closes.
+                drop(feed_tx);
+                Err(Error::Internal(e.to_string()))
+            }
             None => feed(
                 net,
                 cfg,
@@ -243,10 +247,10 @@ pub(super) fn run(
                 }
             }
         }
-        match (result, panicked) {
-            (Err(e), _) => Err(e),
-            (Ok(_), Some(p)) => Err(p),
-            (Ok(d), None) => Ok(d),
+        // A panic is the cause of whatever the feed then saw (a closed channel).
+        match panicked {
+            Some(p) => Err(p),
+            None => result,
         }
     })
 }
