@@ -61,13 +61,7 @@ const IMAGE: usize = 3 * 32 * 32;
 
 /// Reads one CIFAR binary file.
 pub fn read_cifar_file(path: &Path, kind: CifarKind) -> Result<ImageDataset> {
-    let bytes =
-        sgr_schema::file::read_regular(path, sgr_schema::file::limits::DATA).map_err(|source| {
-            DataError::Io {
-                path: path.to_path_buf(),
-                source,
-            }
-        })?;
+    let bytes = crate::error::read_file(path, sgr_schema::file::limits::DATA)?;
     let rec = kind.label_bytes() + IMAGE;
     let bad = |problem: String| DataError::Format {
         path: path.to_path_buf(),

@@ -43,3 +43,12 @@ pub enum DataError {
 
 /// Result alias of `sgr-data`.
 pub type Result<T> = std::result::Result<T, DataError>;
+
+/// The bytes of a data file: a regular file of at most `max` bytes (`sgr_schema::file`), an
+/// error naming it otherwise.
+pub(crate) fn read_file(path: &std::path::Path, max: u64) -> Result<Vec<u8>> {
+    sgr_schema::file::read_regular(path, max).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}

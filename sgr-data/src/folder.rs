@@ -136,7 +136,6 @@ impl ImageFolder {
             Some(p) => {
                 let text = sgr_schema::file::read_regular_string(p, sgr_schema::file::limits::TEXT)
                     .map_err(io_err(p))?;
-                let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
                 let list: Vec<String> = text
                     .lines()
                     .map(|l| l.split_whitespace().next().unwrap_or("").to_string())

@@ -85,12 +85,7 @@ fn pixels_per_byte(format: Option<image::ImageFormat>) -> u64 {
 /// [`MAX_PIXELS`] pixels, or one whose declared size its file is too small to hold, is an
 /// error.
 pub fn decode_rgb(path: &Path) -> Result<Image> {
-    let bytes = sgr_schema::file::read_regular(path, sgr_schema::file::limits::IMAGE).map_err(
-        |source| DataError::Io {
-            path: path.to_path_buf(),
-            source,
-        },
-    )?;
+    let bytes = crate::error::read_file(path, sgr_schema::file::limits::IMAGE)?;
     decode_rgb_bytes(&bytes, path)
 }
 

@@ -10,18 +10,8 @@ const IMAGE: usize = 3 * SIDE * SIDE;
 
 /// Reads an STL-10 image file and its label file.
 pub fn load_stl10_pair(images: &Path, labels: &Path, name: &str) -> Result<ImageDataset> {
-    let x = sgr_schema::file::read_regular(images, sgr_schema::file::limits::DATA).map_err(
-        |source| DataError::Io {
-            path: images.to_path_buf(),
-            source,
-        },
-    )?;
-    let y = sgr_schema::file::read_regular(labels, sgr_schema::file::limits::DATA).map_err(
-        |source| DataError::Io {
-            path: labels.to_path_buf(),
-            source,
-        },
-    )?;
+    let x = crate::error::read_file(images, sgr_schema::file::limits::DATA)?;
+    let y = crate::error::read_file(labels, sgr_schema::file::limits::DATA)?;
     if x.is_empty() || x.len() % IMAGE != 0 {
         return Err(DataError::Format {
             path: images.to_path_buf(),

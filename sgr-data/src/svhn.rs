@@ -238,13 +238,7 @@ fn elements(
 
 /// Reads the numeric arrays of a MATLAB level-5 file.
 pub fn read_mat_v5(path: &Path) -> Result<HashMap<String, MatArray>> {
-    let b =
-        sgr_schema::file::read_regular(path, sgr_schema::file::limits::DATA).map_err(|source| {
-            DataError::Io {
-                path: path.to_path_buf(),
-                source,
-            }
-        })?;
+    let b = crate::error::read_file(path, sgr_schema::file::limits::DATA)?;
     let bad = |problem: String| DataError::Format {
         path: path.to_path_buf(),
         problem,

@@ -506,12 +506,10 @@ impl RunSpec {
             path: path.to_path_buf(),
             problem,
         };
-        // Editors on Windows write a byte-order mark; it is not part of the document.
-        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
         let spec: Self = if path.extension().is_some_and(|e| e == "json") {
-            serde_json::from_str(text).map_err(|e| file(e.to_string()))?
+            serde_json::from_str(&text).map_err(|e| file(e.to_string()))?
         } else {
-            toml::from_str(text).map_err(|e| file(e.to_string()))?
+            toml::from_str(&text).map_err(|e| file(e.to_string()))?
         };
         // Ranges are checked here too, so that an error names the file the value came from.
         spec.validate().map_err(|e| file(e.to_string()))?;

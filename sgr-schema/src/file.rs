@@ -59,9 +59,14 @@ pub fn read_regular(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// [`read_regular`] as UTF-8 text.
+/// [`read_regular`] as UTF-8 text, without the byte-order mark some editors write first (it
+/// is never part of the text).
 pub fn read_regular_string(path: &Path, max: u64) -> std::io::Result<String> {
-    String::from_utf8(read_regular(path, max)?)
+    let mut bytes = read_regular(path, max)?;
+    if bytes.starts_with(b"\xef\xbb\xbf") {
+        bytes.drain(..3);
+    }
+    String::from_utf8(bytes)
         .map_err(|e| Error::new(ErrorKind::InvalidData, format!("not UTF-8 text ({e})")))
 }
 
@@ -98,6 +103,9 @@ mod tests {
         let small = dir.join("small");
         std::fs::write(&small, b"0123456789").unwrap();
         assert_eq!(read_regular(&small, 10).unwrap(), b"0123456789");
+        std::fs::write(&small, b"\xef\xbb\xbfseed = 1").unwrap();
+        assert_eq!(read_regular_string(&small, 64).unwrap(), "seed = 1");
+        std::fs::write(&small, b"0123456789").unwrap();
         let e = read_regular(&small, 9).unwrap_err().to_string();
         assert!(e.contains("10 bytes, more than the 9"), "{e}");
         #[cfg(unix)]
