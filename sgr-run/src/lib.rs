@@ -8,11 +8,13 @@
 //! * [`run`]: create or resume a [`Run`], train it with an evaluation and a checkpoint per
 //!   epoch, stop on a step budget or an interrupt, write the model and the typed [`Summary`];
 //! * [`data`]: the data sets with their standard transforms;
-//! * [`memory`]: training memory measured on real steps, and the memory-balanced split.
+//! * [`memory`]: training memory measured on real steps, and the memory-balanced split;
+//! * [`budget`]: a step's memory estimated before it is spent, and refused when it cannot fit.
 //!
 //! Progress is reported through `sgr-core`'s [`Observer`](sgr_core::events::Observer) events;
 //! the records it writes are `sgr-schema`'s types, so tools read them without a tensor library.
 
+pub mod budget;
 pub mod data;
 mod error;
 pub mod identity;

@@ -176,11 +176,17 @@ pub fn measure_step(
 
 /// A random batch of `input`'s shape on `device`.
 pub fn random_batch(input: Input, batch: usize, device: &Device) -> Result<Batch> {
+    let (x, y) = random_images(input, batch, device)?;
+    Ok(Batch::labelled(x, y))
+}
+
+/// Random images of `input`'s shape and labels cycling through its classes.
+pub fn random_images(input: Input, batch: usize, device: &Device) -> Result<(Tensor, Tensor)> {
     let shape = (batch, input.channels, input.size, input.size);
     let x = Tensor::randn(0f32, 1.0, shape, device).map_err(sgr_core::Error::from)?;
     let labels: Vec<u32> = (0..batch).map(|i| (i % input.classes) as u32).collect();
     let y = Tensor::from_vec(labels, batch, device).map_err(sgr_core::Error::from)?;
-    Ok(Batch::labelled(x, y))
+    Ok((x, y))
 }
 
 /// A trainer for `spec`'s model and method on `input`, with plain SGD settings (memory does

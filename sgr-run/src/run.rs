@@ -116,6 +116,9 @@ pub enum Resumed {
     Finished(Box<Summary>),
 }
 
+/// Images per evaluation batch.
+const EVAL_BATCH: usize = 256;
+
 /// A run: its specification, directory, data, trainer and history.
 #[derive(Debug)]
 pub struct Run {
@@ -279,6 +282,17 @@ impl Run {
         let device = spec.device.device()?;
         let workers = crate::spec::check_workers(opts.workers)?;
         let data = load_data(&spec)?;
+        if let Some(meter) = &opts.meter {
+            let plan = crate::budget::Plan {
+                batch: spec.batch_size,
+                eval_batch: EVAL_BATCH,
+                in_flight: 2 * workers + 2,
+                size_flag: matches!(spec.dataset, crate::Dataset::Imagefolder)
+                    .then_some("--image-size"),
+                limit: None,
+            };
+            crate::budget::check_fits(&spec, data.input(), plan, Arc::clone(meter), &device)?;
+        }
         if spec.split == sgr_models::SplitStrategy::Balanced && spec.split_ends.is_none() {
             let meter = opts.meter.clone().ok_or_else(|| {
                 Error::Spec(
@@ -300,7 +314,7 @@ impl Run {
             data.train_pipeline.clone(),
             &device,
         )?;
-        let test_loader = test_loader(&data, 256, workers, &device)?;
+        let test_loader = test_loader(&data, EVAL_BATCH, workers, &device)?;
         let mut tcfg = spec.trainer.clone();
         tcfg.steps_per_epoch = train_loader.batches_per_epoch();
         let net = build_network(&spec, data.input(), Some(&data.pixels), &device)?;

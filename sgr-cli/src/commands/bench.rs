@@ -74,7 +74,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
     a.input.check(a.batch_size)?;
     let mut spec = a.method.spec(&a.model)?;
     let device = a.device.device()?;
-    if spec.split == sgr_models::SplitStrategy::Balanced && spec.split_ends.is_none() {
+    // Before any step at the full batch: a step that cannot fit is refused, not aborted.
+    let check_fits = |spec: &sgr_run::RunSpec| {
+        let plan = sgr_run::budget::Plan {
+            batch: a.batch_size,
+            eval_batch: 0,
+            in_flight: 1,
+            size_flag: Some("--input-size"),
+            limit: None,
+        };
+        let meter = std::sync::Arc::new(crate::alloc::Meter);
+        sgr_run::budget::check_fits(spec, a.input.input(), plan, meter, &device)
+            .map_err(anyhow::Error::from)
+    };
+    let balanced = spec.split == sgr_models::SplitStrategy::Balanced && spec.split_ends.is_none();
+    if balanced {
+        check_fits(&spec)?;
         let meter = std::sync::Arc::new(crate::alloc::Meter);
         spec =
             sgr_run::memory::balanced_spec(&spec, a.input.input(), a.batch_size, meter, &device)?.0;
@@ -93,6 +108,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let v = serde_json::json!({ "spec_hash": spec_hash, "spec": bench_spec });
         outln!("{v}");
         return Ok(());
+    }
+    if !balanced {
+        check_fits(&spec)?;
     }
     let method = spec.trainer.method.clone();
     let trainer_cfg = TrainerConfig {

@@ -41,6 +41,20 @@ fn trainable(ps: &[Param], aux: bool) -> usize {
         .sum()
 }
 
+/// `spec`'s model trained end to end.
+fn bp_spec_of(spec: &RunSpec) -> RunSpec {
+    RunSpec {
+        modules: Some(1),
+        split: SplitStrategy::Auto,
+        split_ends: None,
+        trainer: sgr_core::trainer::TrainerConfig {
+            method: Method::bp(),
+            ..spec.trainer.clone()
+        },
+        ..spec.clone()
+    }
+}
+
 /// Runs `sgr inspect`.
 pub fn run(a: InspectArgs) -> Result<()> {
     a.input.check(a.batch_size)?;
@@ -48,6 +62,17 @@ pub fn run(a: InspectArgs) -> Result<()> {
     let device = Device::Cpu;
     let meter: Arc<dyn MemoryMeter> = Arc::new(crate::alloc::Meter);
     let mut spec = a.method.spec(&a.model)?;
+    // Both measured steps (the method's and end-to-end BP's) must fit before either runs.
+    for s in [&spec, &bp_spec_of(&spec)] {
+        let plan = sgr_run::budget::Plan {
+            batch: a.batch_size,
+            eval_batch: 0,
+            in_flight: 1,
+            size_flag: Some("--input-size"),
+            limit: None,
+        };
+        sgr_run::budget::check_fits(s, input, plan, Arc::clone(&meter), &device)?;
+    }
     let mut costs = None;
     if spec.split == SplitStrategy::Balanced && spec.split_ends.is_none() {
         let (s, c) = balanced_spec(&spec, input, a.batch_size, Arc::clone(&meter), &device)?;
@@ -134,17 +159,7 @@ pub fn run(a: InspectArgs) -> Result<()> {
     }
     drop(trainer);
     // The same model trained end to end, measured the same way.
-    let bp_spec = RunSpec {
-        modules: Some(1),
-        split: SplitStrategy::Auto,
-        split_ends: None,
-        trainer: sgr_core::trainer::TrainerConfig {
-            method: Method::bp(),
-            ..spec.trainer.clone()
-        },
-        ..spec.clone()
-    };
-    let mut bp = warm_trainer(&bp_spec, input, &device)?;
+    let mut bp = warm_trainer(&bp_spec_of(&spec), input, &device)?;
     let bp_step = measure_step(&mut bp, &batch, meter)?;
     outln!(
         "end-to-end (bp): step peak {:.1} MiB ({:.1} MiB before the step); {} K={}: step peak \

@@ -1,0 +1,128 @@
+//! Sizes the flags accept but the machine cannot hold are refused before the first step, with
+//! the estimate, the memory available and the flag to change: never an allocator abort, and
+//! never a half-made run directory. `SGR_MEMORY_LIMIT` makes the budget the same on every
+//! machine.
+
+use std::process::{Command, Output};
+
+mod common;
+use common::text;
+
+fn sgr_limited(limit: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sgr"))
+        .args(args)
+        .env("SGR_MEMORY_LIMIT", limit)
+        .output()
+        .expect("run sgr")
+}
+
+/// Refused with exit status 1 (an abort is a signal), naming the estimate and what to do.
+fn refused(o: &Output, flag: &str) -> String {
+    let t = text(o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("needs about") && t.contains("is available") && t.contains(flag),
+        "{t}"
+    );
+    assert_eq!(t.lines().count(), 1, "{t}");
+    t
+}
+
+#[test]
+fn batch_and_image_sizes_that_cannot_fit_are_refused_before_any_step() {
+    for cmd in ["bench", "inspect"] {
+        let o = sgr_limited(
+            "4G",
+            &[
+                cmd,
+                "--model",
+                "resnet8",
+                "-k",
+                "2",
+                "--batch-size",
+                "65536",
+            ],
+        );
+        let t = refused(&o, "--batch-size to at most");
+        assert!(t.contains("batch 65536"), "{t}");
+        let o = sgr_limited(
+            "4G",
+            &[
+                cmd,
+                "--model",
+                "resnet8",
+                "--input-size",
+                "4096",
+                "--batch-size",
+                "4",
+            ],
+        );
+        let t = refused(&o, "--input-size");
+        assert!(t.contains("4096x4096") && t.contains("scaled"), "{t}");
+    }
+    // Within the budget the same commands run.
+    let o = sgr_limited(
+        "4G",
+        &[
+            "bench",
+            "--model",
+            "resnet8",
+            "--batch-size",
+            "8",
+            "--steps",
+            "1",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn a_training_run_too_large_for_memory_leaves_no_run_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("folder");
+    for split in ["train", "val"] {
+        for class in ["a", "b"] {
+            let d = root.join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..4u8 {
+                image::RgbImage::from_pixel(8, 8, image::Rgb([i * 50, 99, 199]))
+                    .save(d.join(format!("{i}.png")))
+                    .unwrap();
+            }
+        }
+    }
+    let run = dir.path().join("run");
+    let o = sgr_limited(
+        "4G",
+        &[
+            "train",
+            "--dataset",
+            "imagefolder",
+            "--data-dir",
+            root.to_str().unwrap(),
+            "--model",
+            "resnet8",
+            "--image-size",
+            "4096",
+            "--batch-size",
+            "2",
+            "--workers",
+            "0",
+            "--out",
+            run.to_str().unwrap(),
+        ],
+    );
+    refused(&o, "--image-size");
+    assert!(
+        !run.join("config.json").exists(),
+        "a half-made run was left"
+    );
+}
+
+#[test]
+fn a_memory_limit_that_is_not_a_size_is_named() {
+    let o = sgr_limited("lots", &["bench", "--model", "resnet8", "--steps", "1"]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(t.contains("SGR_MEMORY_LIMIT") && t.contains("8G"), "{t}");
+}
