@@ -971,3 +971,96 @@ fn plot_draws_a_line_chart_from_data() {
     let o = sgr(&["plot", "--lines", file.to_str().unwrap(), "--run", "x"]);
     assert!(!o.status.success());
 }
+
+/// A trained model stores its preprocessing (normalisation, shape, class names) in its
+/// metadata, so `sgr eval` needs only the test split: with the training files gone it gives
+/// exactly the numbers it gave with them, for in-memory data sets and image folders; a test
+/// class the model never saw is refused, naming the folder.
+#[test]
+fn eval_needs_only_the_test_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let eval = |run: &Path| {
+        let o = sgr(&["eval", "--checkpoint", run.to_str().unwrap(), "--json"]);
+        assert!(o.status.success(), "{}", text(&o));
+        let mut v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v.as_object_mut().unwrap().remove("seconds");
+        v
+    };
+    let train = |args: &[&str], run: &Path| {
+        let mut a = vec![
+            "train",
+            "--model",
+            "resnet8",
+            "-k",
+            "2",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--workers",
+            "0",
+            "--out",
+        ];
+        a.push(run.to_str().unwrap());
+        a.extend_from_slice(args);
+        let o = sgr(&a);
+        assert!(o.status.success(), "{}", text(&o));
+    };
+    // IDX files: the normalisation comes from the training images.
+    let data = dir.path().join("mnist");
+    write_idx_set(&data, 5);
+    let run = dir.path().join("run-idx");
+    train(
+        &["--dataset", "mnist", "--data-dir", data.to_str().unwrap()],
+        &run,
+    );
+    let with_train = eval(&run);
+    for f in ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"] {
+        std::fs::remove_file(data.join(f)).unwrap();
+    }
+    assert_eq!(eval(&run), with_train);
+
+    // An image folder: the classes come from the training folders.
+    let root = dir.path().join("folder");
+    for split in ["train", "val"] {
+        for (c, class) in ["ant", "bee", "cat"].iter().enumerate() {
+            let d = root.join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..6u8 {
+                image::RgbImage::from_pixel(8, 8, image::Rgb([i * 40, c as u8 * 90, 30]))
+                    .save(d.join(format!("{i}.png")))
+                    .unwrap();
+            }
+        }
+    }
+    let run = dir.path().join("run-folder");
+    train(
+        &[
+            "--dataset",
+            "imagefolder",
+            "--data-dir",
+            root.to_str().unwrap(),
+            "--image-size",
+            "8",
+        ],
+        &run,
+    );
+    let with_train = eval(&run);
+    std::fs::remove_dir_all(root.join("train")).unwrap();
+    assert_eq!(eval(&run), with_train);
+    // Labels keep their meaning when a class has no test folder.
+    std::fs::remove_dir_all(root.join("val/ant")).unwrap();
+    let without = eval(&run);
+    assert_eq!(without["samples"], 12);
+    std::fs::create_dir_all(root.join("val/dog")).unwrap();
+    image::RgbImage::new(8, 8)
+        .save(root.join("val/dog/0.png"))
+        .unwrap();
+    let o = sgr(&["eval", "--checkpoint", run.to_str().unwrap()]);
+    let t = text(&o);
+    assert!(
+        !o.status.success() && t.contains("dog") && t.contains("the model's classes"),
+        "{t}"
+    );
+    assert_eq!(with_train["samples"], 18);
+}

@@ -213,6 +213,22 @@ fn checksum<'a>(
 /// tensor holding NaN or infinity; nothing is written then, and a file already at `path` stays
 /// as it was.
 pub fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    save_tensors_with_metadata(path, tensors, &BTreeMap::new())
+}
+
+/// [`save_tensors`] with `metadata` entries beside the checksum in the file's `__metadata__`
+/// (read back by [`read_metadata`]); [`CHECKSUM_KEY`] is reserved.
+pub fn save_tensors_with_metadata(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    if metadata.contains_key(CHECKSUM_KEY) {
+        return Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            problem: format!("the metadata key `{CHECKSUM_KEY}` is reserved for the checksum"),
+        });
+    }
     let mut named: Vec<(&String, &Tensor)> = tensors.iter().collect();
     named.sort_by(|a, b| a.0.cmp(b.0));
     if let Some(tensor) = first_non_finite(named.iter().map(|(n, t)| (n.as_str(), *t)))? {
@@ -229,7 +245,8 @@ pub fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()
         raw.iter()
             .map(|(n, r)| (n.as_str(), r.dtype, r.shape.as_slice(), r.data.as_slice())),
     );
-    let metadata = HashMap::from([(CHECKSUM_KEY.to_string(), sum)]);
+    let mut metadata: HashMap<String, String> = metadata.clone().into_iter().collect();
+    metadata.insert(CHECKSUM_KEY.to_string(), sum);
 
     let dir = path
         .parent()
@@ -334,11 +351,65 @@ pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tens
 /// in the file's metadata. Refuses to write NaN or infinity: [`Error::NonFinite`] names the
 /// tensor and the file, and a file already at `path` stays as it was.
 pub fn save_params(path: &Path, params: &[Param]) -> Result<()> {
+    save_params_with_metadata(path, params, &BTreeMap::new())
+}
+
+/// [`save_params`] with `metadata` entries in the file's `__metadata__`: what a model needs
+/// besides its weights, such as its preprocessing (read back by [`read_metadata`]).
+pub fn save_params_with_metadata(
+    path: &Path,
+    params: &[Param],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
     let map: HashMap<String, Tensor> = params
         .iter()
         .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
         .collect();
-    save_tensors(path, &map)
+    save_tensors_with_metadata(path, &map, metadata)
+}
+
+/// Largest safetensors header [`read_metadata`] reads.
+const MAX_HEADER: u64 = 100 << 20;
+
+/// The `__metadata__` entries of a safetensors file, reading only its header (empty when it
+/// has none). The file must be a regular file; a header that is not a JSON object of bounded
+/// size is [`Error::Checkpoint`] naming the file.
+pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
+    use std::io::Read;
+    let bad = |problem: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f =
+        sgr_schema::file::open_regular(path, sgr_schema::file::limits::TENSORS).map_err(io)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|_| bad("not a safetensors file: shorter than its 8-byte header length".into()))?;
+    let n = u64::from_le_bytes(len);
+    if n > MAX_HEADER {
+        return Err(bad(format!(
+            "not a safetensors file: its header claims {n} bytes (at most {MAX_HEADER})"
+        )));
+    }
+    let mut header = Vec::with_capacity(n as usize);
+    f.take(n).read_to_end(&mut header).map_err(io)?;
+    if header.len() as u64 != n {
+        return Err(bad("truncated: the file ends inside its header".into()));
+    }
+    let json: serde_json::Value = serde_json::from_slice(&header).map_err(|e| {
+        bad(format!(
+            "not a safetensors file: its header is not JSON ({e})"
+        ))
+    })?;
+    let Some(meta) = json.get("__metadata__") else {
+        return Ok(BTreeMap::new());
+    };
+    serde_json::from_value(meta.clone())
+        .map_err(|e| bad(format!("its __metadata__ is not a map of strings ({e})")))
 }
 
 /// Loads parameters saved by [`save_params`] (or any safetensors file with the same names)

@@ -100,9 +100,47 @@ fn check_disjoint(root: &Path, folders: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The class names of a class-index file: the first word of each non-empty line, by label.
+fn read_class_index(p: &Path) -> Result<Vec<String>> {
+    let text = sgr_schema::file::read_regular_string(p, sgr_schema::file::limits::TEXT)
+        .map_err(io_err(p))?;
+    let list: Vec<String> = text
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap_or("").to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    if let Some(d) = list.iter().find(|c| !seen.insert(c.as_str())) {
+        return Err(DataError::Format {
+            path: p.to_path_buf(),
+            problem: format!("class `{d}` is listed twice"),
+        });
+    }
+    Ok(list)
+}
+
 impl ImageFolder {
     /// Scans `root`. With `class_index`, every class folder must be listed in it.
     pub fn open(root: &Path, class_index: Option<&Path>) -> Result<Self> {
+        let listed = match class_index {
+            None => None,
+            Some(p) => Some((
+                read_class_index(p)?,
+                format!("the class-index file {}", p.display()),
+            )),
+        };
+        Self::scan(root, listed)
+    }
+
+    /// Scans `root` with the classes a trained model was trained on (its class names, by
+    /// label): every class folder must be one of them, so labels mean what they meant in
+    /// training even when some classes have no folder here.
+    pub fn open_with_classes(root: &Path, classes: &[String]) -> Result<Self> {
+        Self::scan(root, Some((classes.to_vec(), "the model's classes".into())))
+    }
+
+    /// `listed`: the classes by label, and what listed them (for errors).
+    fn scan(root: &Path, listed: Option<(Vec<String>, String)>) -> Result<Self> {
         let mut folders: Vec<String> = Vec::new();
         for e in std::fs::read_dir(root)
             .map_err(io_err(root))?
@@ -131,30 +169,13 @@ impl ImageFolder {
             });
         }
         check_disjoint(root, &folders)?;
-        let classes: Vec<String> = match class_index {
+        let classes: Vec<String> = match listed {
             None => folders.clone(),
-            Some(p) => {
-                let text = sgr_schema::file::read_regular_string(p, sgr_schema::file::limits::TEXT)
-                    .map_err(io_err(p))?;
-                let list: Vec<String> = text
-                    .lines()
-                    .map(|l| l.split_whitespace().next().unwrap_or("").to_string())
-                    .filter(|l| !l.is_empty())
-                    .collect();
-                let mut seen = std::collections::HashSet::new();
-                if let Some(d) = list.iter().find(|c| !seen.insert(c.as_str())) {
-                    return Err(DataError::Format {
-                        path: p.to_path_buf(),
-                        problem: format!("class `{d}` is listed twice"),
-                    });
-                }
+            Some((list, from)) => {
                 if let Some(unknown) = folders.iter().find(|f| !list.contains(f)) {
                     return Err(DataError::Format {
                         path: root.join(unknown),
-                        problem: format!(
-                            "unknown class folder `{unknown}`: not in the class-index file {}",
-                            p.display()
-                        ),
+                        problem: format!("unknown class folder `{unknown}`: not in {from}"),
                     });
                 }
                 list

@@ -8,6 +8,7 @@ use sgr_data::{
     CifarKind, ImageDataset, ImageFolder, Normalize, Pipeline, Source, Subset, Transform,
 };
 
+use crate::preprocess::Preprocess;
 use crate::spec::{Dataset, RunSpec};
 use crate::{Error, Result};
 
@@ -30,6 +31,10 @@ pub struct Data {
     /// The per-channel statistics the images are normalised with (InfoPro's reconstruction
     /// target undoes them).
     pub pixels: PixelStats,
+    /// The normalisation itself, as the pipelines apply it.
+    pub normalize: Normalize,
+    /// Class names by label, for data sets whose classes are named by folders.
+    pub class_names: Option<Vec<String>>,
     /// Whether `test` holds validation images taken out of the training set
     /// (`RunSpec::validation`) rather than the test split.
     pub validation: bool,
@@ -48,6 +53,17 @@ impl Data {
 
 /// Reads the specification's data set with its transform pipelines.
 pub fn load_data(cfg: &RunSpec) -> Result<Data> {
+    load(cfg, None)
+}
+
+/// Reads only the test split of the specification's data set, preprocessed as a trained model
+/// stored it (its training split is not needed): `train` is empty. The test split's own
+/// classes must be among the model's.
+pub fn load_test_data(cfg: &RunSpec, stored: &Preprocess) -> Result<Data> {
+    load(cfg, Some(stored))
+}
+
+fn load(cfg: &RunSpec, stored: Option<&Preprocess>) -> Result<Data> {
     let dir = || -> Result<PathBuf> {
         match (&cfg.data_dir, cfg.dataset) {
             (Some(d), _) => Ok(d.clone()),
@@ -57,7 +73,14 @@ pub fn load_data(cfg: &RunSpec) -> Result<Data> {
     };
     let aug = cfg.augment;
     // In-memory data sets: normalised with the training split's channel statistics.
-    let in_memory = |train: ImageDataset,
+    // The training split is read only when no stored preprocessing replaces its statistics.
+    let train_split = |read: &dyn Fn() -> sgr_data::Result<ImageDataset>| -> Result<_> {
+        Ok(match stored {
+            Some(_) => None,
+            None => Some(read()?),
+        })
+    };
+    let in_memory = |train: Option<ImageDataset>,
                      test: ImageDataset,
                      mut train_steps: Vec<Transform>,
                      pre: Vec<Transform>|
@@ -69,12 +92,28 @@ pub fn load_data(cfg: &RunSpec) -> Result<Data> {
                 Transform::PadTo { size } => Some(*size),
                 _ => None,
             })
-            .unwrap_or(train.height);
-        let mut norm = Normalize::from_dataset(&train);
-        let channels = if to_rgb { 3 } else { train.channels };
-        if to_rgb {
-            norm = norm.repeated(3);
-        }
+            .unwrap_or(test.height);
+        let channels = if to_rgb { 3 } else { test.channels };
+        let (norm, classes) = match (&train, stored) {
+            (Some(train), _) => {
+                let norm = Normalize::from_dataset(train);
+                let norm = if to_rgb { norm.repeated(3) } else { norm };
+                (norm, train.num_classes)
+            }
+            (None, Some(p)) => (
+                Normalize {
+                    mean: p.mean.clone(),
+                    std: p.std.clone(),
+                },
+                p.classes,
+            ),
+            (None, None) => unreachable!("the training split is read without stored statistics"),
+        };
+        let test: Arc<dyn Source> = Arc::new(test);
+        let train: Arc<dyn Source> = match train {
+            Some(t) => Arc::new(t),
+            None => Arc::new(Subset::first(Arc::clone(&test), 0)),
+        };
         let mut tr = pre.clone();
         if aug {
             tr.append(&mut train_steps);
@@ -83,13 +122,15 @@ pub fn load_data(cfg: &RunSpec) -> Result<Data> {
         let mut te = pre;
         te.push(norm.transform());
         Data {
-            classes: train.num_classes,
+            classes,
             channels,
             size,
             pixels: pixel_stats(&norm),
+            normalize: norm,
+            class_names: None,
             validation: false,
-            train: Arc::new(train),
-            test: Arc::new(test),
+            train,
+            test,
             train_pipeline: Pipeline::new(tr),
             test_pipeline: Pipeline::new(te),
         }
@@ -122,7 +163,7 @@ pub fn load_data(cfg: &RunSpec) -> Result<Data> {
     };
     let mut data = match cfg.dataset {
         Dataset::Digits => in_memory(
-            sgr_data::digits(true)?,
+            train_split(&|| sgr_data::digits(true))?,
             sgr_data::digits(false)?,
             vec![],
             vec![],
@@ -137,12 +178,12 @@ pub fn load_data(cfg: &RunSpec) -> Result<Data> {
             // With the `download` feature, fetch the official archive (MD5-checked) when the
             // files are not there yet.
             #[cfg(feature = "download")]
-            if sgr_data::load_cifar(&d, kind, false).is_err() {
+            if stored.is_none() && sgr_data::load_cifar(&d, kind, false).is_err() {
                 tracing::warn!("{kind:?} not found in {}: downloading it", d.display());
                 sgr_data::download::download_cifar(kind, &d)?;
             }
             in_memory(
-                sgr_data::load_cifar(&d, kind, true)?,
+                train_split(&|| sgr_data::load_cifar(&d, kind, true))?,
                 sgr_data::load_cifar(&d, kind, false)?,
                 crop_flip(32, 4, true),
                 vec![],
@@ -152,7 +193,7 @@ pub fn load_data(cfg: &RunSpec) -> Result<Data> {
             let d = dir()?;
             let name = cfg.dataset.name();
             in_memory(
-                sgr_data::load_mnist_dir(&d, true, name)?,
+                train_split(&|| sgr_data::load_mnist_dir(&d, true, name))?,
                 sgr_data::load_mnist_dir(&d, false, name)?,
                 mnist_aug,
                 mnist_pre,
@@ -161,7 +202,7 @@ pub fn load_data(cfg: &RunSpec) -> Result<Data> {
         Dataset::Svhn => {
             let d = dir()?;
             in_memory(
-                sgr_data::load_svhn_dir(&d, true)?,
+                train_split(&|| sgr_data::load_svhn_dir(&d, true))?,
                 sgr_data::load_svhn_dir(&d, false)?,
                 crop_flip(32, 2, false),
                 vec![],
@@ -170,7 +211,7 @@ pub fn load_data(cfg: &RunSpec) -> Result<Data> {
         Dataset::Stl10 => {
             let d = dir()?;
             in_memory(
-                sgr_data::load_stl10_dir(&d, true)?,
+                train_split(&|| sgr_data::load_stl10_dir(&d, true))?,
                 sgr_data::load_stl10_dir(&d, false)?,
                 crop_flip(96, 12, true),
                 vec![],
@@ -179,15 +220,39 @@ pub fn load_data(cfg: &RunSpec) -> Result<Data> {
         Dataset::Imagefolder => {
             let d = dir()?;
             let ci = cfg.class_index.as_deref();
-            let train = ImageFolder::open(&d.join("train"), ci)?;
-            let test = ImageFolder::open(&d.join("val"), ci)?;
-            if train.classes() != test.classes() {
-                return Err(Error::Spec(format!(
-                    "{}: the val classes differ from the train classes; pass --class-index",
-                    d.display()
-                )));
-            }
-            let norm = Normalize::imagenet();
+            let (train, test): (Arc<dyn Source>, ImageFolder) = match stored {
+                None => {
+                    let train = ImageFolder::open(&d.join("train"), ci)?;
+                    let test = ImageFolder::open(&d.join("val"), ci)?;
+                    if train.classes() != test.classes() {
+                        return Err(Error::Spec(format!(
+                            "{}: the val classes differ from the train classes; pass \
+                             --class-index",
+                            d.display()
+                        )));
+                    }
+                    (Arc::new(train), test)
+                }
+                Some(p) => {
+                    let names = p.class_names.as_deref().ok_or_else(|| {
+                        Error::Spec(
+                            "the model's stored preprocessing has no class names, which an \
+                             image folder needs"
+                                .into(),
+                        )
+                    })?;
+                    let test = ImageFolder::open_with_classes(&d.join("val"), names)?;
+                    (Arc::new(Subset::first(Arc::new(test.clone()), 0)), test)
+                }
+            };
+            let class_names = Some(test.classes().to_vec());
+            let norm = match stored {
+                Some(p) => Normalize {
+                    mean: p.mean.clone(),
+                    std: p.std.clone(),
+                },
+                None => Normalize::imagenet(),
+            };
             let size = cfg.image_size;
             let mut tr = if aug {
                 vec![
@@ -208,12 +273,14 @@ pub fn load_data(cfg: &RunSpec) -> Result<Data> {
             };
             tr.push(norm.transform());
             Data {
-                classes: train.num_classes(),
+                classes: test.num_classes(),
                 channels: 3,
                 size,
                 pixels: pixel_stats(&norm),
+                normalize: norm.clone(),
+                class_names,
                 validation: false,
-                train: Arc::new(train),
+                train,
                 test: Arc::new(test),
                 train_pipeline: Pipeline::new(tr),
                 test_pipeline: Pipeline::new(vec![
@@ -226,6 +293,16 @@ pub fn load_data(cfg: &RunSpec) -> Result<Data> {
             }
         }
     };
+    if let Some(p) = stored {
+        if data.test.num_classes() > p.classes {
+            return Err(Error::Spec(format!(
+                "the test split has {} classes, the model was trained on {}: evaluate it on the \
+                 data set it was trained on",
+                data.test.num_classes(),
+                p.classes
+            )));
+        }
+    }
     // DeiT-style extras: RandAugment before normalisation, Random Erasing after it.
     if let Some((n, m)) = cfg.randaugment {
         let at = data.train_pipeline.steps.len().saturating_sub(1);

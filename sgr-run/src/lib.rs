@@ -19,6 +19,7 @@ pub mod data;
 mod error;
 pub mod identity;
 pub mod memory;
+pub mod preprocess;
 pub mod run;
 pub mod rundir;
 pub mod spec;

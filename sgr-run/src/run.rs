@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use candle_core::DType;
 use sgr_core::checkpoint::{checkpoint_tags, save_tagged_checkpoint};
-use sgr_core::checkpoint::{load_params, load_training_checkpoint, save_params};
+use sgr_core::checkpoint::{load_params, load_training_checkpoint, save_params_with_metadata};
 use sgr_core::events::{EvalMetrics, Event, Observer};
 use sgr_core::network::LocalNetwork;
 use sgr_core::objective::{Batch, PixelStats};
@@ -482,7 +482,13 @@ impl Run {
             self.check_finite(self.trainer.epoch())?;
             save_tagged_checkpoint(&self.dir.checkpoint(), &self.trainer, &self.tags)?;
         }
-        save_params(&self.dir.model(), &self.trainer.network().params())?;
+        // With the preprocessing, so that the model evaluates on a test split alone.
+        let preprocess = crate::preprocess::Preprocess::of(&self.data).to_metadata();
+        save_params_with_metadata(
+            &self.dir.model(),
+            &self.trainer.network().params(),
+            &preprocess,
+        )?;
         if stop == Some(Stop::Interrupted) {
             return Ok(Outcome {
                 stop,

@@ -1,5 +1,6 @@
 //! `sgr eval`: rebuild a trained model from its run directory (or the Hub) and evaluate it on
-//! its data set's test split.
+//! its data set's test split (the training split is not read when the model stores its
+//! preprocessing).
 
 use crate::out::outln;
 use std::path::{Path, PathBuf};
@@ -7,7 +8,8 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Args;
-use sgr_run::data::load_data;
+use sgr_run::data::{load_data, load_test_data};
+use sgr_run::preprocess::Preprocess;
 use sgr_run::run::{build_network, test_loader};
 use sgr_run::{DeviceKind, RunDir};
 
@@ -92,7 +94,16 @@ pub fn run(a: EvalArgs) -> Result<()> {
     cfg.train_limit = None;
     cfg.validation = None;
     let device = a.device.device()?;
-    let data = load_data(&cfg)?;
+    // A model that stores its preprocessing needs only the test split; older ones need the
+    // training split to recompute the normalisation.
+    let data = match Preprocess::read(&weights)? {
+        Some(p) => {
+            let data = load_test_data(&cfg, &p)?;
+            p.check(&data, &weights)?;
+            data
+        }
+        None => load_data(&cfg)?,
+    };
     let net = build_network(&cfg, data.input(), Some(&data.pixels), &device)?;
     sgr_core::checkpoint::load_params(&weights, &net.params())?;
     let workers = sgr_run::spec::check_workers(a.workers)?;
