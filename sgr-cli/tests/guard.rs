@@ -571,3 +571,47 @@ fn a_bad_training_image_saves_a_checkpoint_and_names_the_file() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(run.join("summary.json").is_file());
 }
+
+/// A bad test image is found before the first step (the test split is first read after a whole
+/// epoch), named once, and nothing of the run is written.
+#[test]
+fn a_bad_test_image_is_found_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("folder");
+    for split in ["train", "val"] {
+        for class in ["a", "b"] {
+            let d = root.join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..20u8 {
+                image::RgbImage::from_pixel(8, 8, image::Rgb([i * 12, 99, 199]))
+                    .save(d.join(format!("{i:02}.png")))
+                    .unwrap();
+            }
+        }
+    }
+    // Sample 24 of 40: not among the 32 images the data fingerprint decodes
+    // (sgr_run::identity). Cut short, its header intact.
+    let bad = root.join("val/b/04.png");
+    let bytes = std::fs::read(&bad).unwrap();
+    std::fs::write(&bad, &bytes[..bytes.len() - 20]).unwrap();
+    let run = dir.path().join("run");
+    let o = sgr(&[
+        "train",
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        root.to_str().unwrap(),
+        "--model",
+        "resnet8",
+        "--image-size",
+        "8",
+        "--epochs",
+        "1",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert_eq!(t.matches("04.png").count(), 1, "named once: {t}");
+    assert!(!run.join("config.json").exists(), "{t}");
+}

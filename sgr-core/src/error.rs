@@ -90,9 +90,10 @@ pub enum Error {
         path: PathBuf,
     },
 
-    /// The data source failed to produce a batch.
+    /// The data source failed to produce a batch. (Its message is part of this one, not a
+    /// `source()`, so that reporters that print the chain name the file once.)
     #[error("data: {0}")]
-    Data(#[source] Box<dyn std::error::Error + Send + Sync>),
+    Data(Box<dyn std::error::Error + Send + Sync>),
 
     /// Second-order autodiff was asked for in a build without it: sgr-core's `second-order`
     /// feature needs the patched candle-core (docs/library.md).
@@ -167,3 +168,26 @@ fn non_finite_message(tensor: &str, path: Option<&std::path::Path>) -> String {
 
 /// Result alias of `sgr-core`.
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `anyhow`'s `{:#}` and `main`'s reporter print: the message and every source.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut s = e.to_string();
+        let mut next = e.source();
+        while let Some(cause) = next {
+            s.push_str(&format!(": {cause}"));
+            next = cause.source();
+        }
+        s
+    }
+
+    #[test]
+    fn a_data_error_names_its_file_once_when_its_chain_is_printed() {
+        let io = std::io::Error::other("/data/val/b/04.png: truncated PNG");
+        let e = Error::Data(Box::new(io));
+        assert_eq!(chain(&e), "data: /data/val/b/04.png: truncated PNG");
+    }
+}

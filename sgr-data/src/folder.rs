@@ -214,6 +214,35 @@ impl ImageFolder {
         })
     }
 
+    /// Checks every image without decoding its pixels ([`crate::check_image`]) on `threads`
+    /// threads, so that a truncated or corrupt file is found before training rather than when
+    /// it is first read. The error names the first bad file in sample order.
+    pub fn check_files(&self, threads: usize) -> Result<()> {
+        let threads = threads.clamp(1, 64);
+        let chunk = self.samples.len().div_ceil(threads).max(1);
+        let first_bad = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .samples
+                .chunks(chunk)
+                .map(|part| {
+                    s.spawn(move || {
+                        part.iter()
+                            .find_map(|(p, _)| crate::image::check_image(p).err())
+                    })
+                })
+                .collect();
+            // In chunk order: the first chunk's error is the first in sample order.
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .find_map(|e| e)
+        });
+        match first_bad {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     /// Class names, by index.
     pub fn classes(&self) -> &[String] {
         &self.classes

@@ -89,13 +89,39 @@ pub fn decode_rgb(path: &Path) -> Result<Image> {
     decode_rgb_bytes(&bytes, path)
 }
 
-/// Like [`decode_rgb`] from bytes; `path` only names the source in errors.
-pub fn decode_rgb_bytes(bytes: &[u8], path: &Path) -> Result<Image> {
+/// Checks an image file without decoding its pixels: a JPEG or PNG must be complete (every
+/// chunk or segment present), and its header must declare a size within [`MAX_PIXELS`] that
+/// the file can hold. This finds the files [`decode_rgb`] would refuse, except those whose
+/// compressed pixel data itself is corrupt.
+pub fn check_image(path: &Path) -> Result<()> {
+    let bytes = crate::error::read_file(path, sgr_schema::file::limits::IMAGE)?;
+    header(&bytes, path).map(|_| ())
+}
+
+fn reader<'a>(
+    bytes: &'a [u8],
+    path: &Path,
+    max_alloc: u64,
+) -> Result<image::ImageReader<std::io::Cursor<&'a [u8]>>> {
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(max_alloc);
+    let mut r = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| DataError::Format {
+            path: path.to_path_buf(),
+            problem: format!("cannot read image: {e}"),
+        })?;
+    r.limits(limits);
+    Ok(r)
+}
+
+/// The structure and declared size of an image: completeness, the header under a small
+/// budget, and the size checks. Returns the width and height.
+fn header(bytes: &[u8], path: &Path) -> Result<(u32, u32)> {
     let bad = |problem: String| DataError::Format {
         path: path.to_path_buf(),
         problem,
     };
-    let cannot = |e: image::ImageError| bad(format!("cannot decode image: {e}"));
     let format = image::guess_format(bytes).ok();
     match format {
         Some(image::ImageFormat::Png) => crate::complete::png(bytes),
@@ -103,30 +129,17 @@ pub fn decode_rgb_bytes(bytes: &[u8], path: &Path) -> Result<Image> {
         _ => Ok(()),
     }
     .map_err(|e| bad(format!("cannot decode image: {e}")))?;
-    let reader = |max_alloc: u64| {
-        let mut limits = image::Limits::default();
-        limits.max_alloc = Some(max_alloc);
-        let mut r = image::ImageReader::new(std::io::Cursor::new(bytes))
-            .with_guessed_format()
-            .map_err(|e| bad(format!("cannot read image: {e}")))?;
-        r.limits(limits);
-        Ok::<_, DataError>(r)
-    };
-    // The header first, under a small budget: what a decoder allocates before the pixels (a
-    // compressed colour profile, text chunks) is bounded by it, not by the pixel budget.
-    let (w, h) = reader(MAX_METADATA_BYTES)?
+    // Under a small budget: what a decoder allocates before the pixels (a compressed colour
+    // profile, text chunks) is bounded by it, not by the pixel budget.
+    let (w, h) = reader(bytes, path, MAX_METADATA_BYTES)?
         .into_dimensions()
         .map_err(|e| match e {
             image::ImageError::Limits(_) => bad(format!(
                 "the image's metadata (colour profile, text) needs more than {} MiB to decode",
                 MAX_METADATA_BYTES >> 20
             )),
-            e => cannot(e),
+            e => bad(format!("cannot decode image: {e}")),
         })?;
-    // Then the pixels: at most 8 bytes each (16-bit RGBA), plus the same small budget.
-    let budget = MAX_METADATA_BYTES + 8 * u64::from(w) * u64::from(h);
-    let decoder = reader(budget)?.into_decoder().map_err(cannot)?;
-    let (w, h) = image::ImageDecoder::dimensions(&decoder);
     let pixels = u64::from(w) * u64::from(h);
     if pixels > MAX_PIXELS {
         return Err(bad(format!(
@@ -138,6 +151,27 @@ pub fn decode_rgb_bytes(bytes: &[u8], path: &Path) -> Result<Image> {
             "image of {w}x{h} pixels cannot be held in {} bytes: corrupt header or truncated file",
             bytes.len()
         )));
+    }
+    Ok((w, h))
+}
+
+/// Like [`decode_rgb`] from bytes; `path` only names the source in errors.
+pub fn decode_rgb_bytes(bytes: &[u8], path: &Path) -> Result<Image> {
+    let cannot = |e: image::ImageError| DataError::Format {
+        path: path.to_path_buf(),
+        problem: format!("cannot decode image: {e}"),
+    };
+    let (w, h) = header(bytes, path)?;
+    // Then the pixels: at most 8 bytes each (16-bit RGBA), plus the metadata budget.
+    let budget = MAX_METADATA_BYTES + 8 * u64::from(w) * u64::from(h);
+    let decoder = reader(bytes, path, budget)?
+        .into_decoder()
+        .map_err(cannot)?;
+    if image::ImageDecoder::dimensions(&decoder) != (w, h) {
+        return Err(DataError::Format {
+            path: path.to_path_buf(),
+            problem: "the image's header gives two different sizes".into(),
+        });
     }
     let img = image::DynamicImage::from_decoder(decoder).map_err(cannot)?;
     let (w, h) = (img.width() as usize, img.height() as usize);

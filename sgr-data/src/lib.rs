@@ -33,7 +33,7 @@ pub use digits::{digits, DIGITS_CSV_GZ};
 pub use error::{DataError, Result};
 pub use folder::{ImageFolder, IMAGE_EXTENSIONS};
 pub use idx::{load_idx_pair, load_mnist_dir, read_idx};
-pub use image::{decode_rgb, decode_rgb_bytes, Image, Source, Subset, MAX_PIXELS};
+pub use image::{check_image, decode_rgb, decode_rgb_bytes, Image, Source, Subset, MAX_PIXELS};
 pub use loader::{default_workers, Batches, Loader, LoaderConfig, Normalize};
 pub use stl10::{load_stl10_dir, load_stl10_pair};
 pub use svhn::{load_svhn_dir, load_svhn_mat, read_mat_v5, MatArray, MatData};

@@ -245,6 +245,10 @@ fn load(cfg: &RunSpec, stored: Option<&Preprocess>) -> Result<Data> {
                     (Arc::new(Subset::first(Arc::new(test.clone()), 0)), test)
                 }
             };
+            // The test split is first read after a whole epoch: a bad file there is found
+            // now. (Training images are read from the first step; one that fails mid-epoch
+            // stops the run with a checkpoint.)
+            test.check_files(sgr_data::default_workers().max(1))?;
             let class_names = Some(test.classes().to_vec());
             let norm = match stored {
                 Some(p) => Normalize {
