@@ -323,7 +323,7 @@ fn pipelines_that_cannot_work_are_refused() {
         .set_pipeline(Some(Pipeline::even(3, 2, 1).unwrap()))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("forward direction"), "{e}");
+    assert!(e.contains("forward direction") && !e.contains("  "), "{e}");
     let e = t
         .set_pipeline(Some(Pipeline::even(2, 2, 1).unwrap()))
         .unwrap_err()

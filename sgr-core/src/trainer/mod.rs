@@ -923,7 +923,10 @@ impl Trainer {
                 if let Some(s) = &self.cfg.method.sgr {
                     if s.direction == Direction::Backward {
                         return Err(Error::InvalidConfig(
-                            "the SGR term's backward direction makes module k wait for module                              k+1's input gradient, a message backward between workers that a                              pipeline does not send: use the forward direction (the default)                              or train without a pipeline"
+                            "the SGR term's backward direction makes module k wait for module k+1's input \
+                             gradient, a message backward between workers that a pipeline does \
+                             not send: use the forward direction (the default) or train without \
+                             a pipeline"
                                 .into(),
                         ));
                     }
