@@ -126,3 +126,67 @@ fn a_memory_limit_that_is_not_a_size_is_named() {
     assert_eq!(o.status.code(), Some(1), "{t}");
     assert!(t.contains("SGR_MEMORY_LIMIT") && t.contains("8G"), "{t}");
 }
+
+fn idx(magic: u32, dims: &[u32], data: &[u8]) -> Vec<u8> {
+    let mut b = magic.to_be_bytes().to_vec();
+    for d in dims {
+        b.extend(d.to_be_bytes());
+    }
+    b.extend(data);
+    b
+}
+
+/// `sgr eval` reads its whole batch at once: one too large for memory is refused with the
+/// largest that fits, and a smaller one evaluates.
+#[test]
+fn an_evaluation_batch_that_cannot_fit_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("mnist");
+    std::fs::create_dir_all(&data).unwrap();
+    for (stem, n) in [("train", 48u32), ("t10k", 400)] {
+        let pixels: Vec<u8> = (0..n * 784).map(|i| (i * 7 % 256) as u8).collect();
+        let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+        let images = idx(0x803, &[n, 28, 28], &pixels);
+        std::fs::write(data.join(format!("{stem}-images-idx3-ubyte")), images).unwrap();
+        let labels = idx(0x801, &[n], &labels);
+        std::fs::write(data.join(format!("{stem}-labels-idx1-ubyte")), labels).unwrap();
+    }
+    let run = dir.path().join("run");
+    let o = sgr_limited(
+        "4G",
+        &[
+            "train",
+            "--dataset",
+            "mnist",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--model",
+            "resnet8",
+            "-k",
+            "2",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--workers",
+            "0",
+            "--out",
+            run.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let eval = |batch: &str| {
+        let args = [
+            "eval",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--batch-size",
+            batch,
+        ];
+        sgr_limited("64M", &[&args[..], &["--workers", "0"]].concat())
+    };
+    let t = refused(&eval("400"), "--batch-size to at most");
+    assert!(t.contains("an evaluation at batch 400"), "{t}");
+    let o = eval("16");
+    assert!(o.status.success(), "{}", text(&o));
+}

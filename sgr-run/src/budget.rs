@@ -261,10 +261,12 @@ fn gib(b: u64) -> String {
 /// images) and an evaluation at `eval_batch` images.
 #[derive(Debug, Clone, Copy)]
 pub struct Plan {
-    /// Images per training step.
+    /// Images per training step (0: evaluation only).
     pub batch: usize,
     /// Images per evaluation batch (0: no evaluation).
     pub eval_batch: usize,
+    /// The flag that sets the evaluation batch, where one does.
+    pub eval_batch_flag: Option<&'static str>,
     /// Batches the loaders may hold at once.
     pub in_flight: usize,
     /// The flag that sets the image side (`--image-size`, `--input-size`), where one does.
@@ -314,18 +316,24 @@ pub fn check_fits(
             est.measured_size
         )
     };
-    let fit = est.max_batch(avail.saturating_sub(loading));
-    let size = plan.size_flag.map(|f| format!("lower {f}"));
-    let todo = match (train >= eval && fit >= 1, size) {
-        (true, Some(size)) => format!("lower --batch-size to at most {fit}, or {size} "),
-        (true, None) => format!("lower --batch-size to at most {fit} "),
-        (false, Some(size)) => format!("{size} or choose a smaller model "),
-        (false, None) => "choose a smaller model ".to_string(),
+    // The largest batch that fits, its images in flight included.
+    let largest = |per_image: u64| {
+        let per = per_image.saturating_add(image_bytes.saturating_mul(plan.in_flight as u64));
+        avail.saturating_sub(est.fixed) / per.max(1)
     };
-    let what = if train >= eval {
-        format!("a training step at batch {}", plan.batch)
+    let (what, flag, fit) = if train >= eval {
+        let what = format!("a training step at batch {}", plan.batch);
+        (what, Some("--batch-size"), largest(est.per_image))
     } else {
-        format!("an evaluation at batch {}", plan.eval_batch)
+        let what = format!("an evaluation at batch {}", plan.eval_batch);
+        (what, plan.eval_batch_flag, largest(est.per_eval_image))
+    };
+    let size = plan.size_flag.map(|f| format!("lower {f}"));
+    let todo = match (flag.filter(|_| fit >= 1), size) {
+        (Some(flag), Some(size)) => format!("lower {flag} to at most {fit}, or {size} "),
+        (Some(flag), None) => format!("lower {flag} to at most {fit} "),
+        (None, Some(size)) => format!("{size} or choose a smaller model "),
+        (None, None) => "choose a smaller model ".to_string(),
     };
     Err(Error::Spec(format!(
         "{what} of {model} on {size}x{size} images needs about {need} ({how}), but {have} \

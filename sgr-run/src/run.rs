@@ -286,6 +286,7 @@ impl Run {
             let plan = crate::budget::Plan {
                 batch: spec.batch_size,
                 eval_batch: EVAL_BATCH,
+                eval_batch_flag: None,
                 in_flight: 2 * workers + 2,
                 size_flag: matches!(spec.dataset, crate::Dataset::Imagefolder)
                     .then_some("--image-size"),

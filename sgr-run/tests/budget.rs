@@ -143,6 +143,7 @@ fn a_step_that_cannot_fit_is_refused_with_the_estimate_and_the_largest_batch_tha
     let plan = |batch| Plan {
         batch,
         eval_batch: 0,
+        eval_batch_flag: None,
         in_flight: 1,
         size_flag: Some("--input-size"),
         limit: Some(2 << 30),

@@ -79,6 +79,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let plan = sgr_run::budget::Plan {
             batch: a.batch_size,
             eval_batch: 0,
+            eval_batch_flag: None,
             in_flight: 1,
             size_flag: Some("--input-size"),
             limit: None,

@@ -104,9 +104,20 @@ pub fn run(a: EvalArgs) -> Result<()> {
         }
         None => load_data(&cfg)?,
     };
+    let workers = sgr_run::spec::check_workers(a.workers)?;
+    // An evaluation batch (at most the split) that cannot fit is refused, not aborted.
+    let plan = sgr_run::budget::Plan {
+        batch: 0,
+        eval_batch: a.batch_size.min(data.test.len()),
+        eval_batch_flag: Some("--batch-size"),
+        in_flight: 2 * workers + 2,
+        size_flag: None,
+        limit: None,
+    };
+    let meter = std::sync::Arc::new(crate::alloc::Meter);
+    sgr_run::budget::check_fits(&cfg, data.input(), plan, meter, &device)?;
     let net = build_network(&cfg, data.input(), Some(&data.pixels), &device)?;
     sgr_core::checkpoint::load_params(&weights, &net.params())?;
-    let workers = sgr_run::spec::check_workers(a.workers)?;
     let loader = test_loader(&data, a.batch_size, workers, &device)?;
     let t = Instant::now();
     let m = sgr_core::trainer::evaluate(&net, loader.epoch(0))?;
