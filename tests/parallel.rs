@@ -1,7 +1,8 @@
 //! Module-parallel training (docs/parallel.md): a pipeline of worker threads gives the weights,
 //! optimizer states and epoch metrics of the sequential schedule bit for bit, for every local
 //! method and SGR way; a step's result does not depend on the number of compute threads;
-//! stopping, a failing data source and layouts that cannot work behave as documented.
+//! stopping, a failing data source and layouts that cannot work behave as documented. The same
+//! holds across ranks (`Trainer::train_batches_on`, here over in-process ranks).
 
 use std::ops::ControlFlow;
 
@@ -12,6 +13,7 @@ use sgr_core::mix::MixConfig;
 use sgr_core::network::LocalNetwork;
 use sgr_core::objective::Batch;
 use sgr_core::sgr::{Direction, SgrConfig, SgrGrad};
+use sgr_core::trainer::distributed::{check_same, local_ranks, Transport};
 use sgr_core::trainer::pipeline::Pipeline;
 use sgr_core::trainer::{Trainer, TrainerConfig};
 use sgr_integration_tests::{labels, randn, resnet_for, trainer_config};
@@ -351,4 +353,172 @@ fn measuring_module_times_changes_nothing() {
     t.train_batches(&mut source, &mut |_| ControlFlow::Continue(()))
         .unwrap();
     assert!(outcome(&mut t) == plain, "measuring changed the run");
+}
+
+/// What a rank of an in-process distributed run leaves: its outcome after sharing the state,
+/// the steps it reports, or its error.
+type RankResult = Result<(Outcome, usize, bool), String>;
+
+/// Trains `data` with `stages` spread over in-process ranks (one thread and one trainer each;
+/// only rank 0 reads the data), shares the state, and returns every rank's result. `stop_at`
+/// stops the feed after that many completed steps; a `fail_at` batch is a data error.
+fn train_ranks(
+    net: Build,
+    cfg: &TrainerConfig,
+    stages: &Pipeline,
+    data: &[Batch],
+    stop_at: Option<usize>,
+    fail_at: Option<usize>,
+) -> Vec<RankResult> {
+    let ranks = local_ranks(stages.workers());
+    std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .map(|mut t| {
+                s.spawn(move || -> RankResult {
+                    let mut trainer =
+                        Trainer::new(net(), cfg.clone()).map_err(|e| e.to_string())?;
+                    let rank0 = t.rank() == 0;
+                    let mut source =
+                        data.iter()
+                            .enumerate()
+                            .filter(|_| rank0)
+                            .map(|(i, b)| match fail_at {
+                                Some(f) if f == i => Err(sgr_core::Error::Data("image 7".into())),
+                                _ => Ok(b.clone()),
+                            });
+                    let mut seen = 0;
+                    let d = trainer.train_batches_on(&mut t, stages, &mut source, &mut |_| {
+                        seen += 1;
+                        if stop_at == Some(seen) {
+                            ControlFlow::Break(())
+                        } else {
+                            ControlFlow::Continue(())
+                        }
+                    });
+                    let d = match d {
+                        Ok(d) => d,
+                        // A data error keeps the steps before it: shared like any other stretch.
+                        Err(e @ sgr_core::Error::Data(_)) => {
+                            trainer
+                                .share_state(&mut t, stages)
+                                .map_err(|e| e.to_string())?;
+                            return Err(format!("data: {e}"));
+                        }
+                        Err(e) => return Err(e.to_string()),
+                    };
+                    trainer
+                        .share_state(&mut t, stages)
+                        .map_err(|e| e.to_string())?;
+                    Ok((outcome(&mut trainer), d.steps, d.stopped))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank"))
+            .collect()
+    })
+}
+
+fn assert_ranks_match(name: &str, net: Build, cfg: TrainerConfig, data: &[Batch]) {
+    let sequential = train(net, &cfg, None, data);
+    let k = net().num_modules();
+    for ranks in 2..=k {
+        let p = Pipeline::even(k, ranks, 1).unwrap();
+        for (r, result) in train_ranks(net, &cfg, &p, data, None, None)
+            .into_iter()
+            .enumerate()
+        {
+            let (o, steps, stopped) = result.unwrap_or_else(|e| panic!("{name}: rank {r}: {e}"));
+            assert_eq!((steps, stopped), (data.len(), false), "{name}: rank {r}");
+            assert!(
+                o == sequential,
+                "{name}: rank {r} of {:?} differs from the sequential run",
+                p.stages()
+            );
+        }
+    }
+}
+
+/// The central invariant across processes: with the modules spread over 2 and 3 ranks (here
+/// threads with a transport of messages), every rank ends with the sequential run's bits.
+#[test]
+fn ranks_are_bit_identical_to_the_sequential_run() {
+    let data = batches(3, 8, STEPS);
+    let bp = Estimator::Backprop;
+    let cases: [(&str, Build, SgrGrad); 4] = [
+        ("greedy", resnet_greedy, SgrGrad::FiniteDifference),
+        ("greedy+sgr", resnet_greedy, SgrGrad::ForwardDifference),
+        ("dgl+sgr", resnet_dgl, SgrGrad::Exact),
+        ("infopro+sgr", resnet_infopro, SgrGrad::FiniteDifference),
+    ];
+    for (method, net, grad) in cases {
+        let name = format!("{method} ({grad})");
+        assert_ranks_match(&name, net, config(method, grad, bp), &data);
+    }
+    let mut cfg = config("greedy+sgr", SgrGrad::FiniteDifference, bp);
+    cfg.mix = Some(MixConfig::default());
+    cfg.label_smoothing = 0.1;
+    assert_ranks_match("mixup", resnet_greedy, cfg, &data);
+    let fga = config(
+        "greedy+sgr",
+        SgrGrad::FiniteDifference,
+        Estimator::ForwardActivity,
+    );
+    assert_ranks_match("forward-activity", mixer, fga, &batches(1, 6, STEPS));
+}
+
+/// A stop and a data error reach every rank: all report the same steps, the steps before the
+/// error are kept, and a stop completes the steps in flight.
+#[test]
+fn ranks_stop_and_fail_together() {
+    let data = batches(3, 8, STEPS);
+    let cfg = config(
+        "greedy+sgr",
+        SgrGrad::ForwardDifference,
+        Estimator::Backprop,
+    );
+    let p = Pipeline::even(3, 3, 1).unwrap();
+    let stopped = train_ranks(resnet_greedy, &cfg, &p, &data, Some(1), None);
+    let first = stopped[0].as_ref().unwrap();
+    assert!(first.2 && first.1 >= 1, "{:?}", (first.1, first.2));
+    for r in &stopped {
+        let r = r.as_ref().unwrap();
+        assert_eq!((r.1, r.2), (first.1, true));
+        assert!(r.0 == first.0, "the ranks differ after a stop");
+    }
+    let failed = train_ranks(resnet_greedy, &cfg, &p, &data, None, Some(2));
+    for (r, result) in failed.iter().enumerate() {
+        let e = result.as_ref().unwrap_err();
+        assert!(
+            e.starts_with("data: ") && e.contains("image 7"),
+            "rank {r}: {e}"
+        );
+    }
+}
+
+/// Ranks that disagree on what they run are refused on every rank, naming the rank.
+#[test]
+fn ranks_that_run_different_things_are_named() {
+    let ranks = local_ranks(3);
+    let results: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = ranks
+            .into_iter()
+            .map(|mut t| {
+                s.spawn(move || {
+                    let v = if t.rank() == 2 { "b" } else { "a" };
+                    check_same(&mut t, "configuration", v)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for r in results {
+        let e = r.unwrap_err().to_string();
+        assert!(
+            e.contains("rank 2 has b") && !e.contains("rank 1 has"),
+            "{e}"
+        );
+    }
 }

@@ -26,8 +26,10 @@ use crate::sgr::{
 };
 use crate::{Error, Result};
 
+pub mod distributed;
 mod module;
 pub mod pipeline;
+mod wire;
 
 use module::{module_step, update};
 pub use module::{BoundaryRecord, Carry, StepInput, StepRecord};
@@ -919,21 +921,28 @@ impl Trainer {
                     "the pipeline covers {last} modules, the network has K={k}"
                 )));
             }
-            if p.workers() > 1 {
-                if let Some(s) = &self.cfg.method.sgr {
-                    if s.direction == Direction::Backward {
-                        return Err(Error::InvalidConfig(
-                            "the SGR term's backward direction makes module k wait for module k+1's input \
-                             gradient, a message backward between workers that a pipeline does \
-                             not send: use the forward direction (the default) or train without \
-                             a pipeline"
-                                .into(),
-                        ));
-                    }
+            self.check_pipeline_direction(p.workers())?;
+        }
+        self.pipeline = pipeline;
+        Ok(())
+    }
+
+    /// Refuses the SGR term's backward direction on more than one worker: module k would wait
+    /// for module k+1's input gradient, a message backward that no pipeline sends.
+    fn check_pipeline_direction(&self, workers: usize) -> Result<()> {
+        if workers > 1 {
+            if let Some(s) = &self.cfg.method.sgr {
+                if s.direction == Direction::Backward {
+                    return Err(Error::InvalidConfig(
+                        "the SGR term's backward direction makes module k wait for module k+1's \
+                         input gradient, a message backward between workers that a pipeline \
+                         does not send: use the forward direction (the default) or train \
+                         without a pipeline"
+                            .into(),
+                    ));
                 }
             }
         }
-        self.pipeline = pipeline;
         Ok(())
     }
 
