@@ -5,6 +5,8 @@ mod alloc;
 mod args;
 mod commands;
 mod hub;
+#[cfg(feature = "mpi")]
+mod mpi;
 mod out;
 mod plot;
 

@@ -271,7 +271,7 @@ pub fn save_tensors_with_metadata(
             },
         })
         .and_then(|_| {
-            std::fs::File::open(&tmp)
+            canonical_header(&tmp)
                 .and_then(|f| f.sync_all())
                 .and_then(|_| std::fs::rename(&tmp, path))
                 .map_err(io)
@@ -280,6 +280,57 @@ pub fn save_tensors_with_metadata(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Rewrites the JSON header of the safetensors file at `path` with its keys in sorted order,
+/// so that equal tensors and metadata give equal files (safetensors writes the metadata map
+/// in a random order). The header keeps its length, so the data offsets stay valid; only the
+/// header is read and written. Returns the file, open for writing.
+fn canonical_header(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    fn write(v: &serde_json::Value, out: &mut String) {
+        match v {
+            serde_json::Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                out.push('{');
+                for (i, k) in keys.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&serde_json::Value::String(k.clone()).to_string());
+                    out.push(':');
+                    write(&m[k], out);
+                }
+                out.push('}');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)?;
+    let n = u64::from_le_bytes(len);
+    if n > MAX_HEADER {
+        return Ok(f);
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)?;
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(&header) else {
+        return Ok(f);
+    };
+    let mut sorted = String::with_capacity(header.len());
+    write(&value, &mut sorted);
+    if sorted.len() <= header.len() {
+        let mut out = sorted.into_bytes();
+        out.resize(header.len(), b' ');
+        f.seek(SeekFrom::Start(8))?;
+        f.write_all(&out)?;
+    }
+    Ok(f)
 }
 
 /// When the file's metadata holds a [`CHECKSUM_KEY`] checksum, recomputes it over the tensor

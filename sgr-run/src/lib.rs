@@ -20,6 +20,7 @@ mod error;
 pub mod identity;
 pub mod memory;
 pub mod preprocess;
+pub mod ranks;
 pub mod run;
 pub mod rundir;
 pub mod spec;

@@ -48,6 +48,11 @@ pub struct RunOptions {
     /// Compute threads of each pipeline worker (default: the rayon pool's threads divided
     /// among the workers, at least 1).
     pub pipeline_threads: Option<usize>,
+    /// Run as one rank of a distributed run (MPI): the modules are placed on the ranks by
+    /// their step times, rank 0 reads the data and writes the run directory, and every rank
+    /// ends each epoch with the whole model (docs/parallel.md, "Across processes"). Every
+    /// rank must see the run directory and the data (one host, or a shared file system).
+    pub ranks: Option<crate::ranks::SharedTransport>,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -61,6 +66,7 @@ impl std::fmt::Debug for RunOptions {
             .field("meter", &self.meter.is_some())
             .field("pipeline", &self.pipeline)
             .field("pipeline_threads", &self.pipeline_threads)
+            .field("ranks", &self.ranks.is_some())
             .finish()
     }
 }
@@ -134,6 +140,8 @@ pub struct Run {
     initial_eval: Option<EvalMetrics>,
     /// What the checkpoints record about the run (`crate::identity`).
     tags: std::collections::BTreeMap<String, String>,
+    /// The modules of each rank, once placed (distributed runs).
+    stages: Option<Pipeline>,
     _lock: Option<RunLock>,
 }
 
@@ -187,6 +195,10 @@ impl Run {
             load_params(&w, &run.trainer.network().params())?;
             run.initial_eval = Some(run.trainer.evaluate(run.test_loader.epoch(0))?);
         }
+        run.check_ranks_agree()?;
+        if !run.leads() {
+            return Ok(run);
+        }
         let mut lock = run.dir.lock(false)?;
         if run.dir.holds_run() {
             // A run that never reached its first checkpoint is replaced without --overwrite:
@@ -223,8 +235,10 @@ impl Run {
     ) -> Result<Resumed> {
         let dir = RunDir::new(dir);
         let mut spec = dir.read_spec()?;
-        // Held from here: nothing below runs while another process trains the run.
-        let mut lock = dir.lock(false)?;
+        let leads = crate::ranks::rank(&opts) == 0;
+        // Held from here: nothing below runs while another process trains the run (in a
+        // distributed run, rank 0 holds it for all).
+        let mut lock = if leads { Some(dir.lock(false)?) } else { None };
         if let Some(d) = changes.device {
             spec.device = d;
         }
@@ -240,6 +254,7 @@ impl Run {
             });
         }
         let mut run = Self::open(spec, dir, opts)?;
+        run.check_ranks_agree()?;
         let recorded = checkpoint_tags(&run.dir.checkpoint())?;
         crate::identity::check(
             &recorded,
@@ -266,14 +281,18 @@ impl Run {
                 return Ok(Resumed::Finished(Box::new(s)));
             }
         }
-        lock.claim()?;
-        run._lock = Some(lock);
         if wanted != planned {
             run.spec.trainer.epochs = wanted;
-            run.dir.write_spec(&run.spec)?;
         }
         run.records = run.dir.read_records(Some(pos.epoch))?;
-        run.dir.write_records(&run.records)?;
+        if let Some(mut lock) = lock.take() {
+            lock.claim()?;
+            run._lock = Some(lock);
+            if wanted != planned {
+                run.dir.write_spec(&run.spec)?;
+            }
+            run.dir.write_records(&run.records)?;
+        }
         run.resumed_at = Some(pos);
         Ok(Resumed::Ready(Box::new(run)))
     }
@@ -333,6 +352,7 @@ impl Run {
             resumed_at: None,
             initial_eval: None,
             tags,
+            stages: None,
             _lock: None,
         })
     }
@@ -373,11 +393,93 @@ impl Run {
         self.initial_eval.as_ref()
     }
 
-    fn interrupted(&self) -> bool {
-        self.opts
+    /// Whether Ctrl-C (or SIGTERM) asked to stop; in a distributed run, rank 0's answer on
+    /// every rank, so that all stop at the same step.
+    fn interrupted(&self) -> Result<bool> {
+        let mine = self
+            .opts
             .interrupt
             .as_ref()
-            .is_some_and(|f| f.load(Ordering::SeqCst))
+            .is_some_and(|f| f.load(Ordering::SeqCst));
+        match &self.opts.ranks {
+            None => Ok(mine),
+            Some(t) => crate::ranks::from_rank0(t, mine),
+        }
+    }
+
+    /// Whether this process writes the run directory: rank 0 of a distributed run, or the
+    /// only process.
+    fn leads(&self) -> bool {
+        crate::ranks::rank(&self.opts) == 0
+    }
+
+    /// In a distributed run, every rank must run the same binary on the same configuration and
+    /// data: each is compared with rank 0's, and a difference is an error on every rank that
+    /// names the ranks.
+    fn check_ranks_agree(&self) -> Result<()> {
+        let Some(t) = &self.opts.ranks else {
+            return Ok(());
+        };
+        if self.opts.pipeline.is_some_and(|n| n > 1) {
+            return Err(Error::Spec(
+                "--pipeline and --distributed both place modules: a distributed run puts one \
+                 stage on each rank; drop --pipeline"
+                    .into(),
+            ));
+        }
+        let what = format!(
+            "sgr {} with configuration {} on data {}",
+            env!("CARGO_PKG_VERSION"),
+            self.tags.get("sgr.spec_key").map_or("?", String::as_str),
+            self.tags.get("sgr.data").map_or("?", String::as_str),
+        );
+        let mut t = crate::ranks::lock(t);
+        sgr_core::trainer::distributed::check_same(
+            &mut *t,
+            "version, configuration and data",
+            &what,
+        )?;
+        Ok(())
+    }
+
+    /// Places the modules on the ranks by their step times, measured by rank 0 on the next
+    /// training batch (with the trainer left unchanged) and sent to all.
+    fn place_on_ranks(
+        &mut self,
+        epoch: usize,
+        from: usize,
+        observer: &mut dyn Observer,
+    ) -> Result<Pipeline> {
+        let t = self.opts.ranks.clone().expect("a distributed run");
+        let n = crate::ranks::lock(&t).size();
+        let k = self.trainer.network().num_modules();
+        if n > k {
+            return Err(Error::Spec(format!(
+                "{n} ranks over K={k} modules: each rank owns at least one module; start at \
+                 most {k} ranks, or cut the network into more modules (-k)"
+            )));
+        }
+        let seconds = if self.leads() {
+            match self.train_loader.epoch_from(epoch, from).next() {
+                Some(b) => {
+                    let batch: Batch = b?.into();
+                    let p = self.trainer.profile_modules(&batch, 2)?;
+                    p.iter().map(|p| p.seconds).collect()
+                }
+                None => vec![1.0; k],
+            }
+        } else {
+            Vec::new()
+        };
+        let seconds = crate::ranks::seconds_from_rank0(&t, &seconds, k)?;
+        let stages = Pipeline::balanced(&seconds, n, rayon::current_num_threads().max(1))?;
+        if self.leads() {
+            observer.on_event(&Event::Placed {
+                pipeline: &stages,
+                module_seconds: &seconds,
+            });
+        }
+        Ok(stages)
     }
 
     /// Trains the remaining epochs, evaluating and checkpointing after each, then writes the
@@ -405,13 +507,18 @@ impl Run {
             if self.opts.pipeline.is_some_and(|n| n > 1) && self.trainer.pipeline().is_none() {
                 self.place_modules(epoch, from, observer)?;
             }
+            if self.opts.ranks.is_some() && self.stages.is_none() {
+                self.stages = Some(self.place_on_ranks(epoch, from, observer)?);
+            }
             let interrupt = self.opts.interrupt.clone();
             let mut data_error = None;
+            let leads = self.leads();
             let drained = {
-                let mut source = self
-                    .train_loader
-                    .epoch_from(epoch, from)
-                    .take(budget)
+                // In a distributed run only rank 0 reads the data.
+                let mut source = leads
+                    .then(|| self.train_loader.epoch_from(epoch, from).take(budget))
+                    .into_iter()
+                    .flatten()
                     .map(|b| match b {
                         Ok(b) => Ok(Batch::from(b)),
                         Err(e) => {
@@ -419,19 +526,40 @@ impl Run {
                             Err(sgr_core::Error::Data("the training data failed".into()))
                         }
                     });
-                self.trainer.train_batches(&mut source, &mut |m| {
+                let mut on_step = |m: &sgr_core::events::StepMetrics| {
                     observer.on_event(&Event::Step(m));
                     if interrupt.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
                         ControlFlow::Break(())
                     } else {
                         ControlFlow::Continue(())
                     }
-                })
+                };
+                match (&self.opts.ranks, &self.stages) {
+                    (Some(t), Some(stages)) => {
+                        let mut t = crate::ranks::lock(t);
+                        let r = self.trainer.train_batches_on(
+                            &mut *t,
+                            stages,
+                            &mut source,
+                            &mut on_step,
+                        );
+                        // Every rank gets the whole model, also when the data failed (its
+                        // steps are saved below); other errors end the run as they are.
+                        match &r {
+                            Ok(_) | Err(sgr_core::Error::Data(_)) => {
+                                self.trainer.share_state(&mut *t, stages)?
+                            }
+                            Err(_) => {}
+                        }
+                        r
+                    }
+                    _ => self.trainer.train_batches(&mut source, &mut on_step),
+                }
             };
             let drained = match (drained, data_error) {
                 (Err(_), Some(e)) => {
                     // As on Ctrl-C: the steps before the bad batch are kept.
-                    save_tagged_checkpoint(&self.dir.checkpoint(), &self.trainer, &self.tags)?;
+                    self.save_checkpoint()?;
                     return Err(Error::DataMidRun {
                         problem: e,
                         dir: self.dir.path().to_path_buf(),
@@ -471,25 +599,29 @@ impl Run {
                 test_top5: eval.top5,
                 elapsed_seconds: start.elapsed().as_secs_f64(),
             });
-            self.dir.write_records(&self.records)?;
-            save_tagged_checkpoint(&self.dir.checkpoint(), &self.trainer, &self.tags)?;
+            if self.leads() {
+                self.dir.write_records(&self.records)?;
+            }
+            self.save_checkpoint()?;
             last_eval = Some(eval);
-            if self.interrupted() {
+            if self.interrupted()? {
                 stop = Some(Stop::Interrupted);
                 break;
             }
         }
         if stop.is_some() {
             self.check_finite(self.trainer.epoch())?;
-            save_tagged_checkpoint(&self.dir.checkpoint(), &self.trainer, &self.tags)?;
+            self.save_checkpoint()?;
         }
-        // With the preprocessing, so that the model evaluates on a test split alone.
-        let preprocess = crate::preprocess::Preprocess::of(&self.data).to_metadata();
-        save_params_with_metadata(
-            &self.dir.model(),
-            &self.trainer.network().params(),
-            &preprocess,
-        )?;
+        if self.leads() {
+            // With the preprocessing, so that the model evaluates on a test split alone.
+            let preprocess = crate::preprocess::Preprocess::of(&self.data).to_metadata();
+            save_params_with_metadata(
+                &self.dir.model(),
+                &self.trainer.network().params(),
+                &preprocess,
+            )?;
+        }
         if stop == Some(Stop::Interrupted) {
             return Ok(Outcome {
                 stop,
@@ -506,12 +638,22 @@ impl Run {
             }
         };
         let summary = self.summary(&eval)?;
-        self.dir.write_summary(&self.spec, &summary)?;
+        if self.leads() {
+            self.dir.write_summary(&self.spec, &summary)?;
+        }
         Ok(Outcome {
             stop,
             summary: Some(summary),
             stopped_eval,
         })
+    }
+
+    /// Saves the training checkpoint (rank 0 only in a distributed run).
+    fn save_checkpoint(&self) -> Result<()> {
+        if self.leads() {
+            save_tagged_checkpoint(&self.dir.checkpoint(), &self.trainer, &self.tags)?;
+        }
+        Ok(())
     }
 
     /// Places the modules on `RunOptions::pipeline` workers by their step times, measured on

@@ -21,9 +21,14 @@ use crate::args::{named, set, MethodArgs};
 macro_rules! say {
     ($($t:tt)*) => {{
         use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), $($t)*);
+        if !QUIET.load(Ordering::Relaxed) {
+            let _ = writeln!(std::io::stdout(), $($t)*);
+        }
     }};
 }
+
+/// Set on the ranks of a distributed run but rank 0, which speaks for all.
+static QUIET: AtomicBool = AtomicBool::new(false);
 
 /// Flags that set fields of the run specification.
 #[derive(Args, Debug, Clone, Default)]
@@ -152,6 +157,11 @@ pub struct TrainArgs {
     /// Compute threads of each pipeline worker [default: the cores divided among the workers]
     #[arg(long, value_name = "T", requires = "pipeline", value_parser = clap::value_parser!(u16).range(1..))]
     pub pipeline_threads: Option<u16>,
+    /// Run as one rank of a distributed run: `mpirun -np N sgr train --distributed mpi ...`
+    /// puts one stage of modules on each of the N processes, bit-identical to one process
+    /// (docs/parallel.md; needs a build with `--features mpi`).
+    #[arg(long, value_name = "BACKEND", value_parser = ["mpi"], conflicts_with = "pipeline")]
+    pub distributed: Option<String>,
     /// Replace the run already in --out (its files are removed before training starts).
     #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
@@ -292,6 +302,8 @@ struct Printer {
     bar: Option<indicatif::ProgressBar>,
     terminal: bool,
     last: Option<EpochMetrics>,
+    /// The modules run on the ranks of a distributed run.
+    ranks: bool,
 }
 
 impl Printer {
@@ -343,13 +355,21 @@ impl Printer {
                         format!("{modules} ({:.0} ms/step)", s * 1e3)
                     })
                     .collect();
-                say!(
-                    "pipeline: {} workers x {} thread{}: {}",
-                    pipeline.workers(),
-                    pipeline.threads(),
-                    if pipeline.threads() == 1 { "" } else { "s" },
-                    workers.join(", ")
-                )
+                if self.ranks {
+                    say!(
+                        "distributed: {} ranks: {}",
+                        pipeline.workers(),
+                        workers.join(", ")
+                    )
+                } else {
+                    say!(
+                        "pipeline: {} workers x {} thread{}: {}",
+                        pipeline.workers(),
+                        pipeline.threads(),
+                        if pipeline.threads() == 1 { "" } else { "s" },
+                        workers.join(", ")
+                    )
+                }
             }
             Event::Evaluated { epoch: 0, metrics } => {
                 say!(
@@ -383,6 +403,24 @@ impl Printer {
             }
             _ => {}
         }
+    }
+}
+
+/// The transport of `--distributed BACKEND`.
+fn connect(backend: &str) -> Result<sgr_run::ranks::SharedTransport> {
+    match backend {
+        #[cfg(feature = "mpi")]
+        "mpi" => Ok(Arc::new(std::sync::Mutex::new(
+            crate::mpi::MpiRanks::init()?
+        ))),
+        #[cfg(not(feature = "mpi"))]
+        "mpi" => bail!(
+            "--distributed mpi: this sgr was built without MPI; build it with `cargo build \
+             --release -p sgr-cli --features mpi` (needs an MPI library, such as Debian's \
+             libmpich-dev, and libclang-dev), then start it with `mpirun -np N sgr train \
+             --distributed mpi ...`"
+        ),
+        other => bail!("--distributed {other}: the backend is mpi"),
     }
 }
 
@@ -420,7 +458,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
             }
         });
     }
+    let ranks = match a.distributed.as_deref() {
+        Some(backend) => Some(connect(backend)?),
+        None => None,
+    };
+    let lead = ranks
+        .as_ref()
+        .is_none_or(|t| sgr_run::ranks::rank_of(t) == 0);
+    QUIET.store(!lead, Ordering::Relaxed);
     let opts = RunOptions {
+        ranks,
         workers: a.workers,
         max_steps: a.max_steps,
         init_from: a.init_from.as_deref().map(init_weights).transpose()?,
@@ -523,8 +570,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
         bar: None,
         terminal: std::io::IsTerminal::is_terminal(&std::io::stdout()),
         last: None,
+        ranks: a.distributed.is_some(),
     };
-    let outcome = run.train(&mut |e: &Event<'_>| printer.on_event(e))?;
+    let outcome = run.train(&mut |e: &Event<'_>| {
+        if lead {
+            printer.on_event(e)
+        }
+    })?;
     let t = run.trainer();
     let out = run.dir().path().display();
     if outcome.stop == Some(Stop::Interrupted) {
@@ -533,6 +585,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
             t.epoch() + 1,
             t.steps_in_epoch(),
         );
+        // Closes the run (and MPI) before leaving.
+        drop(run);
         std::process::exit(130);
     }
     if let Some(e) = &outcome.stopped_eval {

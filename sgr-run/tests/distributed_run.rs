@@ -1,0 +1,105 @@
+//! A distributed run (`RunOptions::ranks`), here with its ranks on threads of one process:
+//! rank 0 writes the run directory, and the model, the records and the checkpoint are those of
+//! the run in one process, bit for bit, also when the run is stopped and resumed on the ranks.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use sgr_core::events::Event;
+use sgr_core::trainer::distributed::local_ranks;
+use sgr_run::ranks::SharedTransport;
+use sgr_run::{ResumeChanges, Resumed, Run, RunOptions, RunSpec};
+
+fn spec() -> RunSpec {
+    let mut s = RunSpec {
+        model: "resnet8".into(),
+        modules: Some(3),
+        train_limit: Some(96),
+        batch_size: 32,
+        ..RunSpec::default()
+    };
+    s.trainer.epochs = 2;
+    s.trainer.method = "greedy+sgr".parse().unwrap();
+    s
+}
+
+fn opts(ranks: Option<SharedTransport>, max_steps: Option<usize>) -> RunOptions {
+    RunOptions {
+        workers: Some(0),
+        max_steps,
+        ranks,
+        ..RunOptions::default()
+    }
+}
+
+/// Runs `work` on `n` ranks, one thread each.
+fn on_ranks(n: usize, work: impl Fn(RunOptions) + Sync, max_steps: Option<usize>) {
+    std::thread::scope(|s| {
+        let hs: Vec<_> = local_ranks(n)
+            .into_iter()
+            .map(|t| {
+                let t: SharedTransport = Arc::new(Mutex::new(t));
+                let work = &work;
+                s.spawn(move || work(opts(Some(t), max_steps)))
+            })
+            .collect();
+        for h in hs {
+            h.join().expect("rank");
+        }
+    });
+}
+
+fn train_new(dir: &Path, o: RunOptions) {
+    let mut run = Run::create(spec(), dir, o).unwrap();
+    run.train(&mut |_: &Event<'_>| {}).unwrap();
+}
+
+fn resume(dir: &Path, o: RunOptions) {
+    match Run::resume(dir, ResumeChanges::default(), o).unwrap() {
+        Resumed::Ready(mut run) => {
+            run.train(&mut |_: &Event<'_>| {}).unwrap();
+        }
+        Resumed::Finished(_) => panic!("finished"),
+    }
+}
+
+fn read(dir: &Path, f: &str) -> Vec<u8> {
+    std::fs::read(dir.join(f)).unwrap_or_else(|e| panic!("{}: {e}", dir.join(f).display()))
+}
+
+/// The records without their times.
+fn losses(dir: &Path) -> Vec<String> {
+    String::from_utf8(read(dir, "metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("elapsed_seconds");
+            o.remove("seconds");
+            v.to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn a_run_on_ranks_writes_the_one_process_run_bit_for_bit() {
+    let root = tempfile::tempdir().unwrap();
+    let alone = root.path().join("alone");
+    train_new(&alone, opts(None, None));
+    for n in [2, 3] {
+        let dir = root.path().join(format!("ranks{n}"));
+        on_ranks(n, |o| train_new(&dir, o), None);
+        assert!(
+            read(&dir, "model.safetensors") == read(&alone, "model.safetensors"),
+            "{n} ranks"
+        );
+        assert_eq!(losses(&dir), losses(&alone), "{n} ranks");
+    }
+    // Stopped after 4 steps (mid-epoch), then resumed, on 2 ranks.
+    let dir = root.path().join("stopped");
+    on_ranks(2, |o| train_new(&dir, o), Some(4));
+    on_ranks(2, |o| resume(&dir, o), None);
+    assert!(read(&dir, "model.safetensors") == read(&alone, "model.safetensors"));
+    assert_eq!(losses(&dir), losses(&alone));
+}
