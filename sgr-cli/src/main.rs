@@ -1,7 +1,6 @@
 //! `sgr`: train networks with end-to-end back-propagation or local learning with SGR. One file
 //! per subcommand under `commands/`, each an args struct and a `run` function.
 
-mod alloc;
 mod args;
 mod commands;
 mod hub;
@@ -11,7 +10,7 @@ mod out;
 mod plot;
 
 #[global_allocator]
-static ALLOC: alloc::Counting = alloc::Counting;
+static ALLOC: sgr_run::counting::Counting = sgr_run::counting::Counting;
 
 use clap::{Parser, Subcommand};
 

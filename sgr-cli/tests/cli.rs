@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 mod common;
-use common::{sgr, text};
+use common::{idx, image_folder, sgr, text};
 
 fn json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
@@ -129,15 +129,6 @@ fn bad_arguments_are_clear_errors() {
         assert!(t.contains(want), "{args:?}: `{want}` not in: {t}");
         assert!(!t.contains("panicked"), "{t}");
     }
-}
-
-fn idx(magic: u32, dims: &[u32], data: &[u8]) -> Vec<u8> {
-    let mut b = magic.to_be_bytes().to_vec();
-    for d in dims {
-        b.extend(d.to_be_bytes());
-    }
-    b.extend(data);
-    b
 }
 
 /// MNIST-style IDX data feeds the CIFAR ResNets (padded to 32x32, grey repeated to RGB).
@@ -1022,17 +1013,7 @@ fn eval_needs_only_the_test_split() {
 
     // An image folder: the classes come from the training folders.
     let root = dir.path().join("folder");
-    for split in ["train", "val"] {
-        for (c, class) in ["ant", "bee", "cat"].iter().enumerate() {
-            let d = root.join(split).join(class);
-            std::fs::create_dir_all(&d).unwrap();
-            for i in 0..6u8 {
-                image::RgbImage::from_pixel(8, 8, image::Rgb([i * 40, c as u8 * 90, 30]))
-                    .save(d.join(format!("{i}.png")))
-                    .unwrap();
-            }
-        }
-    }
+    image_folder(&root, &["train", "val"], &["ant", "bee", "cat"], 6);
     let run = dir.path().join("run-folder");
     train(
         &[

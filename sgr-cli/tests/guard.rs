@@ -578,17 +578,7 @@ fn a_bad_training_image_saves_a_checkpoint_and_names_the_file() {
 fn a_bad_test_image_is_found_before_training() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("folder");
-    for split in ["train", "val"] {
-        for class in ["a", "b"] {
-            let d = root.join(split).join(class);
-            std::fs::create_dir_all(&d).unwrap();
-            for i in 0..20u8 {
-                image::RgbImage::from_pixel(8, 8, image::Rgb([i * 12, 99, 199]))
-                    .save(d.join(format!("{i:02}.png")))
-                    .unwrap();
-            }
-        }
-    }
+    common::image_folder(&root, &["train", "val"], &["a", "b"], 20);
     // Sample 24 of 40: not among the 32 images the data fingerprint decodes
     // (sgr_run::identity). Cut short, its header intact.
     let bad = root.join("val/b/04.png");

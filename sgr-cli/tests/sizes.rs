@@ -6,7 +6,7 @@
 use std::process::{Command, Output};
 
 mod common;
-use common::text;
+use common::{idx, image_folder, text};
 
 fn sgr_limited(limit: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sgr"))
@@ -80,17 +80,7 @@ fn batch_and_image_sizes_that_cannot_fit_are_refused_before_any_step() {
 fn a_training_run_too_large_for_memory_leaves_no_run_behind() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("folder");
-    for split in ["train", "val"] {
-        for class in ["a", "b"] {
-            let d = root.join(split).join(class);
-            std::fs::create_dir_all(&d).unwrap();
-            for i in 0..4u8 {
-                image::RgbImage::from_pixel(8, 8, image::Rgb([i * 50, 99, 199]))
-                    .save(d.join(format!("{i}.png")))
-                    .unwrap();
-            }
-        }
-    }
+    image_folder(&root, &["train", "val"], &["a", "b"], 4);
     let run = dir.path().join("run");
     let o = sgr_limited(
         "4G",
@@ -125,15 +115,6 @@ fn a_memory_limit_that_is_not_a_size_is_named() {
     let t = text(&o);
     assert_eq!(o.status.code(), Some(1), "{t}");
     assert!(t.contains("SGR_MEMORY_LIMIT") && t.contains("8G"), "{t}");
-}
-
-fn idx(magic: u32, dims: &[u32], data: &[u8]) -> Vec<u8> {
-    let mut b = magic.to_be_bytes().to_vec();
-    for d in dims {
-        b.extend(d.to_be_bytes());
-    }
-    b.extend(data);
-    b
 }
 
 /// `sgr eval` reads its whole batch at once: one too large for memory is refused with the

@@ -276,6 +276,20 @@ pub struct Plan {
     pub limit: Option<u64>,
 }
 
+impl Plan {
+    /// Training steps alone, on one batch held at a time (`sgr bench`, `sgr inspect`).
+    pub fn steps(batch: usize, size_flag: &'static str) -> Self {
+        Self {
+            batch,
+            eval_batch: 0,
+            eval_batch_flag: None,
+            in_flight: 1,
+            size_flag: Some(size_flag),
+            limit: None,
+        }
+    }
+}
+
 /// Refuses `spec` at `input` when its training step, its evaluation or the batches being
 /// loaded need more than the machine has, naming the estimate, the memory available and the
 /// flag to change. Does nothing when the available memory cannot be read (the estimate is not

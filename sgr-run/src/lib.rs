@@ -15,6 +15,7 @@
 //! the records it writes are `sgr-schema`'s types, so tools read them without a tensor library.
 
 pub mod budget;
+pub mod counting;
 pub mod data;
 mod error;
 pub mod identity;

@@ -1,64 +1,23 @@
 //! The memory estimate of `sgr_run::budget` against the steps it predicts, measured by this
 //! binary's counting allocator: steps at batch 2 and 4 predict a step at a larger batch, and
-//! steps at a halved image side predict a step at the full side. The only test of this binary,
-//! so that its allocator counts these steps alone.
+//! steps at a halved image side predict a step at the full side. The tests of this binary run
+//! one at a time, so that the allocator counts one test's steps alone.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use candle_core::Device;
 use sgr_core::method::Method;
 use sgr_models::Input;
 use sgr_run::budget::{check_fits, estimate_step, Plan};
+use sgr_run::counting::CountingMeter;
 use sgr_run::memory::{measure_step, random_batch, warm_trainer, MemoryMeter};
 use sgr_run::RunSpec;
 
-/// The system allocator with a live-bytes count and its high-water mark.
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded unchanged to the system allocator.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let now = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-}
-
 #[global_allocator]
-static ALLOC: Counting = Counting;
-
-struct Meter;
+static ALLOC: sgr_run::counting::Counting = sgr_run::counting::Counting;
 
 /// Held by each test: the allocator counts the whole process.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-impl MemoryMeter for Meter {
-    fn live(&self) -> u64 {
-        LIVE.load(Ordering::Relaxed) as u64
-    }
-
-    fn peak(&self) -> u64 {
-        PEAK.load(Ordering::Relaxed) as u64
-    }
-
-    fn reset_peak(&self) {
-        PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
-    }
-}
 
 fn spec(model: &str, method: Method, k: usize) -> RunSpec {
     let mut s = RunSpec {
@@ -73,7 +32,7 @@ fn spec(model: &str, method: Method, k: usize) -> RunSpec {
 /// The heap a real step at `batch` images of `input` takes above what was held before the
 /// trainer was built.
 fn measured(spec: &RunSpec, input: Input, batch: usize) -> u64 {
-    let meter: Arc<dyn MemoryMeter> = Arc::new(Meter);
+    let meter: Arc<dyn MemoryMeter> = Arc::new(CountingMeter);
     let base = meter.live();
     let mut t = warm_trainer(spec, input, &Device::Cpu).unwrap();
     let b = random_batch(input, batch, &Device::Cpu).unwrap();
@@ -93,7 +52,7 @@ fn within(estimate: u64, real: u64, tolerance: f64, what: &str) {
 #[test]
 fn steps_at_batch_2_and_4_predict_larger_batches_and_halved_sides_predict_full_ones() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let meter: Arc<dyn MemoryMeter> = Arc::new(Meter);
+    let meter: Arc<dyn MemoryMeter> = Arc::new(CountingMeter);
     let sgr: Method = "greedy+sgr".parse().unwrap();
     // Batches: a ResNet and a ViT, local with SGR and end to end.
     for (model, method, k) in [
@@ -133,7 +92,7 @@ fn steps_at_batch_2_and_4_predict_larger_batches_and_halved_sides_predict_full_o
 #[test]
 fn a_step_that_cannot_fit_is_refused_with_the_estimate_and_the_largest_batch_that_fits() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let meter: Arc<dyn MemoryMeter> = Arc::new(Meter);
+    let meter: Arc<dyn MemoryMeter> = Arc::new(CountingMeter);
     let s = spec("resnet8", Method::bp(), 1);
     let input = Input {
         channels: 3,
@@ -141,12 +100,8 @@ fn a_step_that_cannot_fit_is_refused_with_the_estimate_and_the_largest_batch_tha
         size: 32,
     };
     let plan = |batch| Plan {
-        batch,
-        eval_batch: 0,
-        eval_batch_flag: None,
-        in_flight: 1,
-        size_flag: Some("--input-size"),
         limit: Some(2 << 30),
+        ..Plan::steps(batch, "--input-size")
     };
     check_fits(&s, input, plan(8), Arc::clone(&meter), &Device::Cpu).unwrap();
     let e = check_fits(&s, input, plan(1 << 16), meter, &Device::Cpu)

@@ -76,22 +76,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let device = a.device.device()?;
     // Before any step at the full batch: a step that cannot fit is refused, not aborted.
     let check_fits = |spec: &sgr_run::RunSpec| {
-        let plan = sgr_run::budget::Plan {
-            batch: a.batch_size,
-            eval_batch: 0,
-            eval_batch_flag: None,
-            in_flight: 1,
-            size_flag: Some("--input-size"),
-            limit: None,
-        };
-        let meter = std::sync::Arc::new(crate::alloc::Meter);
+        let plan = sgr_run::budget::Plan::steps(a.batch_size, "--input-size");
+        let meter = std::sync::Arc::new(sgr_run::counting::CountingMeter);
         sgr_run::budget::check_fits(spec, a.input.input(), plan, meter, &device)
             .map_err(anyhow::Error::from)
     };
     let balanced = spec.split == sgr_models::SplitStrategy::Balanced && spec.split_ends.is_none();
     if balanced {
         check_fits(&spec)?;
-        let meter = std::sync::Arc::new(crate::alloc::Meter);
+        let meter = std::sync::Arc::new(sgr_run::counting::CountingMeter);
         spec =
             sgr_run::memory::balanced_spec(&spec, a.input.input(), a.batch_size, meter, &device)?.0;
     }
@@ -155,7 +148,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         trainer.set_pipeline(Some(p.clone()))?;
         placement = Some((p, profile));
     }
-    crate::alloc::reset_peak();
+    sgr_run::counting::reset_peak();
     #[cfg(feature = "cuda")]
     sgr_core::memory::device::reset_peak(&device);
     let times = match &placement {
@@ -201,7 +194,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         images_per_s: a.batch_size as f64 / median,
         step_seconds: times,
         peak_memory_bytes: sgr_core::memory::peak_rss_bytes(),
-        peak_heap_bytes: crate::alloc::peak_bytes() as u64,
+        peak_heap_bytes: sgr_run::counting::peak_bytes() as u64,
         peak_device_memory_bytes: device_peak(&device),
         spec_hash,
         pipeline,
@@ -257,8 +250,11 @@ fn pipeline_report(
     profile: &[ModuleProfile],
 ) -> Result<sgr_schema::PipelineReport> {
     trainer.set_pipeline(None)?;
-    let mem =
-        sgr_run::memory::measure_step(trainer, batch, std::sync::Arc::new(crate::alloc::Meter))?;
+    let mem = sgr_run::memory::measure_step(
+        trainer,
+        batch,
+        std::sync::Arc::new(sgr_run::counting::CountingMeter),
+    )?;
     let tensor_bytes =
         |t: &candle_core::Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
     let mut held = Vec::new();

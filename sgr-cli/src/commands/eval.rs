@@ -114,7 +114,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         size_flag: None,
         limit: None,
     };
-    let meter = std::sync::Arc::new(crate::alloc::Meter);
+    let meter = std::sync::Arc::new(sgr_run::counting::CountingMeter);
     sgr_run::budget::check_fits(&cfg, data.input(), plan, meter, &device)?;
     let net = build_network(&cfg, data.input(), Some(&data.pixels), &device)?;
     sgr_core::checkpoint::load_params(&weights, &net.params())?;

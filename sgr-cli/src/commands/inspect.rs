@@ -60,18 +60,11 @@ pub fn run(a: InspectArgs) -> Result<()> {
     a.input.check(a.batch_size)?;
     let input = a.input.input();
     let device = Device::Cpu;
-    let meter: Arc<dyn MemoryMeter> = Arc::new(crate::alloc::Meter);
+    let meter: Arc<dyn MemoryMeter> = Arc::new(sgr_run::counting::CountingMeter);
     let mut spec = a.method.spec(&a.model)?;
     // Both measured steps (the method's and end-to-end BP's) must fit before either runs.
     for s in [&spec, &bp_spec_of(&spec)] {
-        let plan = sgr_run::budget::Plan {
-            batch: a.batch_size,
-            eval_batch: 0,
-            eval_batch_flag: None,
-            in_flight: 1,
-            size_flag: Some("--input-size"),
-            limit: None,
-        };
+        let plan = sgr_run::budget::Plan::steps(a.batch_size, "--input-size");
         sgr_run::budget::check_fits(s, input, plan, Arc::clone(&meter), &device)?;
     }
     let mut costs = None;

@@ -473,7 +473,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         init_from: a.init_from.as_deref().map(init_weights).transpose()?,
         interrupt: Some(Arc::clone(&interrupted)),
         overwrite: a.overwrite,
-        meter: Some(Arc::new(crate::alloc::Meter)),
+        meter: Some(Arc::new(sgr_run::counting::CountingMeter)),
         pipeline: a.pipeline.map(usize::from),
         pipeline_threads: a.pipeline_threads.map(usize::from),
     };

@@ -19,3 +19,30 @@ pub fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     )
 }
+
+/// An IDX file (MNIST's format): a big-endian magic number and dimensions, then the data.
+pub fn idx(magic: u32, dims: &[u32], data: &[u8]) -> Vec<u8> {
+    let mut b = magic.to_be_bytes().to_vec();
+    for d in dims {
+        b.extend(d.to_be_bytes());
+    }
+    b.extend(data);
+    b
+}
+
+/// An image folder: `root/<split>/<class>/<NN>.png`, `per_class` 8x8 images in each class of
+/// each split, their colour set by the image's number and the class's.
+pub fn image_folder(root: &std::path::Path, splits: &[&str], classes: &[&str], per_class: u8) {
+    for split in splits {
+        for (c, class) in classes.iter().enumerate() {
+            let d = root.join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..per_class {
+                let rgb = [i.wrapping_mul(12), (c as u8).wrapping_mul(90), 199];
+                image::RgbImage::from_pixel(8, 8, image::Rgb(rgb))
+                    .save(d.join(format!("{i:02}.png")))
+                    .unwrap();
+            }
+        }
+    }
+}

@@ -19,7 +19,7 @@ use std::ops::ControlFlow;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::time::Instant;
 
-use super::module::{module_step, Carry, StepInput, StepRecord};
+use super::module::{stage_step, Carry, StepInput, StepRecord};
 use super::pipeline::{Drained, Pipeline};
 use super::wire::{read_record, read_step, write_record, write_step, Reader, Writer};
 use super::{step_input, Trainer};
@@ -289,19 +289,18 @@ impl Trainer {
                         let sent = (|| {
                             let step = self.progress.step + in_flight.len();
                             let input = step_input(&self.net, &self.cfg, &batch, step)?;
-                            let mut carry = Carry::start(&input.batch);
                             let mut record = StepRecord::default();
-                            for k in stages.stages()[0].clone() {
-                                carry = module_step(
-                                    &self.net,
-                                    &self.cfg,
-                                    self.optimizers[k].as_mut(),
-                                    k,
-                                    &input,
-                                    carry,
-                                    &mut record,
-                                )?;
-                            }
+                            let opts = &mut self.optimizers[stages.stages()[0].clone()];
+                            let start = Carry::start(&input.batch);
+                            let carry = stage_step(
+                                &self.net,
+                                &self.cfg,
+                                opts,
+                                0,
+                                &input,
+                                start,
+                                &mut record,
+                            )?;
                             let bytes = message(STEP, |w| write_step(w, &input, &carry, &record))?;
                             t.send(1, bytes)?;
                             Ok::<_, Error>(input)
@@ -386,19 +385,20 @@ impl Trainer {
                         continue;
                     }
                     let step = (|| {
-                        let (input, mut carry, mut record) = read_step(&mut r, &device)?;
+                        let (input, carry, mut record) = read_step(&mut r, &device)?;
                         r.end()?;
-                        for k in stages.stages()[j].clone() {
-                            carry = module_step(
-                                &self.net,
-                                &self.cfg,
-                                self.optimizers[k].as_mut(),
-                                k,
-                                &input,
-                                carry,
-                                &mut record,
-                            )?;
-                        }
+                        let range = stages.stages()[j].clone();
+                        let first = range.start;
+                        let opts = &mut self.optimizers[range];
+                        let carry = stage_step(
+                            &self.net,
+                            &self.cfg,
+                            opts,
+                            first,
+                            &input,
+                            carry,
+                            &mut record,
+                        )?;
                         if j + 1 == n {
                             message(DONE, |w| write_record(w, &record))
                         } else {

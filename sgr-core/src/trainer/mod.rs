@@ -31,7 +31,7 @@ mod module;
 pub mod pipeline;
 mod wire;
 
-use module::{module_step, update};
+use module::{module_step, stage_step, update};
 pub use module::{BoundaryRecord, Carry, StepInput, StepRecord};
 
 /// Everything the trainer needs besides the network and the data.
@@ -664,18 +664,9 @@ impl Trainer {
             _ if backward_sgr => self.backward_sgr_step(&input)?,
             _ => {
                 let mut record = StepRecord::default();
-                let mut carry = Carry::start(&input.batch);
-                for k in 0..self.net.num_modules() {
-                    carry = module_step(
-                        &self.net,
-                        &self.cfg,
-                        self.optimizers[k].as_mut(),
-                        k,
-                        &input,
-                        carry,
-                        &mut record,
-                    )?;
-                }
+                let carry = Carry::start(&input.batch);
+                let opts = &mut self.optimizers;
+                stage_step(&self.net, &self.cfg, opts, 0, &input, carry, &mut record)?;
                 record
             }
         };

@@ -91,6 +91,24 @@ pub(crate) fn update(
     opt.step(&grads, lr)
 }
 
+/// The modules `first..first + optimizers.len()` of a step, in order, each with its own
+/// optimizer: what the sequential schedule does for all K, and a pipeline worker or a rank for
+/// its stage.
+pub(crate) fn stage_step(
+    net: &LocalNetwork,
+    cfg: &TrainerConfig,
+    optimizers: &mut [Box<dyn Optimizer>],
+    first: usize,
+    input: &StepInput,
+    mut carry: Carry,
+    record: &mut StepRecord,
+) -> Result<Carry> {
+    for (i, opt) in optimizers.iter_mut().enumerate() {
+        carry = module_step(net, cfg, opt.as_mut(), first + i, input, carry, record)?;
+    }
+    Ok(carry)
+}
+
 /// Module `k`'s whole part of a step under the forward SGR direction (or none): its local
 /// gradients by the configured estimator, the boundary diagnostics against `carry.a`, the SGR
 /// term, its optimizer's update. Returns what module k+1 needs.

@@ -14,7 +14,7 @@ use std::ops::{ControlFlow, Range};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::time::Instant;
 
-use super::module::{module_step, Carry, StepInput, StepRecord};
+use super::module::{stage_step, Carry, StepInput, StepRecord};
 use super::{step_input, Progress, TrainerConfig};
 use crate::events::StepMetrics;
 use crate::network::LocalNetwork;
@@ -269,20 +269,17 @@ fn worker(
 ) {
     let _span = tracing::debug_span!("pipeline_worker", first = modules.start).entered();
     while let Ok(mut msg) = inbox.recv() {
-        let step = (|| {
-            for (k, opt) in modules.clone().zip(optimizers.iter_mut()) {
-                msg.carry = module_step(
-                    net,
-                    cfg,
-                    opt.as_mut(),
-                    k,
-                    &msg.input,
-                    msg.carry.clone(),
-                    &mut msg.record,
-                )?;
-            }
-            Ok(())
-        })();
+        let carry = msg.carry.clone();
+        let step = stage_step(
+            net,
+            cfg,
+            optimizers,
+            modules.start,
+            &msg.input,
+            carry,
+            &mut msg.record,
+        )
+        .map(|c| msg.carry = c);
         if let Err(e) = step {
             let _ = done.send(Err(e));
             return;

@@ -1,5 +1,9 @@
-//! A global allocator that counts live heap bytes, so `sgr inspect` can measure exactly how much
-//! memory a module's forward graph holds (RSS is blurred by the allocator's caching).
+//! A global allocator that counts live heap bytes, so that the memory of a training step can be
+//! measured exactly (RSS is blurred by the allocator's caching). A binary installs it with
+//! `#[global_allocator] static ALLOC: sgr_run::counting::Counting = sgr_run::counting::Counting;`
+//! and hands [`CountingMeter`] to what measures memory (`RunOptions::meter`,
+//! [`crate::memory::measure_step`], [`crate::budget::check_fits`]); without it the meter reads
+//! zeros.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -68,11 +72,11 @@ pub fn reset_peak() {
     PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
 }
 
-/// The counting allocator as the library's memory meter.
-#[derive(Debug, Clone, Copy)]
-pub struct Meter;
+/// The counting allocator as a [`MemoryMeter`](crate::memory::MemoryMeter).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CountingMeter;
 
-impl sgr_run::memory::MemoryMeter for Meter {
+impl crate::memory::MemoryMeter for CountingMeter {
     fn live(&self) -> u64 {
         live_bytes() as u64
     }
