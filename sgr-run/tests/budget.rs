@@ -86,7 +86,7 @@ fn steps_at_batch_2_and_4_predict_larger_batches_and_halved_sides_predict_full_o
     let e = estimate_step(&s, input, Arc::clone(&meter), &Device::Cpu).unwrap();
     assert_eq!(e.measured_size, 256);
     let real = measured(&s, input, 2);
-    within(e.train_bytes(2), real, 0.15, "resnet8 K=2 at 512x512");
+    within(e.train_bytes(2), real, 0.2, "resnet8 K=2 at 512x512");
 }
 
 #[test]
