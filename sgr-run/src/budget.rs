@@ -52,11 +52,6 @@ impl StepEstimate {
         self.fixed
             .saturating_add(self.per_eval_image.saturating_mul(batch as u64))
     }
-
-    /// The largest batch whose training step fits in `bytes` (0 when none does).
-    pub fn max_batch(&self, bytes: u64) -> u64 {
-        bytes.saturating_sub(self.fixed) / self.per_image.max(1)
-    }
 }
 
 /// One size's measurement: (fixed, per training image, per evaluation image).
