@@ -13,7 +13,7 @@ use sgr_core::mix::MixConfig;
 use sgr_core::network::LocalNetwork;
 use sgr_core::objective::Batch;
 use sgr_core::sgr::{Direction, SgrConfig, SgrGrad};
-use sgr_core::trainer::distributed::{check_same, local_ranks, Transport};
+use sgr_core::trainer::distributed::{check_same, local_ranks, Layout, Transport};
 use sgr_core::trainer::pipeline::Pipeline;
 use sgr_core::trainer::{Trainer, TrainerConfig};
 use sgr_integration_tests::{labels, randn, resnet_for, trainer_config};
@@ -359,18 +359,18 @@ fn measuring_module_times_changes_nothing() {
 /// the steps it reports, or its error.
 type RankResult = Result<(Outcome, usize, bool), String>;
 
-/// Trains `data` with `stages` spread over in-process ranks (one thread and one trainer each;
-/// only rank 0 reads the data), shares the state, and returns every rank's result. `stop_at`
-/// stops the feed after that many completed steps; a `fail_at` batch is a data error.
+/// Trains `data` with `layout` over in-process ranks (one thread and one trainer each; only
+/// rank 0 reads the data), shares the state, and returns every rank's result. `stop_at` stops
+/// the feed after that many completed steps; a `fail_at` batch is a data error.
 fn train_ranks(
     net: Build,
     cfg: &TrainerConfig,
-    stages: &Pipeline,
+    layout: &Layout,
     data: &[Batch],
     stop_at: Option<usize>,
     fail_at: Option<usize>,
 ) -> Vec<RankResult> {
-    let ranks = local_ranks(stages.workers());
+    let ranks = local_ranks(layout.size());
     std::thread::scope(|s| {
         let handles: Vec<_> = ranks
             .into_iter()
@@ -388,7 +388,7 @@ fn train_ranks(
                                 _ => Ok(b.clone()),
                             });
                     let mut seen = 0;
-                    let d = trainer.train_batches_on(&mut t, stages, &mut source, &mut |_| {
+                    let d = trainer.train_batches_on(&mut t, layout, &mut source, &mut |_| {
                         seen += 1;
                         if stop_at == Some(seen) {
                             ControlFlow::Break(())
@@ -401,14 +401,14 @@ fn train_ranks(
                         // A data error keeps the steps before it: shared like any other stretch.
                         Err(e @ sgr_core::Error::Data(_)) => {
                             trainer
-                                .share_state(&mut t, stages)
+                                .share_state(&mut t, layout)
                                 .map_err(|e| e.to_string())?;
                             return Err(format!("data: {e}"));
                         }
                         Err(e) => return Err(e.to_string()),
                     };
                     trainer
-                        .share_state(&mut t, stages)
+                        .share_state(&mut t, layout)
                         .map_err(|e| e.to_string())?;
                     Ok((outcome(&mut trainer), d.steps, d.stopped))
                 })
@@ -426,7 +426,8 @@ fn assert_ranks_match(name: &str, net: Build, cfg: TrainerConfig, data: &[Batch]
     let k = net().num_modules();
     for ranks in 2..=k {
         let p = Pipeline::even(k, ranks, 1).unwrap();
-        for (r, result) in train_ranks(net, &cfg, &p, data, None, None)
+        let layout = Layout::pipeline(p.clone());
+        for (r, result) in train_ranks(net, &cfg, &layout, data, None, None)
             .into_iter()
             .enumerate()
         {
@@ -479,7 +480,7 @@ fn ranks_stop_and_fail_together() {
         SgrGrad::ForwardDifference,
         Estimator::Backprop,
     );
-    let p = Pipeline::even(3, 3, 1).unwrap();
+    let p = Layout::pipeline(Pipeline::even(3, 3, 1).unwrap());
     let stopped = train_ranks(resnet_greedy, &cfg, &p, &data, Some(1), None);
     let first = stopped[0].as_ref().unwrap();
     assert!(first.2 && first.1 >= 1, "{:?}", (first.1, first.2));
@@ -521,4 +522,266 @@ fn ranks_that_run_different_things_are_named() {
             "{e}"
         );
     }
+}
+
+/// The numbers in a metrics line, in order.
+fn numbers(s: &str) -> Vec<f64> {
+    s.split(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | '-' | 'e' | 'E')))
+        .filter_map(|w| w.parse::<f64>().ok())
+        .collect()
+}
+
+/// `a` and `b` agree to `tol` (relative, with an absolute floor of `tol`) in every weight,
+/// optimizer state and metric: what a change of summation order can move.
+fn assert_close(name: &str, a: &Outcome, b: &Outcome, tol: f64) {
+    let close = |x: f64, y: f64| (x - y).abs() <= tol * (1.0 + x.abs().max(y.abs()));
+    let floats = |v: &[u32]| {
+        v.iter()
+            .map(|&u| f32::from_bits(u) as f64)
+            .collect::<Vec<_>>()
+    };
+    let mut worst = 0f64;
+    for ((na, va), (nb, vb)) in a.params.iter().zip(&b.params) {
+        assert_eq!(na, nb);
+        for (x, y) in floats(va).into_iter().zip(floats(vb)) {
+            worst = worst.max((x - y).abs());
+            assert!(close(x, y), "{name}: {na}: {x} against {y}");
+        }
+    }
+    for (sa, sb) in a.states.iter().zip(&b.states) {
+        for ((na, va), (_, vb)) in sa.iter().zip(sb) {
+            for (x, y) in floats(va).into_iter().zip(floats(vb)) {
+                assert!(close(x, y), "{name}: state {na}: {x} against {y}");
+            }
+        }
+    }
+    // The boundaries' cosines and relative distances are batch-level ratios, which the copies
+    // average as ratios: compared loosely. Losses, accuracy and SGR distances are means over
+    // examples, which combine exactly.
+    let split = |m: &str| {
+        let (head, bounds) = m.split_once("[Boundary").unwrap_or((m, ""));
+        let distances: Vec<f64> = bounds
+            .split("sgr_distance: Some(")
+            .skip(1)
+            .filter_map(|w| w.split(')').next()?.parse().ok())
+            .collect();
+        (numbers(head), distances, numbers(bounds))
+    };
+    let (ha, da, ba) = split(&a.metrics);
+    let (hb, db, bb) = split(&b.metrics);
+    assert_eq!(
+        ba.len(),
+        bb.len(),
+        "{name}: {} against {}",
+        a.metrics,
+        b.metrics
+    );
+    for (x, y) in ba.into_iter().zip(bb) {
+        assert!(
+            (x - y).abs() <= 0.1 * (1.0 + y.abs()),
+            "{name}: boundaries {} against {}",
+            a.metrics,
+            b.metrics
+        );
+    }
+    let (ma, mb) = ([ha, da].concat(), [hb, db].concat());
+    assert_eq!(
+        ma.len(),
+        mb.len(),
+        "{name}: {} against {}",
+        a.metrics,
+        b.metrics
+    );
+    for (x, y) in ma.into_iter().zip(mb) {
+        assert!(
+            close(x, y),
+            "{name}: metrics {} against {}",
+            a.metrics,
+            b.metrics
+        );
+    }
+    assert!(worst > 0.0 || a == b, "{name}: no weight was compared");
+}
+
+/// The largest difference between two runs' weights and optimizer states.
+fn max_diff(a: &Outcome, b: &Outcome) -> f64 {
+    let pairs = a
+        .params
+        .iter()
+        .zip(&b.params)
+        .chain(a.states.iter().flatten().zip(b.states.iter().flatten()));
+    pairs
+        .flat_map(|((_, x), (_, y))| x.iter().zip(y))
+        .map(|(&x, &y)| (f32::from_bits(x) as f64 - f32::from_bits(y) as f64).abs())
+        .fold(0.0, f64::max)
+}
+
+/// Eight-image batches and a last one of a single image, so that some replicas get an empty
+/// shard (sizes 4+4 and 1+0 for two replicas, 3+3+2 and 1+0+0 for three).
+fn batches_with_a_short_last(channels: usize) -> Vec<Batch> {
+    let mut data = batches(channels, 8, 3);
+    let last = &data[0];
+    let short = Batch {
+        input: last.input.narrow(0, 0, 1).unwrap(),
+        targets: match &last.targets {
+            sgr_core::objective::Targets::Labels(t) => {
+                sgr_core::objective::Targets::Labels(t.narrow(0, 0, 1).unwrap())
+            }
+            sgr_core::objective::Targets::Soft(t) => {
+                sgr_core::objective::Targets::Soft(t.narrow(0, 0, 1).unwrap())
+            }
+        },
+    };
+    data.push(short);
+    data
+}
+
+/// Runs `layout` and returns rank 0's outcome after checking that every rank completed every
+/// step and holds the same bits.
+fn replicated(
+    name: &str,
+    net: Build,
+    cfg: &TrainerConfig,
+    layout: &Layout,
+    data: &[Batch],
+) -> Outcome {
+    let mut results = train_ranks(net, cfg, layout, data, None, None).into_iter();
+    let (first, steps, stopped) = results
+        .next()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{name}: rank 0: {e}"));
+    assert_eq!((steps, stopped), (data.len(), false), "{name}");
+    for (r, result) in results.enumerate() {
+        let (o, steps, _) = result.unwrap_or_else(|e| panic!("{name}: rank {}: {e}", r + 1));
+        assert_eq!(steps, data.len(), "{name}: rank {}", r + 1);
+        assert!(o == first, "{name}: rank {} differs from rank 0", r + 1);
+    }
+    first
+}
+
+/// Data parallel: R copies of the modules, each on a share of every batch, end where one
+/// process at the same batch ends, up to the order of the sums that average the shares (no
+/// batch norm here: each copy would take its statistics over its shard). Every rank holds the
+/// same bits, also with a pipeline inside each copy and with shards of unequal and zero size.
+#[test]
+fn replicas_match_one_process_at_the_same_batch() {
+    let data = batches_with_a_short_last(1);
+    for (method, grad) in [
+        ("greedy", SgrGrad::Exact),
+        ("greedy+sgr", SgrGrad::Exact),
+        ("greedy+sgr", SgrGrad::FiniteDifference),
+        ("greedy+sgr", SgrGrad::ForwardDifference),
+    ] {
+        let cfg = config(method, grad, Estimator::Backprop);
+        let sequential = train(mixer, &cfg, None, &data);
+        for (replicas, stages) in [(2, 1), (3, 1), (2, 3)] {
+            let name = format!("{method} {grad}, {replicas} replicas x {stages} stages");
+            let layout = Layout::new(Pipeline::even(3, stages, 1).unwrap(), replicas).unwrap();
+            let o = replicated(&name, mixer, &cfg, &layout, &data);
+            if grad == SgrGrad::Exact {
+                assert_close(&name, &o, &sequential, 1e-5);
+            } else {
+                // A finite difference's step is scaled to its batch's RMS, so a shard's term
+                // differs from the whole batch's by the difference's truncation error: the
+                // copies must be as close to the exact term's run as one process is.
+                let exact = train(
+                    mixer,
+                    &config(method, SgrGrad::Exact, Estimator::Backprop),
+                    None,
+                    &data,
+                );
+                let (mine, one) = (max_diff(&o, &exact), max_diff(&sequential, &exact));
+                assert!(
+                    mine <= 2.0 * one,
+                    "{name}: {mine} from the exact run, one process {one}"
+                );
+            }
+        }
+    }
+    // A transformer, whose LayerNorm is per token.
+    let data = batches(3, 8, 2);
+    let cfg = config("greedy+sgr", SgrGrad::Exact, Estimator::Backprop);
+    let sequential = train(vit, &cfg, None, &data);
+    let layout = Layout::new(Pipeline::even(2, 2, 1).unwrap(), 2).unwrap();
+    let o = replicated("vit", vit, &cfg, &layout, &data);
+    assert_close("vit", &o, &sequential, 1e-5);
+}
+
+/// Batch norm and forward gradients under replicas: each copy's statistics and noise are its
+/// own, so the run is not one process's, but every rank ends with the same bits (the copies'
+/// running statistics averaged) and a rerun repeats them.
+#[test]
+fn replicas_with_batch_norm_and_noise_agree_across_ranks() {
+    let data = batches(3, 8, 2);
+    let cfg = config(
+        "greedy+sgr",
+        SgrGrad::ForwardDifference,
+        Estimator::Backprop,
+    );
+    let layout = Layout::new(Pipeline::even(3, 1, 1).unwrap(), 2).unwrap();
+    let a = replicated("resnet", resnet_greedy, &cfg, &layout, &data);
+    let b = replicated("resnet again", resnet_greedy, &cfg, &layout, &data);
+    assert!(a == b, "a rerun of the replicated run differs");
+    let sequential = train(resnet_greedy, &cfg, None, &data);
+    let mean = |o: &Outcome| {
+        o.params
+            .iter()
+            .find(|(n, _)| n.ends_with("bn1.running_mean"))
+            .map(|(_, v)| v.clone())
+            .expect("a running mean")
+    };
+    assert_ne!(
+        mean(&a),
+        mean(&sequential),
+        "the statistics are the shards' average"
+    );
+    let fga = config(
+        "greedy+sgr",
+        SgrGrad::FiniteDifference,
+        Estimator::ForwardActivity,
+    );
+    let layout = Layout::new(Pipeline::even(3, 3, 1).unwrap(), 2).unwrap();
+    replicated("forward-activity", mixer, &fga, &layout, &batches(1, 6, 2));
+}
+
+/// Under replicas a data error and a stop reach every rank; the backward SGR direction and a
+/// layout that does not match the ranks are refused on every rank.
+#[test]
+fn replicas_stop_fail_and_refuse_together() {
+    let data = batches(1, 8, STEPS);
+    let cfg = config("greedy+sgr", SgrGrad::FiniteDifference, Estimator::Backprop);
+    let layout = Layout::new(Pipeline::even(3, 3, 1).unwrap(), 2).unwrap();
+    let failed = train_ranks(mixer, &cfg, &layout, &data, None, Some(2));
+    for (r, result) in failed.iter().enumerate() {
+        let e = result.as_ref().unwrap_err();
+        assert!(
+            e.starts_with("data: ") && e.contains("image 7"),
+            "rank {r}: {e}"
+        );
+    }
+    let stopped = train_ranks(mixer, &cfg, &layout, &data, Some(1), None);
+    let first = &stopped[0].as_ref().unwrap().0;
+    for r in &stopped {
+        let r = r.as_ref().unwrap();
+        assert!(r.2 && r.0 == *first, "the ranks differ after a stop");
+    }
+    let mut backward = cfg.clone();
+    backward.method.sgr.as_mut().unwrap().direction = Direction::Backward;
+    let one_stage = Layout::new(Pipeline::even(3, 1, 1).unwrap(), 2).unwrap();
+    for r in train_ranks(mixer, &backward, &one_stage, &data, None, None) {
+        let e = r.unwrap_err();
+        assert!(e.contains("backward direction"), "{e}");
+    }
+    let mut t = local_ranks(1).remove(0);
+    let mut trainer = Trainer::new(mixer(), cfg).unwrap();
+    let e = trainer
+        .train_batches_on(&mut t, &layout, &mut std::iter::empty(), &mut |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("1 ranks run 3 stages in 2 replicas (6 ranks)"),
+        "{e}"
+    );
 }

@@ -60,6 +60,8 @@ pub enum Event<'a> {
         pipeline: &'a crate::trainer::pipeline::Pipeline,
         /// Seconds per step of each module, as measured.
         module_seconds: &'a [f64],
+        /// Data-parallel copies of the pipeline (1: none).
+        replicas: usize,
     },
     /// The network was evaluated after `epoch` epochs of training (0: the initial weights).
     Evaluated {

@@ -14,6 +14,7 @@ use sgr_core::checkpoint::{load_params, load_training_checkpoint, save_params_wi
 use sgr_core::events::{EvalMetrics, Event, Observer};
 use sgr_core::network::LocalNetwork;
 use sgr_core::objective::{Batch, PixelStats};
+use sgr_core::trainer::distributed::Layout;
 use sgr_core::trainer::pipeline::Pipeline;
 use sgr_core::trainer::Trainer;
 use sgr_data::{Loader, LoaderConfig};
@@ -53,6 +54,12 @@ pub struct RunOptions {
     /// ends each epoch with the whole model (docs/parallel.md, "Across processes"). Every
     /// rank must see the run directory and the data (one host, or a shared file system).
     pub ranks: Option<crate::ranks::SharedTransport>,
+    /// Data-parallel copies of the modules in a distributed run (`None` or 1: none): the
+    /// ranks form `replicas` copies of a pipeline of N / replicas stages, each batch is cut
+    /// into one shard per copy, and the copies average their gradients before every update
+    /// (docs/parallel.md, "Replicas"). The batch size stays the run's: each copy sees its
+    /// share.
+    pub replicas: Option<usize>,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -67,6 +74,7 @@ impl std::fmt::Debug for RunOptions {
             .field("pipeline", &self.pipeline)
             .field("pipeline_threads", &self.pipeline_threads)
             .field("ranks", &self.ranks.is_some())
+            .field("replicas", &self.replicas)
             .finish()
     }
 }
@@ -140,8 +148,8 @@ pub struct Run {
     initial_eval: Option<EvalMetrics>,
     /// What the checkpoints record about the run (`crate::identity`).
     tags: std::collections::BTreeMap<String, String>,
-    /// The modules of each rank, once placed (distributed runs).
-    stages: Option<Pipeline>,
+    /// The stages and copies the ranks run, once placed (distributed runs).
+    layout: Option<Layout>,
     _lock: Option<RunLock>,
 }
 
@@ -352,7 +360,7 @@ impl Run {
             resumed_at: None,
             initial_eval: None,
             tags,
-            stages: None,
+            layout: None,
             _lock: None,
         })
     }
@@ -443,20 +451,38 @@ impl Run {
     }
 
     /// Places the modules on the ranks by their step times, measured by rank 0 on the next
-    /// training batch (with the trainer left unchanged) and sent to all.
+    /// training batch (with the trainer left unchanged) and sent to all: N / R stages, in R
+    /// copies.
     fn place_on_ranks(
         &mut self,
         epoch: usize,
         from: usize,
         observer: &mut dyn Observer,
-    ) -> Result<Pipeline> {
+    ) -> Result<Layout> {
         let t = self.opts.ranks.clone().expect("a distributed run");
-        let n = crate::ranks::lock(&t).size();
+        let size = crate::ranks::lock(&t).size();
+        let replicas = self.opts.replicas.unwrap_or(1);
+        if replicas == 0 || !size.is_multiple_of(replicas) {
+            return Err(Error::Spec(format!(
+                "--replicas {replicas} does not divide the {size} ranks: start a multiple of \
+                 {} ranks (replicas × stages), or change --replicas",
+                replicas.max(1)
+            )));
+        }
+        if self.spec.batch_size < replicas {
+            return Err(Error::Spec(format!(
+                "--batch-size {} is smaller than --replicas {replicas}: each copy takes a share \
+                 of every batch; raise --batch-size or lower --replicas",
+                self.spec.batch_size
+            )));
+        }
+        let n = size / replicas;
         let k = self.trainer.network().num_modules();
         if n > k {
             return Err(Error::Spec(format!(
-                "{n} ranks over K={k} modules: each rank owns at least one module; start at \
-                 most {k} ranks, or cut the network into more modules (-k)"
+                "{n} ranks per replica over K={k} modules: each rank owns at least one module; \
+                 start at most {} ranks, or cut the network into more modules (-k)",
+                k * replicas
             )));
         }
         let seconds = if self.leads() {
@@ -477,9 +503,10 @@ impl Run {
             observer.on_event(&Event::Placed {
                 pipeline: &stages,
                 module_seconds: &seconds,
+                replicas,
             });
         }
-        Ok(stages)
+        Ok(Layout::new(stages, replicas)?)
     }
 
     /// Trains the remaining epochs, evaluating and checkpointing after each, then writes the
@@ -507,8 +534,8 @@ impl Run {
             if self.opts.pipeline.is_some_and(|n| n > 1) && self.trainer.pipeline().is_none() {
                 self.place_modules(epoch, from, observer)?;
             }
-            if self.opts.ranks.is_some() && self.stages.is_none() {
-                self.stages = Some(self.place_on_ranks(epoch, from, observer)?);
+            if self.opts.ranks.is_some() && self.layout.is_none() {
+                self.layout = Some(self.place_on_ranks(epoch, from, observer)?);
             }
             let interrupt = self.opts.interrupt.clone();
             let mut data_error = None;
@@ -534,12 +561,12 @@ impl Run {
                         ControlFlow::Continue(())
                     }
                 };
-                match (&self.opts.ranks, &self.stages) {
-                    (Some(t), Some(stages)) => {
+                match (&self.opts.ranks, &self.layout) {
+                    (Some(t), Some(layout)) => {
                         let mut t = crate::ranks::lock(t);
                         let r = self.trainer.train_batches_on(
                             &mut *t,
-                            stages,
+                            layout,
                             &mut source,
                             &mut on_step,
                         );
@@ -547,7 +574,7 @@ impl Run {
                         // steps are saved below); other errors end the run as they are.
                         match &r {
                             Ok(_) | Err(sgr_core::Error::Data(_)) => {
-                                self.trainer.share_state(&mut *t, stages)?
+                                self.trainer.share_state(&mut *t, layout)?
                             }
                             Err(_) => {}
                         }
@@ -693,6 +720,7 @@ impl Run {
         observer.on_event(&Event::Placed {
             pipeline: &pipeline,
             module_seconds: &seconds,
+            replicas: 1,
         });
         Ok(())
     }

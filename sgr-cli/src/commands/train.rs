@@ -162,6 +162,11 @@ pub struct TrainArgs {
     /// (docs/parallel.md; needs a build with `--features mpi`).
     #[arg(long, value_name = "BACKEND", value_parser = ["mpi"], conflicts_with = "pipeline")]
     pub distributed: Option<String>,
+    /// Data-parallel copies in a distributed run: the N ranks form R copies of a pipeline
+    /// of N/R stages; each copy trains on its share of every batch (--batch-size stays the
+    /// whole batch) and the copies average their gradients (docs/parallel.md, "Replicas").
+    #[arg(long, value_name = "R", requires = "distributed", value_parser = clap::value_parser!(u16).range(1..))]
+    pub replicas: Option<u16>,
     /// Replace the run already in --out (its files are removed before training starts).
     #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
@@ -341,6 +346,7 @@ impl Printer {
             Event::Placed {
                 pipeline,
                 module_seconds,
+                replicas,
             } => {
                 let workers: Vec<String> = pipeline
                     .stages()
@@ -355,7 +361,16 @@ impl Printer {
                         format!("{modules} ({:.0} ms/step)", s * 1e3)
                     })
                     .collect();
-                if self.ranks {
+                if self.ranks && *replicas > 1 {
+                    say!(
+                        "distributed: {} ranks: {} replicas x {} stage{}: {}",
+                        pipeline.workers() * replicas,
+                        replicas,
+                        pipeline.workers(),
+                        if pipeline.workers() == 1 { "" } else { "s" },
+                        workers.join(", ")
+                    )
+                } else if self.ranks {
                     say!(
                         "distributed: {} ranks: {}",
                         pipeline.workers(),
@@ -476,6 +491,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         meter: Some(Arc::new(sgr_run::counting::CountingMeter)),
         pipeline: a.pipeline.map(usize::from),
         pipeline_threads: a.pipeline_threads.map(usize::from),
+        replicas: a.replicas.map(usize::from),
     };
     let mut run = match &a.resume {
         Some(dir) => {

@@ -57,6 +57,35 @@ impl Batch {
     pub fn is_empty(&self) -> Result<bool> {
         Ok(self.len()? == 0)
     }
+
+    /// The batch cut into `n` consecutive shards whose sizes differ by at most one (the first
+    /// ones larger), as data-parallel replicas share a step; with fewer samples than shards
+    /// the last shards are empty.
+    pub fn shards(&self, n: usize) -> Result<Vec<Batch>> {
+        if n == 0 {
+            return Err(Error::InvalidConfig(
+                "a batch needs at least one shard".into(),
+            ));
+        }
+        let len = self.len()?;
+        let (base, extra) = (len / n, len % n);
+        let mut start = 0;
+        (0..n)
+            .map(|i| {
+                let size = base + usize::from(i < extra);
+                let part = |t: &Tensor| t.narrow(0, start, size);
+                let shard = Batch {
+                    input: part(&self.input)?,
+                    targets: match &self.targets {
+                        Targets::Labels(t) => Targets::Labels(part(t)?),
+                        Targets::Soft(t) => Targets::Soft(part(t)?),
+                    },
+                };
+                start += size;
+                Ok(shard)
+            })
+            .collect()
+    }
 }
 
 impl From<(Tensor, Tensor)> for Batch {

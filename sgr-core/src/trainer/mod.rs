@@ -29,6 +29,7 @@ use crate::{Error, Result};
 pub mod distributed;
 mod module;
 pub mod pipeline;
+mod replicas;
 mod wire;
 
 use module::{module_step, stage_step, update};
@@ -219,6 +220,7 @@ fn step_input(
         step,
         lr: cfg.lr_at(step),
         lambda: cfg.lambda_at(step),
+        replica: 0,
     })
 }
 
@@ -678,7 +680,7 @@ impl Trainer {
     fn bp_step(&mut self, input: &StepInput) -> Result<StepRecord> {
         let batch = &input.batch;
         let k = self.net.num_modules() - 1;
-        let mut ctx = Ctx::train().with_seed(pass_seed(self.cfg.seed, input.step, k));
+        let mut ctx = Ctx::train().with_seed(input.seed(self.cfg.seed, k));
         let logits = self.net.forward(&batch.input.detach(), &mut ctx)?;
         let out = self
             .net
@@ -720,7 +722,7 @@ impl Trainer {
         let mut pending: Option<Pending> = None;
         for k in 0..k_total {
             let _span = tracing::trace_span!("module", k).entered();
-            let seed = pass_seed(self.cfg.seed, input.step, k);
+            let seed = input.seed(self.cfg.seed, k);
             let prob = LocalModule {
                 net: &self.net,
                 k,

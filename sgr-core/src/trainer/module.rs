@@ -53,6 +53,23 @@ pub struct StepInput {
     pub lr: f64,
     /// SGR weight of this step.
     pub lambda: f64,
+    /// Which copy of the modules runs this part of the batch (data-parallel replicas; 0
+    /// otherwise). Replica 0 draws what the unreplicated run draws; the others draw their own.
+    pub replica: usize,
+}
+
+impl StepInput {
+    /// The seed of module `k`'s random draws in this step (SGR directions, forward-gradient
+    /// noise, dropout): the run seed, the step, the module and, past replica 0, the replica,
+    /// so that replicas do not share noise across their different examples.
+    pub(crate) fn seed(&self, run_seed: u64, k: usize) -> u64 {
+        let seed = pass_seed(run_seed, self.step, k);
+        if self.replica == 0 {
+            seed
+        } else {
+            pass_seed(seed, self.replica, usize::MAX)
+        }
+    }
 }
 
 /// A boundary's diagnostics from one step: `stats` is `[cos, rel_dist]`, `distance` the SGR
@@ -109,9 +126,8 @@ pub(crate) fn stage_step(
     Ok(carry)
 }
 
-/// Module `k`'s whole part of a step under the forward SGR direction (or none): its local
-/// gradients by the configured estimator, the boundary diagnostics against `carry.a`, the SGR
-/// term, its optimizer's update. Returns what module k+1 needs.
+/// Module `k`'s whole part of a step under the forward SGR direction (or none):
+/// [`module_grads`], then its optimizer's update. Returns what module k+1 needs.
 pub(crate) fn module_step(
     net: &LocalNetwork,
     cfg: &TrainerConfig,
@@ -121,10 +137,26 @@ pub(crate) fn module_step(
     carry: Carry,
     record: &mut StepRecord,
 ) -> Result<Carry> {
+    let (carry, grads) = module_grads(net, cfg, k, input, carry, record)?;
+    update(cfg, opt, grads, input.lr)?;
+    Ok(carry)
+}
+
+/// Module `k`'s part of a step short of its update: its local gradients by the configured
+/// estimator, the boundary diagnostics against `carry.a` and the SGR term, added to the
+/// gradients. Returns what module k+1 needs and the gradients to step with.
+pub(crate) fn module_grads(
+    net: &LocalNetwork,
+    cfg: &TrainerConfig,
+    k: usize,
+    input: &StepInput,
+    carry: Carry,
+    record: &mut StepRecord,
+) -> Result<(Carry, Vec<Tensor>)> {
     let _span = tracing::trace_span!("module", k).entered();
     let k_total = net.num_modules();
     let batch = &input.batch;
-    let seed = pass_seed(cfg.seed, input.step, k);
+    let seed = input.seed(cfg.seed, k);
     let sgr = cfg.method.sgr.as_ref();
     let estimator = cfg.method.estimator;
     let mut boundary = BoundaryRecord {
@@ -217,9 +249,9 @@ pub(crate) fn module_step(
     if k > 0 && (boundary.stats.is_some() || boundary.distance.is_some()) {
         record.boundaries.push(boundary);
     }
-    update(cfg, opt, grads, input.lr)?;
-    Ok(Carry {
+    let carry = Carry {
         h: output,
         a: if k + 1 < k_total { output_grad } else { None },
-    })
+    };
+    Ok((carry, grads))
 }

@@ -260,6 +260,7 @@ pub(crate) fn write_step(
     w.u64(input.step as u64);
     w.f64(input.lr);
     w.f64(input.lambda);
+    w.u64(input.replica as u64);
     w.tensor(&input.batch.input)?;
     match &input.batch.targets {
         Targets::Labels(t) => {
@@ -283,6 +284,7 @@ pub(crate) fn read_step(
     let step = r.usize()?;
     let lr = r.f64()?;
     let lambda = r.f64()?;
+    let replica = r.usize()?;
     let input = r.tensor(device)?;
     let targets = match r.u8()? {
         0 => Targets::Labels(r.tensor(device)?),
@@ -298,6 +300,7 @@ pub(crate) fn read_step(
             step,
             lr,
             lambda,
+            replica,
         },
         Carry { h, a },
         record,
