@@ -678,6 +678,12 @@ fn replicas_match_one_process_at_the_same_batch() {
             let name = format!("{method} {grad}, {replicas} replicas x {stages} stages");
             let layout = Layout::new(Pipeline::even(3, stages, 1).unwrap(), replicas).unwrap();
             let o = replicated(&name, mixer, &cfg, &layout, &data);
+            if stages > 1 {
+                // A pipeline inside each copy changes no arithmetic.
+                let flat = Layout::new(Pipeline::even(3, 1, 1).unwrap(), replicas).unwrap();
+                let f = replicated(&name, mixer, &cfg, &flat, &data);
+                assert!(f == o, "{name}: differs from {replicas} replicas x 1 stage");
+            }
             if grad == SgrGrad::Exact {
                 assert_close(&name, &o, &sequential, 1e-5);
             } else {

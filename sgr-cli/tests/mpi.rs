@@ -91,6 +91,71 @@ fn mpi_ranks_write_the_one_process_run_bit_for_bit() {
     );
 }
 
+/// Data-parallel replicas: 2 copies on 2 ranks, and 2 copies of a 2-stage pipeline on 4
+/// ranks, write the same model bit for bit (a pipeline inside each copy changes no
+/// arithmetic), and a replicated run stopped mid-epoch resumes to it.
+#[test]
+fn mpi_replicas_agree_across_layouts_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let with = |out: &Path, extra: &[&str]| {
+        let mut a = run_args(out);
+        a.extend(
+            ["--replicas", "2"]
+                .iter()
+                .chain(extra)
+                .map(|s| s.to_string()),
+        );
+        a
+    };
+    let two = dir.path().join("np2");
+    let o = mpirun(2, &with(&two, &[]), 300);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("distributed: 2 ranks: 2 replicas x 1 stage:"),
+        "{t}"
+    );
+    let model = read(&two.join("model.safetensors"));
+    let four = dir.path().join("np4");
+    let o = mpirun(4, &with(&four, &[]), 300);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("4 ranks: 2 replicas x 2 stages"), "{t}");
+    assert!(
+        read(&four.join("model.safetensors")) == model,
+        "2 x 2 against 2 x 1"
+    );
+    let out = dir.path().join("resumed");
+    let o = mpirun(2, &with(&out, &["--max-steps", "5"]), 300);
+    assert!(o.status.success(), "{}", text(&o));
+    let resume: Vec<String> = [
+        "train",
+        "--resume",
+        out.to_str().unwrap(),
+        "--workers",
+        "0",
+        "--replicas",
+        "2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let o = mpirun(2, &resume, 300);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        read(&out.join("model.safetensors")) == model,
+        "stopped and resumed"
+    );
+    // A count that does not divide the ranks.
+    let o = mpirun(3, &with(&dir.path().join("np3"), &[]), 120);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(
+        t.contains("--replicas 2 does not divide the 3 ranks"),
+        "{t}"
+    );
+}
+
 #[test]
 fn ranks_started_with_different_arguments_are_refused_naming_the_rank() {
     let dir = tempfile::tempdir().unwrap();

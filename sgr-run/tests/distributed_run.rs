@@ -34,13 +34,28 @@ fn opts(ranks: Option<SharedTransport>, max_steps: Option<usize>) -> RunOptions 
 
 /// Runs `work` on `n` ranks, one thread each.
 fn on_ranks(n: usize, work: impl Fn(RunOptions) + Sync, max_steps: Option<usize>) {
+    on_replicas(n, 1, work, max_steps)
+}
+
+/// Runs `work` on `n` ranks in `replicas` copies, one thread each.
+fn on_replicas(
+    n: usize,
+    replicas: usize,
+    work: impl Fn(RunOptions) + Sync,
+    max_steps: Option<usize>,
+) {
     std::thread::scope(|s| {
         let hs: Vec<_> = local_ranks(n)
             .into_iter()
             .map(|t| {
                 let t: SharedTransport = Arc::new(Mutex::new(t));
                 let work = &work;
-                s.spawn(move || work(opts(Some(t), max_steps)))
+                s.spawn(move || {
+                    work(RunOptions {
+                        replicas: Some(replicas),
+                        ..opts(Some(t), max_steps)
+                    })
+                })
             })
             .collect();
         for h in hs {
@@ -102,4 +117,66 @@ fn a_run_on_ranks_writes_the_one_process_run_bit_for_bit() {
     on_ranks(2, |o| resume(&dir, o), None);
     assert!(read(&dir, "model.safetensors") == read(&alone, "model.safetensors"));
     assert_eq!(losses(&dir), losses(&alone));
+}
+
+/// Replicas keep every copy's weights, optimizer state and batch-norm statistics equal after
+/// every step, so a replicated run stopped mid-epoch and resumed writes the uninterrupted
+/// replicated run's model bit for bit; and it trains the one-process run's model up to the
+/// shards' batch statistics.
+#[test]
+fn a_replicated_run_resumes_bit_for_bit() {
+    let root = tempfile::tempdir().unwrap();
+    let whole = root.path().join("whole");
+    on_replicas(2, 2, |o| train_new(&whole, o), None);
+    let dir = root.path().join("stopped");
+    on_replicas(2, 2, |o| train_new(&dir, o), Some(4));
+    on_replicas(2, 2, |o| resume(&dir, o), None);
+    assert!(read(&dir, "model.safetensors") == read(&whole, "model.safetensors"));
+    assert_eq!(losses(&dir), losses(&whole));
+    // Against one process: the same epochs and examples, losses within what batch norm on
+    // half the batch moves.
+    let alone = root.path().join("alone");
+    train_new(&alone, opts(None, None));
+    let loss = |d: &Path| -> Vec<f64> {
+        losses(d)
+            .iter()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["train_loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let (a, b) = (loss(&whole), loss(&alone));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() < 0.1 * y,
+            "replicated {a:?}, one process {b:?}"
+        );
+    }
+}
+
+/// A replica count that does not divide the ranks is refused on every rank, before any step.
+#[test]
+fn replicas_that_do_not_divide_the_ranks_are_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("run");
+    let errors = Mutex::new(Vec::new());
+    on_replicas(
+        3,
+        2,
+        |o| {
+            let mut run = Run::create(spec(), &dir, o).unwrap();
+            let e = run.train(&mut |_: &Event<'_>| {}).unwrap_err().to_string();
+            errors.lock().unwrap().push(e);
+        },
+        None,
+    );
+    for e in errors.into_inner().unwrap() {
+        assert!(
+            e.contains("--replicas 2 does not divide the 3 ranks"),
+            "{e}"
+        );
+    }
 }

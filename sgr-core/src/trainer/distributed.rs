@@ -27,7 +27,7 @@ use std::time::Instant;
 use super::module::{stage_step, Carry, StepInput, StepRecord};
 use super::pipeline::Drained;
 pub use super::replicas::Layout;
-use super::replicas::{average_buffers, combine, is_group_message, replicated_stage_step, Group};
+use super::replicas::{combine, is_group_message, replicated_stage_step, Group};
 use super::wire::{read_record, read_step, write_record, write_step, Reader, Writer};
 use super::{step_input, Trainer};
 use crate::events::StepMetrics;
@@ -620,21 +620,10 @@ impl Trainer {
     /// Gives every rank the whole model: the owner of each module (the rank of its stage in
     /// replica 0) sends its weights, buffers and optimizer state to all, and rank 0 its
     /// position and epoch sums. With one stage for everything, rank 0's state goes to every
-    /// rank (after a resume that only rank 0 loaded). With replicas, each stage's copies
-    /// first average their buffers (batch-norm statistics) into replica 0's.
+    /// rank (after a resume that only rank 0 loaded). The copies of a stage hold the same
+    /// state already (their exchanges keep them equal); replica 0's is sent.
     pub fn share_state(&mut self, t: &mut dyn Transport, layout: &Layout) -> Result<()> {
         let device = self.net.device()?;
-        let (replica, my_stage) = layout.place(t.rank());
-        if layout.replicas() > 1 {
-            let group = Group {
-                ranks: layout.group(my_stage),
-                me: replica,
-            };
-            let mut mail = Mailbox::new(t);
-            for k in layout.stages().stages()[my_stage].clone() {
-                average_buffers(&self.net, k, &mut mail, &group)?;
-            }
-        }
         for (stage, range) in layout.stages().stages().iter().enumerate() {
             let owner = layout.rank(0, stage);
             for k in range.clone() {

@@ -7,7 +7,10 @@
 //! replica order, and sends it back. The result is the same bits however the messages arrive.
 //! A module's gradients leave as soon as they are computed, and its update waits until the
 //! next module's pass is done, so the transfer overlaps that pass (the next module does not
-//! read the weights it updates: it receives its input detached).
+//! read the weights it updates: it receives its input detached). The module's buffers
+//! (batch-norm running statistics) travel with its gradients and are averaged the same way,
+//! so every copy holds the same weights, optimizer state and buffers after every step, and a
+//! checkpoint taken from any copy continues the run exactly.
 //!
 //! Every rank of a group sends exactly one message per module and step, its gradients or why
 //! it has none, and the first rank answers each with the average or the reason there is none.
@@ -96,15 +99,25 @@ pub(crate) fn is_group_message(bytes: &[u8]) -> bool {
     matches!(bytes.first(), Some(&GRADS) | Some(&NO_GRADS))
 }
 
-fn grads_message(step: usize, k: usize, n: usize, grads: &[Tensor]) -> Result<Vec<u8>> {
+/// What a copy contributes to the exchange of one module, or what the first copy answers:
+/// its examples in the step, its gradients and its buffers after the step.
+struct Share {
+    n: usize,
+    grads: Vec<Tensor>,
+    buffers: Vec<Tensor>,
+}
+
+fn share_message(step: usize, k: usize, share: &Share) -> Result<Vec<u8>> {
     let mut w = Writer::default();
     w.u8(GRADS);
     w.u64(step as u64);
     w.u64(k as u64);
-    w.u64(n as u64);
-    w.u64(grads.len() as u64);
-    for g in grads {
-        w.tensor(g)?;
+    w.u64(share.n as u64);
+    for list in [&share.grads, &share.buffers] {
+        w.u64(list.len() as u64);
+        for t in list {
+            w.tensor(t)?;
+        }
     }
     Ok(w.0)
 }
@@ -118,15 +131,14 @@ fn no_grads_message(step: usize, k: usize, why: &str) -> Vec<u8> {
     w.0
 }
 
-/// A group message about module `k` of `step`: `Ok((examples, gradients))` or why there are
-/// none.
-fn read_grads(
+/// A group message about module `k` of `step`: a share, or why there is none.
+fn read_share(
     bytes: &[u8],
     step: usize,
     k: usize,
     from: usize,
     device: &candle_core::Device,
-) -> Result<std::result::Result<(usize, Vec<Tensor>), String>> {
+) -> Result<std::result::Result<Share, String>> {
     let mut r = Reader::new(bytes);
     let tag = r.u8()?;
     let (s, m) = (r.usize()?, r.usize()?);
@@ -139,11 +151,15 @@ fn read_grads(
     let out = match tag {
         GRADS => {
             let n = r.usize()?;
-            let len = r.usize()?;
-            let grads = (0..len)
-                .map(|_| r.tensor(device))
-                .collect::<Result<Vec<_>>>()?;
-            Ok((n, grads))
+            let mut lists = [Vec::new(), Vec::new()];
+            for list in &mut lists {
+                let len = r.usize()?;
+                *list = (0..len)
+                    .map(|_| r.tensor(device))
+                    .collect::<Result<Vec<_>>>()?;
+            }
+            let [grads, buffers] = lists;
+            Ok(Share { n, grads, buffers })
         }
         NO_GRADS => Err(String::from_utf8_lossy(r.bytes()?).into_owned()),
         t => {
@@ -156,14 +172,14 @@ fn read_grads(
     Ok(out)
 }
 
-/// Σ_r w_r · g_r over the copies that have examples, in replica order, w_r their share of the
-/// batch.
-fn weighted_average(parts: &[(usize, Vec<Tensor>)]) -> Result<Vec<Tensor>> {
-    let total: usize = parts.iter().map(|(n, _)| n).sum();
+/// Σ_r w_r · t_r over the copies with examples, in replica order, w_r their share of the
+/// step's examples; `pick` chooses the tensors of a share.
+fn weighted_average(parts: &[Share], pick: fn(&Share) -> &Vec<Tensor>) -> Result<Vec<Tensor>> {
+    let total: usize = parts.iter().map(|p| p.n).sum();
     let mut sum: Option<Vec<Tensor>> = None;
-    for (n, grads) in parts.iter().filter(|(n, _)| *n > 0) {
-        let w = *n as f64 / total as f64;
-        let scaled = grads
+    for part in parts.iter().filter(|p| p.n > 0) {
+        let w = part.n as f64 / total as f64;
+        let scaled = pick(part)
             .iter()
             .map(|g| g.affine(w, 0.0))
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -172,7 +188,7 @@ fn weighted_average(parts: &[(usize, Vec<Tensor>)]) -> Result<Vec<Tensor>> {
             Some(acc) => {
                 if acc.len() != scaled.len() {
                     return Err(Error::Internal(format!(
-                        "replicas sent {} and {} gradients for one module",
+                        "replicas sent {} and {} tensors for one module",
                         acc.len(),
                         scaled.len()
                     )));
@@ -185,6 +201,41 @@ fn weighted_average(parts: &[(usize, Vec<Tensor>)]) -> Result<Vec<Tensor>> {
         });
     }
     sum.ok_or_else(|| Error::Internal("no replica had examples".into()))
+}
+
+/// The buffers every copy takes after a step: where the copies with examples differ
+/// (running statistics), their weighted average; otherwise (a step count, a frozen head, a
+/// float all agree on) the first copy's, bit for bit. Each with whether it was averaged.
+fn merged_buffers(parts: &[Share]) -> Result<Vec<(Tensor, bool)>> {
+    let averaged = weighted_average(parts, |p| &p.buffers)?;
+    let mut out = Vec::with_capacity(averaged.len());
+    for (i, avg) in averaged.into_iter().enumerate() {
+        let first = &parts[0].buffers[i];
+        let mut agree = true;
+        for p in parts[1..].iter().filter(|p| p.n > 0) {
+            let other = p.buffers.get(i).ok_or_else(|| {
+                Error::Internal("replicas sent different numbers of buffers".into())
+            })?;
+            if first.elem_count() > 0 {
+                let eq = first.eq(other)?.flatten_all()?.min(0)?.to_scalar::<u8>()?;
+                agree &= eq == 1;
+            }
+        }
+        out.push(if agree || !first.dtype().is_float() {
+            (first.clone(), false)
+        } else {
+            (avg, true)
+        });
+    }
+    Ok(out)
+}
+
+/// Module `k`'s buffers (batch-norm running statistics and the like).
+fn buffers(net: &LocalNetwork, k: usize) -> Vec<crate::nn::Param> {
+    net.module_params(k)
+        .into_iter()
+        .filter(|p| p.kind == ParamKind::Buffer)
+        .collect()
 }
 
 /// This rank's place in its group: `ranks[0]` averages, `me` indexes `ranks`.
@@ -227,6 +278,7 @@ pub(crate) fn replicated_stage_step(
         None => 0,
     };
     let ex = Exchange {
+        net,
         cfg,
         step,
         lr: input.map_or(0.0, |i| i.lr),
@@ -259,7 +311,17 @@ pub(crate) fn replicated_stage_step(
         };
         if !group.leads() {
             let msg = match (&mine, &failed) {
-                (Some(g), _) => grads_message(step, k, n, g)?,
+                (Some(g), _) => {
+                    let share = Share {
+                        n,
+                        grads: g.clone(),
+                        buffers: buffers(net, k)
+                            .iter()
+                            .map(|p| p.var.as_tensor().clone())
+                            .collect(),
+                    };
+                    share_message(step, k, &share)?
+                }
                 (None, why) => no_grads_message(step, k, why.as_deref().unwrap_or("")),
             };
             mail.send(group.ranks[0], msg)?;
@@ -281,6 +343,7 @@ pub(crate) fn replicated_stage_step(
 
 /// What every exchange of one step on one rank shares.
 struct Exchange<'a> {
+    net: &'a LocalNetwork,
     cfg: &'a TrainerConfig,
     step: usize,
     lr: f64,
@@ -302,12 +365,17 @@ impl Exchange<'_> {
         mail: &mut Mailbox<'_>,
     ) -> Result<()> {
         let (group, step) = (self.group, self.step);
+        let own = buffers(self.net, k);
         if group.leads() {
-            let mut parts = vec![(self.n, mine.unwrap_or_default())];
+            let mut parts = vec![Share {
+                n: self.n,
+                grads: mine.unwrap_or_default(),
+                buffers: own.iter().map(|p| p.var.as_tensor().clone()).collect(),
+            }];
             let mut why = failed.clone();
             for &r in &group.ranks[1..] {
                 let bytes = mail.recv_sync(r)?;
-                match read_grads(&bytes, step, k, r, self.device)? {
+                match read_share(&bytes, step, k, r, self.device)? {
                     Ok(part) => parts.push(part),
                     Err(w) => {
                         why.get_or_insert(w);
@@ -315,11 +383,7 @@ impl Exchange<'_> {
                 }
             }
             let answer = match &why {
-                None => match weighted_average(&parts).and_then(|avg| {
-                    let msg = grads_message(step, k, 0, &avg)?;
-                    update(self.cfg, opt, avg, self.lr)?;
-                    Ok(msg)
-                }) {
+                None => match self.apply_average(opt, k, &own, &parts) {
                     Ok(msg) => msg,
                     Err(e) => {
                         let w = format!("rank {}: {e}", group.ranks[0]);
@@ -336,9 +400,11 @@ impl Exchange<'_> {
         } else {
             let leader = group.ranks[0];
             let bytes = mail.recv_sync(leader)?;
-            match read_grads(&bytes, step, k, leader, self.device)? {
-                Ok((_, avg)) if failed.is_none() => {
-                    if let Err(e) = update(self.cfg, opt, avg, self.lr) {
+            match read_share(&bytes, step, k, leader, self.device)? {
+                Ok(avg) if failed.is_none() => {
+                    let applied = set_buffers(&own, &avg.buffers)
+                        .and_then(|()| update(self.cfg, opt, avg.grads, self.lr));
+                    if let Err(e) = applied {
                         failed.get_or_insert(format!("rank {}: {e}", group.ranks[group.me]));
                     }
                 }
@@ -350,6 +416,47 @@ impl Exchange<'_> {
         }
         Ok(())
     }
+
+    /// The first copy's side: averages the shares, updates its own module and buffers, and
+    /// returns the answer for the others.
+    fn apply_average(
+        &self,
+        opt: &mut dyn Optimizer,
+        k: usize,
+        own: &[crate::nn::Param],
+        parts: &[Share],
+    ) -> Result<Vec<u8>> {
+        let merged = merged_buffers(parts)?;
+        let answer = Share {
+            n: 0,
+            grads: weighted_average(parts, |p| &p.grads)?,
+            buffers: merged.iter().map(|(t, _)| t.clone()).collect(),
+        };
+        let msg = share_message(self.step, k, &answer);
+        // The buffers the copies agreed on are this copy's own already.
+        for (p, (v, averaged)) in own.iter().zip(&merged) {
+            if *averaged {
+                p.var.set(v)?;
+            }
+        }
+        update(self.cfg, opt, answer.grads, self.lr)?;
+        msg
+    }
+}
+
+/// Sets a module's buffers to the group's.
+fn set_buffers(own: &[crate::nn::Param], values: &[Tensor]) -> Result<()> {
+    if own.len() != values.len() {
+        return Err(Error::Internal(format!(
+            "the group sent {} buffers for a module with {}",
+            values.len(),
+            own.len()
+        )));
+    }
+    for (p, v) in own.iter().zip(values) {
+        p.var.set(v)?;
+    }
+    Ok(())
 }
 
 /// One step's record from the records of its replicas, each with its number of examples: the
@@ -410,62 +517,4 @@ pub(crate) fn combine(parts: Vec<(usize, StepRecord)>) -> Result<StepRecord> {
         })
         .collect();
     Ok(out)
-}
-
-/// Averages the buffers (batch-norm running statistics) of module `k` over its copies, in
-/// replica order, into the first rank of `group`: the copies' weights are equal already, but
-/// each copy's statistics saw only its shards.
-pub(crate) fn average_buffers(
-    net: &LocalNetwork,
-    k: usize,
-    mail: &mut Mailbox<'_>,
-    group: &Group,
-) -> Result<()> {
-    let buffers: Vec<_> = net
-        .module_params(k)
-        .into_iter()
-        .filter(|p| p.kind == ParamKind::Buffer)
-        .collect();
-    if buffers.is_empty() || group.ranks.len() == 1 {
-        return Ok(());
-    }
-    let device = net.device()?;
-    let mine: Vec<Tensor> = buffers.iter().map(|p| p.var.as_tensor().clone()).collect();
-    if !group.leads() {
-        return mail.send(group.ranks[0], grads_message(usize::MAX, k, 1, &mine)?);
-    }
-    let mut parts = vec![(1, mine)];
-    for &r in &group.ranks[1..] {
-        let bytes = mail.recv_sync(r)?;
-        match read_grads(&bytes, usize::MAX, k, r, &device)? {
-            Ok(part) => parts.push(part),
-            Err(w) => return Err(Error::Internal(w)),
-        }
-    }
-    for (i, p) in buffers.iter().enumerate() {
-        let copies: Vec<&Tensor> = parts.iter().filter_map(|(_, b)| b.get(i)).collect();
-        if copies.len() != parts.len() {
-            return Err(Error::Internal(format!(
-                "module {k}'s copies hold different numbers of buffers"
-            )));
-        }
-        if copies[0].elem_count() == 0 {
-            continue;
-        }
-        // Buffers the copies agree on (an integer count, a frozen head) stay bit for bit.
-        let first = copies[0].flatten_all()?.to_dtype(candle_core::DType::F64)?;
-        let mut agree = true;
-        for c in &copies[1..] {
-            let diff = (c.flatten_all()?.to_dtype(candle_core::DType::F64)? - &first)?;
-            agree &= diff.abs()?.max(0)?.to_scalar::<f64>()? == 0.0;
-        }
-        if agree || !copies[0].dtype().is_float() {
-            continue;
-        }
-        let each: Vec<(usize, Vec<Tensor>)> =
-            copies.iter().map(|c| (1, vec![(*c).clone()])).collect();
-        let avg = weighted_average(&each)?.remove(0);
-        p.var.set(&avg)?;
-    }
-    Ok(())
 }
