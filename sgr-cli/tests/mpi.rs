@@ -121,6 +121,17 @@ fn mpi_replicas_agree_across_layouts_and_resume() {
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     assert!(t.contains("4 ranks: 2 replicas x 2 stages"), "{t}");
+    // Each rank's peak, in rank order.
+    let peaks = t.split("peak memory per rank ").nth(1).unwrap_or_default();
+    let peaks = peaks.split(" MiB").next().unwrap_or_default();
+    assert_eq!(
+        peaks
+            .split(", ")
+            .filter(|p| p.parse::<u64>().is_ok_and(|m| m > 0))
+            .count(),
+        4,
+        "{t}"
+    );
     assert!(
         read(&four.join("model.safetensors")) == model,
         "2 x 2 against 2 x 1"

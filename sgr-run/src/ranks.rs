@@ -50,3 +50,24 @@ pub(crate) fn seconds_from_rank0(t: &SharedTransport, mine: &[f64], k: usize) ->
         .map(|c| f64::from_bits(u64::from_le_bytes(c.try_into().expect("8 bytes"))))
         .collect())
 }
+
+/// Every rank's `mine` on rank 0, in rank order (empty on the other ranks).
+pub(crate) fn gather_to_rank0(t: &SharedTransport, mine: u64) -> Result<Vec<u64>> {
+    let mut t = lock(t);
+    if t.rank() != 0 {
+        t.send(0, mine.to_le_bytes().to_vec())?;
+        return Ok(Vec::new());
+    }
+    let mut all = vec![mine];
+    for r in 1..t.size() {
+        let bytes = t.recv(r)?;
+        let v: [u8; 8] = bytes.as_slice().try_into().map_err(|_| {
+            Error::Spec(format!(
+                "rank {r} sent {} bytes where 8 were due",
+                bytes.len()
+            ))
+        })?;
+        all.push(u64::from_le_bytes(v));
+    }
+    Ok(all)
+}

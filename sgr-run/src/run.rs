@@ -765,6 +765,13 @@ impl Run {
             test_top5: eval.top5,
             train_seconds,
             peak_memory_bytes: sgr_core::memory::peak_rss_bytes(),
+            rank_peak_memory_bytes: match &self.opts.ranks {
+                Some(t) => crate::ranks::gather_to_rank0(
+                    t,
+                    sgr_core::memory::peak_rss_bytes().unwrap_or(0),
+                )?,
+                None => Vec::new(),
+            },
             final_boundary_cos: self
                 .records
                 .last()

@@ -109,6 +109,10 @@ pub struct Summary {
     pub train_seconds: f64,
     /// Peak resident memory of the process, when the platform reports it.
     pub peak_memory_bytes: Option<u64>,
+    /// In a distributed run, each rank's peak resident memory, in rank order (0 where the
+    /// platform does not report it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rank_peak_memory_bytes: Vec<u64>,
     /// Mean cos(a, b) per boundary over the last epoch.
     pub final_boundary_cos: Vec<f64>,
     /// Test accuracy of the initial weights, for runs started from trained weights

@@ -481,6 +481,7 @@ mod tests {
             test_top5: Some(1.0),
             train_seconds: 3.0,
             peak_memory_bytes: Some(3 * 1024 * 1024),
+            rank_peak_memory_bytes: Vec::new(),
             final_boundary_cos: vec![0.2, 0.4],
             initial_test_accuracy: None,
             spec_hash: spec_hash.into(),

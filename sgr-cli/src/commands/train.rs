@@ -621,15 +621,22 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let s = outcome
         .summary
         .context("internal: a finished run has a summary")?;
+    let mib = |b: u64| (b / (1024 * 1024)).to_string();
+    let peak = if s.rank_peak_memory_bytes.is_empty() {
+        format!(
+            "peak memory {} MiB",
+            s.peak_memory_bytes.map(mib).unwrap_or_else(|| "?".into())
+        )
+    } else {
+        let ranks: Vec<String> = s.rank_peak_memory_bytes.iter().map(|&b| mib(b)).collect();
+        format!("peak memory per rank {} MiB", ranks.join(", "))
+    };
     say!(
-        "done: {} accuracy {:.4} (error {:.2}%), train time {:.1}s, peak memory {} MiB; saved {}",
+        "done: {} accuracy {:.4} (error {:.2}%), train time {:.1}s, {peak}; saved {}",
         if s.validation { "validation" } else { "test" },
         s.test_accuracy,
         100.0 * s.test_error,
         s.train_seconds,
-        s.peak_memory_bytes
-            .map(|b| (b / (1024 * 1024)).to_string())
-            .unwrap_or_else(|| "?".into()),
         run.dir().model().display()
     );
     Ok(())

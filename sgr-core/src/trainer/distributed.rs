@@ -617,49 +617,62 @@ impl Trainer {
         }
     }
 
-    /// Gives every rank the whole model: the owner of each module (the rank of its stage in
-    /// replica 0) sends its weights, buffers and optimizer state to all, and rank 0 its
-    /// position and epoch sums. With one stage for everything, rank 0's state goes to every
-    /// rank (after a resume that only rank 0 loaded). The copies of a stage hold the same
-    /// state already (their exchanges keep them equal); replica 0's is sent.
+    /// Gives every rank the whole model and rank 0 the whole training state: the owner of
+    /// each module (the rank of its stage in replica 0) sends its weights and buffers to all
+    /// and its optimizer state to rank 0, which saves the checkpoints; rank 0 sends its
+    /// position and epoch sums to all. A rank keeps optimizer state only for the modules it
+    /// steps (and rank 0 for all), so that the state of the others, loaded on resume, does
+    /// not stay in its memory. The copies of a stage hold the same state already (their
+    /// exchanges keep them equal); replica 0's is sent.
     pub fn share_state(&mut self, t: &mut dyn Transport, layout: &Layout) -> Result<()> {
         let device = self.net.device()?;
+        let rank = t.rank();
+        let my_stage = layout.place(rank).1;
         for (stage, range) in layout.stages().stages().iter().enumerate() {
             let owner = layout.rank(0, stage);
             for k in range.clone() {
                 let params = self.net.module_params(k);
-                let mine = if t.rank() == owner {
+                let mine = if rank == owner {
                     let mut w = Writer::default();
                     for p in &params {
                         w.tensor(p.var.as_tensor())?;
-                    }
-                    let state: BTreeMap<String, candle_core::Tensor> =
-                        self.optimizers[k].state()?.into_iter().collect();
-                    w.u64(state.len() as u64);
-                    for (key, v) in &state {
-                        w.bytes(key.as_bytes());
-                        w.tensor(v)?;
                     }
                     w.0
                 } else {
                     Vec::new()
                 };
                 let bytes = t.broadcast(owner, mine)?;
-                if t.rank() == owner {
-                    continue;
+                if rank != owner {
+                    let mut r = Reader::new(&bytes);
+                    for p in &params {
+                        let v = r.tensor(&device)?;
+                        p.var.set(&v.reshape(p.var.dims())?)?;
+                    }
+                    r.end()?;
                 }
-                let mut r = Reader::new(&bytes);
-                for p in &params {
-                    let v = r.tensor(&device)?;
-                    p.var.set(&v.reshape(p.var.dims())?)?;
+                if owner != 0 && rank == owner {
+                    let state: BTreeMap<String, candle_core::Tensor> =
+                        self.optimizers[k].state()?.into_iter().collect();
+                    let mut w = Writer::default();
+                    w.u64(state.len() as u64);
+                    for (key, v) in &state {
+                        w.bytes(key.as_bytes());
+                        w.tensor(v)?;
+                    }
+                    t.send(0, w.0)?;
+                } else if owner != 0 && rank == 0 {
+                    let bytes = t.recv(owner)?;
+                    let mut r = Reader::new(&bytes);
+                    let mut state = HashMap::new();
+                    for _ in 0..r.usize()? {
+                        let key = read_text(&mut r)?;
+                        state.insert(key, r.tensor(&device)?);
+                    }
+                    r.end()?;
+                    self.optimizers[k].load_state(&state)?;
+                } else if rank != 0 && my_stage != stage {
+                    self.optimizers[k].load_state(&HashMap::new())?;
                 }
-                let mut state = HashMap::new();
-                for _ in 0..r.usize()? {
-                    let key = read_text(&mut r)?;
-                    state.insert(key, r.tensor(&device)?);
-                }
-                r.end()?;
-                self.optimizers[k].load_state(&state)?;
             }
         }
         let state = if t.rank() == 0 {
