@@ -3,7 +3,10 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use sgr_core::events::EvalMetrics;
+use sgr_core::network::LocalNetwork;
 use sgr_core::trainer::distributed::Transport;
+use sgr_core::trainer::{evaluate_batch, BatchEval};
 
 use crate::{Error, Result, RunOptions};
 
@@ -70,4 +73,157 @@ pub(crate) fn gather_to_rank0(t: &SharedTransport, mine: u64) -> Result<Vec<u64>
         all.push(u64::from_le_bytes(v));
     }
     Ok(all)
+}
+
+/// The evaluation of `net` over `batches`, spread over the ranks: rank r evaluates the batches
+/// whose index is r modulo the ranks, rank 0 adds every batch's sums in batch order (the
+/// one-process numbers, bit for bit) and sends the metrics to all. Every rank holds the same
+/// weights (after `share_state`) and reads the same batches. A data error on any rank is every
+/// rank's error.
+pub(crate) fn evaluate_on_ranks<I, E>(
+    t: &SharedTransport,
+    net: &LocalNetwork,
+    batches: I,
+) -> Result<EvalMetrics>
+where
+    I: IntoIterator<Item = std::result::Result<(candle_core::Tensor, candle_core::Tensor), E>>,
+    E: std::fmt::Display,
+{
+    let (rank, size) = {
+        let t = lock(t);
+        (t.rank(), t.size())
+    };
+    let mut mine: std::result::Result<Vec<(usize, BatchEval)>, String> = Ok(Vec::new());
+    for (i, b) in batches.into_iter().enumerate() {
+        if i % size != rank {
+            continue;
+        }
+        let part = b
+            .map_err(|e| e.to_string())
+            .and_then(|(x, y)| evaluate_batch(net, &x, &y).map_err(|e| e.to_string()));
+        match (part, &mut mine) {
+            (Ok(p), Ok(list)) => list.push((i, p)),
+            (Err(e), _) => {
+                mine = Err(format!("rank {rank}: {e}"));
+                break;
+            }
+            (Ok(_), Err(_)) => {}
+        }
+    }
+    let encode = |v: &std::result::Result<Vec<(usize, BatchEval)>, String>| {
+        serde_json::to_vec(v).map_err(|e| Error::Spec(format!("an evaluation message: {e}")))
+    };
+    let mut t = lock(t);
+    let verdict = if rank == 0 {
+        let mut all = Vec::new();
+        let mut failed = None;
+        let parts = std::iter::once(Ok(encode(&mine)?))
+            .chain((1..size).map(|r| t.recv(r)))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        for bytes in parts {
+            let part: std::result::Result<Vec<(usize, BatchEval)>, String> =
+                serde_json::from_slice(&bytes)
+                    .map_err(|e| Error::Spec(format!("a rank's evaluation: {e}")))?;
+            match part {
+                Ok(list) => all.extend(list),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        all.sort_by_key(|(i, _)| *i);
+        let parts: Vec<BatchEval> = all.into_iter().map(|(_, p)| p).collect();
+        let result = match failed {
+            None => Ok(BatchEval::metrics(&parts, net.num_classes() > 5)),
+            Some(e) => Err(e),
+        };
+        let bytes =
+            serde_json::to_vec(&result).map_err(|e| Error::Spec(format!("the evaluation: {e}")))?;
+        t.broadcast(0, bytes)?
+    } else {
+        t.send(0, encode(&mine)?)?;
+        t.broadcast(0, Vec::new())?
+    };
+    let result: std::result::Result<EvalMetrics, String> = serde_json::from_slice(&verdict)
+        .map_err(|e| Error::Spec(format!("rank 0's evaluation: {e}")))?;
+    result.map_err(|e| Error::Core(sgr_core::Error::Data(e.into())))
+}
+
+/// The largest checkpoint rank 0 sends to the other ranks on a resume (one MPI message holds at
+/// most 2 GiB).
+const MAX_SENT_CHECKPOINT: u64 = (2 << 30) - 1;
+
+/// On a resume, rank 0's specification and checkpoint on every other rank: rank 0 passes
+/// `Some` (what it read), the others `None` and receive a private copy of the checkpoint
+/// file. Rank 0 gets `None` back (it reads its own files). When rank 0 could not read them,
+/// every rank returns the error.
+pub(crate) fn run_files_from_rank0(
+    t: &SharedTransport,
+    mine: Option<Result<(crate::RunSpec, std::path::PathBuf)>>,
+) -> Result<Option<(crate::RunSpec, tempfile::NamedTempFile)>> {
+    let mut t = lock(t);
+    if let Some(mine) = mine {
+        let read = mine.and_then(|(spec, path)| {
+            let bytes =
+                sgr_schema::file::read_regular(&path, MAX_SENT_CHECKPOINT).map_err(|e| {
+                    Error::Spec(format!(
+                        "{}: {e}: the checkpoint is sent to every rank, up to 2 GiB",
+                        path.display()
+                    ))
+                })?;
+            let spec = serde_json::to_vec(&spec)
+                .map_err(|e| Error::Spec(format!("the run's configuration: {e}")))?;
+            Ok((spec, bytes))
+        });
+        match read {
+            Ok((spec, bytes)) => {
+                t.broadcast(0, [&[1u8][..], &spec].concat())?;
+                t.broadcast(0, bytes)?;
+                return Ok(None);
+            }
+            Err(e) => {
+                t.broadcast(0, [&[0u8][..], e.to_string().as_bytes()].concat())?;
+                return Err(e);
+            }
+        }
+    }
+    let head = t.broadcast(0, Vec::new())?;
+    match head.split_first() {
+        Some((1, spec)) => {
+            let spec: crate::RunSpec = serde_json::from_slice(spec)
+                .map_err(|e| Error::Spec(format!("rank 0's configuration: {e}")))?;
+            let bytes = t.broadcast(0, Vec::new())?;
+            let mut file = tempfile::NamedTempFile::new().map_err(|e| {
+                Error::Spec(format!("a temporary file for rank 0's checkpoint: {e}"))
+            })?;
+            std::io::Write::write_all(&mut file, &bytes)
+                .map_err(|e| Error::Spec(format!("{}: {e}", file.path().display())))?;
+            Ok(Some((spec, file)))
+        }
+        Some((_, why)) => Err(Error::Spec(format!(
+            "rank 0 cannot resume the run: {}",
+            String::from_utf8_lossy(why)
+        ))),
+        None => Err(Error::Spec("rank 0 sent an empty message".into())),
+    }
+}
+
+/// Rank 0's summary of a finished run (or `None`: train on) on every rank.
+pub(crate) fn summary_from_rank0(
+    t: &SharedTransport,
+    mine: Option<sgr_schema::Summary>,
+) -> Result<Option<sgr_schema::Summary>> {
+    let bytes = match &mine {
+        Some(s) => {
+            serde_json::to_vec(s).map_err(|e| Error::Spec(format!("the run's summary: {e}")))?
+        }
+        None => Vec::new(),
+    };
+    let bytes = lock(t).broadcast(0, bytes)?;
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| Error::Spec(format!("rank 0's summary: {e}")))
 }

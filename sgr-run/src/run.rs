@@ -52,7 +52,8 @@ pub struct RunOptions {
     /// Run as one rank of a distributed run (MPI): the modules are placed on the ranks by
     /// their step times, rank 0 reads the data and writes the run directory, and every rank
     /// ends each epoch with the whole model (docs/parallel.md, "Across processes"). Every
-    /// rank must see the run directory and the data (one host, or a shared file system).
+    /// rank must find the data; only rank 0 needs the run directory (on a resume it sends the
+    /// configuration and the checkpoint to the others).
     pub ranks: Option<crate::ranks::SharedTransport>,
     /// Data-parallel copies of the modules in a distributed run (`None` or 1: none): the
     /// ranks form `replicas` copies of a pipeline of N / replicas stages, each batch is cut
@@ -199,11 +200,11 @@ impl Run {
         let spec = spec.resolved()?;
         let dir = RunDir::new(dir);
         let mut run = Self::open(spec, dir, opts)?;
+        run.check_ranks_agree()?;
         if let Some(w) = run.opts.init_from.clone() {
             load_params(&w, &run.trainer.network().params())?;
-            run.initial_eval = Some(run.trainer.evaluate(run.test_loader.epoch(0))?);
+            run.initial_eval = Some(run.evaluate()?);
         }
-        run.check_ranks_agree()?;
         if !run.leads() {
             return Ok(run);
         }
@@ -242,35 +243,38 @@ impl Run {
         opts: RunOptions,
     ) -> Result<Resumed> {
         let dir = RunDir::new(dir);
-        let mut spec = dir.read_spec()?;
         let leads = crate::ranks::rank(&opts) == 0;
         // Held from here: nothing below runs while another process trains the run (in a
         // distributed run, rank 0 holds it for all).
         let mut lock = if leads { Some(dir.lock(false)?) } else { None };
+        // Rank 0 reads the run's files and sends them to the other ranks, which so need not
+        // see the run directory (hosts without a shared file system).
+        let received = match &opts.ranks {
+            Some(t) => crate::ranks::run_files_from_rank0(t, leads.then(|| read_run_files(&dir)))?,
+            None => None,
+        };
+        let (mut spec, copy) = match received {
+            Some((spec, checkpoint)) => (spec, Some(checkpoint)),
+            None => read_run_files(&dir).map(|(spec, _)| (spec, None))?,
+        };
         if let Some(d) = changes.device {
             spec.device = d;
         }
-        if dir.unstarted() {
-            let d = dir.path().display();
-            return Err(Error::File {
-                path: dir.path().to_path_buf(),
-                problem: format!(
-                    "this run stopped before its first checkpoint, so there is nothing to \
-                     resume; start it anew from its configuration, which replaces it: \
-                     sgr train --config {d}/config.json --out {d}"
-                ),
-            });
-        }
         let mut run = Self::open(spec, dir, opts)?;
         run.check_ranks_agree()?;
-        let recorded = checkpoint_tags(&run.dir.checkpoint())?;
+        let checkpoint = match &copy {
+            Some(f) => f.path().to_path_buf(),
+            None => run.dir.checkpoint(),
+        };
+        let recorded = checkpoint_tags(&checkpoint)?;
         crate::identity::check(
             &recorded,
             &run.tags,
             run.dir.path(),
             changes.allow_data_change,
         )?;
-        load_training_checkpoint(&run.dir.checkpoint(), &mut run.trainer)?;
+        load_training_checkpoint(&checkpoint, &mut run.trainer)?;
+        drop(copy);
         let t = &run.trainer;
         let pos = Position {
             epoch: t.epoch(),
@@ -285,15 +289,25 @@ impl Run {
             run.trainer.set_planned_epochs(wanted)?;
         }
         if finished && wanted <= planned {
-            if let Ok(s) = run.dir.read_summary() {
+            let summary = if leads {
+                run.dir.read_summary().ok()
+            } else {
+                None
+            };
+            // Rank 0's answer on every rank, so that all stop or all train.
+            let summary = match &run.opts.ranks {
+                Some(t) => crate::ranks::summary_from_rank0(t, summary)?,
+                None => summary,
+            };
+            if let Some(s) = summary {
                 return Ok(Resumed::Finished(Box::new(s)));
             }
         }
         if wanted != planned {
             run.spec.trainer.epochs = wanted;
         }
-        run.records = run.dir.read_records(Some(pos.epoch))?;
         if let Some(mut lock) = lock.take() {
+            run.records = run.dir.read_records(Some(pos.epoch))?;
             lock.claim()?;
             run._lock = Some(lock);
             if wanted != planned {
@@ -415,6 +429,19 @@ impl Run {
         }
     }
 
+    /// The test split's evaluation; in a distributed run, shared among the ranks by batch,
+    /// with the one-process numbers on every rank.
+    fn evaluate(&self) -> Result<EvalMetrics> {
+        match &self.opts.ranks {
+            None => Ok(self.trainer.evaluate(self.test_loader.epoch(0))?),
+            Some(t) => crate::ranks::evaluate_on_ranks(
+                t,
+                self.trainer.network(),
+                self.test_loader.epoch(0),
+            ),
+        }
+    }
+
     /// Whether this process writes the run directory: rank 0 of a distributed run, or the
     /// only process.
     fn leads(&self) -> bool {
@@ -426,6 +453,13 @@ impl Run {
     /// names the ranks.
     fn check_ranks_agree(&self) -> Result<()> {
         let Some(t) = &self.opts.ranks else {
+            if self.opts.replicas.is_some_and(|r| r > 1) {
+                return Err(Error::Spec(
+                    "--replicas makes copies on the ranks of a distributed run: add \
+                     --distributed mpi (RunOptions::ranks), or drop --replicas"
+                        .into(),
+                ));
+            }
             return Ok(());
         };
         if self.opts.pipeline.is_some_and(|n| n > 1) {
@@ -606,7 +640,7 @@ impl Run {
             }
             let m = self.trainer.finish_epoch(observer)?;
             self.check_finite(epoch + 1)?;
-            let eval = self.trainer.evaluate(self.test_loader.epoch(0))?;
+            let eval = self.evaluate()?;
             if !eval.loss.is_finite() {
                 return Err(Error::Diverged(format!(
                     "the test loss after epoch {} is {}: the run diverged; the last good \
@@ -660,7 +694,7 @@ impl Run {
         let (eval, stopped_eval) = match last_eval {
             Some(e) if !mid_epoch => (e, None),
             _ => {
-                let e = self.trainer.evaluate(self.test_loader.epoch(0))?;
+                let e = self.evaluate()?;
                 (e.clone(), Some(e))
             }
         };
@@ -782,6 +816,23 @@ impl Run {
             validation: self.data.validation,
         })
     }
+}
+
+/// A stopped run's specification and checkpoint file, or why it cannot be resumed.
+pub(crate) fn read_run_files(dir: &RunDir) -> Result<(RunSpec, PathBuf)> {
+    let spec = dir.read_spec()?;
+    if dir.unstarted() {
+        let d = dir.path().display();
+        return Err(Error::File {
+            path: dir.path().to_path_buf(),
+            problem: format!(
+                "this run stopped before its first checkpoint, so there is nothing to resume; \
+                 start it anew from its configuration, which replaces it: sgr train --config \
+                 {d}/config.json --out {d}"
+            ),
+        });
+    }
+    Ok((spec, dir.checkpoint()))
 }
 
 /// The weights file of a run directory, or `path` itself when it is a file.

@@ -117,6 +117,30 @@ fn a_run_on_ranks_writes_the_one_process_run_bit_for_bit() {
     on_ranks(2, |o| resume(&dir, o), None);
     assert!(read(&dir, "model.safetensors") == read(&alone, "model.safetensors"));
     assert_eq!(losses(&dir), losses(&alone));
+    // Without a shared file system: the other ranks see no run directory at all (nor write
+    // one); rank 0 sends them the configuration and the checkpoint.
+    let dir = root.path().join("hosts");
+    let elsewhere = root.path().join("not-here");
+    let on_host = |o: &RunOptions| {
+        if sgr_run::ranks::rank_of(o.ranks.as_ref().unwrap()) == 0 {
+            dir.clone()
+        } else {
+            elsewhere.clone()
+        }
+    };
+    on_ranks(2, |o| train_new(&on_host(&o), o), Some(4));
+    on_ranks(2, |o| resume(&on_host(&o), o), None);
+    assert!(read(&dir, "model.safetensors") == read(&alone, "model.safetensors"));
+    assert!(!elsewhere.exists(), "a rank but 0 wrote a run directory");
+    // A finished run is finished on every rank.
+    on_ranks(
+        2,
+        |o| {
+            let r = Run::resume(on_host(&o), ResumeChanges::default(), o).unwrap();
+            assert!(matches!(r, Resumed::Finished(_)));
+        },
+        None,
+    );
 }
 
 /// Replicas keep every copy's weights, optimizer state and batch-norm statistics equal after

@@ -1021,29 +1021,67 @@ where
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let _span = tracing::info_span!("evaluate").entered();
-    let (mut loss, mut correct, mut top5, mut n) = (0.0, 0usize, 0usize, 0usize);
-    let with_top5 = net.num_classes() > 5;
+    let mut parts = Vec::new();
     for b in batches {
         let (x, y) = b.map_err(|e| Error::Data(e.into()))?;
-        let mut ctx = Ctx::eval();
-        let logits = net.forward(&x.detach(), &mut ctx)?.detach();
-        let bs = x.dim(0)?;
-        loss += cross_entropy(&logits, &y)?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?
-            * bs as f64;
-        correct += correct_count(&logits, &y)?;
-        if with_top5 {
-            top5 += topk_correct_count(&logits, &y, 5)?;
-        }
-        n += bs;
+        parts.push(evaluate_batch(net, &x, &y)?);
     }
-    let d = n.max(1) as f64;
-    Ok(EvalMetrics {
-        loss: loss / d,
-        accuracy: correct as f64 / d,
-        top5: with_top5.then(|| top5 as f64 / d),
-        samples: n,
+    Ok(BatchEval::metrics(&parts, net.num_classes() > 5))
+}
+
+/// One evaluation batch's sums. [`BatchEval::metrics`] adds them in batch order, so batches
+/// evaluated in different places (the ranks of a distributed run) give the one-place numbers
+/// bit for bit.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BatchEval {
+    /// Mean cross-entropy of the batch times its size.
+    pub loss_sum: f64,
+    /// Top-1 correct predictions.
+    pub correct: usize,
+    /// Top-5 correct predictions (0 with 5 classes or fewer).
+    pub top5: usize,
+    /// Images in the batch.
+    pub samples: usize,
+}
+
+impl BatchEval {
+    /// The metrics of `parts`, summed in their order.
+    pub fn metrics(parts: &[BatchEval], with_top5: bool) -> EvalMetrics {
+        let (mut loss, mut correct, mut top5, mut n) = (0.0, 0usize, 0usize, 0usize);
+        for p in parts {
+            loss += p.loss_sum;
+            correct += p.correct;
+            top5 += p.top5;
+            n += p.samples;
+        }
+        let d = n.max(1) as f64;
+        EvalMetrics {
+            loss: loss / d,
+            accuracy: correct as f64 / d,
+            top5: with_top5.then(|| top5 as f64 / d),
+            samples: n,
+        }
+    }
+}
+
+/// One batch of [`evaluate`].
+pub fn evaluate_batch(net: &LocalNetwork, x: &Tensor, y: &Tensor) -> Result<BatchEval> {
+    let mut ctx = Ctx::eval();
+    let logits = net.forward(&x.detach(), &mut ctx)?.detach();
+    let bs = x.dim(0)?;
+    let loss_sum = cross_entropy(&logits, y)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?
+        * bs as f64;
+    Ok(BatchEval {
+        loss_sum,
+        correct: correct_count(&logits, y)?,
+        top5: if net.num_classes() > 5 {
+            topk_correct_count(&logits, y, 5)?
+        } else {
+            0
+        },
+        samples: bs,
     })
 }
 
