@@ -101,5 +101,42 @@ def table2():
         print()
 
 
+def table3():
+    print("Table 3: resnet8, K = 4, 0c1f heads, fashion-mnist, 10 000 training images, 30 epochs")
+    print()
+    # No times: these runs shared the cores with other work, were paused and resumed.
+    print("| row | λ (validation) | seeds | test err % | train err % | cos(a,b) per boundary |")
+    print("|---|---|---|---|---|---|")
+    rows = [("greedy", "greedy"), ("sgr-forward", "greedy+sgr, forward"),
+            ("sgr-backward", "greedy+sgr, backward")]
+    for r, label in rows:
+        test, train, cos, secs, lam = [], [], [], [], "–"
+        for seed in range(3):
+            got = load(f"t3-{r}-seed{seed}")
+            if got is None:
+                continue
+            s, c, last = got
+            test.append(s["test_error"])
+            train.append(1 - last.get("train_accuracy", float("nan")))
+            secs.append(s["train_seconds"] / max(s["epochs"], 1))
+            cos.append(s.get("final_boundary_cos") or [])
+            sgr = c["trainer"].get("method", {})
+            if isinstance(sgr, dict) and sgr.get("sgr"):
+                lam = sgr["sgr"].get("lambda", lam)
+            elif c["trainer"].get("sgr"):
+                lam = c["trainer"]["sgr"]["lambda"]
+        if not test:
+            print(f"| {label} | | 0 | | | |")
+            continue
+        per_boundary = [statistics.mean(col) for col in zip(*cos)] if cos and cos[0] else []
+        cos_s = " ".join(f"{v:.2f}" for v in per_boundary) or "–"
+        print(
+            f"| {label} | {lam} | {len(test)} | {mean_sd(test)} | {mean_sd(train)} | "
+            f"{cos_s} |"
+        )
+    print()
+
+
 table1()
 table2()
+table3()
