@@ -69,6 +69,27 @@ def mean_sd(xs):
     return f"{100 * statistics.mean(xs):.2f} ± {100 * statistics.stdev(xs):.2f}"
 
 
+def seeds(prefix):
+    """Per-seed records of runs `{prefix}-seed0..2`: test and train errors, s/epoch, the
+    boundary cosines per boundary (mean over seeds) and λ."""
+    test, train, cos, secs, lam = [], [], [], [], "–"
+    for seed in range(3):
+        got = load(f"{prefix}-seed{seed}")
+        if got is None:
+            continue
+        s, c, last = got
+        test.append(s["test_error"])
+        train.append(1 - last.get("train_accuracy", float("nan")))
+        secs.append(s["train_seconds"] / max(s["epochs"], 1))
+        cos.append(s.get("final_boundary_cos") or [])
+        sgr = c["trainer"].get("sgr")
+        if sgr:
+            lam = sgr["lambda"]
+    per_boundary = [statistics.mean(col) for col in zip(*cos)] if cos and cos[0] else []
+    cos_s = " ".join(f"{v:.2f}" for v in per_boundary) or "–"
+    return test, train, secs, cos_s, lam
+
+
 def table2():
     for ds in ["mnist", "fashion-mnist"]:
         print(f"Table 2: localmixer-mnist, K = 4, {ds}, 10 000 training images")
@@ -76,24 +97,10 @@ def table2():
         print("| row | λ | seeds | test err % | train err % | cos(a,b) per boundary | s/epoch |")
         print("|---|---|---|---|---|---|---|")
         for r in ["bp", "lgbp", "lgbp-sgr", "fga", "fga-sgr"]:
-            test, train, cos, secs, lam = [], [], [], [], "–"
-            for seed in range(3):
-                got = load(f"t2-{ds}-{r}-seed{seed}")
-                if got is None:
-                    continue
-                s, c, last = got
-                test.append(s["test_error"])
-                train.append(1 - last.get("train_accuracy", float("nan")))
-                secs.append(s["train_seconds"] / max(s["epochs"], 1))
-                cos.append(s.get("final_boundary_cos") or [])
-                sgr = c["trainer"].get("sgr")
-                if sgr:
-                    lam = sgr["lambda"]
+            test, train, secs, cos_s, lam = seeds(f"t2-{ds}-{r}")
             if not test:
                 print(f"| {ROWS[r]} | | 0 | | | | |")
                 continue
-            per_boundary = [statistics.mean(col) for col in zip(*cos)] if cos and cos[0] else []
-            cos_s = " ".join(f"{v:.2f}" for v in per_boundary) or "–"
             print(
                 f"| {ROWS[r]} | {lam} | {len(test)} | {mean_sd(test)} | {mean_sd(train)} | "
                 f"{cos_s} | {statistics.mean(secs):.1f} |"
@@ -110,26 +117,10 @@ def table3():
     rows = [("greedy", "greedy"), ("sgr-forward", "greedy+sgr, forward"),
             ("sgr-backward", "greedy+sgr, backward")]
     for r, label in rows:
-        test, train, cos, secs, lam = [], [], [], [], "–"
-        for seed in range(3):
-            got = load(f"t3-{r}-seed{seed}")
-            if got is None:
-                continue
-            s, c, last = got
-            test.append(s["test_error"])
-            train.append(1 - last.get("train_accuracy", float("nan")))
-            secs.append(s["train_seconds"] / max(s["epochs"], 1))
-            cos.append(s.get("final_boundary_cos") or [])
-            sgr = c["trainer"].get("method", {})
-            if isinstance(sgr, dict) and sgr.get("sgr"):
-                lam = sgr["sgr"].get("lambda", lam)
-            elif c["trainer"].get("sgr"):
-                lam = c["trainer"]["sgr"]["lambda"]
+        test, train, _, cos_s, lam = seeds(f"t3-{r}")
         if not test:
             print(f"| {label} | | 0 | | | |")
             continue
-        per_boundary = [statistics.mean(col) for col in zip(*cos)] if cos and cos[0] else []
-        cos_s = " ".join(f"{v:.2f}" for v in per_boundary) or "–"
         print(
             f"| {label} | {lam} | {len(test)} | {mean_sd(test)} | {mean_sd(train)} | "
             f"{cos_s} |"

@@ -39,6 +39,15 @@ fn run_args(out: &Path) -> Vec<String> {
     .collect()
 }
 
+/// `sgr train --resume OUT --workers 0 EXTRA...`.
+fn resume_args(out: &Path, extra: &[&str]) -> Vec<String> {
+    ["train", "--resume", out.to_str().unwrap(), "--workers", "0"]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect()
+}
+
 /// `mpirun -np N sgr ARGS --distributed mpi`, ended after `limit`.
 fn mpirun(n: usize, args: &[String], limit: u64) -> Output {
     let mut c = Command::new("timeout");
@@ -79,11 +88,7 @@ fn mpi_ranks_write_the_one_process_run_bit_for_bit() {
     first.extend(["--max-steps".into(), "5".into()]);
     let o = mpirun(2, &first, 300);
     assert!(o.status.success(), "{}", text(&o));
-    let resume: Vec<String> = ["train", "--resume", out.to_str().unwrap(), "--workers", "0"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let o = mpirun(2, &resume, 300);
+    let o = mpirun(2, &resume_args(&out, &[]), 300);
     assert!(o.status.success(), "{}", text(&o));
     assert!(
         read(&out.join("model.safetensors")) == model,
@@ -139,19 +144,7 @@ fn mpi_replicas_agree_across_layouts_and_resume() {
     let out = dir.path().join("resumed");
     let o = mpirun(2, &with(&out, &["--max-steps", "5"]), 300);
     assert!(o.status.success(), "{}", text(&o));
-    let resume: Vec<String> = [
-        "train",
-        "--resume",
-        out.to_str().unwrap(),
-        "--workers",
-        "0",
-        "--replicas",
-        "2",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let o = mpirun(2, &resume, 300);
+    let o = mpirun(2, &resume_args(&out, &["--replicas", "2"]), 300);
     assert!(o.status.success(), "{}", text(&o));
     assert!(
         read(&out.join("model.safetensors")) == model,
