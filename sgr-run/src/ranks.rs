@@ -153,17 +153,19 @@ where
 /// most 2 GiB).
 const MAX_SENT_CHECKPOINT: u64 = (2 << 30) - 1;
 
-/// On a resume, rank 0's specification and checkpoint on every other rank: rank 0 passes
-/// `Some` (what it read), the others `None` and receive a private copy of the checkpoint
-/// file. Rank 0 gets `None` back (it reads its own files). When rank 0 could not read them,
-/// every rank returns the error.
+/// On a resume, rank 0's specification and checkpoint on every rank: rank 0 passes `Some`
+/// (what it read) and gets its specification back, to load its own checkpoint file; the
+/// others pass `None` and receive the specification and a private copy of the checkpoint.
+/// When rank 0 could not read them, every rank returns the error.
 pub(crate) fn run_files_from_rank0(
     t: &SharedTransport,
     mine: Option<Result<(crate::RunSpec, std::path::PathBuf)>>,
-) -> Result<Option<(crate::RunSpec, tempfile::NamedTempFile)>> {
+) -> Result<(crate::RunSpec, Option<tempfile::NamedTempFile>)> {
     let mut t = lock(t);
     if let Some(mine) = mine {
         let read = mine.and_then(|(spec, path)| {
+            let json = serde_json::to_vec(&spec)
+                .map_err(|e| Error::Spec(format!("the run's configuration: {e}")))?;
             let bytes =
                 sgr_schema::file::read_regular(&path, MAX_SENT_CHECKPOINT).map_err(|e| {
                     Error::Spec(format!(
@@ -171,15 +173,13 @@ pub(crate) fn run_files_from_rank0(
                         path.display()
                     ))
                 })?;
-            let spec = serde_json::to_vec(&spec)
-                .map_err(|e| Error::Spec(format!("the run's configuration: {e}")))?;
-            Ok((spec, bytes))
+            Ok((spec, json, bytes))
         });
         match read {
-            Ok((spec, bytes)) => {
-                t.broadcast(0, [&[1u8][..], &spec].concat())?;
+            Ok((spec, json, bytes)) => {
+                t.broadcast(0, [&[1u8][..], &json].concat())?;
                 t.broadcast(0, bytes)?;
-                return Ok(None);
+                return Ok((spec, None));
             }
             Err(e) => {
                 t.broadcast(0, [&[0u8][..], e.to_string().as_bytes()].concat())?;
@@ -198,7 +198,7 @@ pub(crate) fn run_files_from_rank0(
             })?;
             std::io::Write::write_all(&mut file, &bytes)
                 .map_err(|e| Error::Spec(format!("{}: {e}", file.path().display())))?;
-            Ok(Some((spec, file)))
+            Ok((spec, Some(file)))
         }
         Some((_, why)) => Err(Error::Spec(format!(
             "rank 0 cannot resume the run: {}",

@@ -249,13 +249,9 @@ impl Run {
         let mut lock = if leads { Some(dir.lock(false)?) } else { None };
         // Rank 0 reads the run's files and sends them to the other ranks, which so need not
         // see the run directory (hosts without a shared file system).
-        let received = match &opts.ranks {
+        let (mut spec, copy) = match &opts.ranks {
             Some(t) => crate::ranks::run_files_from_rank0(t, leads.then(|| read_run_files(&dir)))?,
-            None => None,
-        };
-        let (mut spec, copy) = match received {
-            Some((spec, checkpoint)) => (spec, Some(checkpoint)),
-            None => read_run_files(&dir).map(|(spec, _)| (spec, None))?,
+            None => (read_run_files(&dir)?.0, None),
         };
         if let Some(d) = changes.device {
             spec.device = d;

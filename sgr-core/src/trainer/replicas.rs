@@ -172,62 +172,78 @@ fn read_share(
     Ok(out)
 }
 
-/// Σ_r w_r · t_r over the copies with examples, in replica order, w_r their share of the
-/// step's examples; `pick` chooses the tensors of a share.
-fn weighted_average(parts: &[Share], pick: fn(&Share) -> &Vec<Tensor>) -> Result<Vec<Tensor>> {
-    let total: usize = parts.iter().map(|p| p.n).sum();
-    let mut sum: Option<Vec<Tensor>> = None;
-    for part in parts.iter().filter(|p| p.n > 0) {
-        let w = part.n as f64 / total as f64;
-        let scaled = pick(part)
-            .iter()
-            .map(|g| g.affine(w, 0.0))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+/// Σ_r w_r · t_r over the copies with examples, in replica order, w_r = n_r / Σ n: one tensor
+/// per copy, `(n_r, t_r)`.
+fn weighted_sum(copies: &[(usize, &Tensor)]) -> Result<Tensor> {
+    let total: usize = copies.iter().map(|(n, _)| n).sum();
+    let mut sum: Option<Tensor> = None;
+    for (n, t) in copies.iter().filter(|(n, _)| *n > 0) {
+        let scaled = t.affine(*n as f64 / total as f64, 0.0)?;
         sum = Some(match sum {
             None => scaled,
-            Some(acc) => {
-                if acc.len() != scaled.len() {
-                    return Err(Error::Internal(format!(
-                        "replicas sent {} and {} tensors for one module",
-                        acc.len(),
-                        scaled.len()
-                    )));
-                }
-                acc.iter()
-                    .zip(&scaled)
-                    .map(|(a, b)| a + b)
-                    .collect::<candle_core::Result<Vec<_>>>()?
-            }
+            Some(acc) => (acc + scaled)?,
         });
     }
     sum.ok_or_else(|| Error::Internal("no replica had examples".into()))
+}
+
+/// The `i`-th tensor `pick` chooses of every share with examples (an empty shard sends no
+/// gradients), with the share's examples; the first copy's comes first.
+fn column(
+    parts: &[Share],
+    pick: fn(&Share) -> &Vec<Tensor>,
+    i: usize,
+) -> Result<Vec<(usize, &Tensor)>> {
+    parts
+        .iter()
+        .filter(|p| p.n > 0)
+        .map(|p| {
+            let t = pick(p).get(i).ok_or_else(|| {
+                Error::Internal("replicas sent different numbers of tensors for one module".into())
+            })?;
+            Ok((p.n, t))
+        })
+        .collect()
+}
+
+/// The weighted average ([`weighted_sum`]) of every tensor `pick` chooses of the shares.
+fn weighted_average(parts: &[Share], pick: fn(&Share) -> &Vec<Tensor>) -> Result<Vec<Tensor>> {
+    let len = pick(&parts[0]).len();
+    if parts.iter().any(|p| p.n > 0 && pick(p).len() != len) {
+        return Err(Error::Internal(
+            "replicas sent different numbers of tensors for one module".into(),
+        ));
+    }
+    (0..len)
+        .map(|i| weighted_sum(&column(parts, pick, i)?))
+        .collect()
 }
 
 /// The buffers every copy takes after a step: where the copies with examples differ
 /// (running statistics), their weighted average; otherwise (a step count, a frozen head, a
 /// float all agree on) the first copy's, bit for bit. Each with whether it was averaged.
 fn merged_buffers(parts: &[Share]) -> Result<Vec<(Tensor, bool)>> {
-    let averaged = weighted_average(parts, |p| &p.buffers)?;
-    let mut out = Vec::with_capacity(averaged.len());
-    for (i, avg) in averaged.into_iter().enumerate() {
-        let first = &parts[0].buffers[i];
-        let mut agree = true;
-        for p in parts[1..].iter().filter(|p| p.n > 0) {
-            let other = p.buffers.get(i).ok_or_else(|| {
-                Error::Internal("replicas sent different numbers of buffers".into())
-            })?;
-            if first.elem_count() > 0 {
-                let eq = first.eq(other)?.flatten_all()?.min(0)?.to_scalar::<u8>()?;
-                agree &= eq == 1;
+    let pick: fn(&Share) -> &Vec<Tensor> = |p| &p.buffers;
+    (0..parts[0].buffers.len())
+        .map(|i| {
+            let copies = column(parts, pick, i)?;
+            let Some(((_, first), rest)) = copies.split_first() else {
+                return Err(Error::Internal("no replica had examples".into()));
+            };
+            let mut agree = true;
+            for (_, other) in rest {
+                if first.elem_count() > 0 {
+                    let eq = first.eq(*other)?.flatten_all()?.min(0)?.to_scalar::<u8>()?;
+                    agree &= eq == 1;
+                }
             }
-        }
-        out.push(if agree || !first.dtype().is_float() {
-            (first.clone(), false)
-        } else {
-            (avg, true)
-        });
-    }
-    Ok(out)
+            Ok(if agree || !first.dtype().is_float() {
+                ((*first).clone(), false)
+            } else {
+                (weighted_sum(&copies)?, true)
+            })
+        })
+        .collect()
 }
 
 /// Module `k`'s buffers (batch-norm running statistics and the like).
