@@ -21,6 +21,7 @@ pub trait Real:
     + std::ops::Add<Output = Self>
     + std::ops::Sub<Output = Self>
     + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
     + std::ops::AddAssign
     + 'static
 {
@@ -32,6 +33,10 @@ pub trait Real:
     fn to_f64(self) -> f64;
     /// Narrowing conversion.
     fn from_f64(v: f64) -> Self;
+    /// `eˣ`.
+    fn exp(self) -> Self;
+    /// The error function (libm's, as candle's own `erf`).
+    fn erf(self) -> Self;
     /// Runs the direct 3×3 kernel `op` ([`crate::direct`]) on operands `a`, `b` where it
     /// applies; whether it ran.
     fn direct(
@@ -76,6 +81,12 @@ impl Real for f32 {
     }
     fn from_f64(v: f64) -> Self {
         v as f32
+    }
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn erf(self) -> Self {
+        candle_core::cpu::erf::erf_f32(self)
     }
     fn direct(
         op: DirectOp,
@@ -129,6 +140,12 @@ impl Real for f64 {
     }
     fn from_f64(v: f64) -> Self {
         v
+    }
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn erf(self) -> Self {
+        candle_core::cpu::erf::erf_f64(self)
     }
 }
 
@@ -187,42 +204,110 @@ fn mm<T: Real>(
         return;
     }
     debug_assert!(dst.len() > (m - 1) * dst_rs + (n - 1) * dst_cs);
+    if k > 0 {
+        debug_assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+        debug_assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
+    }
+    let dst = Strided(dst.as_mut_ptr().cast::<T>(), dst_rs, dst_cs);
+    // SAFETY: the asserted extents keep every access inside the three slices; `dst` is borrowed
+    // mutably and does not alias the shared operands; gemm reads `dst` only with `accumulate`,
+    // when the caller has initialised it.
+    unsafe {
+        gemm_raw(
+            (m, n, k),
+            dst,
+            Strided(lhs.as_ptr(), lhs_rs, lhs_cs),
+            Strided(rhs.as_ptr(), rhs_rs, rhs_cs),
+            accumulate,
+            T::ONE,
+        )
+    }
+}
+
+/// A matrix operand of [`gemm_raw`]: its first element, row stride and column stride.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Strided<P>(pub P, pub usize, pub usize);
+
+/// `dst (+)= scale · lhs · rhs` for `(m, n, k)`, single-threaded (callers parallelise over
+/// images or heads), on raw strided operands (attention writes one head's columns of a shared
+/// output).
+///
+/// # Safety
+/// Every element addressed by the strides and `(m, n, k)` must be inside its allocation; `dst`
+/// must not alias `lhs` or `rhs` and must not be accessed by anyone else during the call; with
+/// `accumulate`, `dst` must be initialised.
+pub(crate) unsafe fn gemm_raw<T: Real>(
+    dims: (usize, usize, usize),
+    dst: Strided<*mut T>,
+    lhs: Strided<*const T>,
+    rhs: Strided<*const T>,
+    accumulate: bool,
+    scale: T,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm_in(
+            dims,
+            dst,
+            lhs,
+            rhs,
+            accumulate,
+            scale,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// [`gemm_raw`] on `parallelism` (candle's matmul runs on the calling rayon pool's threads;
+/// so does the fused linear layer, with the same call, so that both round alike).
+///
+/// # Safety
+/// As [`gemm_raw`].
+pub(crate) unsafe fn gemm_in<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: Strided<*mut T>,
+    lhs: Strided<*const T>,
+    rhs: Strided<*const T>,
+    accumulate: bool,
+    scale: T,
+    parallelism: gemm::Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
     if k == 0 {
         if !accumulate {
             for i in 0..m {
                 for j in 0..n {
-                    dst[i * dst_rs + j * dst_cs].write(T::ZERO);
+                    // SAFETY: inside dst's extent (the caller's contract).
+                    unsafe { dst.0.add(i * dst.1 + j * dst.2).write(T::ZERO) };
                 }
             }
         }
         return;
     }
-    debug_assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
-    debug_assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
-    // SAFETY: the asserted extents keep every access inside the three slices; `dst` is borrowed
-    // mutably and does not alias the shared operands; gemm reads `dst` only with `accumulate`,
-    // when the caller has initialised it.
+    // SAFETY: the caller's contract.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr().cast::<T>(),
-            dst_cs as isize,
-            dst_rs as isize,
+            dst.0,
+            dst.2 as isize,
+            dst.1 as isize,
             accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            T::ONE,
-            T::ONE,
+            lhs.0,
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0,
+            rhs.2 as isize,
+            rhs.1 as isize,
+            if accumulate { T::ONE } else { T::ZERO },
+            scale,
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         );
     }
 }

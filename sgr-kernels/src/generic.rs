@@ -254,3 +254,84 @@ pub fn pair_sums(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         0,
     )
 }
+
+/// [`crate::linear`]: `x·Wᵀ + b` over the last axis of `x`, as `matmul` + `broadcast_add`.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let Some((&cin, lead)) = dims.split_last() else {
+        candle_core::bail!("linear: a tensor of rank ≥ 1 expected, got a scalar");
+    };
+    let rows: usize = lead.iter().product();
+    let y = x.reshape((rows, cin))?.matmul(&w.t()?)?.broadcast_add(b)?;
+    let mut out = lead.to_vec();
+    out.push(w.dim(0)?);
+    y.reshape(out)
+}
+
+/// [`crate::layer_norm`]: LayerNorm over the last axis, biased variance, from candle's ops
+/// (twice differentiable).
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    use candle_core::D;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv = (var + eps)?.sqrt()?.recip()?;
+    xc.broadcast_mul(&inv)?
+        .broadcast_mul(gamma)?
+        .broadcast_add(beta)
+}
+
+/// [`crate::gelu`]: `x·Φ(x)` from `erf`, whose candle backward `2/√π·exp(−x²)` is exact and
+/// differentiable again.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    let phi = x
+        .affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?
+        .erf()?
+        .affine(0.5, 0.5)?;
+    x * phi
+}
+
+/// Softmax over the last axis, `exp(x − max) / Σ exp(x − max)`, the maximum detached (the
+/// shift does not change the value, so its gradient is exactly zero).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    use candle_core::D;
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&m)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&s)
+}
+
+/// The first half of [`attention`]: from the packed `(B, N, 3C)` input, the probabilities
+/// `softmax(scale·q·kᵀ)` `(B, H, N, N)` and the values `(B, H, N, C/H)`, so that a caller can
+/// apply dropout to the probabilities before [`attention_merge`].
+pub fn attention_probs(qkv: &Tensor, heads: usize, scale: f64) -> Result<(Tensor, Tensor)> {
+    let (b, n, c3) = qkv.dims3()?;
+    if heads == 0 || c3 % (3 * heads) != 0 {
+        candle_core::bail!(
+            "attention: the packed width {c3} is not 3 × a multiple of the {heads} heads"
+        );
+    }
+    let hd = c3 / (3 * heads);
+    // (B, N, 3·C) → (3, B, H, N, hd), one copy; q, k, v are contiguous slices of it.
+    let qkv = qkv
+        .reshape((b, n, 3, heads, hd))?
+        .permute((2, 0, 3, 1, 4))?
+        .contiguous()?;
+    let q = (qkv.get(0)? * scale)?;
+    let k = qkv.get(1)?;
+    let v = qkv.get(2)?;
+    Ok((softmax_last_dim(&q.matmul(&k.t()?)?)?, v))
+}
+
+/// The second half of [`attention`]: `probs·v`, heads merged into `(B, N, C)`.
+pub fn attention_merge(probs: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (b, h, n, hd) = v.dims4()?;
+    probs.matmul(v)?.transpose(1, 2)?.reshape((b, n, h * hd))
+}
+
+/// [`crate::attention`]: multi-head attention on a packed `(B, N, 3C)` input, from candle's
+/// ops (twice differentiable).
+pub fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let (p, v) = attention_probs(qkv, heads, scale)?;
+    attention_merge(&p, &v)
+}

@@ -31,6 +31,7 @@
 //! * [`generic`] (the candle-op versions) uses [`geom`];
 //! * [`geom`] (convolution geometry, plane masks) uses none of them.
 
+pub mod attention;
 pub mod cpu;
 #[cfg(feature = "cudnn")]
 pub mod cuda;
@@ -39,6 +40,7 @@ pub mod generic;
 pub mod geom;
 #[cfg(target_arch = "x86_64")]
 mod reductions;
+pub mod token;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
@@ -136,6 +138,9 @@ macro_rules! forward_only_op {
         }
     };
 }
+
+mod transformer;
+pub use transformer::{attention, gelu, layer_norm, linear};
 
 /// Stride and padding shared by the three convolution ops; builds each of them.
 #[derive(Debug, Clone, Copy)]

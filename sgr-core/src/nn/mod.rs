@@ -454,22 +454,14 @@ impl Linear {
     }
 
     /// Forward pass on `(batch, cin)`, or on `(..., cin)` of any rank ≥ 2 (the leading axes
-    /// flattened into one for the matrix product, e.g. the tokens of a Transformer).
+    /// flattened into one for the matrix product, e.g. the tokens of a Transformer). One fused
+    /// op that does not keep the product before the bias; twice differentiable.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.as_tensor();
-        if x.rank() <= 2 {
-            return Ok(x.matmul(&w.t()?)?.broadcast_add(self.bias.as_tensor())?);
-        }
-        let dims = x.dims();
-        let (lead, cin) = dims.split_at(dims.len() - 1);
-        let rows: usize = lead.iter().product();
-        let y = x
-            .reshape((rows, cin[0]))?
-            .matmul(&w.t()?)?
-            .broadcast_add(self.bias.as_tensor())?;
-        let mut out = lead.to_vec();
-        out.push(w.dim(0)?);
-        Ok(y.reshape(out)?)
+        Ok(crate::kernels::linear(
+            x,
+            self.weight.as_tensor(),
+            self.bias.as_tensor(),
+        )?)
     }
 }
 

@@ -1,7 +1,9 @@
-//! Transformer layers written from candle primitives (LayerNorm, GELU, softmax, attention), so
-//! that the autodiff graph is never cut and every layer differentiates twice (candle-nn's fused
-//! `layer_norm` and `softmax_last_dim` have no backward; candle's `gelu_erf` backward uses a
-//! truncated constant, ≈1e-6 relative off).
+//! Transformer layers (LayerNorm, GELU, softmax, attention). They run sgr-kernels' fused ops,
+//! which keep only their operands and outputs for backward (see docs/performance.md), except on
+//! a thread whose backward keeps gradient graphs (the exact SGR gradient), where they run the
+//! compositions of candle's ops in `kernels::generic`, which differentiate twice (candle-nn's
+//! fused `layer_norm` and `softmax_last_dim` have no backward; candle's `gelu_erf` backward uses
+//! a truncated constant, ≈1e-6 relative off).
 //!
 //! The layers follow timm's `VisionTransformer` (timm 1.0): pre-norm [`Block`]s of multi-head
 //! self-attention ([`Attention`]: `qkv`, `proj`) and an [`Mlp`] (`fc1`, GELU, `fc2`), with
@@ -9,9 +11,10 @@
 //! [`Ctx::drop_path`], so they are the identity in evaluation mode and their masks are recorded
 //! and replayed by the finite-difference SGR passes.
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 use super::{param, Ctx, Init, Layer, Linear, Param, ParamKind};
+use crate::kernels;
 use crate::network::Stage;
 use crate::{Error, Result};
 use candle_core::Var;
@@ -67,16 +70,16 @@ impl LayerNorm {
         })
     }
 
-    /// `(x − mean) / √(var + ε) · γ + β` over the last axis.
+    /// `(x − mean) / √(var + ε) · γ + β` over the last axis: the fused kernel, or on a thread
+    /// whose backward keeps gradient graphs the composition of candle's ops (the kernel is
+    /// first order only).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let inv = (var + self.eps)?.sqrt()?.recip()?;
-        Ok(xc
-            .broadcast_mul(&inv)?
-            .broadcast_mul(self.weight.as_tensor())?
-            .broadcast_add(self.bias.as_tensor())?)
+        let (w, b) = (self.weight.as_tensor(), self.bias.as_tensor());
+        Ok(if fused() {
+            kernels::layer_norm(x, w, b, self.eps)?
+        } else {
+            kernels::generic::layer_norm(x, w, b, self.eps)?
+        })
     }
 }
 
@@ -97,23 +100,27 @@ impl Layer for LayerNorm {
     }
 }
 
-/// Exact GELU, `x · Φ(x) = x/2 · (1 + erf(x/√2))` (PyTorch's `nn.GELU()`), from `erf`, whose
-/// candle backward `2/√π · exp(−x²)` is exact and differentiable again.
+/// Whether the fused first-order kernels serve this call: not on a thread whose backward keeps
+/// gradient graphs (`autograd::gradients_keep_graph`, the exact SGR gradient).
+fn fused() -> bool {
+    !crate::autograd::gradients_keep_graph()
+}
+
+/// Exact GELU, `x · Φ(x) = x/2 · (1 + erf(x/√2))` (PyTorch's `nn.GELU()`): the fused kernel, or
+/// on a thread whose backward keeps gradient graphs the composition from `erf`, whose candle
+/// backward `2/√π · exp(−x²)` is exact and differentiable again.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    let phi = x
-        .affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?
-        .erf()?
-        .affine(0.5, 0.5)?;
-    Ok((x * phi)?)
+    Ok(if fused() {
+        kernels::gelu(x)?
+    } else {
+        kernels::generic::gelu(x)?
+    })
 }
 
 /// Softmax over the last axis, `exp(x − max) / Σ exp(x − max)`, the maximum detached (the
 /// shift does not change the value, so its gradient is exactly zero).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let m = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&m)?.exp()?;
-    let s = e.sum_keepdim(D::Minus1)?;
-    Ok(e.broadcast_div(&s)?)
+    Ok(kernels::generic::softmax_last_dim(x)?)
 }
 
 /// Multi-head self-attention as timm's `Attention`: `qkv` (with bias), heads of width
@@ -153,24 +160,21 @@ impl Attention {
         })
     }
 
-    /// Forward pass on tokens `(batch, tokens, dim)`.
+    /// Forward pass on tokens `(batch, tokens, dim)`. The fused attention kernel serves it
+    /// unless the probabilities get dropout or the thread's backward keeps gradient graphs.
     pub fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        let h = self.heads;
-        let hd = c / h;
-        // (B, N, 3·C) → (3, B, H, N, hd), one copy; q, k, v are contiguous slices of it.
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((b, n, 3, h, hd))?
-            .permute((2, 0, 3, 1, 4))?
-            .contiguous()?;
-        let q = (qkv.get(0)? * (hd as f64).powf(-0.5))?;
-        let k = qkv.get(1)?;
-        let v = qkv.get(2)?;
-        let attn = softmax_last_dim(&q.matmul(&k.t()?)?)?;
-        let attn = ctx.dropout(&attn, self.attn_drop)?;
-        let o = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
+        let c = x.dim(2)?;
+        let scale = ((c / self.heads) as f64).powf(-0.5);
+        let qkv = self.qkv.forward(x)?;
+        let no_dropout =
+            self.attn_drop == 0.0 || (!ctx.is_train() && (0.0..1.0).contains(&self.attn_drop));
+        let o = if no_dropout && fused() {
+            kernels::attention(&qkv, self.heads, scale)?
+        } else {
+            let (p, v) = kernels::generic::attention_probs(&qkv, self.heads, scale)?;
+            let p = ctx.dropout(&p, self.attn_drop)?;
+            kernels::generic::attention_merge(&p, &v)?
+        };
         ctx.dropout(&self.proj.forward(&o)?, self.proj_drop)
     }
 }

@@ -1,0 +1,171 @@
+//! Raw CPU loops of the row-wise Transformer ops: LayerNorm over the last axis, the exact GELU,
+//! and the bias rows of a linear layer.
+//!
+//! Rows (tokens) are independent, so the per-row work runs in parallel with rayon. The one
+//! cross-row reduction, LayerNorm's `dγ, dβ`, is cut into fixed blocks of [`ROW_BLOCK`] rows whose
+//! f64 partial sums are added in block order: the result does not depend on the thread count.
+
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+use crate::cpu::Real;
+
+/// Rows per block of a cross-row reduction. Fixed, so that the sums are the same on any number
+/// of threads.
+pub const ROW_BLOCK: usize = 32;
+
+/// Elements per task of the element-wise passes (small enough to balance two or more threads
+/// on one MLP activation, large enough to amortise the task).
+const ELEMENT_BLOCK: usize = 1 << 13;
+
+/// `1/√2`.
+const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
+/// `1/√(2π)`, the standard normal density at 0.
+const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+
+/// LayerNorm forward over rows of `d` features: `y = (x − μ)·r·γ + β` with `r = 1/√(σ² + ε)`,
+/// μ and the biased σ² of the row (two passes, in f64). Writes `stats[2i] = μ`,
+/// `stats[2i + 1] = r` for row `i`: all the backward needs besides `x` and `γ`.
+pub fn layer_norm_forward<T: Real>(
+    x: &[T],
+    d: usize,
+    gamma: &[T],
+    beta: &[T],
+    eps: f64,
+    y: &mut [MaybeUninit<T>],
+    stats: &mut [f64],
+) {
+    if d == 0 {
+        return;
+    }
+    x.par_chunks(d)
+        .zip(y.par_chunks_mut(d))
+        .zip(stats.par_chunks_mut(2))
+        .with_min_len(8)
+        .for_each(|((xr, yr), st)| {
+            let mean = xr.iter().map(|v| v.to_f64()).sum::<f64>() / d as f64;
+            let var = xr
+                .iter()
+                .map(|v| {
+                    let c = v.to_f64() - mean;
+                    c * c
+                })
+                .sum::<f64>()
+                / d as f64;
+            let r = 1.0 / (var + eps).sqrt();
+            for (((o, &v), &g), &b) in yr.iter_mut().zip(xr).zip(gamma).zip(beta) {
+                o.write(T::from_f64(
+                    (v.to_f64() - mean) * r * g.to_f64() + b.to_f64(),
+                ));
+            }
+            st[0] = mean;
+            st[1] = r;
+        });
+}
+
+/// LayerNorm backward: `dx = r·(g·γ − mean(g·γ) − x̂·mean(g·γ·x̂))` per row into `dx`, and
+/// `[dγ; dβ] = [Σ g·x̂; Σ g]` over all rows into `dgb` (length `2d`), with `x̂ = (x − μ)·r`
+/// from the forward's `stats`.
+pub fn layer_norm_backward<T: Real>(
+    g: &[T],
+    x: &[T],
+    gamma: &[T],
+    stats: &[f64],
+    d: usize,
+    dx: &mut [MaybeUninit<T>],
+    dgb: &mut [MaybeUninit<T>],
+) {
+    if d == 0 {
+        return;
+    }
+    let block = ROW_BLOCK * d;
+    let partials: Vec<Vec<f64>> = g
+        .par_chunks(block)
+        .zip(x.par_chunks(block))
+        .zip(dx.par_chunks_mut(block))
+        .zip(stats.par_chunks(2 * ROW_BLOCK))
+        .map(|(((gb, xb), db), sb)| {
+            let mut part = vec![0.0f64; 2 * d];
+            let (pg, pb) = part.split_at_mut(d);
+            for (((gr, xr), dr), st) in gb
+                .chunks(d)
+                .zip(xb.chunks(d))
+                .zip(db.chunks_mut(d))
+                .zip(sb.chunks(2))
+            {
+                let (mean, r) = (st[0], st[1]);
+                let (mut a, mut b) = (0.0f64, 0.0f64);
+                for ((&gv, &xv), &gm) in gr.iter().zip(xr).zip(gamma) {
+                    let xh = (xv.to_f64() - mean) * r;
+                    let gg = gv.to_f64() * gm.to_f64();
+                    a += gg;
+                    b += gg * xh;
+                }
+                let (a, b) = (a / d as f64, b / d as f64);
+                for (j, ((&gv, &xv), o)) in gr.iter().zip(xr).zip(dr.iter_mut()).enumerate() {
+                    let xh = (xv.to_f64() - mean) * r;
+                    let gf = gv.to_f64();
+                    o.write(T::from_f64(r * (gf * gamma[j].to_f64() - a - xh * b)));
+                    pg[j] += gf * xh;
+                    pb[j] += gf;
+                }
+            }
+            part
+        })
+        .collect();
+    let mut sum = vec![0.0f64; 2 * d];
+    for p in &partials {
+        for (s, v) in sum.iter_mut().zip(p) {
+            *s += v;
+        }
+    }
+    for (o, v) in dgb.iter_mut().zip(sum) {
+        o.write(T::from_f64(v));
+    }
+}
+
+/// `Φ(x)`, the standard normal distribution function.
+fn normal_cdf<T: Real>(x: T) -> T {
+    let half = T::from_f64(0.5);
+    half + half * (x * T::from_f64(FRAC_1_SQRT_2)).erf()
+}
+
+/// The exact GELU, `y = x·Φ(x)`, element-wise.
+pub fn gelu<T: Real>(x: &[T], y: &mut [MaybeUninit<T>]) {
+    x.par_chunks(ELEMENT_BLOCK)
+        .zip(y.par_chunks_mut(ELEMENT_BLOCK))
+        .for_each(|(xs, ys)| {
+            for (o, &v) in ys.iter_mut().zip(xs) {
+                o.write(v * normal_cdf(v));
+            }
+        });
+}
+
+/// GELU's input gradient, `dx = g·(Φ(x) + x·φ(x))`, element-wise.
+pub fn gelu_backward<T: Real>(g: &[T], x: &[T], dx: &mut [MaybeUninit<T>]) {
+    let minus_half = T::from_f64(-0.5);
+    let c = T::from_f64(FRAC_1_SQRT_2PI);
+    g.par_chunks(ELEMENT_BLOCK)
+        .zip(x.par_chunks(ELEMENT_BLOCK))
+        .zip(dx.par_chunks_mut(ELEMENT_BLOCK))
+        .for_each(|((gs, xs), ds)| {
+            for ((o, &gv), &v) in ds.iter_mut().zip(gs).zip(xs) {
+                let pdf = c * (minus_half * v * v).exp();
+                o.write(gv * (normal_cdf(v) + v * pdf));
+            }
+        });
+}
+
+/// Adds `bias` (length `d`) to every row of `y` in place, as candle's broadcast add rounds it.
+pub fn add_bias_rows<T: Real>(y: &mut [T], bias: &[T]) {
+    let d = bias.len();
+    if d == 0 {
+        return;
+    }
+    y.par_chunks_mut(d).with_min_len(16).for_each(|row| {
+        for (v, &b) in row.iter_mut().zip(bias) {
+            *v = *v + b;
+        }
+    });
+}

@@ -1,0 +1,522 @@
+//! The Transformer ops as candle custom ops: a linear layer with its bias, LayerNorm, the exact
+//! GELU and multi-head attention.
+//!
+//! Their point is what they keep for backward. candle keeps every operand of every op until the
+//! backward pass ends, so a composition of small ops holds all its intermediates (a LayerNorm
+//! five token-sized tensors, a GELU six hidden-sized ones, attention four `B·H·N·N` score
+//! tensors). Each op here keeps only its operands and its output, plus a few numbers per row
+//! (LayerNorm's mean and 1/σ, attention's log-sum-exp), and recomputes the rest in backward.
+//!
+//! The linear layer's backward is written with candle's matmul and sum, so it differentiates
+//! twice. LayerNorm, GELU and attention are first order only: their backward refuses a gradient
+//! that is itself being differentiated, and callers that differentiate twice use the
+//! [`generic`] compositions.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+
+use crate::attention::{self, AttnGeom};
+use crate::cpu::{self, Real, Strided};
+use crate::{fast, generic, slice, token, wanted};
+
+/// The error of a first-order op asked for a differentiable gradient.
+fn first_order_only(op: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "{op} is first-order only; use sgr_kernels::generic's version when differentiating twice"
+    ))
+}
+
+/// The error of an op whose saved per-row numbers were poisoned by a panic in another thread.
+fn poisoned(op: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "{op}: the forward's saved statistics were lost to a panic"
+    ))
+}
+
+/// `(rows, last)`: the leading axes of `dims` flattened, and the last.
+fn rows_last(dims: &[usize], op: &str) -> candle_core::Result<(usize, usize)> {
+    match dims.split_last() {
+        Some((&last, lead)) => Ok((lead.iter().product(), last)),
+        None => candle_core::bail!("{op}: a tensor of rank ≥ 1 expected, got a scalar"),
+    }
+}
+
+/// `y = x·Wᵀ + b` on `(rows, cin)`.
+struct LinearFwd;
+
+fn run_linear<T: Real>(x: &[T], w: &[T], b: &[T], rows: usize, cin: usize) -> Vec<T> {
+    let cout = b.len();
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the gemm writes every element of the rows × cout output; x is rows × cin and
+    // w is cout × cin, read as Wᵀ through its strides.
+    let mut y = unsafe {
+        cpu::alloc_filled(rows * cout, |y| {
+            cpu::gemm_in(
+                (rows, cout, cin),
+                Strided(y.as_mut_ptr().cast::<T>(), cout, 1),
+                Strided(x.as_ptr(), cin, 1),
+                Strided(w.as_ptr(), 1, cin),
+                false,
+                T::ONE,
+                parallelism,
+            )
+        })
+    };
+    token::add_bias_rows(&mut y, b);
+    y
+}
+
+impl CustomOp3 for LinearFwd {
+    fn name(&self) -> &'static str {
+        "sgr-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, cin) = l1.shape().dims2()?;
+        let (cout, wcin) = l2.shape().dims2()?;
+        if wcin != cin || l3.dims() != [cout] {
+            candle_core::bail!(
+                "sgr-linear: input {:?}, weight {:?} and bias {:?} do not match",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let out = with_slices!(
+            self.name(),
+            [(s1, l1, x), (s2, l2, w), (s3, l3, b)],
+            run_linear(x, w, b, rows, cin)
+        );
+        Ok((out, Shape::from((rows, cout))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // candle's ops, as candle differentiates `x.matmul(w.t()).broadcast_add(b)`: the same
+        // values, and differentiable again.
+        Ok((
+            wanted(x, || grad.matmul(w))?,
+            wanted(w, || x.t()?.matmul(grad)?.t())?,
+            wanted(b, || grad.sum(0))?,
+        ))
+    }
+}
+
+/// `x·Wᵀ + b` over the last axis of `x` (`(..., cin)`, `w` `(cout, cin)`, `b` `(cout,)`): one op
+/// that keeps `x`, `W`, `b` and its output, where `matmul` + `broadcast_add` keeps the product
+/// as well. Same values and gradients as that composition, and twice differentiable. Off the
+/// fast path: [`generic::linear`].
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if !fast(&[x, w, b]) {
+        return generic::linear(x, w, b);
+    }
+    let (rows, cin) = rows_last(x.dims(), "linear")?;
+    let x2 = x.contiguous()?.reshape((rows, cin))?;
+    let (w, b) = (w.contiguous()?, b.contiguous()?);
+    let y = if x2.track_op() || w.track_op() || b.track_op() {
+        x2.apply_op3(&w, &b, LinearFwd)?
+    } else {
+        x2.apply_op3_no_bwd(&w, &b, &LinearFwd)?
+    };
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = w.dim(0)?;
+    }
+    y.reshape(dims)
+}
+
+/// LayerNorm over the last axis: operands `(x, γ, β)`. The forward leaves each row's mean and
+/// 1/σ in `stats` for the backward.
+struct LnFwd {
+    eps: f64,
+    stats: Mutex<Vec<f64>>,
+}
+
+/// LayerNorm's backward: operands `(g, x, γ)`; output `[dx; dγ; dβ]` flattened into one
+/// buffer (one pass over the rows computes all three).
+struct LnGrad {
+    stats: Vec<f64>,
+}
+
+impl CustomOp3 for LnFwd {
+    fn name(&self) -> &'static str {
+        "sgr-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, d) = rows_last(l1.dims(), self.name())?;
+        if l2.dims() != [d] || l3.dims() != [d] {
+            candle_core::bail!(
+                "sgr-layer-norm: input {:?} needs γ and β of shape [{d}], got {:?} and {:?}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let mut stats = vec![0.0; 2 * rows];
+        let out = with_slices!(
+            self.name(),
+            [(s1, l1, x), (s2, l2, gamma), (s3, l3, beta)],
+            // SAFETY: layer_norm_forward writes every output element.
+            unsafe {
+                cpu::alloc_filled(x.len(), |y| {
+                    token::layer_norm_forward(x, d, gamma, beta, self.eps, y, &mut stats)
+                })
+            }
+        );
+        *self.stats.lock().map_err(|_| poisoned(self.name()))? = stats;
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if grad.track_op() {
+            return Err(first_order_only(self.name()));
+        }
+        let stats = self
+            .stats
+            .lock()
+            .map_err(|_| poisoned(self.name()))?
+            .clone();
+        let (rows, d) = rows_last(x.dims(), self.name())?;
+        let all = grad
+            .contiguous()?
+            .apply_op3_no_bwd(x, gamma, &LnGrad { stats })?;
+        let n = rows * d;
+        let dx = wanted(x, || all.narrow(0, 0, n)?.reshape(x.shape()))?;
+        // Copies: a view would keep the whole buffer alive in the gradient store.
+        let dgamma = all.narrow(0, n, d)?.copy()?;
+        let dbeta = all.narrow(0, n + d, d)?.copy()?;
+        Ok((dx, Some(dgamma), Some(dbeta)))
+    }
+}
+
+impl CustomOp3 for LnGrad {
+    fn name(&self) -> &'static str {
+        "sgr-layer-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, d) = rows_last(l2.dims(), self.name())?;
+        if l1.shape() != l2.shape() || l3.dims() != [d] || self.stats.len() != 2 * rows {
+            candle_core::bail!("sgr-layer-norm-grad: operand shapes do not match");
+        }
+        let n = rows * d;
+        let out = with_slices!(
+            self.name(),
+            [(s1, l1, g), (s2, l2, x), (s3, l3, gamma)],
+            // SAFETY: layer_norm_backward writes all n elements of dx and 2d of [dγ; dβ].
+            unsafe {
+                cpu::alloc_filled(n + 2 * d, |o| {
+                    let (dx, dgb) = o.split_at_mut(n);
+                    token::layer_norm_backward(g, x, gamma, &self.stats, d, dx, dgb)
+                })
+            }
+        );
+        Ok((out, Shape::from(n + 2 * d)))
+    }
+}
+
+/// LayerNorm over the last axis of `x`, `(x − μ)/√(σ² + ε)·γ + β` with the biased variance
+/// (PyTorch's `nn.LayerNorm`). Keeps `x`, `γ`, `β`, its output and two numbers per row. First
+/// order only. Off the fast path: [`generic::layer_norm`].
+pub fn layer_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    if !fast(&[x, gamma, beta]) {
+        return generic::layer_norm(x, gamma, beta, eps);
+    }
+    let (x, gamma, beta) = (x.contiguous()?, gamma.contiguous()?, beta.contiguous()?);
+    let op = LnFwd {
+        eps,
+        stats: Mutex::new(Vec::new()),
+    };
+    if x.track_op() || gamma.track_op() || beta.track_op() {
+        x.apply_op3(&gamma, &beta, op)
+    } else {
+        x.apply_op3_no_bwd(&gamma, &beta, &op)
+    }
+}
+
+/// The exact GELU, `x·Φ(x)`.
+struct Gelu;
+
+/// GELU's input gradient: operands `(g, x)`.
+struct GeluGrad;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "sgr-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match s {
+            CpuStorage::F32(x) => {
+                let x = slice(x, l, self.name())?;
+                // SAFETY: gelu writes every output element.
+                CpuStorage::F32(unsafe { cpu::alloc_filled(x.len(), |y| token::gelu(x, y)) })
+            }
+            CpuStorage::F64(x) => {
+                let x = slice(x, l, self.name())?;
+                // SAFETY: gelu writes every output element.
+                CpuStorage::F64(unsafe { cpu::alloc_filled(x.len(), |y| token::gelu(x, y)) })
+            }
+            _ => candle_core::bail!("sgr-gelu: f32 or f64 expected"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if grad.track_op() {
+            return Err(first_order_only(self.name()));
+        }
+        Ok(Some(grad.contiguous()?.apply_op2_no_bwd(x, &GeluGrad)?))
+    }
+}
+
+impl CustomOp2 for GeluGrad {
+    fn name(&self) -> &'static str {
+        "sgr-gelu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("sgr-gelu-grad: shape mismatch");
+        }
+        let out = with_slices!(self.name(), [(s1, l1, g), (s2, l2, x)], {
+            // SAFETY: gelu_backward writes every output element.
+            unsafe { cpu::alloc_filled(g.len(), |d| token::gelu_backward(g, x, d)) }
+        });
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// The exact GELU, `x·Φ(x) = x/2·(1 + erf(x/√2))` (PyTorch's `nn.GELU()`), in one pass that
+/// keeps only `x` and its output. First order only. Off the fast path: [`generic::gelu`].
+pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
+    if !fast(&[x]) {
+        return generic::gelu(x);
+    }
+    let x = x.contiguous()?;
+    if x.track_op() {
+        x.apply_op1(Gelu)
+    } else {
+        x.apply_op1_no_bwd(&Gelu)
+    }
+}
+
+/// Attention on a packed `(B, N, 3C)` input; the forward leaves each softmax row's log-sum-exp
+/// in `lse` for the backward.
+struct AttnFwd {
+    heads: usize,
+    scale: f64,
+    lse: Mutex<Vec<f64>>,
+}
+
+/// Attention's backward: operands `(qkv, out, g)`; output the packed input's gradient.
+struct AttnGrad {
+    heads: usize,
+    scale: f64,
+    lse: Vec<f64>,
+}
+
+/// The geometry of a packed `(B, N, 3C)` input with `heads` heads.
+fn attn_geom(dims: &[usize], heads: usize, op: &str) -> candle_core::Result<AttnGeom> {
+    let [b, n, c3] = dims else {
+        candle_core::bail!("{op}: a packed (batch, tokens, 3·width) input expected, got {dims:?}");
+    };
+    if heads == 0 || c3 % (3 * heads) != 0 {
+        candle_core::bail!(
+            "{op}: the packed width {c3} is not 3 × a multiple of the {heads} heads"
+        );
+    }
+    Ok(AttnGeom {
+        b: *b,
+        n: *n,
+        heads,
+        hd: c3 / (3 * heads),
+    })
+}
+
+impl CustomOp1 for AttnFwd {
+    fn name(&self) -> &'static str {
+        "sgr-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = attn_geom(l.dims(), self.heads, self.name())?;
+        let mut lse = vec![0.0; g.rows()];
+        let out = match s {
+            CpuStorage::F32(x) => {
+                let x = slice(x, l, self.name())?;
+                // SAFETY: attention_forward writes every output element.
+                CpuStorage::F32(unsafe {
+                    cpu::alloc_filled(g.out_len(), |o| {
+                        attention::attention_forward(&g, x, self.scale as f32, o, &mut lse)
+                    })
+                })
+            }
+            CpuStorage::F64(x) => {
+                let x = slice(x, l, self.name())?;
+                // SAFETY: attention_forward writes every output element.
+                CpuStorage::F64(unsafe {
+                    cpu::alloc_filled(g.out_len(), |o| {
+                        attention::attention_forward(&g, x, self.scale, o, &mut lse)
+                    })
+                })
+            }
+            _ => candle_core::bail!("sgr-attention: f32 or f64 expected"),
+        };
+        *self.lse.lock().map_err(|_| poisoned(self.name()))? = lse;
+        Ok((out, Shape::from((g.b, g.n, g.c()))))
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        if grad.track_op() {
+            return Err(first_order_only(self.name()));
+        }
+        let lse = self.lse.lock().map_err(|_| poisoned(self.name()))?.clone();
+        let op = AttnGrad {
+            heads: self.heads,
+            scale: self.scale,
+            lse,
+        };
+        Ok(Some(qkv.apply_op3_no_bwd(res, &grad.contiguous()?, &op)?))
+    }
+}
+
+impl CustomOp3 for AttnGrad {
+    fn name(&self) -> &'static str {
+        "sgr-attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = attn_geom(l1.dims(), self.heads, self.name())?;
+        let out_dims = [g.b, g.n, g.c()];
+        if l2.dims() != out_dims || l3.dims() != out_dims || self.lse.len() != g.rows() {
+            candle_core::bail!("sgr-attention-grad: operand shapes do not match");
+        }
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(q), CpuStorage::F32(o), CpuStorage::F32(go)) => {
+                let name = self.name();
+                let (q, o, go) = (
+                    slice(q, l1, name)?,
+                    slice(o, l2, name)?,
+                    slice(go, l3, name)?,
+                );
+                // SAFETY: attention_backward writes every element of the packed gradient.
+                CpuStorage::F32(unsafe {
+                    cpu::alloc_filled(g.qkv_len(), |d| {
+                        attention::attention_backward(&g, q, o, go, self.scale as f32, &self.lse, d)
+                    })
+                })
+            }
+            (CpuStorage::F64(q), CpuStorage::F64(o), CpuStorage::F64(go)) => {
+                let name = self.name();
+                let (q, o, go) = (
+                    slice(q, l1, name)?,
+                    slice(o, l2, name)?,
+                    slice(go, l3, name)?,
+                );
+                // SAFETY: attention_backward writes every element of the packed gradient.
+                CpuStorage::F64(unsafe {
+                    cpu::alloc_filled(g.qkv_len(), |d| {
+                        attention::attention_backward(&g, q, o, go, self.scale, &self.lse, d)
+                    })
+                })
+            }
+            _ => {
+                candle_core::bail!("sgr-attention-grad: f32 or f64 operands of one dtype expected")
+            }
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Multi-head scaled dot-product attention, `softmax(scale·q·kᵀ)·v` per head, on the packed
+/// output of a `qkv` projection, `(B, N, 3C)` (timm's layout: q, k, v, each head-major), with
+/// the heads merged in the `(B, N, C)` output. Keeps only its input, its output and one number
+/// per softmax row: the `B·H·N·N` probabilities are recomputed in backward, one head at a
+/// time. First order only, no dropout on the probabilities. Off the fast path:
+/// [`generic::attention`].
+pub fn attention(qkv: &Tensor, heads: usize, scale: f64) -> candle_core::Result<Tensor> {
+    attn_geom(qkv.dims(), heads, "attention")?;
+    if !fast(&[qkv]) {
+        return generic::attention(qkv, heads, scale);
+    }
+    let qkv = qkv.contiguous()?;
+    let op = AttnFwd {
+        heads,
+        scale,
+        lse: Mutex::new(Vec::new()),
+    };
+    if qkv.track_op() {
+        qkv.apply_op1(op)
+    } else {
+        qkv.apply_op1_no_bwd(&op)
+    }
+}
