@@ -139,12 +139,8 @@ fn softmax_row<T: Real>(row: &mut [T]) -> f64 {
     let m = row
         .iter()
         .fold(f64::NEG_INFINITY, |m, &v| m.max(v.to_f64()));
-    let mt = T::from_f64(m);
-    let mut sum = 0.0f64;
-    for v in row.iter_mut() {
-        *v = (*v - mt).exp();
-        sum += v.to_f64();
-    }
+    T::exp_sub_block(row, T::from_f64(m));
+    let sum = row.iter().map(|v| v.to_f64()).sum::<f64>();
     let inv = T::from_f64(1.0 / sum);
     for v in row.iter_mut() {
         *v = *v * inv;
@@ -200,10 +196,7 @@ pub fn attention_backward<T: Real>(
             unsafe {
                 scores(g, base.add(q), base.add(k), scale, p);
                 for (row, &l) in p.chunks_mut(n).zip(lse_rows) {
-                    let lt = T::from_f64(l);
-                    for x in row.iter_mut() {
-                        *x = (*x - lt).exp();
-                    }
+                    T::exp_sub_block(row, T::from_f64(l));
                 }
                 // dV = Pᵀ·dO
                 gemm_raw(

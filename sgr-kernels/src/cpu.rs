@@ -60,6 +60,36 @@ pub trait Real:
     fn block_pair_sums(a: &[Self], b: &[Self]) -> [f64; 4] {
         lane_pair_sums(a, b)
     }
+    /// The exact GELU `y = x·Φ(x)` over a block (f32: [`crate::vmath`]).
+    fn gelu_block(x: &[Self], y: &mut [MaybeUninit<Self>]) {
+        for (o, &v) in y.iter_mut().zip(x) {
+            o.write(v * normal_cdf(v));
+        }
+    }
+    /// GELU's input gradient `dx = g·(Φ(x) + x·φ(x))` over a block (f32: [`crate::vmath`]).
+    fn gelu_grad_block(g: &[Self], x: &[Self], dx: &mut [MaybeUninit<Self>]) {
+        let minus_half = Self::from_f64(-0.5);
+        let c = Self::from_f64(FRAC_1_SQRT_2PI);
+        for ((o, &gv), &v) in dx.iter_mut().zip(g).zip(x) {
+            let pdf = c * (minus_half * v * v).exp();
+            o.write(gv * (normal_cdf(v) + v * pdf));
+        }
+    }
+    /// `v ← exp(v − shift)` over a row (f32: [`crate::vmath`]).
+    fn exp_sub_block(row: &mut [Self], shift: Self) {
+        for v in row.iter_mut() {
+            *v = (*v - shift).exp();
+        }
+    }
+}
+
+/// `1/√(2π)`, the standard normal density at 0.
+const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+
+/// `Φ(x) = (1 + erf(x/√2))/2`, the standard normal distribution function.
+fn normal_cdf<T: Real>(x: T) -> T {
+    let half = T::from_f64(0.5);
+    half + half * (x * T::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf()
 }
 
 /// Which direct 3×3 kernel [`Real::direct`] runs.
@@ -129,6 +159,15 @@ impl Real for f32 {
             return unsafe { crate::reductions::block_pair_sums(a, b) };
         }
         lane_pair_sums(a, b)
+    }
+    fn gelu_block(x: &[f32], y: &mut [MaybeUninit<f32>]) {
+        crate::vmath::gelu(x, y)
+    }
+    fn gelu_grad_block(g: &[f32], x: &[f32], dx: &mut [MaybeUninit<f32>]) {
+        crate::vmath::gelu_grad(g, x, dx)
+    }
+    fn exp_sub_block(row: &mut [f32], shift: f32) {
+        crate::vmath::exp_sub(row, shift)
     }
 }
 

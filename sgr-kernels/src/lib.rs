@@ -41,6 +41,7 @@ pub mod geom;
 #[cfg(target_arch = "x86_64")]
 mod reductions;
 pub mod token;
+pub mod vmath;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 

@@ -19,11 +19,6 @@ pub const ROW_BLOCK: usize = 32;
 /// on one MLP activation, large enough to amortise the task).
 const ELEMENT_BLOCK: usize = 1 << 13;
 
-/// `1/√2`.
-const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
-/// `1/√(2π)`, the standard normal density at 0.
-const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
-
 /// LayerNorm forward over rows of `d` features: `y = (x − μ)·r·γ + β` with `r = 1/√(σ² + ε)`,
 /// μ and the biased σ² of the row (two passes, in f64). Writes `stats[2i] = μ`,
 /// `stats[2i + 1] = r` for row `i`: all the backward needs besides `x` and `γ`.
@@ -125,36 +120,19 @@ pub fn layer_norm_backward<T: Real>(
     }
 }
 
-/// `Φ(x)`, the standard normal distribution function.
-fn normal_cdf<T: Real>(x: T) -> T {
-    let half = T::from_f64(0.5);
-    half + half * (x * T::from_f64(FRAC_1_SQRT_2)).erf()
-}
-
 /// The exact GELU, `y = x·Φ(x)`, element-wise.
 pub fn gelu<T: Real>(x: &[T], y: &mut [MaybeUninit<T>]) {
     x.par_chunks(ELEMENT_BLOCK)
         .zip(y.par_chunks_mut(ELEMENT_BLOCK))
-        .for_each(|(xs, ys)| {
-            for (o, &v) in ys.iter_mut().zip(xs) {
-                o.write(v * normal_cdf(v));
-            }
-        });
+        .for_each(|(xs, ys)| T::gelu_block(xs, ys));
 }
 
 /// GELU's input gradient, `dx = g·(Φ(x) + x·φ(x))`, element-wise.
 pub fn gelu_backward<T: Real>(g: &[T], x: &[T], dx: &mut [MaybeUninit<T>]) {
-    let minus_half = T::from_f64(-0.5);
-    let c = T::from_f64(FRAC_1_SQRT_2PI);
     g.par_chunks(ELEMENT_BLOCK)
         .zip(x.par_chunks(ELEMENT_BLOCK))
         .zip(dx.par_chunks_mut(ELEMENT_BLOCK))
-        .for_each(|((gs, xs), ds)| {
-            for ((o, &gv), &v) in ds.iter_mut().zip(gs).zip(xs) {
-                let pdf = c * (minus_half * v * v).exp();
-                o.write(gv * (normal_cdf(v) + v * pdf));
-            }
-        });
+        .for_each(|((gs, xs), ds)| T::gelu_grad_block(gs, xs, ds));
 }
 
 /// Adds `bias` (length `d`) to every row of `y` in place, as candle's broadcast add rounds it.
@@ -168,4 +146,33 @@ pub fn add_bias_rows<T: Real>(y: &mut [T], bias: &[T]) {
             *v = *v + b;
         }
     });
+}
+
+/// `out[j] = Σᵢ g[i·d + j]`: the column sums of a `rows × d` matrix (a bias gradient), over
+/// fixed blocks of [`ROW_BLOCK`] rows whose f64 partial sums are added in block order.
+pub fn column_sums<T: Real>(g: &[T], d: usize, out: &mut [MaybeUninit<T>]) {
+    if d == 0 {
+        return;
+    }
+    let partials: Vec<Vec<f64>> = g
+        .par_chunks(ROW_BLOCK * d)
+        .map(|block| {
+            let mut part = vec![0.0f64; d];
+            for row in block.chunks(d) {
+                for (p, &v) in part.iter_mut().zip(row) {
+                    *p += v.to_f64();
+                }
+            }
+            part
+        })
+        .collect();
+    let mut sum = vec![0.0f64; d];
+    for p in &partials {
+        for (s, v) in sum.iter_mut().zip(p) {
+            *s += v;
+        }
+    }
+    for (o, v) in out.iter_mut().zip(sum) {
+        o.write(T::from_f64(v));
+    }
 }

@@ -112,13 +112,48 @@ impl CustomOp3 for LinearFwd {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // candle's ops, as candle differentiates `x.matmul(w.t()).broadcast_add(b)`: the same
-        // values, and differentiable again.
+        // candle's matmuls, as candle differentiates `x.matmul(w.t())`, differentiable again.
+        // The bias gradient is candle's (single-threaded) sum only when it must differentiate
+        // again; otherwise one parallel pass over fixed row blocks.
+        let db = || {
+            if grad.track_op() {
+                grad.sum(0)
+            } else {
+                grad.contiguous()?.apply_op1_no_bwd(&ColumnSums)
+            }
+        };
         Ok((
             wanted(x, || grad.matmul(w))?,
             wanted(w, || x.t()?.matmul(grad)?.t())?,
-            wanted(b, || grad.sum(0))?,
+            wanted(b, db)?,
         ))
+    }
+}
+
+/// The column sums of a `(rows, d)` matrix, `(d,)`.
+struct ColumnSums;
+
+impl CustomOp1 for ColumnSums {
+    fn name(&self) -> &'static str {
+        "sgr-column-sums"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, d) = l.shape().dims2()?;
+        let out = match s {
+            CpuStorage::F32(g) => {
+                let g = slice(g, l, self.name())?;
+                // SAFETY: column_sums writes all d outputs.
+                CpuStorage::F32(unsafe { cpu::alloc_filled(d, |o| token::column_sums(g, d, o)) })
+            }
+            CpuStorage::F64(g) => {
+                let g = slice(g, l, self.name())?;
+                // SAFETY: column_sums writes all d outputs.
+                CpuStorage::F64(unsafe { cpu::alloc_filled(d, |o| token::column_sums(g, d, o)) })
+            }
+            _ => candle_core::bail!("sgr-column-sums: f32 or f64 expected"),
+        };
+        Ok((out, Shape::from(d)))
     }
 }
 
