@@ -240,28 +240,20 @@ impl Optimizer for Sgd {
     fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         check_len(&self.params, grads)?;
         for ((p, g), &decays) in self.params.iter().zip(grads).zip(&self.decays) {
-            // Detached: a result that tracks the variable would chain every step's state to the
-            // previous one through its op graph and never be freed.
-            let w = &p.var.as_tensor().detach();
-            let g = g.detach();
-            let mut d = if self.weight_decay != 0.0 && decays {
-                (&g + (w * self.weight_decay)?)?
-            } else {
-                g
+            // One fused pass (sgr-kernels), rounded as candle's ops would; the results are
+            // detached, so no step's state chains to the previous one through an op graph.
+            let s = crate::kernels::SgdStep {
+                lr,
+                momentum: self.momentum,
+                nesterov: self.nesterov,
+                weight_decay: if decays { self.weight_decay } else { 0.0 },
             };
-            if self.momentum != 0.0 {
-                let buf = match self.buffers.get(&p.name) {
-                    Some(b) => ((b * self.momentum)? + &d)?,
-                    None => d.clone(),
-                };
-                d = if self.nesterov {
-                    (&d + (&buf * self.momentum)?)?
-                } else {
-                    buf.clone()
-                };
-                self.buffers.insert(p.name.clone(), buf);
+            let (w, buf) =
+                crate::kernels::sgd_step(p.var.as_tensor(), g, self.buffers.get(&p.name), &s)?;
+            if let Some(b) = buf {
+                self.buffers.insert(p.name.clone(), b);
             }
-            set(&p.var, &(w - (d * lr)?)?)?;
+            set(&p.var, &w)?;
         }
         Ok(())
     }

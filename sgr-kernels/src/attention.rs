@@ -66,6 +66,18 @@ unsafe impl<T: Send> Send for Shared<T> {}
 // SAFETY: as above.
 unsafe impl<T: Send> Sync for Shared<T> {}
 
+impl<T> Shared<T> {
+    /// The element `offset` past the start (a method, so that closures capture the `Send`
+    /// wrapper rather than its raw pointer field).
+    ///
+    /// # Safety
+    /// `offset` must be inside the allocation.
+    unsafe fn at(self, offset: usize) -> *mut T {
+        // SAFETY: the caller's contract.
+        unsafe { self.0.add(offset) }
+    }
+}
+
 /// `s = scale · q·kᵀ` for one task, `s` being `N × N`.
 ///
 /// # Safety
@@ -107,7 +119,6 @@ pub fn attention_forward<T: Real>(
         |s, (task, lse_rows)| {
             let (img, head) = (task / g.heads, task % g.heads);
             let base = qkv.as_ptr();
-            let dst = dst;
             // SAFETY: the offsets address this task's head inside the packed input and the
             // output; no other task writes these output columns.
             unsafe {
@@ -123,7 +134,7 @@ pub fn attention_forward<T: Real>(
                 }
                 gemm_raw(
                     (n, g.hd, n),
-                    Strided(dst.0.add(g.out_at(img, head)), g.c(), 1),
+                    Strided(dst.at(g.out_at(img, head)), g.c(), 1),
                     Strided(s.as_ptr(), n, 1),
                     Strided(base.add(g.qkv_at(img, 2, head)), 3 * g.c(), 1),
                     false,
@@ -184,7 +195,6 @@ pub fn attention_backward<T: Real>(
         |(p, ds), (task, lse_rows)| {
             let (img, head) = (task / g.heads, task % g.heads);
             let base = qkv.as_ptr();
-            let dst = dst;
             let (q, k, v) = (
                 g.qkv_at(img, 0, head),
                 g.qkv_at(img, 1, head),
@@ -201,7 +211,7 @@ pub fn attention_backward<T: Real>(
                 // dV = Pᵀ·dO
                 gemm_raw(
                     (n, hd, n),
-                    Strided(dst.0.add(v), 3 * c, 1),
+                    Strided(dst.at(v), 3 * c, 1),
                     Strided(p.as_ptr(), 1, n),
                     Strided(gout.as_ptr().add(o), c, 1),
                     false,
@@ -237,7 +247,7 @@ pub fn attention_backward<T: Real>(
                 // dQ = scale·dS·K
                 gemm_raw(
                     (n, hd, n),
-                    Strided(dst.0.add(q), 3 * c, 1),
+                    Strided(dst.at(q), 3 * c, 1),
                     Strided(ds.as_ptr(), n, 1),
                     Strided(base.add(k), 3 * c, 1),
                     false,
@@ -246,7 +256,7 @@ pub fn attention_backward<T: Real>(
                 // dK = scale·dSᵀ·Q
                 gemm_raw(
                     (n, hd, n),
-                    Strided(dst.0.add(k), 3 * c, 1),
+                    Strided(dst.at(k), 3 * c, 1),
                     Strided(ds.as_ptr(), 1, n),
                     Strided(base.add(q), 3 * c, 1),
                     false,

@@ -335,3 +335,34 @@ pub fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     let (p, v) = attention_probs(qkv, heads, scale)?;
     attention_merge(&p, &v)
 }
+
+/// [`crate::sgd_step`]: one SGD update from candle's ops (PyTorch's order: decay, momentum,
+/// Nesterov, step), all detached.
+pub fn sgd_step(
+    w: &Tensor,
+    g: &Tensor,
+    buf: Option<&Tensor>,
+    s: &crate::SgdStep,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let w = w.detach();
+    let g = g.detach();
+    let mut d = if s.weight_decay != 0.0 {
+        (&g + (&w * s.weight_decay)?)?
+    } else {
+        g
+    };
+    let mut nb = None;
+    if s.momentum != 0.0 {
+        let b = match buf {
+            Some(b) => ((b.detach() * s.momentum)? + &d)?,
+            None => d.clone(),
+        };
+        d = if s.nesterov {
+            (&d + (&b * s.momentum)?)?
+        } else {
+            b.clone()
+        };
+        nb = Some(b);
+    }
+    Ok(((&w - (d * s.lr)?)?, nb))
+}

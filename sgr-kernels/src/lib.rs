@@ -40,6 +40,7 @@ pub mod generic;
 pub mod geom;
 #[cfg(target_arch = "x86_64")]
 mod reductions;
+mod sgd;
 pub mod token;
 pub mod vmath;
 
@@ -141,6 +142,7 @@ macro_rules! forward_only_op {
 }
 
 mod transformer;
+pub use sgd::{sgd_step, SgdStep};
 pub use transformer::{attention, gelu, layer_norm, linear};
 
 /// Stride and padding shared by the three convolution ops; builds each of them.

@@ -143,7 +143,7 @@ pub fn add_bias_rows<T: Real>(y: &mut [T], bias: &[T]) {
     }
     y.par_chunks_mut(d).with_min_len(16).for_each(|row| {
         for (v, &b) in row.iter_mut().zip(bias) {
-            *v = *v + b;
+            *v += b;
         }
     });
 }

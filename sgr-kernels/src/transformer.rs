@@ -112,9 +112,10 @@ impl CustomOp3 for LinearFwd {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // candle's matmuls, as candle differentiates `x.matmul(w.t())`, differentiable again.
-        // The bias gradient is candle's (single-threaded) sum only when it must differentiate
-        // again; otherwise one parallel pass over fixed row blocks.
+        // candle's matmuls, differentiable again. The weight gradient is computed as `gᵀ·x`,
+        // contiguous `(cout, cin)` (candle's `(xᵀ·g)ᵀ` is a transposed view that the gradient
+        // store copies on one thread). The bias gradient is candle's (single-threaded) sum only
+        // when it must differentiate again; otherwise one parallel pass over fixed row blocks.
         let db = || {
             if grad.track_op() {
                 grad.sum(0)
@@ -124,7 +125,7 @@ impl CustomOp3 for LinearFwd {
         };
         Ok((
             wanted(x, || grad.matmul(w))?,
-            wanted(w, || x.t()?.matmul(grad)?.t())?,
+            wanted(w, || grad.t()?.matmul(x))?,
             wanted(b, db)?,
         ))
     }
