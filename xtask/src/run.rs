@@ -461,7 +461,7 @@ fn train(sgr: &Path, dir: &Path, args: &[String]) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const HASH: &str = "0123456789abcdef0123456789abcdef";
@@ -685,15 +685,21 @@ sed "s/HASH/$hash/" "$here/summary.template" > "$out/summary.json"
         assert!(!dir4.join("stray").exists() && dir4.join("summary.json").exists());
     }
 
-    /// Writes an executable stand-in `sgr` script into `dir`.
+    /// Writes the executable stand-in script `dir/name` (a fake `sgr`, `python`, ...).
     #[cfg(unix)]
-    fn fake_sgr(dir: &Path, script: &str) -> PathBuf {
+    pub(crate) fn script(dir: &Path, name: &str, text: &str) -> PathBuf {
         use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(dir).unwrap();
-        let sgr = dir.join("sgr");
-        std::fs::write(&sgr, script).unwrap();
-        std::fs::set_permissions(&sgr, std::fs::Permissions::from_mode(0o755)).unwrap();
-        sgr
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    /// Writes an executable stand-in `sgr` script into `dir`.
+    #[cfg(unix)]
+    fn fake_sgr(dir: &Path, text: &str) -> PathBuf {
+        script(dir, "sgr", text)
     }
 
     /// `bench` against a stand-in `sgr bench` whose hash is its `--batch-size`: it measures

@@ -6,6 +6,7 @@ mod fit;
 mod plan;
 mod render;
 mod table;
+mod torch;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,9 +19,10 @@ use crate::run::{bench, train_cell, write_atomic};
 use plan::{Cell, Overrides, Plan};
 use render::CellResult;
 use table::{Kind, TableSpec};
+use torch::TorchBp;
 
 /// The flags `reproduce` takes (with a value), and its switches.
-const FLAGS: [&str; 13] = [
+const FLAGS: [&str; 15] = [
     "profile",
     "data-dir",
     "out",
@@ -34,8 +36,10 @@ const FLAGS: [&str; 13] = [
     "batch-size",
     "memory-budget",
     "reuse",
+    "python",
+    "torch-records",
 ];
-const SWITCHES: [&str; 1] = ["dry-run"];
+const SWITCHES: [&str; 2] = ["dry-run", "save-torch-records"];
 
 /// Share of the available memory a CPU memory profile may fill.
 const CPU_BUDGET_FRACTION: f64 = 0.7;
@@ -47,10 +51,32 @@ const MAX_BATCH: usize = 4096;
 pub const USAGE: &str = "cargo xtask reproduce <table> [--profile full|memory|fashion|smoke] \
 [--data-dir DIR] [--out DIR] [--device cpu|cuda] [--models a,b] [--ks 2,4] [--methods m,n] \
 [--seeds 0,1] [--epochs N] [--train-limit N] [--batch-size N] [--memory-budget GIB] \
-[--reuse DIR]... [--dry-run] [-- <sgr train flags>]";
+[--reuse DIR]... [--python PATH] [--torch-records FILE] [--save-torch-records] [--dry-run] \
+[-- <sgr train flags>]";
+
+/// What `reproduce` takes from its environment: the binaries it runs.
+#[derive(Debug, Clone, Default)]
+struct Env {
+    /// The `sgr` binary; built (or `$SGR`) when `None`.
+    sgr: Option<PathBuf>,
+    /// `$PYTHON`: the interpreter for PyTorch's bp when `--python` is not given.
+    python: Option<PathBuf>,
+    /// The PyTorch twin; `scripts/torch_reference.py` when `None`.
+    torch_script: Option<PathBuf>,
+}
 
 /// Runs `cargo xtask reproduce`.
 pub fn reproduce(args: &[String]) -> Result<()> {
+    let env = Env {
+        python: std::env::var_os("PYTHON")
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from),
+        ..Env::default()
+    };
+    reproduce_with(args, &env)
+}
+
+fn reproduce_with(args: &[String], env: &Env) -> Result<()> {
     let dir = table::tables_dir(&crate::root());
     let Some(name) = args.first().filter(|a| !a.starts_with("--")) else {
         bail!(
@@ -83,8 +109,42 @@ pub fn reproduce(args: &[String]) -> Result<()> {
     if !["cpu", "cuda"].contains(&device.as_str()) {
         bail!("--device must be cpu or cuda, got `{device}`");
     }
-    let sgr = crate::build_sgr(device == "cuda")?;
+    let torch_flags = ["python", "torch-records", "save-torch-records"];
+    if profile.kind != Kind::Memory {
+        if let Some(flag) = torch_flags.iter().find(|n| f.has(n)) {
+            bail!(
+                "--{flag} is for memory profiles (the PyTorch bp column); `{profile_name}` trains"
+            );
+        }
+    }
+    let sgr = match &env.sgr {
+        Some(p) => p.clone(),
+        None => crate::build_sgr(device == "cuda")?,
+    };
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let sources = (profile.kind == Kind::Memory).then(|| {
+        let python = f
+            .get("python")
+            .map(PathBuf::from)
+            .or_else(|| env.python.clone())
+            .unwrap_or_else(|| PathBuf::from("python3"));
+        let script = env
+            .torch_script
+            .clone()
+            .unwrap_or_else(|| crate::root().join("scripts/torch_reference.py"));
+        let records = f
+            .get("torch-records")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                crate::root()
+                    .join("docs/results")
+                    .join(format!("{name}-{profile_name}"))
+                    .join("torch_bp.jsonl")
+            });
+        let s = torch::Sources::find(&python, &script, &records);
+        eprintln!("xtask: {}", s.describe());
+        s
+    });
     let results = match profile.kind {
         Kind::Train => run_training(&plan, &sgr, &out, &reuse, f.has("dry-run"))?,
         Kind::Memory => run_memory(&plan, &sgr, &out, f.get("memory-budget"), f.has("dry-run"))?,
@@ -92,7 +152,69 @@ pub fn reproduce(args: &[String]) -> Result<()> {
     let Some(results) = results else {
         return Ok(());
     };
-    finish(&t, profile_name, &plan, &sgr, &out, &results)
+    let torch = match &sources {
+        Some(s) => torch_references(&plan, s, &results, &out, f.has("save-torch-records"))?,
+        None => Vec::new(),
+    };
+    finish(&t, profile_name, &plan, &sgr, &out, &results, &torch)
+}
+
+/// PyTorch's bp for every model and batch that has a measured cell (module [`torch`]), and
+/// with `save`, the new measurements written into the records file.
+fn torch_references(
+    plan: &Plan,
+    sources: &torch::Sources,
+    results: &[CellResult],
+    out: &Path,
+    save: bool,
+) -> Result<Vec<TorchBp>> {
+    let p = &plan.profile;
+    let threads = torch::sgr_threads();
+    let mut done: Vec<TorchBp> = Vec::new();
+    let mut measured = Vec::new();
+    for r in results.iter().filter(|r| r.failed.is_none()) {
+        if done
+            .iter()
+            .any(|t| t.key.model == r.model && t.key.batch_size == r.batch)
+        {
+            continue;
+        }
+        let key = torch::Key {
+            model: r.model.clone(),
+            input: p.input,
+            classes: p.classes,
+            batch_size: r.batch,
+            threads,
+            device: plan.device().to_string(),
+        };
+        let (bp, new) = sources.reference(&key, p.steps, out);
+        eprintln!(
+            "xtask: PyTorch bp of {}: {}",
+            key.describe(),
+            match bp.memory_mib {
+                Some(m) => format!("{m:.0} MiB ({})", bp.source.word()),
+                None => format!("n/a ({})", bp.detail),
+            }
+        );
+        done.push(bp);
+        measured.extend(new);
+    }
+    if save {
+        if measured.is_empty() {
+            eprintln!(
+                "xtask: --save-torch-records: nothing was measured; {} is unchanged",
+                sources.records_file.display()
+            );
+        } else {
+            torch::save_records(&sources.records_file, &measured)?;
+            eprintln!(
+                "xtask: wrote {} PyTorch record(s) into {}",
+                measured.len(),
+                sources.records_file.display()
+            );
+        }
+    }
+    Ok(done)
 }
 
 /// The command line's changes to the profile.
@@ -327,6 +449,7 @@ fn cell_result(c: &Cell, batch: usize) -> CellResult {
         path: String::new(),
         error_pct: None,
         memory_mib: None,
+        peak_rss_mib: None,
         step_seconds: None,
         mean_cos: None,
         failed: None,
@@ -444,6 +567,7 @@ fn run_memory(
             Ok(r) => CellResult {
                 path: out.display().to_string(),
                 memory_mib: Some(mib(step_memory(&r))),
+                peak_rss_mib: r.peak_memory_bytes.map(mib),
                 step_seconds: Some(r.median_step_seconds),
                 ..cell_result(c, batch)
             },
@@ -465,6 +589,7 @@ fn finish(
     sgr: &Path,
     out: &Path,
     results: &[CellResult],
+    torch: &[TorchBp],
 ) -> Result<()> {
     let p = &plan.profile;
     let mut batches: Vec<String> = Vec::new();
@@ -483,11 +608,12 @@ fn finish(
             plan.batch().unwrap_or(0)
         ),
         Kind::Memory => format!(
-            "Random inputs of shape {:?}, {} classes; per cell one warm-up step, then timed steps: {}; batch per model: {}.",
+            "Random inputs of shape {:?}, {} classes; per cell one warm-up step, then timed steps: {}; batch per model: {}; compute threads: {}.",
             p.input,
             p.classes,
             p.steps,
-            batches.join(", ")
+            batches.join(", "),
+            torch::sgr_threads()
         ),
     };
     let ctx = render::Context {
@@ -500,6 +626,7 @@ fn finish(
         seeds: &plan.over.seeds.clone().unwrap_or_else(|| p.seeds.clone()),
         recipe,
         not_run: &p.not_run,
+        torch,
     };
     let mut rows = render::rows(results);
     rows.extend(render::unrun_reference_rows(t, &rows));
@@ -510,6 +637,8 @@ fn finish(
         "profile": profile_name,
         "device": plan.device(),
         "cells": results,
+        "rows": render::rows_json(&ctx, &rows),
+        "torch_bp": torch,
     });
     write_atomic(
         &out.join("table.json"),
@@ -619,5 +748,189 @@ mod tests {
             e.contains("needs --data-dir DIR") && e.contains("train/"),
             "{e}"
         );
+    }
+
+    /// A stand-in `sgr bench` whose hash is its method and batch: bp's process peaks at 1000
+    /// MiB RSS (800 MiB heap), a local method's at 500 MiB (300 MiB heap).
+    #[cfg(unix)]
+    const FAKE_SGR_BENCH: &str = r#"#!/bin/sh
+spec=0; batch=; method=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --print-spec) spec=1 ;;
+    --batch-size) batch=$2; shift ;;
+    --method) method=$2; shift ;;
+  esac
+  shift
+done
+case "$method" in bp) m=1; rss=1000; heap=800 ;; *) m=2; rss=500; heap=300 ;; esac
+hash="${m}${batch}abcdef0123456789"
+if [ "$spec" = 1 ]; then
+  printf '{"spec_hash":"%s","spec":{"batch":%s}}\n' "$hash" "$batch"; exit 0
+fi
+printf '{"model":"deit-s","method":"%s","modules":1,"sgr_grad":null,"batch_size":%s,"input":[3,224,224],"steps":1,"median_step_seconds":0.5,"images_per_s":2,"step_seconds":[0.5],"peak_memory_bytes":%s,"peak_heap_bytes":%s,"spec_hash":"%s"}\n' "$method" "$batch" $((rss * 1048576)) $((heap * 1048576)) "$hash"
+"#;
+
+    /// `cargo xtask reproduce table2 --profile memory` for deit-s bp and greedy K = 2 at batch
+    /// 8 against the stand-in `sgr`, with a stand-in python (with or without torch) and a
+    /// records file holding `records`; returns table.md and table.json.
+    #[cfg(unix)]
+    fn memory_table(
+        torch: bool,
+        records: &[String],
+        extra: &[&str],
+    ) -> (String, serde_json::Value, tempfile::TempDir) {
+        use crate::run::tests::script;
+        use torch::tests::{FAKE_PYTHON, FAKE_TWIN};
+        let tmp = tempfile::tempdir().unwrap();
+        let bin = tmp.path().join("bin");
+        let sgr = script(&bin, "sgr", FAKE_SGR_BENCH);
+        script(&bin, "python", FAKE_PYTHON);
+        let twin = script(&bin, "torch_reference.py", FAKE_TWIN);
+        if !torch {
+            std::fs::write(bin.join("no-torch"), "").unwrap();
+        }
+        let rec = tmp.path().join("torch_bp.jsonl");
+        if !records.is_empty() {
+            std::fs::write(&rec, records.join("\n")).unwrap();
+        }
+        let out = tmp.path().join("out");
+        let mut args: Vec<String> = [
+            "table2",
+            "--profile",
+            "memory",
+            "--models",
+            "deit-s",
+            "--methods",
+            "bp,greedy",
+            "--ks",
+            "2",
+            "--batch-size",
+            "8",
+            "--out",
+            &out.display().to_string(),
+            "--torch-records",
+            &rec.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let env = Env {
+            sgr: Some(sgr),
+            python: Some(bin.join("python")),
+            torch_script: Some(twin),
+        };
+        reproduce_with(&args, &env).unwrap();
+        let md = std::fs::read_to_string(out.join("table.md")).unwrap();
+        let json = serde_json::from_str(&std::fs::read_to_string(out.join("table.json")).unwrap())
+            .unwrap();
+        (md, json, tmp)
+    }
+
+    /// A committed record of PyTorch's bp of deit-s on this process's threads.
+    #[cfg(unix)]
+    fn record(batch: usize, rss_mib: u64) -> String {
+        format!(
+            "{{\"implementation\":\"pytorch 2.9.0\",\"model\":\"deit-s\",\"method\":\"bp\",\
+             \"input\":[3,224,224],\"classes\":1000,\"batch_size\":{batch},\"threads\":{},\
+             \"device\":\"cpu\",\"steps\":1,\"peak_memory_bytes\":{}}}",
+            torch::sgr_threads(),
+            rss_mib << 20
+        )
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn memory_profile_with_torch_measures_pytorch_bp() {
+        // The twin measures 100 MiB per image: 800 MiB at batch 8; the record's 2000 is unused.
+        let (md, json, tmp) = memory_table(true, &[record(8, 2000)], &["--save-torch-records"]);
+        assert!(
+            md.contains("| peak RSS MiB | saving vs PyTorch bp |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| deit-s | bp | 1 | – | 800 | – | 1000 | -25 % (measured) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| deit-s | greedy | 2 | – | 300 | 62 % | 500 | 38 % (measured) |"),
+            "{md}"
+        );
+        assert!(md.contains("RSS against RSS"), "{md}");
+        assert!(
+            md.contains(": 800 MiB, measured (pytorch 2.15.0-fake;"),
+            "{md}"
+        );
+        let rows = json["rows"].as_array().unwrap();
+        assert_eq!(rows[1]["saving_vs_torch_bp_pct"], 37.5);
+        assert_eq!(rows[1]["torch_bp_source"], "measured");
+        assert_eq!(rows[1]["saving_vs_bp_pct"], 62.5);
+        assert_eq!(json["torch_bp"][0]["source"], "measured");
+        assert_eq!(json["torch_bp"][0]["memory_mib"], 800.0);
+        assert_eq!(json["cells"][1]["peak_rss_mib"], 500.0);
+        // --save-torch-records replaced the record of the same key with the measurement.
+        let saved = torch::load_records(&tmp.path().join("torch_bp.jsonl")).unwrap();
+        assert_eq!(saved.len(), 1);
+        assert_eq!(saved[0].1.peak_memory_bytes, 800 << 20);
+        assert_eq!(saved[0].1.implementation, "pytorch 2.15.0-fake");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn memory_profile_without_torch_reads_the_records_and_labels_them() {
+        let (md, json, _tmp) = memory_table(false, &[record(16, 900), record(8, 2000)], &[]);
+        assert!(
+            md.contains("| deit-s | greedy | 2 | – | 300 | 62 % | 500 | 75 % (record) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| deit-s | bp | 1 | – | 800 | – | 1000 | 50 % (record) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(": 2000 MiB, record (pytorch 2.9.0; record ")
+                && md.contains("torch_bp.jsonl line 2; no PyTorch to measure with"),
+            "{md}"
+        );
+        assert!(!md.contains("measured)"), "{md}");
+        assert_eq!(json["rows"][1]["torch_bp_source"], "record");
+        assert_eq!(json["rows"][1]["saving_vs_torch_bp_pct"], 75.0);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn memory_profile_without_torch_or_a_record_prints_na() {
+        let (md, json, _tmp) = memory_table(false, &[record(16, 900)], &[]);
+        assert!(
+            md.contains("| deit-s | greedy | 2 | – | 300 | 62 % | 500 | n/a † |"),
+            "{md}"
+        );
+        assert!(md.contains("batch 8") && md.contains(": n/a †"), "{md}");
+        assert!(
+            md.contains(
+                "† No PyTorch bp number for deit-s, input 3×224×224, 1000 classes, batch 8"
+            ) && md.contains("No module named 'torch'")
+                && md.contains("which has deit-s, input 3×224×224, 1000 classes, batch 16"),
+            "{md}"
+        );
+        assert!(json["rows"][1]["saving_vs_torch_bp_pct"].is_null());
+        assert_eq!(json["rows"][1]["torch_bp_source"], "n/a");
+        assert_eq!(json["torch_bp"][0]["source"], "n/a");
+        assert!(json["torch_bp"][0]["memory_mib"].is_null());
+    }
+
+    #[test]
+    fn torch_flags_are_for_memory_profiles() {
+        let e = reproduce(&[
+            "table1".into(),
+            "--profile".into(),
+            "smoke".into(),
+            "--python".into(),
+            "python3".into(),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--python is for memory profiles"), "{e}");
     }
 }

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use sgr_schema::{LineChart, Series};
 
 use super::table::{Kind, Reference, TableSpec};
+use super::torch::{Source, TorchBp};
 
 /// The outcome of one cell, as `table.json` records it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,6 +30,10 @@ pub struct CellResult {
     pub error_pct: Option<f64>,
     /// Peak training memory in MiB (see [`memory_note`]).
     pub memory_mib: Option<f64>,
+    /// Peak resident memory of the whole `sgr bench` process in MiB (memory cells): what the
+    /// CPU's "saving vs PyTorch bp" compares (see [`torch_note`]).
+    #[serde(default)]
+    pub peak_rss_mib: Option<f64>,
     /// Seconds per training step.
     pub step_seconds: Option<f64>,
     /// Mean over boundaries of the last epoch's cos(a, b).
@@ -42,6 +47,10 @@ pub struct CellResult {
 pub struct Row {
     /// The model's name in the table.
     pub label: String,
+    /// `--model`.
+    pub model: String,
+    /// Images per step.
+    pub batch: usize,
     /// The model the published numbers are of.
     pub reference_model: String,
     /// Method.
@@ -52,6 +61,8 @@ pub struct Row {
     pub errors: Vec<f64>,
     /// Mean peak memory (MiB).
     pub memory: Option<f64>,
+    /// Mean peak resident memory of the process (MiB, memory cells).
+    pub rss: Option<f64>,
     /// Mean seconds per step.
     pub step: Option<f64>,
     /// Mean boundary cos.
@@ -70,11 +81,14 @@ pub fn rows(results: &[CellResult]) -> Vec<Row> {
             None => rows.push((
                 Row {
                     label: r.label.clone(),
+                    model: r.model.clone(),
+                    batch: r.batch,
                     reference_model: r.reference_model.clone(),
                     method: r.method.clone(),
                     k: r.k,
                     errors: vec![],
                     memory: None,
+                    rss: None,
                     step: None,
                     cos: None,
                     failed: vec![],
@@ -91,6 +105,7 @@ pub fn rows(results: &[CellResult]) -> Vec<Row> {
             };
             row.errors = cells.iter().filter_map(|c| c.error_pct).collect();
             row.memory = mean(&|c| c.memory_mib);
+            row.rss = mean(&|c| c.peak_rss_mib);
             row.step = mean(&|c| c.step_seconds);
             row.cos = mean(&|c| c.mean_cos);
             row.failed = cells
@@ -120,11 +135,14 @@ pub fn unrun_reference_rows(t: &TableSpec, rows: &[Row]) -> Vec<Row> {
             if !measured {
                 extra.push(Row {
                     label: model_row.label.clone(),
+                    model: model_row.model.clone(),
+                    batch: model_row.batch,
                     reference_model: r.model.clone(),
                     method: r.method.clone(),
                     k,
                     errors: vec![],
                     memory: None,
+                    rss: None,
                     step: None,
                     cos: None,
                     failed: vec![],
@@ -167,6 +185,8 @@ pub struct Context<'a> {
     pub recipe: String,
     /// Why methods are missing.
     pub not_run: &'a [String],
+    /// PyTorch's bp per model and batch (memory profiles; empty otherwise).
+    pub torch: &'a [TorchBp],
 }
 
 /// What the memory column measures.
@@ -183,6 +203,107 @@ pub fn memory_note(kind: Kind) -> &'static str {
              in memory and evaluation included), as `summary.json` reports it"
         }
     }
+}
+
+/// What the "saving vs PyTorch bp" column compares on `device`.
+pub fn torch_note(device: &str) -> String {
+    let ours = if device == "cuda" {
+        "this row's peak device memory allocated (the memory column) against PyTorch's \
+         `torch.cuda.max_memory_allocated` over the same warm-up and timed steps: device memory \
+         against device memory"
+    } else {
+        "this row's peak resident memory (RSS) of the whole `sgr bench` process (the RSS column) \
+         against the peak RSS (ru_maxrss) of the whole `scripts/torch_reference.py --method bp` \
+         process: RSS against RSS, both whole processes (runtime and libraries, weights, \
+         optimizer state, batch, activations, gradients), since PyTorch has no counting \
+         allocator. The heap column and its saving vs bp compare sgr with sgr's own bp"
+    };
+    format!(
+        "Saving vs PyTorch bp: 1 − ours / PyTorch's bp at the same model, input, classes, batch, \
+         thread count and device; ours is {ours}. Beside each saving, where PyTorch's number came \
+         from: `measured` (by scripts/torch_reference.py on this machine) or `record` (a \
+         committed measurement, docs/reproduce.md)"
+    )
+}
+
+/// PyTorch's bp of `row`'s model and batch, when the run looked for one.
+fn torch_of<'a>(ctx: &Context<'a>, row: &Row) -> Option<&'a TorchBp> {
+    ctx.torch
+        .iter()
+        .find(|t| t.key.model == row.model && t.key.batch_size == row.batch)
+}
+
+/// 1 − memory / bp's, in percent, against sgr's bp of the same model.
+fn saving_vs_bp(row: &Row, rows: &[Row]) -> Option<f64> {
+    let bp = rows
+        .iter()
+        .find(|r| r.label == row.label && r.method == "bp")
+        .and_then(|r| r.memory)?;
+    match row.memory {
+        Some(m) if row.method != "bp" && bp > 0.0 => Some(100.0 * (1.0 - m / bp)),
+        _ => None,
+    }
+}
+
+/// The "saving vs PyTorch bp" of a row.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum TorchSaving {
+    /// No number of ours to compare, or no PyTorch column in this profile.
+    None,
+    /// PyTorch's number is missing (footnote).
+    Missing,
+    /// The saving in percent, and where PyTorch's number came from.
+    Saving(f64, Source),
+}
+
+fn saving_vs_torch(ctx: &Context, row: &Row) -> TorchSaving {
+    if ctx.kind != Kind::Memory {
+        return TorchSaving::None;
+    }
+    let ours = if ctx.device == "cuda" {
+        row.memory
+    } else {
+        row.rss
+    };
+    let Some(ours) = ours else {
+        return TorchSaving::None;
+    };
+    match torch_of(ctx, row) {
+        Some(TorchBp {
+            memory_mib: Some(t),
+            source,
+            ..
+        }) if *t > 0.0 => TorchSaving::Saving(100.0 * (1.0 - ours / t), *source),
+        _ => TorchSaving::Missing,
+    }
+}
+
+/// The rows as `table.json` records them: what the Markdown shows, the savings as numbers.
+pub fn rows_json(ctx: &Context, rows: &[Row]) -> Vec<serde_json::Value> {
+    rows.iter()
+        .map(|row| {
+            let (torch_saving, torch_source) = match saving_vs_torch(ctx, row) {
+                TorchSaving::Saving(s, src) => (Some(s), Some(src)),
+                TorchSaving::Missing => (None, Some(Source::Missing)),
+                TorchSaving::None => (None, None),
+            };
+            serde_json::json!({
+                "label": row.label,
+                "model": row.model,
+                "method": row.method,
+                "k": row.k,
+                "batch": row.batch,
+                "errors_pct": row.errors,
+                "memory_mib": row.memory,
+                "peak_rss_mib": row.rss,
+                "saving_vs_bp_pct": saving_vs_bp(row, rows),
+                "saving_vs_torch_bp_pct": torch_saving,
+                "torch_bp_source": torch_source,
+                "step_seconds": row.step,
+                "mean_cos": row.cos,
+            })
+        })
+        .collect()
 }
 
 fn fmt(v: Option<f64>, digits: usize) -> String {
@@ -224,27 +345,44 @@ pub fn markdown(ctx: &Context, rows: &[Row]) -> String {
         ctx.device, ctx.seeds, ctx.recipe
     ));
     let has_paper = rows.iter().any(|r| is_sgr(&r.method));
-    md.push_str("| model | method | K | top-1 error % | peak memory MiB | saving vs bp | s/step | boundary cos | published error % | published memory GB |");
+    // Memory profiles: PyTorch's bp beside sgr's (and, on the CPU, the RSS it is compared with).
+    let torch_columns: &[&str] = match (ctx.kind, ctx.device) {
+        (Kind::Memory, "cuda") => &["saving vs PyTorch bp"],
+        (Kind::Memory, _) => &["peak RSS MiB", "saving vs PyTorch bp"],
+        (Kind::Train, _) => &[],
+    };
+    md.push_str("| model | method | K | top-1 error % | peak memory MiB | saving vs bp |");
+    for c in torch_columns {
+        md.push_str(&format!(" {c} |"));
+    }
+    md.push_str(" s/step | boundary cos | published error % | published memory GB |");
     if has_paper {
         md.push_str(" SGR paper error % |");
     }
     md.push('\n');
-    md.push_str("|---|---|---|---|---|---|---|---|---|---|");
+    md.push_str(&"|---".repeat(10 + torch_columns.len()));
+    md.push('|');
     if has_paper {
         md.push_str("---|");
     }
     md.push('\n');
+    let mut missing_torch = false;
     for row in rows {
-        let bp = rows
-            .iter()
-            .find(|r| r.label == row.label && r.method == "bp")
-            .and_then(|r| r.memory);
-        let saving = match (row.memory, bp) {
-            (Some(m), Some(b)) if row.method != "bp" && b > 0.0 => {
-                format!("{:.0} %", 100.0 * (1.0 - m / b))
+        let saving = saving_vs_bp(row, rows).map_or("–".into(), |s| format!("{s:.0} %"));
+        let mut torch_cells = String::new();
+        if !torch_columns.is_empty() {
+            if torch_columns.len() == 2 {
+                torch_cells.push_str(&format!(" {} |", fmt(row.rss, 0)));
             }
-            _ => "–".into(),
-        };
+            torch_cells.push_str(&match saving_vs_torch(ctx, row) {
+                TorchSaving::Saving(s, src) => format!(" {s:.0} % ({}) |", src.word()),
+                TorchSaving::Missing => {
+                    missing_torch = true;
+                    " n/a † |".into()
+                }
+                TorchSaving::None => " – |".into(),
+            });
+        }
         let error = if !row.failed.is_empty() && row.errors.is_empty() && row.memory.is_none() {
             "failed".to_string()
         } else if row.failed.is_empty() && row.memory.is_none() && row.errors.is_empty() {
@@ -272,13 +410,14 @@ pub fn markdown(ctx: &Context, rows: &[Row]) -> String {
             None => ("–".into(), "–".into()),
         };
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} |{} {} | {} | {} | {} |",
             row.label,
             row.method,
             row.k,
             error,
             fmt(row.memory, 0),
             saving,
+            torch_cells,
             fmt(row.step, 3),
             fmt(row.cos, 2),
             pub_err,
@@ -300,6 +439,40 @@ pub fn markdown(ctx: &Context, rows: &[Row]) -> String {
     }
     md.push('\n');
     md.push_str(&format!("{}.\n", capitalise(memory_note(ctx.kind))));
+    if !torch_columns.is_empty() {
+        md.push_str(&format!("\n{}.\n", torch_note(ctx.device)));
+        if !ctx.torch.is_empty() {
+            md.push_str("\nPyTorch's bp, the denominators:\n");
+        }
+        for t in ctx.torch {
+            md.push_str(&match t.memory_mib {
+                Some(m) => format!(
+                    "- {}: {m:.0} MiB, {} ({}; {})\n",
+                    t.key.describe(),
+                    t.source.word(),
+                    t.implementation.as_deref().unwrap_or("pytorch"),
+                    t.detail
+                ),
+                None => format!("- {}: n/a †\n", t.key.describe()),
+            });
+        }
+        if missing_torch || ctx.torch.iter().any(|t| t.memory_mib.is_none()) {
+            md.push('\n');
+            for t in ctx.torch.iter().filter(|t| t.memory_mib.is_none()) {
+                md.push_str(&format!(
+                    "† No PyTorch bp number for {}: {}. Install torch and timm for `--python` \
+                     (or `$PYTHON`) to measure it, or add a record (docs/reproduce.md).\n",
+                    t.key.describe(),
+                    t.detail
+                ));
+            }
+            if rows.iter().any(|r| {
+                saving_vs_torch(ctx, r) == TorchSaving::Missing && torch_of(ctx, r).is_none()
+            }) {
+                md.push_str("† PyTorch's bp was not looked for at this model and batch.\n");
+            }
+        }
+    }
     if !sources.is_empty() {
         md.push_str("\nSources of the published columns:\n");
         for (i, s) in sources.iter().enumerate() {
@@ -426,6 +599,7 @@ mod tests {
             path: "x".into(),
             error_pct: Some(error),
             memory_mib: Some(mem),
+            peak_rss_mib: None,
             step_seconds: Some(0.5),
             mean_cos: (k > 1).then_some(0.4),
             failed: None,
@@ -460,6 +634,7 @@ mod tests {
             seeds: &[0, 1],
             recipe: "5 epochs".into(),
             not_run: &[],
+            torch: &[],
         };
         let md = markdown(&ctx, &rows);
         assert!(md.contains("| resnet32 | greedy | 16 | 24.00 ± 1.41 | 300 | 50 % | 0.500 | 0.40 | 24.59 [1] | – | – |"), "{md}");
@@ -487,6 +662,67 @@ mod tests {
             ]
         );
         assert_eq!(c.series[0].points, vec![(16.0, 14.0), (16.0, 14.0)]);
+    }
+
+    /// On CUDA the PyTorch saving compares device memory (the memory column) with torch's
+    /// allocator peak: one extra column, no RSS.
+    #[test]
+    fn on_cuda_the_pytorch_saving_compares_device_memory() {
+        let t = TableSpec::load(&tables_dir(&crate::root()), "table2").unwrap();
+        let cell = |method: &str, k: usize, mem: f64| CellResult {
+            model: "deit-s".into(),
+            label: "deit-s".into(),
+            reference_model: "deit-s".into(),
+            error_pct: None,
+            peak_rss_mib: Some(9000.0),
+            mean_cos: None,
+            ..result(method, k, 0, 0.0, mem)
+        };
+        let torch = [TorchBp {
+            key: crate::reproduce::torch::Key {
+                model: "deit-s".into(),
+                input: [3, 224, 224],
+                classes: 1000,
+                batch_size: 128,
+                threads: 16,
+                device: "cuda".into(),
+            },
+            source: Source::Record,
+            memory_mib: Some(2000.0),
+            implementation: Some("pytorch 2.15.0".into()),
+            detail: "record docs/results/table2-memory/torch_bp.jsonl line 3".into(),
+        }];
+        let ctx = Context {
+            table: &t,
+            profile: "memory",
+            kind: Kind::Memory,
+            about: "about",
+            substitute: None,
+            device: "cuda",
+            seeds: &[0],
+            recipe: String::new(),
+            not_run: &[],
+            torch: &torch,
+        };
+        let rows = rows(&[cell("bp", 1, 2500.0), cell("greedy", 2, 1000.0)]);
+        let md = markdown(&ctx, &rows);
+        assert!(
+            md.contains("| saving vs bp | saving vs PyTorch bp | s/step |")
+                && !md.contains("RSS MiB"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| deit-s | greedy | 2 | – | 1000 | 60 % | 50 % (record) | 0.500 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| deit-s | bp | 1 | – | 2500 | – | -25 % (record) |"),
+            "{md}"
+        );
+        assert!(md.contains("device memory against device memory"), "{md}");
+        let json = rows_json(&ctx, &rows);
+        assert_eq!(json[1]["saving_vs_torch_bp_pct"], 50.0);
+        assert_eq!(json[1]["torch_bp_source"], "record");
     }
 
     #[test]
