@@ -145,6 +145,9 @@ def main():
                     choices=["exact", "finite-difference", "forward-difference"])
     ap.add_argument("--sgr-fd-epsilon", type=float, default=None)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--unfused-attn", action="store_true",
+                    help="timm models: the math attention path (kept probabilities) even where "
+                         "timm's fused attention would serve")
     ap.add_argument("--cudnn-benchmark", action="store_true",
                     help="let cuDNN time its algorithms (torch.backends.cudnn.benchmark)")
     a = ap.parse_args()
@@ -167,8 +170,13 @@ def main():
         head = a.aux_head
         if head in ("auto", "1c2f"):
             head = "infopro" if a.model in torch_train.RESNETS else "token"
+        # timm's own fused attention (scaled_dot_product_attention) wherever nothing is
+        # differentiated twice, i.e. all but the exact SGR way; --unfused-attn forces the
+        # math path (softmax probabilities kept for backward) for comparison.
+        exact = a.method.startswith("sgr") and a.sgr_grad == "exact"
         t = argparse.Namespace(model=a.model, modules=k, aux_head=head, seed=0, dropout=0.0,
-                               drop_path=0.0, classes=a.classes, image_size=a.input_size)
+                               drop_path=0.0, classes=a.classes, image_size=a.input_size,
+                               fused_attn=not (exact or a.unfused_attn))
         local, _, _ = torch_train.build(t)
         mods = [(m.body, m.head) for m in local]
     for body, head in mods:

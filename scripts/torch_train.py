@@ -358,11 +358,13 @@ def build(a):
         mods.append(LocalModule(nn.Sequential(*body), head))
         start = end + 1
     # Unfused attention: twice differentiable (the CPU flash kernel is not), the same in all
-    # methods.
-    for m in mods:
-        for sub in m.modules():
-            if hasattr(sub, "fused_attn"):
-                sub.fused_attn = False
+    # methods. A caller that never differentiates twice (scripts/torch_reference.py's bp and
+    # finite-difference methods) keeps timm's fused attention with `fused_attn=True`.
+    if not getattr(a, "fused_attn", False):
+        for m in mods:
+            for sub in m.modules():
+                if hasattr(sub, "fused_attn"):
+                    sub.fused_attn = False
     return mods, ends, names
 
 

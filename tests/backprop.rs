@@ -3,7 +3,8 @@
 //! zeros. These tests check candle's backward, first and second order, against central finite
 //! differences in f64 on a graph where tensors have one consumer, several consumers (fan-in
 //! through add, mul, matmul, broadcasting, narrow and cat), the same operand on both sides of
-//! an op, and custom ops that return no gradient for a constant operand.
+//! an op, and custom ops that return no gradient for a constant operand. A first-order pass
+//! stores detached gradients, so that none keeps another tensor alive.
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use sgr_core::{autograd, kernels};
@@ -350,4 +351,32 @@ fn second_order_scope_on_a_rayon_worker_runs_off_the_pool() {
         assert_eq!(inside, (None, true));
         assert_eq!(autograd::gradients_keep_graph(), before);
     });
+}
+
+/// A first-order backward stores detached gradients: a weight gradient computed from a tracked
+/// operand (`xᵀ·g`) would otherwise keep its op, and with it the incoming gradient, alive until
+/// the gradients are dropped (vendor/README.md, change 1). Under the second-order scope the
+/// gradients keep their graphs. Covers candle's matmul and the fused linear, convolution and
+/// ReLU ops.
+#[test]
+fn first_order_gradients_hold_no_graph() {
+    let run = || -> candle_core::Result<Vec<bool>> {
+        let x = Var::from_tensor(&randn(&[2, 3, 6, 6], 1.0, 1, DType::F64))?;
+        let w = Var::from_tensor(&randn(&[4, 3, 3, 3], 1.0, 2, DType::F64))?;
+        let fc = Var::from_tensor(&randn(&[5, 4], 1.0, 3, DType::F64))?;
+        let b = Var::from_tensor(&randn(&[5], 1.0, 4, DType::F64))?;
+        let m = Var::from_tensor(&randn(&[5, 5], 1.0, 5, DType::F64))?;
+        let h = kernels::relu(&kernels::conv2d(x.as_tensor(), w.as_tensor(), 1, 1)?)?;
+        let pooled = h.mean((2, 3))?;
+        let y = kernels::linear(&pooled, fc.as_tensor(), b.as_tensor())?.matmul(m.as_tensor())?;
+        let g = (y.sqr()?.sum_all()? + pooled.sqr()?.sum_all()?)?.backward()?;
+        Ok([&x, &w, &fc, &b, &m]
+            .iter()
+            .map(|v| g.get(v.as_tensor()).expect("a gradient").track_op())
+            .collect())
+    };
+    let _env = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    assert_eq!(run().unwrap(), vec![false; 5], "first order: detached");
+    let kept = autograd::with_second_order(|| Ok(run()?)).unwrap();
+    assert_eq!(kept, vec![true; 5], "second order: graphs kept");
 }

@@ -15,19 +15,32 @@
 //!   gradient; three with a residual, whose masked gradient is stored once). It is first order
 //!   only: callers that differentiate twice use a primitive BatchNorm instead.
 //! * ReLU with a one-pass backward, `g·[x ≥ 0]`, itself differentiable again.
+//! * The Transformer ops ([`linear`], [`layer_norm`], [`gelu`], [`attention()`]), each one op that
+//!   keeps only its operands, its output and a few numbers per row for backward, where the
+//!   compositions of candle's ops keep every intermediate until the backward pass ends.
+//!   Attention never holds the `B·H·N·N` scores: one head's tile at a time, recomputed in
+//!   backward from each row's log-sum-exp. The linear layer differentiates twice; LayerNorm,
+//!   GELU and attention are first order only (callers that differentiate twice use [`generic`]).
+//! * One SGD update per parameter in one pass ([`sgd_step`]), rounded as candle's ops round it.
 //! * Two element-wise passes of the SGR step: [`scaled_sum`] and the f64 [`pair_sums`].
 //!
 //! Every op dispatches by device inside itself: the fast kernels run when all its operands are
 //! CPU tensors of one dtype, f32 or f64 (made contiguous first); on any other device or dtype
 //! the op runs its [`generic`] version, with the same semantics and first-order gradients.
+//! Reductions across rows, images or channels run over blocks of a fixed size whose partial
+//! sums are added in order, so results do not depend on the number of threads.
 //!
 //! ## Modules
 //!
 //! The module graph is acyclic, the candle ops of this root on top:
 //!
-//! * the crate root (candle ops and dispatch) uses [`cpu`], [`generic`] and [`geom`];
-//! * [`cpu`] (the raw loops) uses [`direct`], `reductions` (x86-64 only) and [`geom`];
+//! * the crate root (candle ops and dispatch) and its private `transformer` and `sgd` modules
+//!   use [`cpu`], [`token`], [`attention`], [`generic`] and [`geom`];
+//! * [`token`] (LayerNorm, GELU, bias rows) and [`attention`] use [`cpu`];
+//! * [`cpu`] (the raw loops, the [`cpu::Real`] element types) uses [`direct`], [`vmath`],
+//!   `reductions` (x86-64 only) and [`geom`];
 //! * [`direct`] (AVX-512 3×3 convolutions) and `reductions` (AVX-512 f32 sums) use [`geom`];
+//! * [`vmath`] (vectorisable f32 `exp` and `erf`) uses [`direct`]'s CPU check only;
 //! * [`generic`] (the candle-op versions) uses [`geom`];
 //! * [`geom`] (convolution geometry, plane masks) uses none of them.
 
@@ -277,8 +290,9 @@ impl CustomOp2 for ConvFwd {
             stride: self.stride,
             pad: self.pad,
         };
-        let dx = wanted(x, || conv.dx(&grad, w, (h, wd)))?;
-        let dw = wanted(w, || conv.dw(x, &grad, (kh, kw)))?;
+        let (xd, wd_) = (for_grad(x, &grad), for_grad(w, &grad));
+        let dx = wanted(x, || conv.dx(&grad, &wd_, (h, wd)))?;
+        let dw = wanted(w, || conv.dw(&xd, &grad, (kh, kw)))?;
         Ok((dx, dw))
     }
 }
@@ -331,9 +345,10 @@ impl CustomOp2 for ConvDx {
             stride: self.stride,
             pad: self.pad,
         };
+        let (gyd, wd) = (for_grad(gy, &grad), for_grad(w, &grad));
         Ok((
-            wanted(gy, || conv.fwd(&grad, w))?,
-            wanted(w, || conv.dw(&grad, gy, (kh, kw)))?,
+            wanted(gy, || conv.fwd(&grad, &wd))?,
+            wanted(w, || conv.dw(&grad, &gyd, (kh, kw)))?,
         ))
     }
 }
@@ -386,9 +401,10 @@ impl CustomOp2 for ConvDw {
             stride: self.stride,
             pad: self.pad,
         };
+        let (xd, gyd) = (for_grad(x, &grad), for_grad(gy, &grad));
         Ok((
-            wanted(x, || conv.dx(gy, &grad, (h, w)))?,
-            wanted(gy, || conv.fwd(x, &grad))?,
+            wanted(x, || conv.dx(&gyd, &grad, (h, w)))?,
+            wanted(gy, || conv.fwd(&xd, &grad))?,
         ))
     }
 }
@@ -405,6 +421,18 @@ fn wanted(
         f().map(Some)
     } else {
         Ok(None)
+    }
+}
+
+/// An operand as a backward pass should use it: as is when the incoming gradient is itself
+/// being differentiated (second order), else detached. A gradient computed from a tracked
+/// operand records its op, and a parameter's gradient is kept until the optimizer step: it
+/// would hold the incoming gradient (an activation-sized tensor) alive with it.
+fn for_grad(t: &Tensor, grad: &Tensor) -> Tensor {
+    if grad.track_op() {
+        t.clone()
+    } else {
+        t.detach()
     }
 }
 
@@ -1029,7 +1057,11 @@ impl CustomOp1 for Relu {
         Ok((out, l.shape().clone()))
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(apply2(&grad.contiguous()?, x, ReluGrad)?))
+        Ok(Some(apply2(
+            &grad.contiguous()?,
+            &for_grad(x, grad),
+            ReluGrad,
+        )?))
     }
 }
 
@@ -1061,7 +1093,10 @@ impl CustomOp2 for ReluGrad {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // Linear in g; the mask is piecewise constant in x (zero derivative almost everywhere).
-        Ok((Some(apply2(&grad.contiguous()?, x, ReluGrad)?), None))
+        Ok((
+            Some(apply2(&grad.contiguous()?, &for_grad(x, grad), ReluGrad)?),
+            None,
+        ))
     }
 }
 

@@ -18,7 +18,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Te
 
 use crate::attention::{self, AttnGeom};
 use crate::cpu::{self, Real, Strided};
-use crate::{fast, generic, slice, token, wanted};
+use crate::{fast, for_grad, generic, slice, token, wanted};
 
 /// The error of a first-order op asked for a differentiable gradient.
 fn first_order_only(op: &str) -> candle_core::Error {
@@ -123,9 +123,10 @@ impl CustomOp3 for LinearFwd {
                 grad.contiguous()?.apply_op1_no_bwd(&ColumnSums)
             }
         };
+        let (xd, wd) = (for_grad(x, grad), for_grad(w, grad));
         Ok((
-            wanted(x, || grad.matmul(w))?,
-            wanted(w, || grad.t()?.matmul(x))?,
+            wanted(x, || grad.matmul(&wd))?,
+            wanted(w, || grad.t()?.matmul(&xd))?,
             wanted(b, db)?,
         ))
     }

@@ -111,7 +111,7 @@ fn exp_sub_loop(row: &mut [f32], shift: f32) {
 /// Runs `$body` in a copy compiled for AVX-512 where the CPU has it, else portably.
 macro_rules! dispatch {
     ($name:ident, $loop:ident, ($($arg:ident: $ty:ty),*)) => {
-        #[doc = concat!("[`", stringify!($loop), "`] on AVX-512 where available.")]
+        #[doc = concat!("`", stringify!($loop), "` on AVX-512 where available, else portably.")]
         pub fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {

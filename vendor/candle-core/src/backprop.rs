@@ -777,15 +777,20 @@ impl GradStore {
 
     /// Add `grad` to the gradient of `tensor`. The first contribution is stored as is (made
     /// contiguous) instead of being added to a fresh tensor of zeros: that saves a zero fill and
-    /// a full add for every gradient edge, and gives the same values.
+    /// a full add for every gradient edge, and gives the same values. Unless gradient graphs are
+    /// kept, what is stored is detached: a gradient computed from a tracked operand (a weight's
+    /// `xᵀ·g` from the forward's `x`) records its op, which would keep the incoming gradient `g`
+    /// alive for as long as the weight's gradient is stored, i.e. to the end of the backward pass.
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
+        let keep = keep_grad_graph();
+        let detach = |t: Tensor| if keep { t } else { t.detach() };
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum_grad = entry.get_mut();
-                *sum_grad = sum_grad.add(grad)?;
+                *sum_grad = detach(sum_grad.add(grad)?);
             }
             Entry::Vacant(entry) => {
-                entry.insert(grad.contiguous()?);
+                entry.insert(detach(grad.contiguous()?));
             }
         }
         Ok(())
