@@ -404,3 +404,31 @@ fn fused_sgd_rounds_as_the_composition_does() {
         }
     }
 }
+
+/// The fused linear layer gives `matmul` + `broadcast_add`'s values and gradients bit for bit
+/// in f32 (the same gemm calls, the bias gradient summed in the same order), so the models
+/// that used the composition train to the same bits.
+#[test]
+fn fused_linear_is_bit_identical_to_the_composition_in_f32() {
+    for (rows, cin, cout) in [(128, 64, 10), (37, 300, 129), (3, 7, 5), (400, 40, 70)] {
+        let x = var(&[rows, cin], 1.0, 1, DType::F32);
+        let w = var(&[cout, cin], 0.1, 2, DType::F32);
+        let b = var(&[cout], 0.1, 3, DType::F32);
+        let r = randn(&[rows, cout], 1.0, 4, DType::F32);
+        let vars = [&x, &w, &b];
+        let got = first_order(&|t| kernels::linear(&t[0], &t[1], &t[2]), &vars, &r);
+        let want = first_order(
+            &|t| kernels::generic::linear(&t[0], &t[1], &t[2]),
+            &vars,
+            &r,
+        );
+        for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+            let (g, w) = (flat(std::slice::from_ref(g)), flat(std::slice::from_ref(w)));
+            let same = g.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "{rows}×{cin}→{cout}: output {k} differs from the composition's"
+            );
+        }
+    }
+}

@@ -148,31 +148,29 @@ pub fn add_bias_rows<T: Real>(y: &mut [T], bias: &[T]) {
     });
 }
 
-/// `out[j] = Σᵢ g[i·d + j]`: the column sums of a `rows × d` matrix (a bias gradient), over
-/// fixed blocks of [`ROW_BLOCK`] rows whose f64 partial sums are added in block order.
+/// Columns per task of [`column_sums`].
+const COLUMN_BLOCK: usize = 64;
+
+/// `out[j] = Σᵢ g[i·d + j]`: the column sums of a `rows × d` matrix (a bias gradient), each
+/// column accumulated in `T` over the rows in order, as candle's sum over the first axis
+/// accumulates it (the same bits), with blocks of columns in parallel.
 pub fn column_sums<T: Real>(g: &[T], d: usize, out: &mut [MaybeUninit<T>]) {
     if d == 0 {
         return;
     }
-    let partials: Vec<Vec<f64>> = g
-        .par_chunks(ROW_BLOCK * d)
-        .map(|block| {
-            let mut part = vec![0.0f64; d];
-            for row in block.chunks(d) {
-                for (p, &v) in part.iter_mut().zip(row) {
-                    *p += v.to_f64();
+    out.par_chunks_mut(COLUMN_BLOCK)
+        .enumerate()
+        .for_each(|(blk, o)| {
+            let lo = blk * COLUMN_BLOCK;
+            let mut acc = [T::ZERO; COLUMN_BLOCK];
+            let acc = &mut acc[..o.len()];
+            for row in g.chunks_exact(d) {
+                for (a, &v) in acc.iter_mut().zip(&row[lo..lo + o.len()]) {
+                    *a += v;
                 }
             }
-            part
-        })
-        .collect();
-    let mut sum = vec![0.0f64; d];
-    for p in &partials {
-        for (s, v) in sum.iter_mut().zip(p) {
-            *s += v;
-        }
-    }
-    for (o, v) in out.iter_mut().zip(sum) {
-        o.write(T::from_f64(v));
-    }
+            for (o, &a) in o.iter_mut().zip(acc.iter()) {
+                o.write(a);
+            }
+        });
 }

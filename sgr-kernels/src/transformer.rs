@@ -114,8 +114,9 @@ impl CustomOp3 for LinearFwd {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // candle's matmuls, differentiable again. The weight gradient is computed as `gᵀ·x`,
         // contiguous `(cout, cin)` (candle's `(xᵀ·g)ᵀ` is a transposed view that the gradient
-        // store copies on one thread). The bias gradient is candle's (single-threaded) sum only
-        // when it must differentiate again; otherwise one parallel pass over fixed row blocks.
+        // store copies on one thread). The bias gradient is candle's (single-threaded, strided)
+        // sum only when it must differentiate again; otherwise the same sums, column blocks in
+        // parallel.
         let db = || {
             if grad.track_op() {
                 grad.sum(0)
