@@ -110,6 +110,18 @@ pub fn flat(ts: &[Tensor]) -> Vec<f64> {
         .collect()
 }
 
+/// max |a − b| / max |b|: the largest element-wise difference relative to the reference's
+/// largest magnitude.
+pub fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (flat(std::slice::from_ref(a)), flat(std::slice::from_ref(b)));
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let scale = b.iter().fold(1e-300f64, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(&b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
 /// ||a − b|| / ||b||.
 pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());

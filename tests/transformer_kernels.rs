@@ -5,22 +5,12 @@
 
 use candle_core::{DType, Tensor, Var};
 use sgr_core::{autograd, kernels};
-use sgr_integration_tests::{flat, randn};
+use sgr_integration_tests::{flat, max_rel, randn};
 
 const F64: DType = DType::F64;
 
 fn var(shape: &[usize], std: f64, seed: u64, dtype: DType) -> Var {
     Var::from_tensor(&randn(shape, std, seed, dtype)).expect("var")
-}
-
-fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (flat(std::slice::from_ref(a)), flat(std::slice::from_ref(b)));
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    let scale = b.iter().fold(1e-300f64, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(&b)
-        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
-        / scale
 }
 
 /// An op under test: its output from the variables' tensors.

@@ -143,19 +143,10 @@ impl CustomOp1 for ColumnSums {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (_, d) = l.shape().dims2()?;
-        let out = match s {
-            CpuStorage::F32(g) => {
-                let g = slice(g, l, self.name())?;
-                // SAFETY: column_sums writes all d outputs.
-                CpuStorage::F32(unsafe { cpu::alloc_filled(d, |o| token::column_sums(g, d, o)) })
-            }
-            CpuStorage::F64(g) => {
-                let g = slice(g, l, self.name())?;
-                // SAFETY: column_sums writes all d outputs.
-                CpuStorage::F64(unsafe { cpu::alloc_filled(d, |o| token::column_sums(g, d, o)) })
-            }
-            _ => candle_core::bail!("sgr-column-sums: f32 or f64 expected"),
-        };
+        let out = with_slices!(self.name(), [(s, l, g)], {
+            // SAFETY: column_sums writes all d outputs.
+            unsafe { cpu::alloc_filled(d, |o| token::column_sums(g, d, o)) }
+        });
         Ok((out, Shape::from(d)))
     }
 }
@@ -333,19 +324,10 @@ impl CustomOp1 for Gelu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match s {
-            CpuStorage::F32(x) => {
-                let x = slice(x, l, self.name())?;
-                // SAFETY: gelu writes every output element.
-                CpuStorage::F32(unsafe { cpu::alloc_filled(x.len(), |y| token::gelu(x, y)) })
-            }
-            CpuStorage::F64(x) => {
-                let x = slice(x, l, self.name())?;
-                // SAFETY: gelu writes every output element.
-                CpuStorage::F64(unsafe { cpu::alloc_filled(x.len(), |y| token::gelu(x, y)) })
-            }
-            _ => candle_core::bail!("sgr-gelu: f32 or f64 expected"),
-        };
+        let out = with_slices!(self.name(), [(s, l, x)], {
+            // SAFETY: gelu writes every output element.
+            unsafe { cpu::alloc_filled(x.len(), |y| token::gelu(x, y)) }
+        });
         Ok((out, l.shape().clone()))
     }
 
@@ -435,27 +417,15 @@ impl CustomOp1 for AttnFwd {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = attn_geom(l.dims(), self.heads, self.name())?;
         let mut lse = vec![0.0; g.rows()];
-        let out = match s {
-            CpuStorage::F32(x) => {
-                let x = slice(x, l, self.name())?;
-                // SAFETY: attention_forward writes every output element.
-                CpuStorage::F32(unsafe {
-                    cpu::alloc_filled(g.out_len(), |o| {
-                        attention::attention_forward(&g, x, self.scale as f32, o, &mut lse)
-                    })
+        let out = with_slices!(self.name(), [(s, l, x)], {
+            // SAFETY: attention_forward writes every output element.
+            unsafe {
+                cpu::alloc_filled(g.out_len(), |o| {
+                    let scale = Real::from_f64(self.scale);
+                    attention::attention_forward(&g, x, scale, o, &mut lse)
                 })
             }
-            CpuStorage::F64(x) => {
-                let x = slice(x, l, self.name())?;
-                // SAFETY: attention_forward writes every output element.
-                CpuStorage::F64(unsafe {
-                    cpu::alloc_filled(g.out_len(), |o| {
-                        attention::attention_forward(&g, x, self.scale, o, &mut lse)
-                    })
-                })
-            }
-            _ => candle_core::bail!("sgr-attention: f32 or f64 expected"),
-        };
+        });
         *self.lse.lock().map_err(|_| poisoned(self.name()))? = lse;
         Ok((out, Shape::from((g.b, g.n, g.c()))))
     }
@@ -498,39 +468,15 @@ impl CustomOp3 for AttnGrad {
         if l2.dims() != out_dims || l3.dims() != out_dims || self.lse.len() != g.rows() {
             candle_core::bail!("sgr-attention-grad: operand shapes do not match");
         }
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(q), CpuStorage::F32(o), CpuStorage::F32(go)) => {
-                let name = self.name();
-                let (q, o, go) = (
-                    slice(q, l1, name)?,
-                    slice(o, l2, name)?,
-                    slice(go, l3, name)?,
-                );
-                // SAFETY: attention_backward writes every element of the packed gradient.
-                CpuStorage::F32(unsafe {
-                    cpu::alloc_filled(g.qkv_len(), |d| {
-                        attention::attention_backward(&g, q, o, go, self.scale as f32, &self.lse, d)
-                    })
+        let out = with_slices!(self.name(), [(s1, l1, q), (s2, l2, o), (s3, l3, go)], {
+            // SAFETY: attention_backward writes every element of the packed gradient.
+            unsafe {
+                cpu::alloc_filled(g.qkv_len(), |d| {
+                    let scale = Real::from_f64(self.scale);
+                    attention::attention_backward(&g, q, o, go, scale, &self.lse, d)
                 })
             }
-            (CpuStorage::F64(q), CpuStorage::F64(o), CpuStorage::F64(go)) => {
-                let name = self.name();
-                let (q, o, go) = (
-                    slice(q, l1, name)?,
-                    slice(o, l2, name)?,
-                    slice(go, l3, name)?,
-                );
-                // SAFETY: attention_backward writes every element of the packed gradient.
-                CpuStorage::F64(unsafe {
-                    cpu::alloc_filled(g.qkv_len(), |d| {
-                        attention::attention_backward(&g, q, o, go, self.scale, &self.lse, d)
-                    })
-                })
-            }
-            _ => {
-                candle_core::bail!("sgr-attention-grad: f32 or f64 operands of one dtype expected")
-            }
-        };
+        });
         Ok((out, l1.shape().clone()))
     }
 }
