@@ -11,6 +11,20 @@ pub fn sgr(args: &[&str]) -> Output {
         .expect("run sgr")
 }
 
+/// Runs the `sgr` binary with one compute thread, for a test binary whose tests each run one
+/// long job, so that the harness's parallel tests (one per core) run side by side instead of
+/// contending for the cores: these jobs gain little from a second thread, and spin-waiting
+/// kernels lose much to oversubscription. The bits do not depend on the thread count
+/// (`tests/parallel.rs`, `results_do_not_depend_on_the_thread_count`).
+pub fn sgr_one_thread(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sgr"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "1")
+        .env_remove("CANDLE_NUM_THREADS")
+        .output()
+        .expect("run sgr")
+}
+
 /// stdout and stderr of a run, for assertions and failure messages.
 pub fn text(o: &Output) -> String {
     format!(
