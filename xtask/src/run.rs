@@ -341,25 +341,8 @@ pub fn bench(sgr: &Path, out: &Path, label: &str, args: &[String]) -> Result<Mea
         .arg("--json")
         .output()
         .with_context(|| format!("running {}", sgr.display()))?;
-    if !ran.status.success() {
-        let err = String::from_utf8_lossy(&ran.stderr);
-        let tail: Vec<&str> = err.lines().rev().take(5).collect();
-        bail!(
-            "sgr bench {} failed ({}){}",
-            args.join(" "),
-            ran.status,
-            if tail.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    ": {}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
-                )
-            }
-        );
-    }
-    let stdout = String::from_utf8_lossy(&ran.stdout);
-    let line = stdout.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
+    let line = report_line(&ran, &format!("sgr bench {}", args.join(" ")), 5)?;
+    let line = line.as_str();
     let report: BenchReport = serde_json::from_str(line)
         .with_context(|| format!("sgr bench {} printed no report: {line}", args.join(" ")))?;
     ensure!(
@@ -458,6 +441,30 @@ fn train(sgr: &Path, dir: &Path, args: &[String]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The last non-empty line a measuring process printed (its JSON report), or, when it failed,
+/// an error naming `shown` (the command) with the last `tail` lines of its stderr.
+pub(crate) fn report_line(ran: &std::process::Output, shown: &str, tail: usize) -> Result<String> {
+    if !ran.status.success() {
+        let err = String::from_utf8_lossy(&ran.stderr);
+        let last: Vec<&str> = err.lines().rev().take(tail).collect();
+        let detail = if last.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ": {}",
+                last.into_iter().rev().collect::<Vec<_>>().join(" / ")
+            )
+        };
+        bail!("{shown} failed ({}){detail}", ran.status);
+    }
+    let stdout = String::from_utf8_lossy(&ran.stdout);
+    Ok(stdout
+        .lines()
+        .rfind(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .to_string())
 }
 
 #[cfg(test)]

@@ -22,10 +22,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::run::{slug, write_atomic};
+use crate::run::{report_line, slug, write_atomic};
 
 /// What a PyTorch bp measurement must match to stand beside sgr's cells.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -292,24 +292,8 @@ pub fn measure(
         .args(&args)
         .output()
         .with_context(|| format!("running {}", twin.python.display()))?;
-    if !ran.status.success() {
-        let err = String::from_utf8_lossy(&ran.stderr);
-        let tail: Vec<&str> = err.lines().rev().take(3).collect();
-        bail!(
-            "`{shown}` failed ({}){}",
-            ran.status,
-            if tail.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    ": {}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
-                )
-            }
-        );
-    }
-    let stdout = String::from_utf8_lossy(&ran.stdout);
-    let line = stdout.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
+    let line = report_line(&ran, &format!("`{shown}`"), 3)?;
+    let line = line.as_str();
     let mut v: serde_json::Value = serde_json::from_str(line)
         .with_context(|| format!("`{shown}` printed no JSON report: {line}"))?;
     let obj = v
