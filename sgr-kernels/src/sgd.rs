@@ -8,11 +8,16 @@ use rayon::prelude::*;
 
 use candle_core::{DType, Layout, Storage, Tensor, WithDType};
 
-use crate::cpu::Real;
+use std::mem::MaybeUninit;
+
+use crate::cpu::{self, Real};
 use crate::{fast, slice};
 
 /// Elements per task.
 const BLOCK: usize = 1 << 14;
+
+/// A block of an output being written.
+type Out<'a, T> = &'a mut [MaybeUninit<T>];
 
 /// The coefficients of an update.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -57,30 +62,38 @@ fn run<T: Real>(w: &[T], g: &[T], buf: Option<&[T]>, s: &SgdStep) -> (Vec<T>, Ve
         T::from_f64(s.momentum),
         T::from_f64(s.weight_decay),
     ];
-    let mut nw = vec![T::ZERO; w.len()];
     let keep = s.momentum != 0.0;
-    let mut nb = vec![T::ZERO; if keep { w.len() } else { 0 }];
-    let go = |(i, (ow, ob)): (usize, (&mut [T], &mut [T]))| {
+    let go = |(i, (ow, ob)): (usize, (Out<'_, T>, Out<'_, T>))| {
         let lo = i * BLOCK;
         for j in 0..ow.len() {
             let (a, b) = update(w[lo + j], g[lo + j], buf.map(|b| b[lo + j]), &k, s);
-            ow[j] = a;
+            ow[j].write(a);
             if keep {
-                ob[j] = b;
+                ob[j].write(b);
             }
         }
     };
-    if keep {
-        nw.par_chunks_mut(BLOCK)
-            .zip(nb.par_chunks_mut(BLOCK))
-            .enumerate()
-            .for_each(go);
-    } else {
-        nw.par_chunks_mut(BLOCK)
-            .enumerate()
-            .for_each(|(i, ow)| go((i, (ow, &mut []))));
+    let n = w.len();
+    // SAFETY: the pass below writes every element of both outputs (of the buffer only with
+    // momentum, which is empty otherwise).
+    unsafe {
+        let mut nb = Vec::new();
+        let nw = cpu::alloc_filled(n, |nw| {
+            if keep {
+                nb = cpu::alloc_filled(n, |nb| {
+                    nw.par_chunks_mut(BLOCK)
+                        .zip(nb.par_chunks_mut(BLOCK))
+                        .enumerate()
+                        .for_each(go)
+                });
+            } else {
+                nw.par_chunks_mut(BLOCK)
+                    .enumerate()
+                    .for_each(|(i, ow)| go((i, (ow, &mut []))));
+            }
+        });
+        (nw, nb)
     }
-    (nw, nb)
 }
 
 /// One SGD update of the weight `w` with gradient `g` and momentum buffer `buf` (`None` on the
