@@ -4,6 +4,7 @@
 //! stopping, a failing data source and layouts that cannot work behave as documented. The same
 //! holds across ranks (`Trainer::train_batches_on`, here over in-process ranks).
 
+use std::collections::{HashMap, HashSet};
 use std::ops::ControlFlow;
 
 use candle_core::{DType, Device, Tensor};
@@ -11,6 +12,7 @@ use sgr_core::events::{EpochMetrics, NoObserver};
 use sgr_core::method::{Estimator, Method, Objective};
 use sgr_core::mix::MixConfig;
 use sgr_core::network::LocalNetwork;
+use sgr_core::nn::Param;
 use sgr_core::objective::Batch;
 use sgr_core::sgr::{Direction, SgrConfig, SgrGrad};
 use sgr_core::trainer::distributed::{check_same, local_ranks, Layout, Transport};
@@ -113,22 +115,30 @@ fn bits(t: &Tensor) -> Vec<u32> {
 }
 
 fn outcome(t: &mut Trainer) -> Outcome {
-    let params = t
-        .network()
-        .params()
-        .into_iter()
-        .map(|p| (p.name.clone(), bits(p.var.as_tensor())))
-        .collect();
+    let params = t.network().params();
     let states = t
         .optimizers()
         .iter()
+        .map(|o| o.state().expect("state"))
+        .collect();
+    outcome_of(params, states, t)
+}
+
+/// The outcome of these weights and optimizer states (a trainer's own, or a snapshot gathered
+/// from the ranks) with the metrics of `t`'s epoch.
+fn outcome_of(
+    params: Vec<Param>,
+    states: Vec<HashMap<String, Tensor>>,
+    t: &mut Trainer,
+) -> Outcome {
+    let params = params
+        .into_iter()
+        .map(|p| (p.name.clone(), bits(p.var.as_tensor())))
+        .collect();
+    let states = states
+        .into_iter()
         .map(|o| {
-            let mut s: Vec<_> = o
-                .state()
-                .expect("state")
-                .into_iter()
-                .map(|(n, v)| (n, bits(&v)))
-                .collect();
+            let mut s: Vec<_> = o.into_iter().map(|(n, v)| (n, bits(&v))).collect();
             s.sort();
             s
         })
@@ -355,28 +365,53 @@ fn measuring_module_times_changes_nothing() {
     assert!(outcome(&mut t) == plain, "measuring changed the run");
 }
 
-/// Whether rank `rank` of a distributed run holds what it should of `all` (rank 0's, or the
-/// sequential run's): everything on rank 0; elsewhere every weight, buffer and metric, and the
-/// optimizer state of its own modules (some), none of the others'.
-fn holds(o: &Outcome, all: &Outcome, rank: usize) -> bool {
+/// The modules rank `rank` of `layout` owns.
+fn owned(layout: &Layout, rank: usize) -> std::ops::Range<usize> {
+    layout.stages().stages()[layout.place(rank).1].clone()
+}
+
+/// Whether rank `rank` of a distributed run holds what it should of `all` (the sequential
+/// run's, or rank 0's): on rank 0 everything (gathered from the ranks); elsewhere the metrics
+/// and the weights, buffers and optimizer state of its own modules only, none of the others'.
+fn holds(o: &Outcome, all: &Outcome, net: Build, layout: &Layout, rank: usize) -> bool {
     if rank == 0 {
         return o == all;
     }
+    let net = net();
+    let mine = owned(layout, rank);
+    let names: HashSet<String> = mine
+        .clone()
+        .flat_map(|k| net.module_params(k))
+        .map(|p| p.name)
+        .collect();
+    let params: Vec<_> = all
+        .params
+        .iter()
+        .filter(|(n, _)| names.contains(n))
+        .cloned()
+        .collect();
     let states_ok = o.states.len() == all.states.len()
         && o.states
             .iter()
             .zip(&all.states)
-            .all(|(s, a)| s.is_empty() || s == a)
-        && o.states.iter().any(|s| !s.is_empty());
-    o.params == all.params && o.metrics == all.metrics && states_ok
+            .enumerate()
+            .all(|(k, (s, a))| {
+                if mine.contains(&k) {
+                    s == a
+                } else {
+                    s.is_empty()
+                }
+            });
+    o.params == params && o.metrics == all.metrics && states_ok
 }
 
 /// What a rank of an in-process distributed run leaves: its outcome after sharing the state,
 /// the steps it reports, or its error.
 type RankResult = Result<(Outcome, usize, bool), String>;
 
-/// Trains `data` with `layout` over in-process ranks (one thread and one trainer each; only
-/// rank 0 reads the data), shares the state, and returns every rank's result. `stop_at` stops
+/// Trains `data` with `layout` over in-process ranks (one thread and one trainer each, holding
+/// only its own modules; only rank 0 reads the data), shares the position, gathers the whole
+/// state on rank 0, and returns every rank's result: rank 0's outcome is the gathered state's. `stop_at` stops
 /// the feed after that many completed steps; a `fail_at` batch is a data error.
 fn train_ranks(
     net: Build,
@@ -394,6 +429,9 @@ fn train_ranks(
                 s.spawn(move || -> RankResult {
                     let mut trainer =
                         Trainer::new(net(), cfg.clone()).map_err(|e| e.to_string())?;
+                    trainer
+                        .distribute(&mut t, layout)
+                        .map_err(|e| e.to_string())?;
                     let rank0 = t.rank() == 0;
                     let mut source =
                         data.iter()
@@ -426,7 +464,11 @@ fn train_ranks(
                     trainer
                         .share_state(&mut t, layout)
                         .map_err(|e| e.to_string())?;
-                    Ok((outcome(&mut trainer), d.steps, d.stopped))
+                    let o = match trainer.gather(&mut t, layout).map_err(|e| e.to_string())? {
+                        Some(s) => outcome_of(s.params, s.optimizer_states, &mut trainer),
+                        None => outcome(&mut trainer),
+                    };
+                    Ok((o, d.steps, d.stopped))
                 })
             })
             .collect();
@@ -450,7 +492,7 @@ fn assert_ranks_match(name: &str, net: Build, cfg: TrainerConfig, data: &[Batch]
             let (o, steps, stopped) = result.unwrap_or_else(|e| panic!("{name}: rank {r}: {e}"));
             assert_eq!((steps, stopped), (data.len(), false), "{name}: rank {r}");
             assert!(
-                holds(&o, &sequential, r),
+                holds(&o, &sequential, net, &layout, r),
                 "{name}: rank {r} of {:?} differs from the sequential run",
                 p.stages()
             );
@@ -500,10 +542,13 @@ fn ranks_stop_and_fail_together() {
     let stopped = train_ranks(resnet_greedy, &cfg, &p, &data, Some(1), None);
     let first = stopped[0].as_ref().unwrap();
     assert!(first.2 && first.1 >= 1, "{:?}", (first.1, first.2));
-    for r in &stopped {
+    for (rank, r) in stopped.iter().enumerate() {
         let r = r.as_ref().unwrap();
         assert_eq!((r.1, r.2), (first.1, true));
-        assert!(holds(&r.0, &first.0, 1), "the ranks differ after a stop");
+        assert!(
+            holds(&r.0, &first.0, resnet_greedy, &p, rank),
+            "the ranks differ after a stop"
+        );
     }
     let failed = train_ranks(resnet_greedy, &cfg, &p, &data, None, Some(2));
     for (r, result) in failed.iter().enumerate() {
@@ -671,7 +716,7 @@ fn replicated(
         let (o, steps, _) = result.unwrap_or_else(|e| panic!("{name}: rank {}: {e}", r + 1));
         assert_eq!(steps, data.len(), "{name}: rank {}", r + 1);
         assert!(
-            holds(&o, &first, r + 1),
+            holds(&o, &first, net, layout, r + 1),
             "{name}: rank {} differs from rank 0",
             r + 1
         );
@@ -787,10 +832,10 @@ fn replicas_stop_fail_and_refuse_together() {
     }
     let stopped = train_ranks(mixer, &cfg, &layout, &data, Some(1), None);
     let first = &stopped[0].as_ref().unwrap().0;
-    for r in &stopped {
+    for (rank, r) in stopped.iter().enumerate() {
         let r = r.as_ref().unwrap();
         assert!(
-            r.2 && holds(&r.0, first, 1),
+            r.2 && holds(&r.0, first, mixer, &layout, rank),
             "the ranks differ after a stop"
         );
     }
@@ -813,4 +858,213 @@ fn replicas_stop_fail_and_refuse_together() {
         e.contains("1 ranks run 3 stages in 2 replicas (6 ranks)"),
         "{e}"
     );
+}
+
+/// Bytes a tensor holds.
+fn nbytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
+/// What a trainer holds of module `k`: its weights and buffers, and its optimizer state.
+fn module_bytes(t: &Trainer, k: usize) -> usize {
+    let params: usize = t
+        .network()
+        .module_params(k)
+        .iter()
+        .map(|p| nbytes(p.var.as_tensor()))
+        .sum();
+    let state: usize = t.optimizers()[k]
+        .state()
+        .expect("state")
+        .values()
+        .map(nbytes)
+        .sum();
+    params + state
+}
+
+/// What a trainer holds in all: every weight and buffer its network lists, and every
+/// optimizer's state.
+fn held_bytes(t: &Trainer) -> usize {
+    let params: usize = t
+        .network()
+        .params()
+        .iter()
+        .map(|p| nbytes(p.var.as_tensor()))
+        .sum();
+    let states: usize = t
+        .optimizers()
+        .iter()
+        .flat_map(|o| o.state().expect("state").into_values())
+        .map(|v| nbytes(&v))
+        .sum();
+    params + states
+}
+
+/// Test batches of uneven sizes, more than the ranks keep in flight.
+fn test_batches() -> Vec<(Tensor, Tensor)> {
+    [8, 8, 8, 8, 8, 3]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let i = i as u64;
+            (
+                randn(&[n, 3, 8, 8], 1.0, 90 + i, DType::F32),
+                labels(n, 110 + i),
+            )
+        })
+        .collect()
+}
+
+/// The evaluation's numbers as bits.
+fn eval_bits(m: &sgr_core::events::EvalMetrics) -> (u64, u64, Option<u64>, usize) {
+    (
+        m.loss.to_bits(),
+        m.accuracy.to_bits(),
+        m.top5.map(f64::to_bits),
+        m.samples,
+    )
+}
+
+/// What one rank of `ownership_on` leaves: its trainer, its evaluations before and after
+/// training, and the first non-finite tensor it was told of after a NaN was planted.
+type Owned = (
+    Trainer,
+    (u64, u64, Option<u64>, usize),
+    Option<(u64, u64, Option<u64>, usize)>,
+    Option<(String, usize)>,
+);
+
+/// On the ranks of `layout`, each holding only its own modules: evaluates `test` (pipelined),
+/// trains on `data`, evaluates again, then plants NaN in the first body
+/// tensor of module 2 and the first objective tensor of module 0 (where held) and checks
+/// finiteness across the ranks.
+fn ownership_on(cfg: &TrainerConfig, layout: &Layout, data: &[Batch]) -> Vec<Owned> {
+    let test = test_batches();
+    let ranks = local_ranks(layout.size());
+    std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .map(|mut t| {
+                let test = &test;
+                s.spawn(move || {
+                    let mut trainer = Trainer::new(resnet_greedy(), cfg.clone()).unwrap();
+                    trainer.distribute(&mut t, layout).unwrap();
+                    let rank0 = t.rank() == 0;
+                    let mut feed = test.iter().filter(|_| rank0).cloned().map(Ok);
+                    let before = trainer.evaluate_on(&mut t, layout, &mut feed).unwrap();
+                    let mut source = data.iter().filter(|_| rank0).cloned().map(Ok);
+                    trainer
+                        .train_batches_on(&mut t, layout, &mut source, &mut |_| {
+                            ControlFlow::Continue(())
+                        })
+                        .unwrap();
+                    trainer.share_state(&mut t, layout).unwrap();
+                    let mut feed = test.iter().filter(|_| rank0).cloned().map(Ok);
+                    let after = trainer.evaluate_on(&mut t, layout, &mut feed).unwrap();
+                    // Copies take their batch-norm statistics over their shards: only a
+                    // pipeline trains the one-process run's model.
+                    let after = (layout.replicas() == 1).then(|| eval_bits(&after));
+                    assert_eq!(trainer.first_non_finite_on(&mut t, layout).unwrap(), None);
+                    let poisoned = poison(&trainer);
+                    let bad = trainer.first_non_finite_on(&mut t, layout).unwrap();
+                    // Heal it, so that the trainer's bytes can be compared below.
+                    for (p, v) in poisoned {
+                        p.var.set(&v).unwrap();
+                    }
+                    (trainer, eval_bits(&before), after, bad)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Sets the first body tensor of module 2 and the first objective tensor of module 0 to NaN
+/// where `t` holds them; returns them with their values.
+fn poison(t: &Trainer) -> Vec<(Param, Tensor)> {
+    let net = t.network();
+    let mut hit = Vec::new();
+    let body = net.module_body_params(2).into_iter().next();
+    let objective = net.module_objective(0).unwrap().params().into_iter().next();
+    for p in body.into_iter().chain(objective) {
+        let v = p.var.as_tensor().copy().unwrap();
+        p.var.set(&v.affine(0.0, f64::NAN).unwrap()).unwrap();
+        hit.push((p, v));
+    }
+    hit
+}
+
+/// After the modules are distributed, each rank holds the weights, buffers and optimizer state
+/// of its own stage's modules and nothing of the others' (copies of a stage hold the stage):
+/// its bytes are its stage's share of the one-process trainer's, and the ranks of a pipeline
+/// add up to it. The pipelined evaluation gives the one-process numbers bit for bit, before and
+/// after training, and a NaN is found by every rank where one process finds it.
+#[test]
+fn ranks_hold_only_their_own_modules() {
+    let data = batches(3, 8, STEPS);
+    let cfg = config(
+        "greedy+sgr",
+        SgrGrad::ForwardDifference,
+        Estimator::Backprop,
+    );
+    let test = test_batches();
+    let evaluate = |t: &Trainer| {
+        eval_bits(
+            &t.evaluate(test.iter().cloned().map(Ok::<_, sgr_core::Error>))
+                .unwrap(),
+        )
+    };
+    let mut alone = Trainer::new(resnet_greedy(), cfg.clone()).unwrap();
+    let initial = evaluate(&alone);
+    let mut source = data.iter().cloned().map(Ok);
+    alone
+        .train_batches(&mut source, &mut |_| ControlFlow::Continue(()))
+        .unwrap();
+    let trained = evaluate(&alone);
+    let k = alone.network().num_modules();
+    let per_module: Vec<usize> = (0..k).map(|m| module_bytes(&alone, m)).collect();
+    let total = held_bytes(&alone);
+    assert_eq!(per_module.iter().sum::<usize>(), total);
+    let poisoned = poison(&alone);
+    let expected_nan = alone.first_non_finite().unwrap();
+    let (tensor, module) = expected_nan.clone().expect("a NaN is found");
+    assert_eq!(module, 2, "{tensor}: a body comes before every objective");
+    for (p, v) in poisoned {
+        p.var.set(&v).unwrap();
+    }
+    for layout in [
+        Layout::pipeline(Pipeline::even(k, 2, 1).unwrap()),
+        Layout::pipeline(Pipeline::even(k, 3, 1).unwrap()),
+        Layout::new(Pipeline::even(k, 2, 1).unwrap(), 2).unwrap(),
+    ] {
+        let name = format!("{:?} x {}", layout.stages().stages(), layout.replicas());
+        let results = ownership_on(&cfg, &layout, &data);
+        let mut sum = 0;
+        for (rank, (trainer, before, after, bad)) in results.iter().enumerate() {
+            let mine = owned(&layout, rank);
+            let want: usize = mine.clone().map(|m| per_module[m]).sum();
+            let held = held_bytes(trainer);
+            assert_eq!(held, want, "{name}: rank {rank} holds {held} bytes");
+            sum += held;
+            for m in (0..k).filter(|m| !mine.contains(m)) {
+                assert!(
+                    !trainer.holds_module(m)
+                        && trainer.network().module_params(m).is_empty()
+                        && trainer.optimizers()[m].params().is_empty(),
+                    "{name}: rank {rank} holds module {m}"
+                );
+            }
+            assert_eq!(*before, initial, "{name}: rank {rank}'s first evaluation");
+            if let Some(after) = after {
+                assert_eq!(*after, trained, "{name}: rank {rank}'s evaluation");
+            }
+            assert_eq!(*bad, expected_nan, "{name}: rank {rank}'s finiteness check");
+        }
+        if layout.replicas() == 1 {
+            assert_eq!(
+                sum, total,
+                "{name}: the ranks' bytes add up to one process's"
+            );
+        }
+    }
 }

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use safetensors::tensor as st;
 
 use crate::nn::Param;
+use crate::trainer::ownership::Snapshot;
 use crate::{Error, Result};
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, fsync, rename.
@@ -68,7 +69,7 @@ fn is_checked_float(dtype: DType) -> bool {
 type Summed<'a> = (&'a str, &'a Tensor, Tensor);
 
 /// The name of the first tensor (in the order given) that holds NaN or infinity.
-fn first_non_finite<'a>(
+pub(crate) fn first_non_finite<'a>(
     tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
 ) -> Result<Option<String>> {
     // One sum per tensor (NaN and inf propagate into it), gathered per device so that a
@@ -520,16 +521,27 @@ pub fn save_tagged_checkpoint(
     trainer: &crate::trainer::Trainer,
     tags: &BTreeMap<String, String>,
 ) -> Result<()> {
+    save_snapshot(path, &trainer.snapshot()?, tags)
+}
+
+/// [`save_tagged_checkpoint`] of a [`Snapshot`]: the whole training state as it is gathered
+/// on rank 0 of a distributed run ([`crate::trainer::Trainer::gather`]), where no rank holds
+/// every module. The file is the one the trainer that held it all would write, byte for byte.
+pub fn save_snapshot(
+    path: &Path,
+    snapshot: &Snapshot,
+    tags: &BTreeMap<String, String>,
+) -> Result<()> {
     let mut map: HashMap<String, Tensor> = HashMap::new();
-    for p in trainer.network().params() {
+    for p in &snapshot.params {
         map.insert(format!("{MODEL}{}", p.name), p.var.as_tensor().clone());
     }
-    for (k, opt) in trainer.optimizers().iter().enumerate() {
-        for (key, t) in opt.state()? {
-            map.insert(format!("{OPTIM}{k}/{key}"), t);
+    for (k, state) in snapshot.optimizer_states.iter().enumerate() {
+        for (key, t) in state {
+            map.insert(format!("{OPTIM}{k}/{key}"), t.clone());
         }
     }
-    let json = serde_json::to_vec(&trainer.state()?).map_err(|e| Error::Checkpoint {
+    let json = serde_json::to_vec(&snapshot.state).map_err(|e| Error::Checkpoint {
         path: path.to_path_buf(),
         problem: format!("cannot serialise the trainer state: {e}"),
     })?;

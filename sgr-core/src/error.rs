@@ -142,6 +142,17 @@ pub enum Error {
     #[error("internal error (a bug in sgr; please report it): {0}")]
     Internal(String),
 
+    /// A pass reached a module whose tensors this network released
+    /// ([`crate::network::LocalNetwork::release_module`]): in a distributed run, another rank
+    /// owns it.
+    #[error(
+        "module {module} is not held here: its tensors were released to the rank that owns it"
+    )]
+    Released {
+        /// The module (0-based).
+        module: usize,
+    },
+
     /// Training produced a non-finite loss.
     #[error("non-finite loss {value} in module {module} at step {step}")]
     NonFiniteLoss {

@@ -141,6 +141,46 @@ pub struct LocalNetwork {
     num_classes: usize,
     unit_labels: Vec<String>,
     built_for: Option<Objective>,
+    /// Per module: whether [`LocalNetwork::release_module`] freed its tensors.
+    released: Vec<bool>,
+    /// The device, kept once a module is released (the classifier may be gone).
+    device: Option<candle_core::Device>,
+}
+
+/// What takes the place of a released module's stages and objective: no tensors, and an error
+/// naming the module if a pass reaches it.
+#[derive(Debug)]
+struct Released {
+    module: usize,
+}
+
+impl Stage for Released {
+    fn forward(&self, _x: &Tensor, _ctx: &mut Ctx) -> Result<Tensor> {
+        Err(Error::Released {
+            module: self.module,
+        })
+    }
+
+    fn params(&self) -> Vec<Param> {
+        Vec::new()
+    }
+}
+
+impl LocalObjective for Released {
+    fn params(&self) -> Vec<Param> {
+        Vec::new()
+    }
+
+    fn loss(
+        &self,
+        _h: &Tensor,
+        _batch: &crate::objective::Batch,
+        _ctx: &mut Ctx,
+    ) -> Result<crate::objective::ObjectiveOutput> {
+        Err(Error::Released {
+            module: self.module,
+        })
+    }
 }
 
 impl LocalNetwork {
@@ -169,6 +209,7 @@ impl LocalNetwork {
             .enumerate()
             .map(|(i, u)| u.name().map_or_else(|| format!("unit{i}"), str::to_string))
             .collect();
+        let released = vec![false; plan.num_modules()];
         Ok(Self {
             name: name.into(),
             units,
@@ -178,6 +219,8 @@ impl LocalNetwork {
             num_classes,
             unit_labels,
             built_for: None,
+            released,
+            device: None,
         })
     }
 
@@ -245,6 +288,9 @@ impl LocalNetwork {
 
     /// The device of the network's tensors.
     pub fn device(&self) -> Result<candle_core::Device> {
+        if let Some(d) = &self.device {
+            return Ok(d.clone());
+        }
         let p = self.classifier.params();
         let first = p.first().ok_or_else(|| {
             Error::InvalidConfig("the classifier has no tensors to tell the device".into())
@@ -262,14 +308,37 @@ impl LocalNetwork {
     /// keep every intermediate of the whole network alive until the logits are dropped (at
     /// batch 256, 1.8 GB of ResNet-32 activations instead of one block's).
     pub fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        self.forward_modules(0..self.num_modules(), x, ctx)
+    }
+
+    /// The bodies of `modules` in turn, as [`LocalNetwork::forward`] runs them (detached after
+    /// each unit in evaluation mode): from `x`, the input of the first, to the output of the
+    /// last (logits when it is the last module). Running the stages of a pipeline one after
+    /// the other on their own ranks gives [`LocalNetwork::forward`]'s bits.
+    pub fn forward_modules(
+        &self,
+        modules: std::ops::Range<usize>,
+        x: &Tensor,
+        ctx: &mut Ctx,
+    ) -> Result<Tensor> {
+        let k = self.num_modules();
+        if modules.is_empty() || modules.end > k {
+            return Err(Error::InvalidConfig(format!(
+                "modules {modules:?} are not a range of the network's K={k} modules"
+            )));
+        }
+        let units = self.plan.range(modules.start).start..self.plan.range(modules.end - 1).end;
         let mut h = x.clone();
-        for u in &self.units {
+        for u in &self.units[units] {
             h = u.forward(&h, ctx)?;
             if !ctx.is_train() {
                 h = h.detach();
             }
         }
-        self.classifier.forward(&h, ctx)
+        if modules.end == k {
+            h = self.classifier.forward(&h, ctx)?;
+        }
+        Ok(h)
     }
 
     /// The body of module `k`: its units, plus the classifier for the last module (so the last
@@ -316,6 +385,14 @@ impl LocalNetwork {
     /// Named tensors of module `k`: its body units, the classifier for the last module, then
     /// its objective's.
     pub fn module_params(&self, k: usize) -> Vec<Param> {
+        let mut p = self.module_body_params(k);
+        p.extend(self.objectives[k].params());
+        p
+    }
+
+    /// Named tensors of module `k`'s body: its units, and the classifier for the last module.
+    /// [`LocalNetwork::params`] lists every module's body in turn, then every objective's.
+    pub fn module_body_params(&self, k: usize) -> Vec<Param> {
         let mut p: Vec<Param> = self.units[self.plan.range(k)]
             .iter()
             .flat_map(|u| u.params())
@@ -323,8 +400,38 @@ impl LocalNetwork {
         if k + 1 == self.num_modules() {
             p.extend(self.classifier.params());
         }
-        p.extend(self.objectives[k].params());
         p
+    }
+
+    /// Frees module `k`'s tensors (weights and buffers of its units, of the classifier for the
+    /// last module, and of its objective): a rank of a distributed run keeps only the modules
+    /// it owns (docs/parallel.md, "Across processes"). The module then lists no tensors, and a
+    /// pass that reaches it is [`Error::Released`]; it cannot be restored. Tensors still shared
+    /// elsewhere (an optimizer's copy of the parameters) live on until those are dropped.
+    pub fn release_module(&mut self, k: usize) -> Result<()> {
+        if k >= self.num_modules() {
+            return Err(self.no_module(k));
+        }
+        if self.released[k] {
+            return Ok(());
+        }
+        if self.device.is_none() {
+            self.device = Some(self.device()?);
+        }
+        for i in self.plan.range(k) {
+            self.units[i] = Box::new(Released { module: k });
+        }
+        if k + 1 == self.num_modules() {
+            self.classifier = Box::new(Released { module: k });
+        }
+        self.objectives[k] = Box::new(Released { module: k });
+        self.released[k] = true;
+        Ok(())
+    }
+
+    /// Whether this network holds module `k`'s tensors (not [`LocalNetwork::release_module`]d).
+    pub fn holds_module(&self, k: usize) -> bool {
+        self.released.get(k).is_some_and(|r| !r)
     }
 
     /// Trainable variables of module `k`.

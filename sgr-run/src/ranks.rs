@@ -77,9 +77,11 @@ pub(crate) fn gather_to_rank0(t: &SharedTransport, mine: u64) -> Result<Vec<u64>
 
 /// The evaluation of `net` over `batches`, spread over the ranks: rank r evaluates the batches
 /// whose index is r modulo the ranks, rank 0 adds every batch's sums in batch order (the
-/// one-process numbers, bit for bit) and sends the metrics to all. Every rank holds the same
-/// weights (after `share_state`) and reads the same batches. A data error on any rank is every
-/// rank's error.
+/// one-process numbers, bit for bit) and sends the metrics to all. For the time before the
+/// modules are placed, when every rank holds the same whole model (an `init_from` run's first
+/// evaluation); afterwards a rank holds only its own modules and the evaluation is pipelined
+/// (`Trainer::evaluate_on`). Every rank reads the same batches. A data error on any rank is
+/// every rank's error.
 pub(crate) fn evaluate_on_ranks<I, E>(
     t: &SharedTransport,
     net: &LocalNetwork,
@@ -149,56 +151,75 @@ where
     result.map_err(|e| Error::Core(sgr_core::Error::Data(e.into())))
 }
 
-/// The largest checkpoint rank 0 sends to the other ranks on a resume (one MPI message holds at
-/// most 2 GiB).
-const MAX_SENT_CHECKPOINT: u64 = (2 << 30) - 1;
-
-/// On a resume, rank 0's specification and checkpoint on every rank: rank 0 passes `Some`
-/// (what it read) and gets its specification back, to load its own checkpoint file; the
-/// others pass `None` and receive the specification and a private copy of the checkpoint.
-/// When rank 0 could not read them, every rank returns the error.
-pub(crate) fn run_files_from_rank0(
+/// On a resume, rank 0's specification on every rank: rank 0 passes `Some` (what it read:
+/// the specification and its checkpoint file) and gets both back; the others pass `None` and
+/// receive the specification. They need no checkpoint: rank 0 loads it and sends each rank its
+/// position ([`position_from_rank0`]) and, once the modules are placed, its modules' state.
+/// When rank 0 could not read its files, every rank returns the error.
+pub(crate) fn spec_from_rank0(
     t: &SharedTransport,
     mine: Option<Result<(crate::RunSpec, std::path::PathBuf)>>,
-) -> Result<(crate::RunSpec, Option<tempfile::NamedTempFile>)> {
+) -> Result<(crate::RunSpec, Option<std::path::PathBuf>)> {
     let mut t = lock(t);
     if let Some(mine) = mine {
         let read = mine.and_then(|(spec, path)| {
             let json = serde_json::to_vec(&spec)
                 .map_err(|e| Error::Spec(format!("the run's configuration: {e}")))?;
-            let bytes =
-                sgr_schema::file::read_regular(&path, MAX_SENT_CHECKPOINT).map_err(|e| {
-                    Error::Spec(format!(
-                        "{}: {e}: the checkpoint is sent to every rank, up to 2 GiB",
-                        path.display()
-                    ))
-                })?;
-            Ok((spec, json, bytes))
+            Ok((spec, json, path))
         });
-        match read {
-            Ok((spec, json, bytes)) => {
+        return match read {
+            Ok((spec, json, path)) => {
                 t.broadcast(0, [&[1u8][..], &json].concat())?;
-                t.broadcast(0, bytes)?;
-                return Ok((spec, None));
+                Ok((spec, Some(path)))
             }
             Err(e) => {
                 t.broadcast(0, [&[0u8][..], e.to_string().as_bytes()].concat())?;
-                return Err(e);
+                Err(e)
             }
-        }
+        };
     }
     let head = t.broadcast(0, Vec::new())?;
     match head.split_first() {
         Some((1, spec)) => {
             let spec: crate::RunSpec = serde_json::from_slice(spec)
                 .map_err(|e| Error::Spec(format!("rank 0's configuration: {e}")))?;
-            let bytes = t.broadcast(0, Vec::new())?;
-            let mut file = tempfile::NamedTempFile::new().map_err(|e| {
-                Error::Spec(format!("a temporary file for rank 0's checkpoint: {e}"))
-            })?;
-            std::io::Write::write_all(&mut file, &bytes)
-                .map_err(|e| Error::Spec(format!("{}: {e}", file.path().display())))?;
-            Ok((spec, Some(file)))
+            Ok((spec, None))
+        }
+        Some((_, why)) => Err(Error::Spec(format!(
+            "rank 0 cannot resume the run: {}",
+            String::from_utf8_lossy(why)
+        ))),
+        None => Err(Error::Spec("rank 0 sent an empty message".into())),
+    }
+}
+
+/// On a resume, rank 0's position (epoch, step, the epoch's sums so far) on every rank, once
+/// rank 0 has `loaded` its checkpoint; when it could not, every rank returns the error (rank 0
+/// its own).
+pub(crate) fn position_from_rank0(
+    t: &SharedTransport,
+    trainer: &mut sgr_core::trainer::Trainer,
+    loaded: Result<()>,
+) -> Result<()> {
+    let mut t = lock(t);
+    if t.rank() == 0 {
+        let state = loaded.and_then(|()| {
+            serde_json::to_vec(&trainer.state()?)
+                .map_err(|e| Error::Spec(format!("the trainer state: {e}")))
+        });
+        let message = match &state {
+            Ok(state) => [&[1u8][..], state].concat(),
+            Err(e) => [&[0u8][..], e.to_string().as_bytes()].concat(),
+        };
+        t.broadcast(0, message)?;
+        return state.map(|_| ());
+    }
+    let head = t.broadcast(0, Vec::new())?;
+    match head.split_first() {
+        Some((1, state)) => {
+            let state = serde_json::from_slice(state)
+                .map_err(|e| Error::Spec(format!("rank 0's trainer state: {e}")))?;
+            Ok(trainer.load_state(state)?)
         }
         Some((_, why)) => Err(Error::Spec(format!(
             "rank 0 cannot resume the run: {}",

@@ -9,12 +9,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::DType;
-use sgr_core::checkpoint::{checkpoint_tags, save_tagged_checkpoint};
+use sgr_core::checkpoint::{checkpoint_tags, save_snapshot};
 use sgr_core::checkpoint::{load_params, load_training_checkpoint, save_params_with_metadata};
 use sgr_core::events::{EvalMetrics, Event, Observer};
 use sgr_core::network::LocalNetwork;
 use sgr_core::objective::{Batch, PixelStats};
 use sgr_core::trainer::distributed::Layout;
+use sgr_core::trainer::ownership::Snapshot;
 use sgr_core::trainer::pipeline::Pipeline;
 use sgr_core::trainer::Trainer;
 use sgr_data::{Loader, LoaderConfig};
@@ -247,30 +248,41 @@ impl Run {
         // Held from here: nothing below runs while another process trains the run (in a
         // distributed run, rank 0 holds it for all).
         let mut lock = if leads { Some(dir.lock(false)?) } else { None };
-        // Rank 0 reads the run's files and sends them to the other ranks, which so need not
-        // see the run directory (hosts without a shared file system).
-        let (mut spec, copy) = match &opts.ranks {
-            Some(t) => crate::ranks::run_files_from_rank0(t, leads.then(|| read_run_files(&dir)))?,
-            None => (read_run_files(&dir)?.0, None),
+        // Rank 0 reads the run's files and sends the configuration to the other ranks, which so
+        // need not see the run directory (hosts without a shared file system).
+        let (mut spec, checkpoint) = match &opts.ranks {
+            Some(t) => crate::ranks::spec_from_rank0(t, leads.then(|| read_run_files(&dir)))?,
+            None => {
+                let (spec, checkpoint) = read_run_files(&dir)?;
+                (spec, Some(checkpoint))
+            }
         };
         if let Some(d) = changes.device {
             spec.device = d;
         }
         let mut run = Self::open(spec, dir, opts)?;
         run.check_ranks_agree()?;
-        let checkpoint = match &copy {
-            Some(f) => f.path().to_path_buf(),
-            None => run.dir.checkpoint(),
+        // Only rank 0 loads the checkpoint. The other ranks get its position now and their
+        // modules' state when the modules are placed (`Trainer::distribute`), so none holds the
+        // whole checkpoint.
+        let loaded = match &checkpoint {
+            Some(path) => checkpoint_tags(path)
+                .map_err(Error::from)
+                .and_then(|recorded| {
+                    crate::identity::check(
+                        &recorded,
+                        &run.tags,
+                        run.dir.path(),
+                        changes.allow_data_change,
+                    )
+                })
+                .and_then(|()| Ok(load_training_checkpoint(path, &mut run.trainer)?)),
+            None => Ok(()),
         };
-        let recorded = checkpoint_tags(&checkpoint)?;
-        crate::identity::check(
-            &recorded,
-            &run.tags,
-            run.dir.path(),
-            changes.allow_data_change,
-        )?;
-        load_training_checkpoint(&checkpoint, &mut run.trainer)?;
-        drop(copy);
+        match &run.opts.ranks {
+            Some(t) => crate::ranks::position_from_rank0(t, &mut run.trainer, loaded)?,
+            None => loaded?,
+        }
         let t = &run.trainer;
         let pos = Position {
             epoch: t.epoch(),
@@ -425,12 +437,24 @@ impl Run {
         }
     }
 
-    /// The test split's evaluation; in a distributed run, shared among the ranks by batch,
-    /// with the one-process numbers on every rank.
+    /// The test split's evaluation; in a distributed run, pipelined through the ranks' stages
+    /// (rank 0 reads the batches), with the one-process numbers on every rank.
     fn evaluate(&self) -> Result<EvalMetrics> {
-        match &self.opts.ranks {
-            None => Ok(self.trainer.evaluate(self.test_loader.epoch(0))?),
-            Some(t) => crate::ranks::evaluate_on_ranks(
+        match (&self.opts.ranks, &self.layout) {
+            (None, _) => Ok(self.trainer.evaluate(self.test_loader.epoch(0))?),
+            (Some(t), Some(layout)) => {
+                let mut batches = self
+                    .leads()
+                    .then(|| self.test_loader.epoch(0))
+                    .into_iter()
+                    .flatten()
+                    .map(|b| b.map_err(|e| sgr_core::Error::Data(e.into())));
+                let mut t = crate::ranks::lock(t);
+                Ok(self.trainer.evaluate_on(&mut *t, layout, &mut batches)?)
+            }
+            // Before the modules are placed (the evaluation of `init_from`'s weights in
+            // `create`), every rank holds the whole model.
+            (Some(t), None) => crate::ranks::evaluate_on_ranks(
                 t,
                 self.trainer.network(),
                 self.test_loader.epoch(0),
@@ -482,7 +506,8 @@ impl Run {
 
     /// Places the modules on the ranks by their step times, measured by rank 0 on the next
     /// training batch (with the trainer left unchanged) and sent to all: N / R stages, in R
-    /// copies.
+    /// copies. Rank 0 measures with every module, which every rank holds until here; then
+    /// each rank keeps only its own stage's.
     fn place_on_ranks(
         &mut self,
         epoch: usize,
@@ -536,7 +561,13 @@ impl Run {
                 replicas,
             });
         }
-        Ok(Layout::new(stages, replicas)?)
+        let layout = Layout::new(stages, replicas)?;
+        // Rank 0's state (as built, or as resumed) goes to each module's ranks, and every rank
+        // frees the modules it does not own; then their memory goes back to the system.
+        self.trainer
+            .distribute(&mut *crate::ranks::lock(&t), &layout)?;
+        sgr_core::memory::release_free_memory();
+        Ok(layout)
     }
 
     /// Trains the remaining epochs, evaluating and checkpointing after each, then writes the
@@ -551,6 +582,12 @@ impl Run {
                 metrics: e,
             });
         }
+        // A distributed run places its modules first, so that from here on every rank holds
+        // only its own and the evaluations and checkpoints below all take the distributed path.
+        if self.opts.ranks.is_some() && self.layout.is_none() {
+            let (epoch, from) = (self.trainer.epoch(), self.trainer.steps_in_epoch());
+            self.layout = Some(self.place_on_ranks(epoch, from, observer)?);
+        }
         'epochs: for epoch in self.trainer.epoch()..self.spec.trainer.epochs {
             let from = self.trainer.steps_in_epoch();
             let budget = match self.opts.max_steps {
@@ -563,9 +600,6 @@ impl Run {
             };
             if self.opts.pipeline.is_some_and(|n| n > 1) && self.trainer.pipeline().is_none() {
                 self.place_modules(epoch, from, observer)?;
-            }
-            if self.opts.ranks.is_some() && self.layout.is_none() {
-                self.layout = Some(self.place_on_ranks(epoch, from, observer)?);
             }
             let interrupt = self.opts.interrupt.clone();
             let mut data_error = None;
@@ -600,7 +634,7 @@ impl Run {
                             &mut source,
                             &mut on_step,
                         );
-                        // Every rank gets the whole model, also when the data failed (its
+                        // Every rank gets rank 0's position, also when the data failed (its
                         // steps are saved below); other errors end the run as they are.
                         match &r {
                             Ok(_) | Err(sgr_core::Error::Data(_)) => {
@@ -622,6 +656,11 @@ impl Run {
                         dir: self.dir.path().to_path_buf(),
                         step: self.trainer.global_step(),
                     });
+                }
+                // The other ranks of a distributed run take part in rank 0's checkpoint.
+                (Err(e @ sgr_core::Error::Data(_)), None) if self.opts.ranks.is_some() => {
+                    self.save_checkpoint()?;
+                    return Err(e.into());
                 }
                 (r, _) => r?,
             };
@@ -668,16 +707,15 @@ impl Run {
         }
         if stop.is_some() {
             self.check_finite(self.trainer.epoch())?;
-            self.save_checkpoint()?;
         }
-        if self.leads() {
+        // In a distributed run rank 0 holds the whole model only while it writes it.
+        if let Some(snapshot) = self.snapshot()? {
+            if stop.is_some() {
+                save_snapshot(&self.dir.checkpoint(), &snapshot, &self.tags)?;
+            }
             // With the preprocessing, so that the model evaluates on a test split alone.
             let preprocess = crate::preprocess::Preprocess::of(&self.data).to_metadata();
-            save_params_with_metadata(
-                &self.dir.model(),
-                &self.trainer.network().params(),
-                &preprocess,
-            )?;
+            save_params_with_metadata(&self.dir.model(), &snapshot.params, &preprocess)?;
         }
         if stop == Some(Stop::Interrupted) {
             return Ok(Outcome {
@@ -705,12 +743,25 @@ impl Run {
         })
     }
 
-    /// Saves the training checkpoint (rank 0 only in a distributed run).
+    /// Saves the training checkpoint (rank 0 only in a distributed run; every rank calls it).
     fn save_checkpoint(&self) -> Result<()> {
-        if self.leads() {
-            save_tagged_checkpoint(&self.dir.checkpoint(), &self.trainer, &self.tags)?;
+        if let Some(snapshot) = self.snapshot()? {
+            save_snapshot(&self.dir.checkpoint(), &snapshot, &self.tags)?;
         }
         Ok(())
+    }
+
+    /// The whole training state on the process that writes the run directory (`None` on the
+    /// other ranks). Once a distributed run has placed its modules, every rank calls it and
+    /// rank 0 gathers the other ranks' modules (`Trainer::gather`).
+    fn snapshot(&self) -> Result<Option<Snapshot>> {
+        match (&self.opts.ranks, &self.layout) {
+            (Some(t), Some(layout)) => {
+                Ok(self.trainer.gather(&mut *crate::ranks::lock(t), layout)?)
+            }
+            _ if self.leads() => Ok(Some(self.trainer.snapshot()?)),
+            _ => Ok(None),
+        }
     }
 
     /// Places the modules on `RunOptions::pipeline` workers by their step times, measured on
@@ -757,22 +808,24 @@ impl Run {
 
     /// Every weight and buffer is finite; the error names the first tensor that is not, its
     /// module and the step.
+    /// In a distributed run each rank checks its own modules and all get the same verdict.
     fn check_finite(&self, epochs_done: usize) -> Result<()> {
-        let net = self.trainer.network();
-        match sgr_core::checkpoint::check_finite(&net.params()) {
-            Err(sgr_core::Error::NonFinite { tensor, .. }) => {
-                let module = (0..net.num_modules())
-                    .find(|&k| net.module_params(k).iter().any(|q| q.name == tensor))
-                    .map_or(String::new(), |k| format!(" of module {}", k + 1));
-                Err(Error::Diverged(format!(
-                    "`{tensor}`{module} is not finite after epoch {epochs_done} (step {}): the \
-                     run diverged; nothing was saved, the last checkpoint in {} is the last \
-                     good state (try a smaller --lr or --sgr-lambda)",
-                    self.trainer.global_step(),
-                    self.dir.path().display()
-                )))
-            }
-            other => Ok(other?),
+        let first = match (&self.opts.ranks, &self.layout) {
+            (Some(t), Some(layout)) => self
+                .trainer
+                .first_non_finite_on(&mut *crate::ranks::lock(t), layout)?,
+            _ => self.trainer.first_non_finite()?,
+        };
+        match first {
+            Some((tensor, k)) => Err(Error::Diverged(format!(
+                "`{tensor}` of module {} is not finite after epoch {epochs_done} (step {}): the \
+                 run diverged; nothing was saved, the last checkpoint in {} is the last good \
+                 state (try a smaller --lr or --sgr-lambda)",
+                k + 1,
+                self.trainer.global_step(),
+                self.dir.path().display()
+            ))),
+            None => Ok(()),
         }
     }
 

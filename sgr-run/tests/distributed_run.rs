@@ -204,3 +204,62 @@ fn replicas_that_do_not_divide_the_ranks_are_refused() {
         );
     }
 }
+
+/// Bytes module `k` holds on a trainer: its weights and buffers, and its optimizer state.
+fn module_bytes(t: &sgr_core::trainer::Trainer, k: usize) -> usize {
+    let size = |v: &candle_core::Tensor| v.elem_count() * v.dtype().size_in_bytes();
+    let params: usize = t
+        .network()
+        .module_params(k)
+        .iter()
+        .map(|p| size(p.var.as_tensor()))
+        .sum();
+    let state: usize = t.optimizers()[k].state().unwrap().values().map(size).sum();
+    params + state
+}
+
+/// After a run on ranks, each rank holds the weights, buffers and optimizer state of one
+/// contiguous range of modules, its stage, and nothing of the others: the ranks' stages cover
+/// the modules once, and each rank's bytes are its modules' share of the one-process run's.
+#[test]
+fn each_rank_of_a_run_holds_only_its_own_modules() {
+    let root = tempfile::tempdir().unwrap();
+    let mut alone = Run::create(spec(), root.path().join("alone"), opts(None, None)).unwrap();
+    alone.train(&mut |_: &Event<'_>| {}).unwrap();
+    let k = alone.trainer().network().num_modules();
+    let per_module: Vec<usize> = (0..k).map(|m| module_bytes(alone.trainer(), m)).collect();
+    for n in [2, 3] {
+        let dir = root.path().join(format!("ranks{n}"));
+        let held = Mutex::new(Vec::new());
+        on_ranks(
+            n,
+            |o| {
+                let rank = sgr_run::ranks::rank_of(o.ranks.as_ref().unwrap());
+                let mut run = Run::create(spec(), &dir, o).unwrap();
+                run.train(&mut |_: &Event<'_>| {}).unwrap();
+                let t = run.trainer();
+                let modules: Vec<usize> = (0..k).filter(|&m| t.holds_module(m)).collect();
+                let bytes: usize = (0..k).map(|m| module_bytes(t, m)).sum();
+                held.lock().unwrap().push((rank, modules, bytes));
+            },
+            None,
+        );
+        let mut held = held.into_inner().unwrap();
+        held.sort();
+        let covered: Vec<usize> = held.iter().flat_map(|(_, m, _)| m.clone()).collect();
+        assert_eq!(covered, (0..k).collect::<Vec<_>>(), "{n} ranks: {held:?}");
+        for (rank, modules, bytes) in &held {
+            assert!(
+                !modules.is_empty(),
+                "{n} ranks: rank {rank} holds no module"
+            );
+            let want: usize = modules.iter().map(|&m| per_module[m]).sum();
+            assert_eq!(
+                *bytes, want,
+                "{n} ranks: rank {rank} holds modules {modules:?}"
+            );
+        }
+        let total: usize = held.iter().map(|h| h.2).sum();
+        assert_eq!(total, per_module.iter().sum::<usize>(), "{n} ranks");
+    }
+}

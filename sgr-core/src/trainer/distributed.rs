@@ -7,9 +7,11 @@
 //! rank 1; rank j runs its modules and sends it on; the last rank sends the finished record
 //! back to rank 0, which completes the steps in order, keeps at most N + 1 in flight and
 //! decides when to stop. Every rank runs [`super::module::module_step`] on exactly the inputs
-//! and seeds of the sequential schedule, so the result is bit-identical to it. After a
-//! stretch of steps, [`Trainer::share_state`] gives every rank the whole model, optimizer
-//! state and progress, so that any rank could evaluate or save a checkpoint.
+//! and seeds of the sequential schedule, so the result is bit-identical to it. A rank needs
+//! only its own stage's modules: [`Trainer::distribute`] (`super::ownership`) frees the
+//! others, [`Trainer::gather`] brings them to rank 0 for saving, [`Trainer::evaluate_on`]
+//! (`super::eval_on_ranks`) pipelines the evaluation, and after a stretch of steps
+//! [`Trainer::share_state`] gives every rank rank 0's progress.
 //!
 //! With R replicas ([`Layout`]), rank 0 cuts each step's batch into R shards and sends shard
 //! r to the first stage of replica r; the copies of a stage average their gradients
@@ -19,7 +21,7 @@
 //! to rank 0 only, group messages between a stage's copies and its first copy, and a
 //! [`Transport::send`] never waits for its receiver, so no cycle of ranks can block.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::ops::ControlFlow;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::time::Instant;
@@ -238,7 +240,9 @@ impl Trainer {
     /// (for each completed step, in order; a break stops the feed). Every rank returns the
     /// same outcome: the steps completed and whether they were stopped, or an error
     /// ([`Error::Data`] when the source failed). Afterwards each rank holds only its own
-    /// modules' updates: call [`Trainer::share_state`] before evaluating or saving.
+    /// modules' updates, and only rank 0 the progress: call [`Trainer::share_state`], then
+    /// [`Trainer::evaluate_on`] or [`Trainer::gather`] to evaluate or save. A rank needs only
+    /// its own modules ([`Trainer::distribute`]).
     pub fn train_batches_on(
         &mut self,
         t: &mut dyn Transport,
@@ -305,7 +309,7 @@ impl Trainer {
         }
     }
 
-    fn check_layout(&self, t: &dyn Transport, layout: &Layout) -> Result<()> {
+    pub(super) fn check_layout(&self, t: &dyn Transport, layout: &Layout) -> Result<()> {
         let stages = layout.stages();
         if layout.size() != t.size() {
             return Err(Error::InvalidConfig(format!(
@@ -617,64 +621,12 @@ impl Trainer {
         }
     }
 
-    /// Gives every rank the whole model and rank 0 the whole training state: the owner of
-    /// each module (the rank of its stage in replica 0) sends its weights and buffers to all
-    /// and its optimizer state to rank 0, which saves the checkpoints; rank 0 sends its
-    /// position and epoch sums to all. A rank keeps optimizer state only for the modules it
-    /// steps (and rank 0 for all), so that the state of the others, loaded on resume, does
-    /// not stay in its memory. The copies of a stage hold the same state already (their
-    /// exchanges keep them equal); replica 0's is sent.
+    /// Gives every rank rank 0's progress (position and epoch sums), which only rank 0 keeps
+    /// while the steps run, so that every rank knows where the run stands. Weights, buffers
+    /// and optimizer state stay with the modules' owners: a rank holds only its own
+    /// ([`Trainer::distribute`]), and [`Trainer::gather`] copies them to rank 0 for saving.
     pub fn share_state(&mut self, t: &mut dyn Transport, layout: &Layout) -> Result<()> {
-        let device = self.net.device()?;
-        let rank = t.rank();
-        let my_stage = layout.place(rank).1;
-        for (stage, range) in layout.stages().stages().iter().enumerate() {
-            let owner = layout.rank(0, stage);
-            for k in range.clone() {
-                let params = self.net.module_params(k);
-                let mine = if rank == owner {
-                    let mut w = Writer::default();
-                    for p in &params {
-                        w.tensor(p.var.as_tensor())?;
-                    }
-                    w.0
-                } else {
-                    Vec::new()
-                };
-                let bytes = t.broadcast(owner, mine)?;
-                if rank != owner {
-                    let mut r = Reader::new(&bytes);
-                    for p in &params {
-                        let v = r.tensor(&device)?;
-                        p.var.set(&v.reshape(p.var.dims())?)?;
-                    }
-                    r.end()?;
-                }
-                if owner != 0 && rank == owner {
-                    let state: BTreeMap<String, candle_core::Tensor> =
-                        self.optimizers[k].state()?.into_iter().collect();
-                    let mut w = Writer::default();
-                    w.u64(state.len() as u64);
-                    for (key, v) in &state {
-                        w.bytes(key.as_bytes());
-                        w.tensor(v)?;
-                    }
-                    t.send(0, w.0)?;
-                } else if owner != 0 && rank == 0 {
-                    let bytes = t.recv(owner)?;
-                    let mut r = Reader::new(&bytes);
-                    let mut state = HashMap::new();
-                    for _ in 0..r.usize()? {
-                        let key = read_text(&mut r)?;
-                        state.insert(key, r.tensor(&device)?);
-                    }
-                    r.end()?;
-                    self.optimizers[k].load_state(&state)?;
-                } else if rank != 0 && my_stage != stage {
-                    self.optimizers[k].load_state(&HashMap::new())?;
-                }
-            }
-        }
+        self.check_layout(t, layout)?;
         let state = if t.rank() == 0 {
             serde_json::to_vec(&self.state()?)
                 .map_err(|e| Error::Internal(format!("the trainer state: {e}")))?

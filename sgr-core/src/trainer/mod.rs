@@ -27,7 +27,9 @@ use crate::sgr::{
 use crate::{Error, Result};
 
 pub mod distributed;
+mod eval_on_ranks;
 mod module;
+pub mod ownership;
 pub mod pipeline;
 mod replicas;
 mod wire;
@@ -1068,7 +1070,13 @@ impl BatchEval {
 pub fn evaluate_batch(net: &LocalNetwork, x: &Tensor, y: &Tensor) -> Result<BatchEval> {
     let mut ctx = Ctx::eval();
     let logits = net.forward(&x.detach(), &mut ctx)?.detach();
-    let bs = x.dim(0)?;
+    batch_eval(net, &logits, y)
+}
+
+/// The sums of one evaluation batch from its logits.
+fn batch_eval(net: &LocalNetwork, logits: &Tensor, y: &Tensor) -> Result<BatchEval> {
+    let logits = logits.detach();
+    let bs = logits.dim(0)?;
     let loss_sum = cross_entropy(&logits, y)?
         .to_dtype(DType::F64)?
         .to_scalar::<f64>()?
