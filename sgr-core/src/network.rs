@@ -443,7 +443,7 @@ impl LocalNetwork {
     }
 
     /// Every named tensor: backbone first (torchvision order), then the objectives' in module
-    /// order.
+    /// order. Released modules ([`LocalNetwork::release_module`]) list none.
     pub fn params(&self) -> Vec<Param> {
         let mut p: Vec<Param> = self.units.iter().flat_map(|u| u.params()).collect();
         p.extend(self.classifier.params());

@@ -397,7 +397,8 @@ impl Run {
         &self.dir
     }
 
-    /// The trainer (network, optimizers, position).
+    /// The trainer (network, optimizers, position). On a rank of a distributed run that has
+    /// started training, it holds only the rank's own modules (`Trainer::holds_module`).
     pub fn trainer(&self) -> &Trainer {
         &self.trainer
     }
@@ -562,10 +563,17 @@ impl Run {
             });
         }
         let layout = Layout::new(stages, replicas)?;
-        // Rank 0's state (as built, or as resumed) goes to each module's ranks, and every rank
-        // frees the modules it does not own; then their memory goes back to the system.
-        self.trainer
-            .distribute(&mut *crate::ranks::lock(&t), &layout)?;
+        // Every rank frees the modules it does not own, and their memory goes back to the
+        // system. A resumed run's state is rank 0's alone, so rank 0 first sends each module's
+        // to its ranks; a new run's ranks built the same network from the same seed (and read
+        // the same `init_from` weights), so each already holds rank 0's state.
+        if self.resumed_at.is_some() {
+            self.trainer
+                .distribute(&mut *crate::ranks::lock(&t), &layout)?;
+        } else {
+            self.trainer
+                .keep_stage(&layout, crate::ranks::rank(&self.opts))?;
+        }
         sgr_core::memory::release_free_memory();
         Ok(layout)
     }

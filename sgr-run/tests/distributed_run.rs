@@ -224,42 +224,64 @@ fn module_bytes(t: &sgr_core::trainer::Trainer, k: usize) -> usize {
 #[test]
 fn each_rank_of_a_run_holds_only_its_own_modules() {
     let root = tempfile::tempdir().unwrap();
-    let mut alone = Run::create(spec(), root.path().join("alone"), opts(None, None)).unwrap();
+    let alone_dir = root.path().join("alone");
+    let mut alone = Run::create(spec(), &alone_dir, opts(None, None)).unwrap();
     alone.train(&mut |_: &Event<'_>| {}).unwrap();
     let k = alone.trainer().network().num_modules();
     let per_module: Vec<usize> = (0..k).map(|m| module_bytes(alone.trainer(), m)).collect();
     for n in [2, 3] {
-        let dir = root.path().join(format!("ranks{n}"));
-        let held = Mutex::new(Vec::new());
-        on_ranks(
-            n,
-            |o| {
-                let rank = sgr_run::ranks::rank_of(o.ranks.as_ref().unwrap());
-                let mut run = Run::create(spec(), &dir, o).unwrap();
-                run.train(&mut |_: &Event<'_>| {}).unwrap();
-                let t = run.trainer();
-                let modules: Vec<usize> = (0..k).filter(|&m| t.holds_module(m)).collect();
-                let bytes: usize = (0..k).map(|m| module_bytes(t, m)).sum();
-                held.lock().unwrap().push((rank, modules, bytes));
-            },
-            None,
-        );
-        let mut held = held.into_inner().unwrap();
-        held.sort();
-        let covered: Vec<usize> = held.iter().flat_map(|(_, m, _)| m.clone()).collect();
-        assert_eq!(covered, (0..k).collect::<Vec<_>>(), "{n} ranks: {held:?}");
-        for (rank, modules, bytes) in &held {
-            assert!(
-                !modules.is_empty(),
-                "{n} ranks: rank {rank} holds no module"
+        // A new run, and one stopped after 4 steps and resumed (where rank 0 alone loads the
+        // checkpoint and sends each module's state to its rank).
+        for resumed in [false, true] {
+            let dir = root.path().join(format!("ranks{n}-{resumed}"));
+            if resumed {
+                on_ranks(n, |o| train_new(&dir, o), Some(4));
+            }
+            let held = Mutex::new(Vec::new());
+            on_ranks(
+                n,
+                |o| {
+                    let rank = sgr_run::ranks::rank_of(o.ranks.as_ref().unwrap());
+                    let mut run = if resumed {
+                        match Run::resume(&dir, ResumeChanges::default(), o).unwrap() {
+                            Resumed::Ready(run) => *run,
+                            Resumed::Finished(_) => panic!("finished"),
+                        }
+                    } else {
+                        Run::create(spec(), &dir, o).unwrap()
+                    };
+                    run.train(&mut |_: &Event<'_>| {}).unwrap();
+                    let t = run.trainer();
+                    let modules: Vec<usize> = (0..k).filter(|&m| t.holds_module(m)).collect();
+                    let bytes: usize = (0..k).map(|m| module_bytes(t, m)).sum();
+                    held.lock().unwrap().push((rank, modules, bytes));
+                },
+                None,
             );
-            let want: usize = modules.iter().map(|&m| per_module[m]).sum();
-            assert_eq!(
-                *bytes, want,
-                "{n} ranks: rank {rank} holds modules {modules:?}"
-            );
+            check_held(n, held.into_inner().unwrap(), &per_module);
+            assert!(read(&dir, "model.safetensors") == read(&alone_dir, "model.safetensors"));
         }
-        let total: usize = held.iter().map(|h| h.2).sum();
-        assert_eq!(total, per_module.iter().sum::<usize>(), "{n} ranks");
     }
+}
+
+/// Checks what each of `n` ranks held (rank, modules, bytes) against the one-process run's
+/// bytes per module.
+fn check_held(n: usize, mut held: Vec<(usize, Vec<usize>, usize)>, per_module: &[usize]) {
+    let k = per_module.len();
+    held.sort();
+    let covered: Vec<usize> = held.iter().flat_map(|(_, m, _)| m.clone()).collect();
+    assert_eq!(covered, (0..k).collect::<Vec<_>>(), "{n} ranks: {held:?}");
+    for (rank, modules, bytes) in &held {
+        assert!(
+            !modules.is_empty(),
+            "{n} ranks: rank {rank} holds no module"
+        );
+        let want: usize = modules.iter().map(|&m| per_module[m]).sum();
+        assert_eq!(
+            *bytes, want,
+            "{n} ranks: rank {rank} holds modules {modules:?}"
+        );
+    }
+    let total: usize = held.iter().map(|h| h.2).sum();
+    assert_eq!(total, per_module.iter().sum::<usize>(), "{n} ranks");
 }

@@ -1,8 +1,9 @@
 //! Which rank holds which module in a distributed run, and how the whole state meets on rank 0
 //! when it is saved (docs/parallel.md, "Across processes").
 //!
-//! After [`Trainer::distribute`] a rank holds the weights, buffers and optimizer state of its
-//! own stage's modules only; the others' are freed ([`LocalNetwork::release_module`]), which
+//! After [`Trainer::distribute`] (or [`Trainer::keep_stage`], where every rank holds rank 0's
+//! state already) a rank holds the weights, buffers and optimizer state of its own stage's
+//! modules only; the others' are freed ([`LocalNetwork::release_module`]), which
 //! is the point of spreading the modules: a worker's memory is its own modules'. Nothing that
 //! reads the whole model may then run on one rank, so each such reader has a collective form:
 //! [`Trainer::gather`] copies every module's state to rank 0 for a checkpoint or the model file
@@ -13,7 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Tensor};
 
 use super::distributed::Transport;
 use super::replicas::Layout;
@@ -34,66 +35,149 @@ pub struct Snapshot {
     pub state: TrainerState,
 }
 
-/// One module's state as it travels between ranks: its body's tensors, its objective's, and
-/// its optimizer state.
+/// One module's state: its body's tensors, its objective's, and its optimizer state.
 struct ModuleState {
     body: Vec<Param>,
     objective: Vec<Param>,
     optimizer: HashMap<String, Tensor>,
 }
 
+/// One tensor of a module's state as it arrives.
+enum Piece {
+    Body(Param),
+    Objective(Param),
+    State(String, Tensor),
+}
+
+/// A module's state travels as a header (how many tensors of each kind follow, or why there
+/// is none) and then one message per tensor, so that neither side holds more than one
+/// tensor's bytes at a time besides the tensors themselves.
 const MODULE: u8 = 20;
 const MODULE_FAILED: u8 = 21;
+const TENSOR: u8 = 22;
 
-fn write_params(w: &mut Writer, params: &[Param]) -> Result<()> {
-    w.u64(params.len() as u64);
-    for p in params {
-        w.bytes(p.name.as_bytes());
-        w.u8(u8::from(p.kind == ParamKind::Buffer));
-        w.tensor(p.var.as_tensor())?;
+fn param_message(p: &Param) -> Result<Vec<u8>> {
+    let mut w = Writer::default();
+    w.u8(TENSOR);
+    w.bytes(p.name.as_bytes());
+    w.u8(u8::from(p.kind == ParamKind::Buffer));
+    w.tensor(p.var.as_tensor())?;
+    Ok(w.0)
+}
+
+fn state_message(key: &str, v: &Tensor) -> Result<Vec<u8>> {
+    let mut w = Writer::default();
+    w.u8(TENSOR);
+    w.bytes(key.as_bytes());
+    w.tensor(v)?;
+    Ok(w.0)
+}
+
+fn read_param(bytes: &[u8], device: &Device) -> Result<Param> {
+    let mut r = Reader::new(bytes);
+    expect_tensor(&mut r)?;
+    let name = String::from_utf8_lossy(r.bytes()?).into_owned();
+    let kind = if r.u8()? == 0 {
+        ParamKind::Trainable
+    } else {
+        ParamKind::Buffer
+    };
+    let var = r.var(device)?;
+    r.end()?;
+    Ok(Param { name, var, kind })
+}
+
+fn read_state(bytes: &[u8], device: &Device) -> Result<(String, Tensor)> {
+    let mut r = Reader::new(bytes);
+    expect_tensor(&mut r)?;
+    let key = String::from_utf8_lossy(r.bytes()?).into_owned();
+    let v = r.tensor(device)?;
+    r.end()?;
+    Ok((key, v))
+}
+
+fn expect_tensor(r: &mut Reader<'_>) -> Result<()> {
+    match r.u8()? {
+        TENSOR => Ok(()),
+        tag => Err(Error::Internal(format!(
+            "got message {tag} where a module's tensor was due"
+        ))),
+    }
+}
+
+/// Sends module `k`'s state in `parts` (or why it could not be read) to every rank of `to`.
+fn send_module(
+    t: &mut dyn Transport,
+    to: &[usize],
+    k: usize,
+    parts: Result<ModuleState>,
+) -> Result<()> {
+    let send_all = |t: &mut dyn Transport, bytes: Vec<u8>| -> Result<()> {
+        if let Some((&last, rest)) = to.split_last() {
+            for &r in rest {
+                t.send(r, bytes.clone())?;
+            }
+            t.send(last, bytes)?;
+        }
+        Ok(())
+    };
+    let mut w = Writer::default();
+    let m = match parts {
+        Ok(m) => m,
+        Err(e) => {
+            w.u8(MODULE_FAILED);
+            w.bytes(format!("module {k}: {e}").as_bytes());
+            return send_all(t, w.0);
+        }
+    };
+    w.u8(MODULE);
+    w.u64(m.body.len() as u64);
+    w.u64(m.objective.len() as u64);
+    w.u64(m.optimizer.len() as u64);
+    send_all(t, w.0)?;
+    for p in m.body.iter().chain(&m.objective) {
+        send_all(t, param_message(p)?)?;
+    }
+    let state: BTreeMap<&String, &Tensor> = m.optimizer.iter().collect();
+    for (key, v) in state {
+        send_all(t, state_message(key, v)?)?;
     }
     Ok(())
 }
 
-fn read_params(r: &mut Reader<'_>, device: &Device) -> Result<Vec<Param>> {
-    (0..r.usize()?)
-        .map(|_| {
-            let name = String::from_utf8_lossy(r.bytes()?).into_owned();
-            let kind = if r.u8()? == 0 {
-                ParamKind::Trainable
-            } else {
-                ParamKind::Buffer
-            };
-            let var = Var::from_tensor(&r.tensor(device)?)?;
-            Ok(Param { name, var, kind })
-        })
-        .collect()
-}
-
-fn read_module(bytes: &[u8], device: &Device) -> Result<std::result::Result<ModuleState, String>> {
-    let mut r = Reader::new(bytes);
-    match r.u8()? {
-        MODULE => {}
+/// Receives a module's state from `from`, handing `take` each tensor as it arrives; `Ok(Err)`
+/// is why the sender had none.
+fn recv_module(
+    t: &mut dyn Transport,
+    from: usize,
+    device: &Device,
+    take: &mut dyn FnMut(Piece) -> Result<()>,
+) -> Result<std::result::Result<(), String>> {
+    let head = t.recv(from)?;
+    let mut r = Reader::new(&head);
+    let (body, objective, state) = match r.u8()? {
+        MODULE => (r.usize()?, r.usize()?, r.usize()?),
         MODULE_FAILED => return Ok(Err(String::from_utf8_lossy(r.bytes()?).into_owned())),
         tag => {
             return Err(Error::Internal(format!(
-                "got message {tag} where a module's state was due"
+                "got message {tag} from rank {from} where a module's state was due"
             )))
         }
-    }
-    let body = read_params(&mut r, device)?;
-    let objective = read_params(&mut r, device)?;
-    let mut optimizer = HashMap::new();
-    for _ in 0..r.usize()? {
-        let key = String::from_utf8_lossy(r.bytes()?).into_owned();
-        optimizer.insert(key, r.tensor(device)?);
-    }
+    };
     r.end()?;
-    Ok(Ok(ModuleState {
-        body,
-        objective,
-        optimizer,
-    }))
+    for i in 0..body + objective {
+        let p = read_param(&t.recv(from)?, device)?;
+        take(if i < body {
+            Piece::Body(p)
+        } else {
+            Piece::Objective(p)
+        })?;
+    }
+    for _ in 0..state {
+        let (key, v) = read_state(&t.recv(from)?, device)?;
+        take(Piece::State(key, v))?;
+    }
+    Ok(Ok(()))
 }
 
 /// Every rank's verdict on every rank: `Ok` when all are, else the first failure in rank order,
@@ -158,63 +242,102 @@ impl Trainer {
         })
     }
 
-    fn write_module(&self, k: usize) -> Result<Vec<u8>> {
-        let mut w = Writer::default();
-        w.u8(MODULE);
-        write_params(&mut w, &self.net.module_body_params(k))?;
-        write_params(&mut w, &self.net.module_objective(k)?.params())?;
-        let state: BTreeMap<String, Tensor> = self.optimizers[k].state()?.into_iter().collect();
-        w.u64(state.len() as u64);
-        for (key, v) in &state {
-            w.bytes(key.as_bytes());
-            w.tensor(v)?;
-        }
-        Ok(w.0)
+    /// Module `k`'s state, sharing its tensors.
+    fn module_state(&self, k: usize) -> Result<ModuleState> {
+        Ok(ModuleState {
+            body: self.net.module_body_params(k),
+            objective: self.net.module_objective(k)?.params(),
+            optimizer: self.optimizers[k].state()?,
+        })
     }
 
-    /// Module `k`'s state, or why it could not be written, as a message.
-    fn module_message(&self, k: usize) -> Result<Vec<u8>> {
-        Ok(self.write_module(k).unwrap_or_else(|e| {
-            let mut w = Writer::default();
-            w.u8(MODULE_FAILED);
-            w.bytes(format!("module {k}: {e}").as_bytes());
-            w.0
-        }))
-    }
-
-    /// Sets module `k`'s weights, buffers and optimizer state to `state` (matched by name).
-    fn load_module(&mut self, k: usize, state: ModuleState) -> Result<()> {
-        let sent: HashMap<String, Var> = state
-            .body
+    /// Receives module `k`'s state from rank 0 and sets its weights, buffers (matched by name,
+    /// each as it arrives) and optimizer state.
+    fn load_module_from_rank0(
+        &mut self,
+        t: &mut dyn Transport,
+        k: usize,
+        device: &Device,
+    ) -> Result<Result<()>> {
+        let mine: HashMap<String, Param> = self
+            .net
+            .module_params(k)
             .into_iter()
-            .chain(state.objective)
-            .map(|p| (p.name, p.var))
+            .map(|p| (p.name.clone(), p))
             .collect();
-        let mine = self.net.module_params(k);
-        if mine.len() != sent.len() {
-            return Err(Error::Internal(format!(
-                "module {k} has {} tensors here and {} were sent",
-                mine.len(),
-                sent.len()
+        let mut set = 0usize;
+        let mut state = HashMap::new();
+        let mut take = |piece: Piece| -> Result<()> {
+            match piece {
+                Piece::Body(sent) | Piece::Objective(sent) => {
+                    let p = mine.get(&sent.name).ok_or_else(|| {
+                        Error::Internal(format!(
+                            "module {k}: rank 0 sent `{}`, which it does not have",
+                            sent.name
+                        ))
+                    })?;
+                    if sent.var.dims() != p.var.dims() || sent.var.dtype() != p.var.dtype() {
+                        return Err(Error::Internal(format!(
+                            "module {k}: `{}` was sent as {:?} {:?}, it is {:?} {:?} here",
+                            p.name,
+                            sent.var.dtype(),
+                            sent.var.dims(),
+                            p.var.dtype(),
+                            p.var.dims()
+                        )));
+                    }
+                    p.var.set(sent.var.as_tensor())?;
+                    set += 1;
+                }
+                Piece::State(key, v) => {
+                    state.insert(key, v);
+                }
+            }
+            Ok(())
+        };
+        // A tensor that does not fit is reported after the whole module has arrived, so that
+        // no message is left unread.
+        let mut failed: Option<Error> = None;
+        let mut guarded = |piece: Piece| -> Result<()> {
+            if failed.is_none() {
+                if let Err(e) = take(piece) {
+                    failed = Some(e);
+                }
+            }
+            Ok(())
+        };
+        let got = recv_module(t, 0, device, &mut guarded)?;
+        if let Err(why) = got {
+            return Ok(Err(Error::Internal(format!("rank 0: {why}"))));
+        }
+        if let Some(e) = failed {
+            return Ok(Err(e));
+        }
+        if set != mine.len() {
+            return Ok(Err(Error::Internal(format!(
+                "module {k} has {} tensors here and rank 0 sent {set}",
+                mine.len()
+            ))));
+        }
+        Ok(self.optimizers[k].load_state(&state))
+    }
+
+    /// Frees every module outside `rank`'s stage of `layout`, without any message: for a rank
+    /// that holds rank 0's state of its own modules already, as every rank does when all built
+    /// the same network from the same seed and nothing was loaded on rank 0 alone (a new run).
+    /// [`Trainer::distribute`] sends rank 0's state first.
+    pub fn keep_stage(&mut self, layout: &Layout, rank: usize) -> Result<()> {
+        if rank >= layout.size() {
+            return Err(Error::InvalidConfig(format!(
+                "rank {rank} is not in a layout of {} ranks",
+                layout.size()
             )));
         }
-        for p in &mine {
-            let v = sent
-                .get(&p.name)
-                .ok_or_else(|| Error::Internal(format!("module {k}: `{}` was not sent", p.name)))?;
-            if v.dims() != p.var.dims() || v.dtype() != p.var.dtype() {
-                return Err(Error::Internal(format!(
-                    "module {k}: `{}` was sent as {:?} {:?}, it is {:?} {:?} here",
-                    p.name,
-                    v.dtype(),
-                    v.dims(),
-                    p.var.dtype(),
-                    p.var.dims()
-                )));
-            }
-            p.var.set(v.as_tensor())?;
+        let mine = layout.stages().stages()[layout.place(rank).1].clone();
+        for k in (0..self.net.num_modules()).filter(|k| !mine.contains(k)) {
+            self.release_module(k)?;
         }
-        self.optimizers[k].load_state(&state.optimizer)
+        Ok(())
     }
 
     /// Places the modules on the ranks as `layout` says: rank 0's weights, buffers and
@@ -250,30 +373,19 @@ impl Trainer {
             for k in range.clone() {
                 if rank == 0 {
                     let others: Vec<usize> = owners.iter().copied().filter(|&r| r != 0).collect();
-                    if let Some((&last, rest)) = others.split_last() {
-                        let bytes = self.module_message(k)?;
-                        for &r in rest {
-                            t.send(r, bytes.clone())?;
-                        }
-                        t.send(last, bytes)?;
+                    if !others.is_empty() {
+                        send_module(t, &others, k, self.module_state(k))?;
                     }
                 } else if owners.contains(&rank) {
-                    let bytes = t.recv(0)?;
+                    let got = self.load_module_from_rank0(t, k, &device)?;
                     if loaded.is_ok() {
-                        loaded = match read_module(&bytes, &device)? {
-                            Ok(state) => self.load_module(k, state),
-                            Err(why) => Err(Error::Internal(format!("rank 0: {why}"))),
-                        };
+                        loaded = got;
                     }
                 }
             }
         }
         agree(t, loaded)?;
-        let mine = layout.stages().stages()[layout.place(rank).1].clone();
-        for k in (0..k_all).filter(|k| !mine.contains(k)) {
-            self.release_module(k)?;
-        }
-        Ok(())
+        self.keep_stage(layout, rank)
     }
 
     /// The whole training state on rank 0 (`None` elsewhere): the owner of each module (its
@@ -292,7 +404,7 @@ impl Trainer {
             let (replica, stage) = layout.place(rank);
             if replica == 0 {
                 for k in layout.stages().stages()[stage].clone() {
-                    t.send(0, self.module_message(k)?)?;
+                    send_module(t, &[0], k, self.module_state(k))?;
                 }
             }
             return Ok(None);
@@ -305,15 +417,26 @@ impl Trainer {
             let owner = layout.rank(0, stage);
             for k in range.clone() {
                 if owner == 0 {
-                    modules.push(ModuleState {
-                        body: self.net.module_body_params(k),
-                        objective: self.net.module_objective(k)?.params(),
-                        optimizer: self.optimizers[k].state()?,
-                    });
+                    modules.push(self.module_state(k)?);
                     continue;
                 }
-                match read_module(&t.recv(owner)?, &device)? {
-                    Ok(m) => modules.push(m),
+                let mut m = ModuleState {
+                    body: Vec::new(),
+                    objective: Vec::new(),
+                    optimizer: HashMap::new(),
+                };
+                let got = recv_module(t, owner, &device, &mut |piece| {
+                    match piece {
+                        Piece::Body(p) => m.body.push(p),
+                        Piece::Objective(p) => m.objective.push(p),
+                        Piece::State(key, v) => {
+                            m.optimizer.insert(key, v);
+                        }
+                    }
+                    Ok(())
+                })?;
+                match got {
+                    Ok(()) => modules.push(m),
                     Err(why) => {
                         failed.get_or_insert(format!("rank {owner}: {why}"));
                     }

@@ -1,7 +1,7 @@
 //! The bytes of the messages between the ranks of a distributed run: tensors with their dtype
 //! and shape, exactly (no conversion, so a step on another rank sees the bits this one sent).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::module::{BoundaryRecord, Carry, StepInput, StepRecord};
 use crate::objective::{Batch, Targets};
@@ -91,6 +91,15 @@ impl Writer {
     }
 }
 
+/// A tensor's decoded values.
+enum Data {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    U32(Vec<u32>),
+    I64(Vec<i64>),
+    U8(Vec<u8>),
+}
+
 /// Reads what a [`Writer`] wrote; a message cut short or malformed is an error, never a panic.
 pub(crate) struct Reader<'a> {
     bytes: &'a [u8],
@@ -137,6 +146,28 @@ impl<'a> Reader<'a> {
     }
 
     pub(crate) fn tensor(&mut self, device: &Device) -> Result<Tensor> {
+        Ok(match self.data()? {
+            (Data::F32(v), dims) => Tensor::from_vec(v, dims, device)?,
+            (Data::F64(v), dims) => Tensor::from_vec(v, dims, device)?,
+            (Data::U32(v), dims) => Tensor::from_vec(v, dims, device)?,
+            (Data::I64(v), dims) => Tensor::from_vec(v, dims, device)?,
+            (Data::U8(v), dims) => Tensor::from_vec(v, dims, device)?,
+        })
+    }
+
+    /// A tensor as a variable, made from the decoded values without a copy (a module's
+    /// weights as they travel between ranks).
+    pub(crate) fn var(&mut self, device: &Device) -> Result<Var> {
+        Ok(match self.data()? {
+            (Data::F32(v), dims) => Var::from_vec(v, dims, device)?,
+            (Data::F64(v), dims) => Var::from_vec(v, dims, device)?,
+            (Data::U32(v), dims) => Var::from_vec(v, dims, device)?,
+            (Data::I64(v), dims) => Var::from_vec(v, dims, device)?,
+            (Data::U8(v), dims) => Var::from_vec(v, dims, device)?,
+        })
+    }
+
+    fn data(&mut self) -> Result<(Data, Vec<usize>)> {
         let tag = self.u8()?;
         let rank = self.usize()?;
         if rank > 8 {
@@ -158,44 +189,40 @@ impl<'a> Reader<'a> {
                 .map(|c| c.try_into().expect("chunk"))
                 .collect())
         }
-        let t = match tag {
-            0 => {
-                let v: Vec<f32> = words::<4>(data, n)?
+        let d = match tag {
+            0 => Data::F32(
+                words::<4>(data, n)?
                     .into_iter()
                     .map(f32::from_le_bytes)
-                    .collect();
-                Tensor::from_vec(v, dims, device)?
-            }
-            1 => {
-                let v: Vec<f64> = words::<8>(data, n)?
+                    .collect(),
+            ),
+            1 => Data::F64(
+                words::<8>(data, n)?
                     .into_iter()
                     .map(f64::from_le_bytes)
-                    .collect();
-                Tensor::from_vec(v, dims, device)?
-            }
-            2 => {
-                let v: Vec<u32> = words::<4>(data, n)?
+                    .collect(),
+            ),
+            2 => Data::U32(
+                words::<4>(data, n)?
                     .into_iter()
                     .map(u32::from_le_bytes)
-                    .collect();
-                Tensor::from_vec(v, dims, device)?
-            }
-            3 => {
-                let v: Vec<i64> = words::<8>(data, n)?
+                    .collect(),
+            ),
+            3 => Data::I64(
+                words::<8>(data, n)?
                     .into_iter()
                     .map(i64::from_le_bytes)
-                    .collect();
-                Tensor::from_vec(v, dims, device)?
-            }
+                    .collect(),
+            ),
             4 => {
                 if data.len() != n {
                     return Err(malformed("a tensor's data does not match its shape"));
                 }
-                Tensor::from_vec(data.to_vec(), dims, device)?
+                Data::U8(data.to_vec())
             }
             _ => return Err(malformed("an unknown dtype")),
         };
-        Ok(t)
+        Ok((d, dims))
     }
 
     pub(crate) fn opt_tensor(&mut self, device: &Device) -> Result<Option<Tensor>> {
