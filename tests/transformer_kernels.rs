@@ -422,3 +422,70 @@ fn fused_linear_is_bit_identical_to_the_composition_in_f32() {
         }
     }
 }
+
+/// `add_bias` (a ViT's position embeddings, a convolution's bias) against `broadcast_add`: the
+/// same bits in f32, values and both gradients, and the same second order in f64; shapes it
+/// does not cover (the bias's axes not consecutive) fall back to `broadcast_add`.
+#[test]
+fn add_bias_is_broadcast_add_bit_for_bit_and_differentiates_twice() {
+    let cases: [(&[usize], &[usize]); 7] = [
+        (&[5, 7, 9], &[1, 7, 9]),
+        (&[300, 70], &[70]),
+        (&[2, 3, 4], &[4]),
+        (&[2, 3], &[2, 1]),
+        (&[16, 24, 9, 7], &[1, 24, 1, 1]),
+        (&[3, 5, 4, 2], &[5, 4, 1]),
+        (&[2, 3, 4, 5], &[3, 1, 5]),
+    ];
+    let bits = |t: &Tensor| -> Vec<u32> {
+        flat(std::slice::from_ref(t))
+            .iter()
+            .map(|&v| (v as f32).to_bits())
+            .collect()
+    };
+    for (xs, bs) in cases {
+        let x = var(xs, 1.0, 1, DType::F32);
+        let b = var(bs, 0.1, 2, DType::F32);
+        let r = randn(xs, 1.0, 3, DType::F32);
+        let got = first_order(&|t| kernels::add_bias(&t[0], &t[1]), &[&x, &b], &r);
+        let want = first_order(&|t| t[0].broadcast_add(&t[1]), &[&x, &b], &r);
+        for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.dims(), w.dims(), "{xs:?} + {bs:?}: output {k}'s shape");
+            assert!(
+                bits(g) == bits(w),
+                "{xs:?} + {bs:?}: output {k} differs from broadcast_add's"
+            );
+        }
+    }
+    autograd::with_second_order(|| {
+        let x = var(&[4, 3, 5], 1.0, 4, F64);
+        let b = var(&[3, 1], 1.0, 5, F64);
+        let r = randn(&[4, 3, 5], 1.0, 6, F64);
+        let v = [randn(&[4, 3, 5], 1.0, 7, F64), randn(&[3, 1], 1.0, 8, F64)];
+        let hvp = |f: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>| {
+            let y = f(x.as_tensor(), b.as_tensor()).unwrap();
+            // A loss with curvature through b's gradient: (Σ y²)·Σ y.
+            let l = (loss(&y, &r) * y.sum_all().unwrap()).unwrap();
+            let g = l.backward().unwrap();
+            let mut j = Tensor::zeros((), F64, &candle_core::Device::Cpu).unwrap();
+            for (var, dir) in [&x, &b].iter().zip(&v) {
+                let gv = g.get(var.as_tensor()).expect("gradient");
+                assert!(gv.track_op(), "the gradient must carry a graph");
+                j = (j + (gv * dir).unwrap().sum_all().unwrap()).unwrap();
+            }
+            let h = j.backward().unwrap();
+            [&x, &b].map(|var| h.get(var.as_tensor()).expect("second order").detach())
+        };
+        let got = hvp(&|x, b| kernels::add_bias(x, b));
+        let want = hvp(&|x, b| x.broadcast_add(b));
+        for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+            let e = max_rel(g, w);
+            assert!(
+                e < 1e-12,
+                "second order, variable {k}: relative error {e:.2e}"
+            );
+        }
+        Ok(())
+    })
+    .unwrap();
+}

@@ -12,6 +12,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use crate::cpu::{gemm_raw, Real, Strided};
+use crate::lanes;
 
 /// The shape of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,11 +148,9 @@ pub fn attention_forward<T: Real>(
 
 /// Replaces a row of scores by its softmax; returns the row's log-sum-exp.
 fn softmax_row<T: Real>(row: &mut [T]) -> f64 {
-    let m = row
-        .iter()
-        .fold(f64::NEG_INFINITY, |m, &v| m.max(v.to_f64()));
+    let m = lanes::max(row, T::to_f64);
     T::exp_sub_block(row, T::from_f64(m));
-    let sum = row.iter().map(|v| v.to_f64()).sum::<f64>();
+    let sum = lanes::sum(row, T::to_f64);
     let inv = T::from_f64(1.0 / sum);
     for v in row.iter_mut() {
         *v = *v * inv;
@@ -229,11 +228,9 @@ pub fn attention_backward<T: Real>(
             }
             for i in 0..n {
                 let row = o + i * c;
-                let di = gout[row..row + hd]
-                    .iter()
-                    .zip(&out[row..row + hd])
-                    .map(|(&a, &b)| a.to_f64() * b.to_f64())
-                    .sum::<f64>();
+                let di = lanes::sum2(&gout[row..row + hd], &out[row..row + hd], |a, b| {
+                    a.to_f64() * b.to_f64()
+                });
                 let di = T::from_f64(di);
                 for (d, &pv) in ds[i * n..(i + 1) * n]
                     .iter_mut()

@@ -36,7 +36,8 @@
 //!
 //! * the crate root (candle ops and dispatch) and its private `transformer` and `sgd` modules
 //!   use [`cpu`], [`token`], [`attention`], [`generic`] and [`geom`];
-//! * [`token`] (LayerNorm, GELU, bias rows) and [`attention`] use [`cpu`];
+//! * [`token`] (LayerNorm, GELU, bias rows) and [`attention`] use [`cpu`] and `lanes` (row
+//!   sums in f64 that vectorise; uses none of the others);
 //! * [`cpu`] (the raw loops, the [`cpu::Real`] element types) uses [`direct`], [`vmath`],
 //!   `reductions` (x86-64 only) and [`geom`];
 //! * [`direct`] (AVX-512 3×3 convolutions) and `reductions` (AVX-512 f32 sums) use [`geom`];
@@ -51,6 +52,7 @@ pub mod cuda;
 pub mod direct;
 pub mod generic;
 pub mod geom;
+mod lanes;
 #[cfg(target_arch = "x86_64")]
 mod reductions;
 mod sgd;
@@ -156,7 +158,7 @@ macro_rules! forward_only_op {
 
 mod transformer;
 pub use sgd::{sgd_step, SgdStep};
-pub use transformer::{attention, gelu, layer_norm, linear};
+pub use transformer::{add_bias, attention, gelu, layer_norm, linear};
 
 /// Stride and padding shared by the three convolution ops; builds each of them.
 #[derive(Debug, Clone, Copy)]

@@ -1,5 +1,5 @@
 //! Raw CPU loops of the row-wise Transformer ops: LayerNorm over the last axis, the exact GELU,
-//! and the bias rows of a linear layer.
+//! and biases (a linear layer's rows, a convolution's channels) with their gradient sums.
 //!
 //! Rows (tokens) are independent, so the per-row work runs in parallel with rayon. The one
 //! cross-row reduction, LayerNorm's `dγ, dβ`, is cut into fixed blocks of [`ROW_BLOCK`] rows whose
@@ -10,6 +10,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use crate::cpu::Real;
+use crate::lanes;
 
 /// Rows per block of a cross-row reduction. Fixed, so that the sums are the same on any number
 /// of threads.
@@ -20,7 +21,7 @@ pub const ROW_BLOCK: usize = 32;
 const ELEMENT_BLOCK: usize = 1 << 13;
 
 /// LayerNorm forward over rows of `d` features: `y = (x − μ)·r·γ + β` with `r = 1/√(σ² + ε)`,
-/// μ and the biased σ² of the row (two passes, in f64). Writes `stats[2i] = μ`,
+/// μ and the biased σ² of the row (two passes, in f64, [`lanes`] sums). Writes `stats[2i] = μ`,
 /// `stats[2i + 1] = r` for row `i`: all the backward needs besides `x` and `γ`.
 pub fn layer_norm_forward<T: Real>(
     x: &[T],
@@ -39,15 +40,11 @@ pub fn layer_norm_forward<T: Real>(
         .zip(stats.par_chunks_mut(2))
         .with_min_len(8)
         .for_each(|((xr, yr), st)| {
-            let mean = xr.iter().map(|v| v.to_f64()).sum::<f64>() / d as f64;
-            let var = xr
-                .iter()
-                .map(|v| {
-                    let c = v.to_f64() - mean;
-                    c * c
-                })
-                .sum::<f64>()
-                / d as f64;
+            let mean = lanes::sum(xr, T::to_f64) / d as f64;
+            let var = lanes::sum(xr, |v| {
+                let c = v.to_f64() - mean;
+                c * c
+            }) / d as f64;
             let r = 1.0 / (var + eps).sqrt();
             for (((o, &v), &g), &b) in yr.iter_mut().zip(xr).zip(gamma).zip(beta) {
                 o.write(T::from_f64(
@@ -90,13 +87,10 @@ pub fn layer_norm_backward<T: Real>(
                 .zip(sb.chunks(2))
             {
                 let (mean, r) = (st[0], st[1]);
-                let (mut a, mut b) = (0.0f64, 0.0f64);
-                for ((&gv, &xv), &gm) in gr.iter().zip(xr).zip(gamma) {
-                    let xh = (xv.to_f64() - mean) * r;
+                let (a, b) = lanes::sum_pair3(gr, xr, gamma, |gv, xv, gm| {
                     let gg = gv.to_f64() * gm.to_f64();
-                    a += gg;
-                    b += gg * xh;
-                }
+                    (gg, gg * ((xv.to_f64() - mean) * r))
+                });
                 let (a, b) = (a / d as f64, b / d as f64);
                 for (j, ((&gv, &xv), o)) in gr.iter().zip(xr).zip(dr.iter_mut()).enumerate() {
                     let xh = (xv.to_f64() - mean) * r;
@@ -173,4 +167,47 @@ pub fn column_sums<T: Real>(g: &[T], d: usize, out: &mut [MaybeUninit<T>]) {
                 o.write(a);
             }
         });
+}
+
+/// Adds `bias[ch]` to every element of channel `ch` of `y`, viewed as `(outer, c, inner)` with
+/// `c = bias.len()`, in place, as candle's broadcast add rounds it.
+pub fn add_channel_bias<T: Real>(y: &mut [T], bias: &[T], inner: usize) {
+    if inner == 1 {
+        return add_bias_rows(y, bias);
+    }
+    if inner == 0 || bias.is_empty() {
+        return;
+    }
+    y.par_chunks_mut(inner)
+        .with_min_len((ELEMENT_BLOCK / inner).max(1))
+        .enumerate()
+        .for_each(|(i, plane)| {
+            let b = bias[i % bias.len()];
+            for v in plane.iter_mut() {
+                *v += b;
+            }
+        });
+}
+
+/// `out[ch] = Σ g[o, ch, i]` over `(o, i)` of `g` viewed as `(outer, c, inner)`: each channel
+/// accumulated in `T` in memory order, as candle's sum over the other axes accumulates it (the
+/// same bits), channels in parallel.
+pub fn channel_sums<T: Real>(g: &[T], c: usize, inner: usize, out: &mut [MaybeUninit<T>]) {
+    if inner == 1 {
+        return column_sums(g, c, out);
+    }
+    if c == 0 {
+        return;
+    }
+    out.par_iter_mut().enumerate().for_each(|(ch, o)| {
+        let mut acc = T::ZERO;
+        if inner > 0 {
+            for plane in g.chunks_exact(c * inner) {
+                for &v in &plane[ch * inner..(ch + 1) * inner] {
+                    acc += v;
+                }
+            }
+        }
+        o.write(acc);
+    });
 }

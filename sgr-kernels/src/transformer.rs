@@ -42,17 +42,20 @@ fn rows_last(dims: &[usize], op: &str) -> candle_core::Result<(usize, usize)> {
     }
 }
 
+/// The parallelism candle's matmul gives gemm, so that the fused linear layer rounds as it does.
+fn candle_parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        threads if threads > 1 => gemm::Parallelism::Rayon(threads),
+        _ => gemm::Parallelism::None,
+    }
+}
+
 /// `y = x·Wᵀ + b` on `(rows, cin)`.
 struct LinearFwd;
 
 fn run_linear<T: Real>(x: &[T], w: &[T], b: &[T], rows: usize, cin: usize) -> Vec<T> {
     let cout = b.len();
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    let parallelism = candle_parallelism();
     // SAFETY: the gemm writes every element of the rows × cout output; x is rows × cin and
     // w is cout × cin, read as Wᵀ through its strides.
     let mut y = unsafe {
@@ -124,12 +127,88 @@ impl CustomOp3 for LinearFwd {
                 grad.contiguous()?.apply_op1_no_bwd(&ColumnSums)
             }
         };
+        if !grad.track_op() {
+            // First order: the same gemm calls as candle's matmul, into outputs that are not
+            // zero-filled first.
+            let (g, xd, wd) = (grad.contiguous()?, x.detach(), w.detach());
+            return Ok((
+                wanted(x, || g.apply_op2_no_bwd(&wd, &LinearGrad::Input))?,
+                wanted(w, || g.apply_op2_no_bwd(&xd, &LinearGrad::Weight))?,
+                wanted(b, db)?,
+            ));
+        }
         let (xd, wd) = (for_grad(x, grad), for_grad(w, grad));
         Ok((
             wanted(x, || grad.matmul(&wd))?,
             wanted(w, || grad.t()?.matmul(&xd))?,
             wanted(b, db)?,
         ))
+    }
+}
+
+/// A first-order gradient of the linear layer from `g` `(rows, cout)`: `Input` is `g·W` with
+/// operand `W` `(cout, cin)`, `Weight` is `gᵀ·x` with operand `x` `(rows, cin)`.
+enum LinearGrad {
+    Input,
+    Weight,
+}
+
+impl CustomOp2 for LinearGrad {
+    fn name(&self) -> &'static str {
+        match self {
+            LinearGrad::Input => "sgr-linear-input-grad",
+            LinearGrad::Weight => "sgr-linear-weight-grad",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, cout) = l1.shape().dims2()?;
+        let (a, cin) = l2.shape().dims2()?;
+        let want = match self {
+            LinearGrad::Input => cout,
+            LinearGrad::Weight => rows,
+        };
+        if a != want {
+            candle_core::bail!(
+                "{}: gradient {:?} and operand {:?} do not match",
+                self.name(),
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let (m, k) = match self {
+            LinearGrad::Input => (rows, cout),
+            LinearGrad::Weight => (cout, rows),
+        };
+        let out = with_slices!(self.name(), [(s1, l1, g), (s2, l2, o)], {
+            // The gradient's strides: g itself, or gᵀ.
+            let gs = match self {
+                LinearGrad::Input => (cout, 1),
+                LinearGrad::Weight => (1, cout),
+            };
+            // SAFETY: the gemm writes every element of the m × cin output; g is rows × cout
+            // and the operand a × cin, both contiguous, read through the strides above.
+            unsafe {
+                cpu::alloc_filled(m * cin, |y| {
+                    cpu::gemm_in(
+                        (m, cin, k),
+                        Strided(y.as_mut_ptr().cast(), cin, 1),
+                        Strided(g.as_ptr(), gs.0, gs.1),
+                        Strided(o.as_ptr(), cin, 1),
+                        false,
+                        Real::ONE,
+                        candle_parallelism(),
+                    )
+                })
+            }
+        });
+        Ok((out, Shape::from((m, cin))))
     }
 }
 
@@ -148,6 +227,132 @@ impl CustomOp1 for ColumnSums {
             unsafe { cpu::alloc_filled(d, |o| token::column_sums(g, d, o)) }
         });
         Ok((out, Shape::from(d)))
+    }
+}
+
+/// `x + b` on `x` viewed as `(outer, c, inner)` and `b` as `(c,)`.
+struct AddBias {
+    outer: usize,
+    inner: usize,
+}
+
+impl AddBias {
+    /// `c`, the length of the bias.
+    fn channels(&self, l: &Layout) -> usize {
+        l.shape().elem_count() / (self.outer * self.inner).max(1)
+    }
+}
+
+impl CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "sgr-add-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let c = self.channels(l1);
+        if l2.dims() != [c] || self.outer * c * self.inner != l1.shape().elem_count() {
+            candle_core::bail!(
+                "sgr-add-bias: input {:?} and bias {:?} do not match",
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let out = with_slices!(self.name(), [(s1, l1, x), (s2, l2, b)], {
+            let mut y = x.to_vec();
+            token::add_channel_bias(&mut y, b, self.inner);
+            y
+        });
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // As the linear layer's bias: candle's sum when the gradient is differentiated again,
+        // otherwise the same sums in the same order, channels in parallel.
+        let c = b.dim(0)?;
+        let db = || {
+            let g = grad.reshape((self.outer, c, self.inner))?;
+            if grad.track_op() {
+                g.sum_keepdim(&[0usize, 2][..])?.reshape(c)
+            } else {
+                g.contiguous()?
+                    .apply_op1_no_bwd(&ChannelSums { inner: self.inner })
+            }
+        };
+        Ok((wanted(x, || Ok(grad.clone()))?, wanted(b, db)?))
+    }
+}
+
+/// The sums of a `(outer, c, inner)` tensor over its first and last axes, `(c,)`.
+struct ChannelSums {
+    inner: usize,
+}
+
+impl CustomOp1 for ChannelSums {
+    fn name(&self) -> &'static str {
+        "sgr-channel-sums"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, c, _) = l.shape().dims3()?;
+        let out = with_slices!(self.name(), [(s, l, g)], {
+            // SAFETY: channel_sums writes all c outputs.
+            unsafe { cpu::alloc_filled(c, |o| token::channel_sums(g, c, self.inner, o)) }
+        });
+        Ok((out, Shape::from(c)))
+    }
+}
+
+/// `(outer, c, inner)` for `x + b` when `b`'s axes other than size 1 (its shape aligned to the
+/// right of `x`'s) are one run of consecutive axes equal to `x`'s; `None` otherwise.
+fn bias_geometry(x: &[usize], b: &[usize]) -> Option<(usize, usize, usize)> {
+    if b.len() > x.len() {
+        return None;
+    }
+    let pad = x.len() - b.len();
+    let big: Vec<usize> = (0..b.len())
+        .filter(|&i| b[i] != 1)
+        .map(|i| i + pad)
+        .collect();
+    let (&lo, &hi) = (big.first()?, big.last()?);
+    if big.len() != hi - lo + 1 || big.iter().any(|&i| x[i] != b[i - pad]) {
+        return None;
+    }
+    let p = |r: &[usize]| r.iter().product::<usize>();
+    Some((p(&x[..lo]), p(&x[lo..=hi]), p(&x[hi + 1..])))
+}
+
+/// `x + b` with `b` broadcast to `x` (`broadcast_add`), where `b`'s axes other than size 1 are
+/// consecutive: a ViT's position embeddings `(1, N, D)` on tokens `(B, N, D)`, a convolution's
+/// bias `(1, C, 1, 1)` on `(B, C, H, W)`. The values and gradients of `broadcast_add`, bit for
+/// bit, but `b`'s gradient is summed in parallel over its elements (candle sums a broadcast
+/// operand's gradient on one thread, with a division per element and axis); twice
+/// differentiable. Other shapes, devices and dtypes: `broadcast_add`.
+pub fn add_bias(x: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let Some((outer, c, inner)) = bias_geometry(x.dims(), b.dims()) else {
+        return x.broadcast_add(b);
+    };
+    if !fast(&[x, b]) {
+        return x.broadcast_add(b);
+    }
+    let b1 = b.contiguous()?.reshape(c)?;
+    let x = x.contiguous()?;
+    let op = AddBias { outer, inner };
+    if x.track_op() || b1.track_op() {
+        x.apply_op2(&b1, op)
+    } else {
+        x.apply_op2_no_bwd(&b1, &op)
     }
 }
 

@@ -61,6 +61,14 @@ pub fn exp(x: f32) -> f32 {
 /// The error function for f32, vectorisable (see the module docs).
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
+    let ax = x.abs();
+    erf_given(x, exp(-ax * ax))
+}
+
+/// `erf(x)` from `e = exp(−x²)`, computed by the caller (GELU's gradient needs the same
+/// exponential for its density, so it computes it once).
+#[inline(always)]
+fn erf_given(x: f32, e: f32) -> f32 {
     const P: f32 = 0.327_591_1;
     const A: [f32; 5] = [
         0.254_829_6,
@@ -69,12 +77,10 @@ pub fn erf(x: f32) -> f32 {
         -1.453_152,
         1.061_405_4,
     ];
-    let ax = x.abs();
-    let t = 1.0 / (1.0 + P * ax);
+    let t = 1.0 / (1.0 + P * x.abs());
     let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
-    let y = 1.0 - poly * exp(-ax * ax);
     // copysign keeps NaN (a NaN x gives a NaN y).
-    y.copysign(x)
+    (1.0 - poly * e).copysign(x)
 }
 
 /// `Φ(x) = (1 + erf(x/√2))/2` for f32.
@@ -96,8 +102,10 @@ fn gelu_loop(x: &[f32], y: &mut [MaybeUninit<f32>]) {
 #[inline(always)]
 fn gelu_grad_loop(g: &[f32], x: &[f32], dx: &mut [MaybeUninit<f32>]) {
     for ((o, &gv), &v) in dx.iter_mut().zip(g).zip(x) {
-        let pdf = FRAC_1_SQRT_2PI * exp(-0.5 * v * v);
-        o.write(gv * (normal_cdf(v) + v * pdf));
+        // One exponential for both terms: exp(−v²/2) is erf's exp(−(v/√2)²) and φ's.
+        let e = exp(-0.5 * v * v);
+        let cdf = 0.5 + 0.5 * erf_given(v * std::f32::consts::FRAC_1_SQRT_2, e);
+        o.write(gv * (cdf + v * (FRAC_1_SQRT_2PI * e)));
     }
 }
 

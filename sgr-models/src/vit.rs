@@ -182,7 +182,10 @@ impl Stage for Embed {
         }
         let patches = y.reshape((b, d, gh * gw))?.transpose(1, 2)?;
         let cls = self.cls_token.as_tensor().broadcast_as((b, 1, d))?;
-        let h = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(self.pos_embed.as_tensor())?;
+        let h = sgr_core::kernels::add_bias(
+            &Tensor::cat(&[&cls, &patches], 1)?,
+            self.pos_embed.as_tensor(),
+        )?;
         ctx.dropout(&h, self.drop)
     }
 

@@ -202,7 +202,10 @@ impl Conv2d {
         let y = crate::kernels::conv2d(x, w, self.stride, self.padding)?;
         match &self.bias {
             None => Ok(y),
-            Some(b) => Ok(y.broadcast_add(&b.as_tensor().reshape((1, b.dim(0)?, 1, 1))?)?),
+            Some(b) => Ok(crate::kernels::add_bias(
+                &y,
+                &b.as_tensor().reshape((1, b.dim(0)?, 1, 1))?,
+            )?),
         }
     }
 
