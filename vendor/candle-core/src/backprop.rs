@@ -744,6 +744,40 @@ impl Tensor {
 #[derive(Default, Debug)]
 pub struct GradStore(HashMap<TensorId, Tensor>);
 
+/// `sum += grad` in `sum`'s own buffer when nothing else can see that buffer (this handle is the
+/// only one to the tensor and the tensor the only one on its storage), both are contiguous CPU
+/// tensors of one float dtype and shape; returns whether it did. The same values as
+/// `sum.add(grad)`, without a new buffer (its page faults) and on rayon's threads.
+fn add_in_place(sum: &mut Tensor, grad: &Tensor) -> Result<bool> {
+    use crate::storage::Storage;
+    use crate::CpuStorage;
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14;
+    if !sum.storage_is_unique() || sum.shape() != grad.shape() || sum.dtype() != grad.dtype() {
+        return Ok(false);
+    }
+    let (Some((a0, a1)), Some((b0, b1))) = (
+        sum.layout().contiguous_offsets(),
+        grad.layout().contiguous_offsets(),
+    ) else {
+        return Ok(false);
+    };
+    let mut dst = sum.storage_mut();
+    let src = grad.storage();
+    match (&mut *dst, &*src) {
+        (Storage::Cpu(CpuStorage::F32(a)), Storage::Cpu(CpuStorage::F32(b))) => a[a0..a1]
+            .par_chunks_mut(CHUNK)
+            .zip(b[b0..b1].par_chunks(CHUNK))
+            .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, &b)| *a += b)),
+        (Storage::Cpu(CpuStorage::F64(a)), Storage::Cpu(CpuStorage::F64(b))) => a[a0..a1]
+            .par_chunks_mut(CHUNK)
+            .zip(b[b0..b1].par_chunks(CHUNK))
+            .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, &b)| *a += b)),
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
 impl GradStore {
     /// Create a new gradient store
     fn new() -> Self {
@@ -787,7 +821,9 @@ impl GradStore {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum_grad = entry.get_mut();
-                *sum_grad = detach(sum_grad.add(grad)?);
+                if keep || !add_in_place(sum_grad, grad)? {
+                    *sum_grad = detach(sum_grad.add(grad)?);
+                }
             }
             Entry::Vacant(entry) => {
                 entry.insert(detach(grad.contiguous()?));

@@ -2763,6 +2763,15 @@ impl Tensor {
         self.storage.read_recursive()
     }
 
+    /// Whether this handle is the only one to the tensor and the tensor the only one on its
+    /// storage, so that writing the storage in place is seen by no one else.
+    pub(crate) fn storage_is_unique(&self) -> bool {
+        Arc::strong_count(&self.0) == 1
+            && Arc::weak_count(&self.0) == 0
+            && Arc::strong_count(&self.storage) == 1
+            && Arc::weak_count(&self.storage) == 0
+    }
+
     /// Acquire write lock on storage and returns guard.
     pub(crate) fn storage_mut(&self) -> StorageMutRef<'_> {
         self.storage.write()
