@@ -33,6 +33,23 @@ fn first_order(f: Op, vars: &[&Var], r: &Tensor) -> Vec<Tensor> {
     out
 }
 
+/// The Hessian-vector products `d/dv (Σ_v ⟨dL/dv, dir_v⟩)` of `L = scalar(f(vars))`, through
+/// candle's double backward (call under `autograd::with_second_order`).
+fn hvp(f: Op, vars: &[&Var], dirs: &[Tensor], scalar: &dyn Fn(&Tensor) -> Tensor) -> Vec<Tensor> {
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let g = scalar(&f(&ts).unwrap()).backward().unwrap();
+    let mut j = Tensor::zeros((), F64, &candle_core::Device::Cpu).unwrap();
+    for (var, dir) in vars.iter().zip(dirs) {
+        let gv = g.get(var.as_tensor()).expect("gradient");
+        assert!(gv.track_op(), "the gradient must carry a graph");
+        j = (j + (gv * dir).unwrap().sum_all().unwrap()).unwrap();
+    }
+    let h = j.backward().unwrap();
+    vars.iter()
+        .map(|var| h.get(var.as_tensor()).expect("second order").detach())
+        .collect()
+}
+
 /// The shapes each op is checked at: rows not a multiple of the kernels' row blocks, widths
 /// not a multiple of a vector, one token, one head.
 struct Case {
@@ -184,20 +201,19 @@ fn fused_linear_differentiates_twice_as_candle_does() {
             randn(&[3, 5], 1.0, 6, F64),
             randn(&[3], 1.0, 7, F64),
         ];
-        let hvp = |f: fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>| {
-            let y = f(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
-            let g = loss(&y, &r).backward().unwrap();
-            let mut j = Tensor::zeros((), F64, &candle_core::Device::Cpu).unwrap();
-            for (var, dir) in [&x, &w, &b].iter().zip(&v) {
-                let gv = g.get(var.as_tensor()).expect("gradient");
-                assert!(gv.track_op(), "the gradient must carry a graph");
-                j = (j + (gv * dir).unwrap().sum_all().unwrap()).unwrap();
-            }
-            let h = j.backward().unwrap();
-            [&x, &w, &b].map(|var| h.get(var.as_tensor()).expect("second order").detach())
-        };
-        let got = hvp(kernels::linear);
-        let want = hvp(kernels::generic::linear);
+        let l = |y: &Tensor| loss(y, &r);
+        let got = hvp(
+            &|t| kernels::linear(&t[0], &t[1], &t[2]),
+            &[&x, &w, &b],
+            &v,
+            &l,
+        );
+        let want = hvp(
+            &|t| kernels::generic::linear(&t[0], &t[1], &t[2]),
+            &[&x, &w, &b],
+            &v,
+            &l,
+        );
         for (k, (g, w)) in got.iter().zip(&want).enumerate() {
             let e = max_rel(g, w);
             assert!(
@@ -462,22 +478,10 @@ fn add_bias_is_broadcast_add_bit_for_bit_and_differentiates_twice() {
         let b = var(&[3, 1], 1.0, 5, F64);
         let r = randn(&[4, 3, 5], 1.0, 6, F64);
         let v = [randn(&[4, 3, 5], 1.0, 7, F64), randn(&[3, 1], 1.0, 8, F64)];
-        let hvp = |f: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>| {
-            let y = f(x.as_tensor(), b.as_tensor()).unwrap();
-            // A loss with curvature through b's gradient: (Σ y²)·Σ y.
-            let l = (loss(&y, &r) * y.sum_all().unwrap()).unwrap();
-            let g = l.backward().unwrap();
-            let mut j = Tensor::zeros((), F64, &candle_core::Device::Cpu).unwrap();
-            for (var, dir) in [&x, &b].iter().zip(&v) {
-                let gv = g.get(var.as_tensor()).expect("gradient");
-                assert!(gv.track_op(), "the gradient must carry a graph");
-                j = (j + (gv * dir).unwrap().sum_all().unwrap()).unwrap();
-            }
-            let h = j.backward().unwrap();
-            [&x, &b].map(|var| h.get(var.as_tensor()).expect("second order").detach())
-        };
-        let got = hvp(&|x, b| kernels::add_bias(x, b));
-        let want = hvp(&|x, b| x.broadcast_add(b));
+        // A loss with curvature through b's gradient: (Σ r·y + ½ Σ y²)·Σ y.
+        let l = |y: &Tensor| (loss(y, &r) * y.sum_all().unwrap()).unwrap();
+        let got = hvp(&|t| kernels::add_bias(&t[0], &t[1]), &[&x, &b], &v, &l);
+        let want = hvp(&|t| t[0].broadcast_add(&t[1]), &[&x, &b], &v, &l);
         for (k, (g, w)) in got.iter().zip(&want).enumerate() {
             let e = max_rel(g, w);
             assert!(

@@ -124,7 +124,10 @@ impl CustomOp3 for LinearFwd {
             if grad.track_op() {
                 grad.sum(0)
             } else {
-                grad.contiguous()?.apply_op1_no_bwd(&ColumnSums)
+                let (rows, d) = grad.dims2()?;
+                grad.contiguous()?
+                    .reshape((rows, d, 1))?
+                    .apply_op1_no_bwd(&ChannelSums { inner: 1 })
             }
         };
         if !grad.track_op() {
@@ -209,24 +212,6 @@ impl CustomOp2 for LinearGrad {
             }
         });
         Ok((out, Shape::from((m, cin))))
-    }
-}
-
-/// The column sums of a `(rows, d)` matrix, `(d,)`.
-struct ColumnSums;
-
-impl CustomOp1 for ColumnSums {
-    fn name(&self) -> &'static str {
-        "sgr-column-sums"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (_, d) = l.shape().dims2()?;
-        let out = with_slices!(self.name(), [(s, l, g)], {
-            // SAFETY: column_sums writes all d outputs.
-            unsafe { cpu::alloc_filled(d, |o| token::column_sums(g, d, o)) }
-        });
-        Ok((out, Shape::from(d)))
     }
 }
 
